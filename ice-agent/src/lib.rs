@@ -1,0 +1,1 @@
+//! wgice `ice-agent`: see docs/architecture.md. Filled in by its own issue.

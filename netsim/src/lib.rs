@@ -1,0 +1,1 @@
+//! wgice `netsim`: see docs/architecture.md. Filled in by its own issue.

@@ -1,0 +1,1 @@
+//! wgice `signaling`: see docs/architecture.md. Filled in by its own issue.
