@@ -1,1 +1,17 @@
-//! placeholder
+//! wgice relay: a STUN (RFC 8489, RFC 5780) and TURN (RFC 8656) server, and
+//! the sans-IO TURN client the agent embeds.
+//!
+//! - [`stun`]: the zero-copy message codec.
+//! - [`server`]: the sans-IO server core (one shard).
+//! - [`client`]: the sans-IO TURN client.
+//! - [`auth`], [`policy`]: credentials, nonces, rate limits, peer policy.
+//! - [`driver`]: the I/O around the core (UDP workers, TCP/TLS, metrics).
+//! - [`config`]: CLI and TOML configuration of the `relay` binary.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod driver;
+pub mod policy;
+pub mod server;
+pub mod stun;

@@ -1,0 +1,572 @@
+//! The sans-IO TURN client (RFC 8656) the agent embeds.
+//!
+//! Feed it what the server sends ([`Client::handle_input`]), send what
+//! [`Client::poll_transmit`] returns to the server, call
+//! [`Client::handle_timeout`] at [`Client::poll_timeout`], and read
+//! [`Client::poll_event`]. It answers 401 and 438 by itself, retransmits over
+//! UDP, refreshes the allocation, permissions and channel bindings before they
+//! expire, and takes new credentials under a live allocation
+//! ([`Client::set_credentials`]) without losing it.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::stun::{self, attr, channel_data, method, Class, Integrity, Message, MessageBuilder, TransactionId};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// TURN username (static, or REST `expiry:user`).
+    pub username: String,
+    /// Password.
+    pub password: String,
+    /// Requested allocation lifetime.
+    pub lifetime: Duration,
+    /// Stream transport (TCP/TLS): no retransmissions, ChannelData padded.
+    pub reliable: bool,
+    /// Ask for an IPv6 relayed address too (ADDITIONAL-ADDRESS-FAMILY).
+    pub dual_stack: bool,
+    /// Which integrity attribute to use.
+    pub integrity: Integrity,
+    /// Pad unauthenticated requests so the server's challenge is never larger
+    /// (for relays running with strict amplification limits).
+    pub pad_unauthenticated: bool,
+}
+
+impl ClientConfig {
+    /// Defaults: 600 s lifetime, UDP, IPv4, MESSAGE-INTEGRITY (SHA-1), no padding.
+    pub fn new(username: &str, password: &str) -> Self {
+        ClientConfig {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            lifetime: Duration::from_secs(600),
+            reliable: false,
+            dual_stack: false,
+            integrity: Integrity::Sha1,
+            pad_unauthenticated: false,
+        }
+    }
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The allocation exists.
+    Allocated {
+        /// Relayed addresses (one per family).
+        relayed: Vec<SocketAddr>,
+        /// Our address as the server sees it (server-reflexive).
+        mapped: Option<SocketAddr>,
+        /// Granted lifetime.
+        lifetime: Duration,
+    },
+    /// A permission is installed (or refreshed).
+    PermissionCreated(IpAddr),
+    /// A channel is bound (or refreshed).
+    ChannelBound {
+        /// The peer.
+        peer: SocketAddr,
+        /// The channel number.
+        channel: u16,
+    },
+    /// The allocation was refreshed.
+    Refreshed {
+        /// Granted lifetime.
+        lifetime: Duration,
+    },
+    /// A request failed with an error the client cannot fix by itself.
+    Failed {
+        /// Which request (`"Allocate"`, `"Refresh"`, …).
+        request: &'static str,
+        /// STUN error code, or 0 for a timeout.
+        code: u16,
+        /// The server's reason or ours.
+        reason: String,
+    },
+    /// The allocation is gone (expired, mismatch, or refresh failed).
+    Lost {
+        /// Why.
+        reason: String,
+    },
+    /// The allocation was deleted on request.
+    Deallocated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Allocate,
+    Refresh,
+    Deallocate,
+    Permission(IpAddr),
+    Channel(SocketAddr, u16),
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Allocate => "Allocate",
+            Kind::Refresh | Kind::Deallocate => "Refresh",
+            Kind::Permission(_) => "CreatePermission",
+            Kind::Channel(..) => "ChannelBind",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Transaction {
+    kind: Kind,
+    request: Vec<u8>,
+    next: Instant,
+    rto: Duration,
+    sent: u8,
+    /// Times this request was re-issued after 401/438.
+    auth_retries: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle,
+    Allocating,
+    Allocated,
+}
+
+/// The TURN client state machine.
+#[derive(Debug)]
+pub struct Client {
+    cfg: ClientConfig,
+    state: State,
+    realm: Option<String>,
+    nonce: Option<String>,
+    key: Option<[u8; 16]>,
+    transactions: HashMap<TransactionId, Transaction>,
+    transmits: VecDeque<Vec<u8>>,
+    events: VecDeque<ClientEvent>,
+    relayed: Vec<SocketAddr>,
+    mapped: Option<SocketAddr>,
+    refresh_at: Option<Instant>,
+    permissions: HashMap<IpAddr, Instant>,
+    channels: HashMap<SocketAddr, (u16, Instant, bool)>,
+    by_channel: HashMap<u16, SocketAddr>,
+    next_channel: u16,
+}
+
+const RTO: Duration = Duration::from_millis(500);
+const MAX_SENDS: u8 = 7;
+const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
+const CHANNEL_REFRESH: Duration = Duration::from_secs(480);
+
+impl Client {
+    /// A client that has not allocated yet.
+    pub fn new(cfg: ClientConfig) -> Self {
+        Client {
+            cfg,
+            state: State::Idle,
+            realm: None,
+            nonce: None,
+            key: None,
+            transactions: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            relayed: Vec::new(),
+            mapped: None,
+            refresh_at: None,
+            permissions: HashMap::new(),
+            channels: HashMap::new(),
+            by_channel: HashMap::new(),
+            next_channel: channel_data::MIN_CHANNEL,
+        }
+    }
+
+    /// Relayed addresses once allocated.
+    pub fn relayed(&self) -> &[SocketAddr] {
+        &self.relayed
+    }
+
+    /// Server-reflexive address learned from the Allocate response.
+    pub fn mapped(&self) -> Option<SocketAddr> {
+        self.mapped
+    }
+
+    /// True when the allocation is live.
+    pub fn is_allocated(&self) -> bool {
+        self.state == State::Allocated
+    }
+
+    /// The channel bound (confirmed) for a peer.
+    pub fn channel_for(&self, peer: SocketAddr) -> Option<u16> {
+        self.channels.get(&peer).filter(|c| c.2).map(|c| c.0)
+    }
+
+    /// Starts (or restarts) an allocation.
+    pub fn allocate(&mut self, now: Instant) {
+        if self.state != State::Idle {
+            return;
+        }
+        self.state = State::Allocating;
+        self.start(now, Kind::Allocate, 0);
+    }
+
+    /// Deletes the allocation (Refresh with LIFETIME 0).
+    pub fn deallocate(&mut self, now: Instant) {
+        if self.state == State::Allocated {
+            self.start(now, Kind::Deallocate, 0);
+        }
+    }
+
+    /// New credentials for the next requests; the allocation is kept and the
+    /// next Refresh is sent at once so a rejection shows up early.
+    pub fn set_credentials(&mut self, now: Instant, username: &str, password: &str) {
+        self.cfg.username = username.to_owned();
+        self.cfg.password = password.to_owned();
+        self.key = self.realm.as_ref().map(|r| stun::long_term_key(username, r, password));
+        if self.state == State::Allocated {
+            self.start(now, Kind::Refresh, 0);
+        }
+    }
+
+    /// Installs a permission for `ip` (kept fresh until the client is dropped).
+    pub fn create_permission(&mut self, now: Instant, ip: IpAddr) {
+        self.permissions.entry(ip).or_insert(now);
+        if self.state == State::Allocated {
+            self.start(now, Kind::Permission(ip), 0);
+        }
+    }
+
+    /// Binds a channel to `peer` (and its permission); returns the channel number.
+    pub fn bind_channel(&mut self, now: Instant, peer: SocketAddr) -> u16 {
+        if let Some((n, _, _)) = self.channels.get(&peer) {
+            return *n;
+        }
+        let n = self.next_channel;
+        self.next_channel = if n >= channel_data::MAX_CHANNEL { channel_data::MIN_CHANNEL } else { n + 1 };
+        self.channels.insert(peer, (n, now, false));
+        self.by_channel.insert(n, peer);
+        if self.state == State::Allocated {
+            self.start(now, Kind::Channel(peer, n), 0);
+        }
+        n
+    }
+
+    /// Frames `payload` for `peer`: ChannelData when a channel is confirmed,
+    /// otherwise a Send indication (needs a permission). Appends to `out`.
+    pub fn encode_to(&self, peer: SocketAddr, payload: &[u8], out: &mut Vec<u8>) {
+        if let Some(ch) = self.channel_for(peer) {
+            channel_data::encode(out, ch, payload, self.cfg.reliable);
+            return;
+        }
+        let mut v = Vec::with_capacity(payload.len() + 40);
+        MessageBuilder::new(&mut v, method::SEND, Class::Indication, rand::random())
+            .xor_address(attr::XOR_PEER_ADDRESS, peer)
+            .attr(attr::DATA, payload);
+        out.extend_from_slice(&v);
+    }
+
+    /// Next datagram for the server.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Client::handle_timeout`].
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = self.transactions.values().map(|t| t.next).min();
+        let mut best = match (t, self.refresh_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if self.state == State::Allocated {
+            for at in self.permissions.values() {
+                let due = *at + PERMISSION_REFRESH;
+                best = Some(best.map_or(due, |b| b.min(due)));
+            }
+            for (_, at, ok) in self.channels.values() {
+                if *ok {
+                    let due = *at + CHANNEL_REFRESH;
+                    best = Some(best.map_or(due, |b| b.min(due)));
+                }
+            }
+        }
+        best
+    }
+
+    /// Retransmits and refreshes that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut failed = Vec::new();
+        for (tid, t) in self.transactions.iter_mut() {
+            if t.next > now {
+                continue;
+            }
+            if self.cfg.reliable || t.sent >= MAX_SENDS {
+                failed.push(*tid);
+                continue;
+            }
+            t.sent += 1;
+            t.rto = (t.rto * 2).min(Duration::from_secs(8));
+            t.next = now + if t.sent == MAX_SENDS { RTO * 16 } else { t.rto };
+            self.transmits.push_back(t.request.clone());
+        }
+        for tid in failed {
+            if let Some(t) = self.transactions.remove(&tid) {
+                self.fail(t.kind, 0, "no response from the TURN server".into());
+            }
+        }
+        if self.state != State::Allocated {
+            return;
+        }
+        if self.refresh_at.is_some_and(|r| r <= now) {
+            self.refresh_at = None;
+            self.start(now, Kind::Refresh, 0);
+        }
+        let perms: Vec<IpAddr> = self
+            .permissions
+            .iter()
+            .filter(|(_, at)| **at + PERMISSION_REFRESH <= now)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in perms {
+            self.permissions.insert(ip, now);
+            self.start(now, Kind::Permission(ip), 0);
+        }
+        let chans: Vec<(SocketAddr, u16)> = self
+            .channels
+            .iter()
+            .filter(|(_, (_, at, ok))| *ok && *at + CHANNEL_REFRESH <= now)
+            .map(|(p, (n, _, _))| (*p, *n))
+            .collect();
+        for (peer, n) in chans {
+            if let Some(c) = self.channels.get_mut(&peer) {
+                c.1 = now;
+            }
+            self.start(now, Kind::Channel(peer, n), 0);
+        }
+    }
+
+    fn fail(&mut self, kind: Kind, code: u16, reason: String) {
+        match kind {
+            Kind::Allocate => {
+                self.state = State::Idle;
+                self.events.push_back(ClientEvent::Failed { request: kind.name(), code, reason });
+            }
+            Kind::Refresh if code == 437 || code == 0 => self.lost(reason),
+            _ if code == 437 => self.lost(reason),
+            _ => self.events.push_back(ClientEvent::Failed { request: kind.name(), code, reason }),
+        }
+    }
+
+    fn lost(&mut self, reason: String) {
+        if self.state == State::Idle {
+            return;
+        }
+        self.state = State::Idle;
+        self.relayed.clear();
+        self.refresh_at = None;
+        self.transactions.clear();
+        for c in self.channels.values_mut() {
+            c.2 = false;
+        }
+        self.events.push_back(ClientEvent::Lost { reason });
+    }
+
+    fn start(&mut self, now: Instant, kind: Kind, auth_retries: u8) {
+        let tid: TransactionId = rand::random();
+        let m = match kind {
+            Kind::Allocate => method::ALLOCATE,
+            Kind::Refresh | Kind::Deallocate => method::REFRESH,
+            Kind::Permission(_) => method::CREATE_PERMISSION,
+            Kind::Channel(..) => method::CHANNEL_BIND,
+        };
+        let mut out = Vec::with_capacity(160);
+        {
+            let mut b = MessageBuilder::new(&mut out, m, Class::Request, tid);
+            match kind {
+                Kind::Allocate => {
+                    b.u32_attr(attr::REQUESTED_TRANSPORT, 17 << 24);
+                    b.u32_attr(attr::LIFETIME, self.cfg.lifetime.as_secs() as u32);
+                    if self.cfg.dual_stack {
+                        b.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0]);
+                    }
+                }
+                Kind::Refresh => {
+                    b.u32_attr(attr::LIFETIME, self.cfg.lifetime.as_secs() as u32);
+                }
+                Kind::Deallocate => {
+                    b.u32_attr(attr::LIFETIME, 0);
+                }
+                Kind::Permission(ip) => {
+                    b.xor_address(attr::XOR_PEER_ADDRESS, SocketAddr::new(ip, 0));
+                }
+                Kind::Channel(peer, n) => {
+                    b.attr(attr::CHANNEL_NUMBER, &[(n >> 8) as u8, n as u8, 0, 0]);
+                    b.xor_address(attr::XOR_PEER_ADDRESS, peer);
+                }
+            }
+            match (&self.realm, &self.nonce, &self.key) {
+                (Some(realm), Some(nonce), Some(key)) => {
+                    b.attr(attr::USERNAME, self.cfg.username.as_bytes())
+                        .attr(attr::REALM, realm.as_bytes())
+                        .attr(attr::NONCE, nonce.as_bytes())
+                        .integrity(self.cfg.integrity, key);
+                }
+                _ if self.cfg.pad_unauthenticated => {
+                    let pad = 160usize.saturating_sub(b.len() + 4 + 8);
+                    b.attr(attr::PADDING, &vec![0u8; pad]);
+                }
+                _ => {}
+            }
+            b.fingerprint();
+        }
+        self.transmits.push_back(out.clone());
+        self.transactions.insert(
+            tid,
+            Transaction {
+                kind,
+                request: out,
+                next: now + RTO,
+                rto: RTO,
+                sent: 1,
+                auth_retries,
+            },
+        );
+    }
+
+    /// A datagram (or framed stream message) from the server. Returns the
+    /// peer and payload for ChannelData and Data indications.
+    pub fn handle_input<'a>(&mut self, now: Instant, data: &'a [u8]) -> Option<(SocketAddr, &'a [u8])> {
+        if channel_data::is_channel_data(data) {
+            let (n, payload) = channel_data::decode(data)?;
+            let peer = *self.by_channel.get(&n)?;
+            return Some((peer, payload));
+        }
+        let msg = Message::parse(data).ok()?;
+        if msg.class() == Class::Indication {
+            if msg.method() != method::DATA {
+                return None;
+            }
+            let peer = msg.xor_address(attr::XOR_PEER_ADDRESS)?.ok()?;
+            return Some((peer, msg.get(attr::DATA)?));
+        }
+        let t = self.transactions.remove(&msg.transaction_id())?;
+        match msg.class() {
+            Class::Success => {
+                if let Some(key) = self.key {
+                    if msg.verify_integrity(&key).is_none() {
+                        // Not from the server we authenticated with: ignore, keep waiting.
+                        self.transactions.insert(msg.transaction_id(), t);
+                        return None;
+                    }
+                }
+                self.on_success(now, t.kind, &msg);
+            }
+            Class::Error => {
+                let (code, reason) = msg.error_code().unwrap_or((0, ""));
+                let reason = reason.to_owned();
+                if (code == 401 || code == 438) && t.auth_retries < 2 {
+                    let had_key = self.key.is_some() && self.nonce.is_some();
+                    if let Some(realm) = msg.str_attr(attr::REALM) {
+                        self.realm = Some(realm.to_owned());
+                        self.key = Some(stun::long_term_key(&self.cfg.username, realm, &self.cfg.password));
+                    }
+                    if let Some(nonce) = msg.str_attr(attr::NONCE) {
+                        self.nonce = Some(nonce.to_owned());
+                    }
+                    // A 401 after we sent credentials means they are wrong.
+                    if code == 401 && had_key && t.auth_retries > 0 {
+                        self.fail(t.kind, code, format!("credentials rejected for {:?}: {reason}", self.cfg.username));
+                        return None;
+                    }
+                    self.start(now, t.kind, t.auth_retries + 1);
+                } else if code == 437 && t.kind == Kind::Allocate && t.auth_retries < 3 {
+                    // The server still holds an allocation for our 5-tuple
+                    // (we restarted): delete it, then allocate again.
+                    self.state = State::Allocated;
+                    self.start(now, Kind::Deallocate, 0);
+                    self.state = State::Allocating;
+                } else {
+                    if let Kind::Channel(peer, n) = t.kind {
+                        if code != 437 {
+                            self.channels.remove(&peer);
+                            self.by_channel.remove(&n);
+                        }
+                    }
+                    self.fail(t.kind, code, reason);
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn on_success(&mut self, now: Instant, kind: Kind, msg: &Message<'_>) {
+        let lifetime = Duration::from_secs(msg.u32_attr(attr::LIFETIME).unwrap_or(600) as u64);
+        match kind {
+            Kind::Allocate => {
+                self.relayed = msg
+                    .xor_addresses(attr::XOR_RELAYED_ADDRESS)
+                    .filter_map(Result::ok)
+                    .collect();
+                self.mapped = msg.xor_address(attr::XOR_MAPPED_ADDRESS).and_then(Result::ok);
+                self.state = State::Allocated;
+                self.refresh_at = Some(now + refresh_margin(lifetime));
+                self.events.push_back(ClientEvent::Allocated {
+                    relayed: self.relayed.clone(),
+                    mapped: self.mapped,
+                    lifetime,
+                });
+                // Install what was asked for before the allocation existed.
+                let perms: Vec<IpAddr> = self.permissions.keys().copied().collect();
+                for ip in perms {
+                    self.permissions.insert(ip, now);
+                    self.start(now, Kind::Permission(ip), 0);
+                }
+                let chans: Vec<(SocketAddr, u16)> = self.channels.iter().map(|(p, c)| (*p, c.0)).collect();
+                for (p, n) in chans {
+                    self.start(now, Kind::Channel(p, n), 0);
+                }
+            }
+            Kind::Refresh => {
+                self.refresh_at = Some(now + refresh_margin(lifetime));
+                self.events.push_back(ClientEvent::Refreshed { lifetime });
+            }
+            Kind::Deallocate => {
+                if self.state == State::Allocating {
+                    // Part of the 437 recovery: allocate afresh.
+                    self.start(now, Kind::Allocate, 3);
+                    return;
+                }
+                self.state = State::Idle;
+                self.relayed.clear();
+                self.refresh_at = None;
+                self.events.push_back(ClientEvent::Deallocated);
+            }
+            Kind::Permission(ip) => {
+                self.permissions.insert(ip, now);
+                self.events.push_back(ClientEvent::PermissionCreated(ip));
+            }
+            Kind::Channel(peer, n) => {
+                if let Some(c) = self.channels.get_mut(&peer) {
+                    c.1 = now;
+                    c.2 = true;
+                }
+                self.events.push_back(ClientEvent::ChannelBound { peer, channel: n });
+            }
+        }
+    }
+}
+
+fn refresh_margin(lifetime: Duration) -> Duration {
+    // Refresh a minute early, or at half-life for short lifetimes.
+    if lifetime > Duration::from_secs(120) {
+        lifetime - Duration::from_secs(60)
+    } else {
+        lifetime / 2
+    }
+}

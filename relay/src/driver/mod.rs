@@ -1,0 +1,223 @@
+//! The I/O around the sans-IO server: UDP worker threads, the TCP/TLS shard,
+//! and the metrics endpoint. [`Relay::start`] wires them from a [`RelayConfig`].
+
+pub mod metrics;
+pub mod stream;
+pub mod udp;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::auth::{Credentials, NonceSigner};
+use crate::config::RelayConfig;
+use crate::policy::PeerPolicy;
+use crate::server::{AltAddress, Metrics, Quotas, Server, ServerConfig};
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Relay {
+    /// Bound UDP addresses (primary first).
+    pub udp: Vec<SocketAddr>,
+    /// Bound TCP addresses.
+    pub tcp: Vec<SocketAddr>,
+    /// Bound TLS addresses.
+    pub tls: Vec<SocketAddr>,
+    /// Bound metrics address.
+    pub metrics: Option<SocketAddr>,
+    /// Shard metrics (UDP workers, then the stream shard).
+    pub shard_metrics: Vec<Arc<Metrics>>,
+    /// Shared quotas.
+    pub quotas: Arc<Quotas>,
+    stop: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    stream: Option<stream::StreamShard>,
+}
+
+fn own_addresses(cfg: &RelayConfig) -> Vec<IpAddr> {
+    cfg.listen
+        .iter()
+        .chain(&cfg.tcp_listen)
+        .chain(&cfg.tls_listen)
+        .chain(cfg.alt_listen.iter())
+        .map(|a| a.ip())
+        .chain(cfg.external_ip.iter().copied())
+        .chain(cfg.relay_ip.iter().copied())
+        .filter(|ip| !ip.is_unspecified())
+        .collect()
+}
+
+fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("config: `cert`: cannot open {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("config: `cert`: {} is not a PEM certificate chain", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("config: `key`: cannot open {}", key.display()))?,
+    ))
+    .with_context(|| format!("config: `key`: cannot read {}", key.display()))?
+    .with_context(|| format!("config: `key`: no private key in {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("config: `cert`/`key`: certificate and key do not match")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+impl Relay {
+    /// Binds everything and starts serving. Must be called inside a tokio runtime.
+    pub async fn start(cfg: &RelayConfig) -> anyhow::Result<Relay> {
+        let now = Instant::now();
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let v4 = cfg.relay_ip.iter().copied().find(|i| i.is_ipv4());
+        let v6 = cfg.relay_ip.iter().copied().find(|i| i.is_ipv6());
+        let mut base = ServerConfig::new(&cfg.realm, v4.or(v6).context("no relay address")?, now, unix);
+        base.relay_ipv4 = v4;
+        base.relay_ipv6 = v6;
+        base.external_ipv4 = cfg.external_ip.iter().copied().find(|i| i.is_ipv4());
+        base.external_ipv6 = cfg.external_ip.iter().copied().find(|i| i.is_ipv6());
+        base.credentials = Credentials {
+            users: cfg.users.iter().cloned().collect(),
+            rest_secrets: cfg.auth_secrets.clone(),
+        };
+        base.policy = PeerPolicy::new(cfg.allow_peer.clone(), own_addresses(cfg));
+        base.bandwidth_limit = cfg.bandwidth_limit;
+        base.unauth_rate = (cfg.unauth_rate, cfg.unauth_rate * 2.0);
+        base.strict_amplification = cfg.strict_amplification;
+        base.max_lifetime = std::time::Duration::from_secs(cfg.max_lifetime);
+        base.nonces = NonceSigner::new(600);
+        let quotas = Arc::new(Quotas::new(cfg.max_allocations, cfg.max_allocations_per_user));
+        let has_stream = !cfg.tcp_listen.is_empty() || !cfg.tls_listen.is_empty();
+        let shards = cfg.workers + has_stream as usize;
+        let ranges = udp::split_ports(cfg.relay_ports, shards);
+
+        // UDP: bind the primary first (resolving port 0), then the same
+        // addresses in every worker with SO_REUSEPORT.
+        let mut udp_addrs = Vec::new();
+        let mut first_sockets = Vec::new();
+        for l in &cfg.listen {
+            let s = udp::bind_reuseport(*l).with_context(|| format!("config: `listen`: cannot bind UDP {l}"))?;
+            udp_addrs.push(s.local_addr()?);
+            first_sockets.push(s);
+        }
+        if let Some(alt) = cfg.alt_listen {
+            let p = udp_addrs[0];
+            let mut extra = vec![alt];
+            if alt.ip() != p.ip() && alt.port() != p.port() {
+                extra.push(SocketAddr::new(p.ip(), alt.port()));
+                extra.push(SocketAddr::new(alt.ip(), p.port()));
+            }
+            for a in extra {
+                let s = udp::bind_reuseport(a).with_context(|| format!("config: `alt-listen`: cannot bind UDP {a}"))?;
+                udp_addrs.push(s.local_addr()?);
+                first_sockets.push(s);
+            }
+            base.alt = Some(AltAddress { primary: p, other: alt });
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut shard_metrics = Vec::new();
+        let mut workers = Vec::new();
+        let mut first = Some(first_sockets);
+        for (w, range) in ranges.iter().take(cfg.workers).enumerate() {
+            let sockets = match first.take() {
+                Some(s) => s,
+                None => udp_addrs
+                    .iter()
+                    .map(|a| udp::bind_reuseport(*a))
+                    .collect::<Result<Vec<_>, _>>()
+                    .context("binding worker sockets")?,
+            };
+            let mut sc = base.clone();
+            sc.port_range = *range;
+            let m = Arc::new(Metrics::default());
+            shard_metrics.push(m.clone());
+            let server = Server::new(sc, quotas.clone(), m, now);
+            let worker = udp::Worker::new(server, sockets)?;
+            let stop = stop.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("relay-udp-{w}"))
+                    .spawn(move || worker.run(stop))?,
+            );
+        }
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tcp_addrs = Vec::new();
+        let mut tls_addrs = Vec::new();
+        let mut stream = None;
+        if has_stream {
+            let mut tcp = Vec::new();
+            for l in &cfg.tcp_listen {
+                let s = tokio::net::TcpListener::bind(l)
+                    .await
+                    .with_context(|| format!("config: `tcp-listen`: cannot bind TCP {l}"))?;
+                tcp_addrs.push(s.local_addr()?);
+                tcp.push(s);
+            }
+            let mut tls = Vec::new();
+            for l in &cfg.tls_listen {
+                let s = tokio::net::TcpListener::bind(l)
+                    .await
+                    .with_context(|| format!("config: `tls-listen`: cannot bind TCP {l}"))?;
+                tls_addrs.push(s.local_addr()?);
+                tls.push(s);
+            }
+            let acceptor = match &cfg.tls_files {
+                Some((c, k)) => Some(load_tls(c, k)?),
+                None => None,
+            };
+            let mut sc = base.clone();
+            sc.port_range = ranges[shards - 1];
+            let m = Arc::new(Metrics::default());
+            shard_metrics.push(m.clone());
+            let server = Server::new(sc, quotas.clone(), m, now);
+            stream = Some(stream::start(server, tcp, tls, acceptor, shutdown_rx.clone()));
+        }
+        let metrics_addr = match cfg.metrics {
+            Some(a) => Some(
+                metrics::serve(a, shard_metrics.clone(), quotas.clone(), shutdown_rx)
+                    .await
+                    .with_context(|| format!("config: `metrics`: cannot bind {a}"))?,
+            ),
+            None => None,
+        };
+        tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, metrics = ?metrics_addr, workers = cfg.workers, "relay serving");
+        Ok(Relay {
+            udp: udp_addrs,
+            tcp: tcp_addrs,
+            tls: tls_addrs,
+            metrics: metrics_addr,
+            shard_metrics,
+            quotas,
+            stop,
+            shutdown,
+            workers,
+            stream,
+        })
+    }
+
+    /// Stops every worker and task and waits for them.
+    pub async fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        if let Some(s) = self.stream.take() {
+            s.join().await;
+        }
+        let workers = std::mem::take(&mut self.workers);
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,275 @@
+//! TURN over TCP and TLS (RFC 8656 §3.1, framing §12.5): one tokio actor owns
+//! a [`Server`] shard for every stream client; connection tasks frame the
+//! byte stream into STUN/ChannelData messages and relayed sockets feed peer
+//! datagrams back. This is the fallback path for networks that only let TCP
+//! 443 out, so it favours simplicity over batching.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::server::{ClientSocket, Event, RelayToken, Server, Transmit, Transport};
+use crate::stun;
+
+/// Bytes a client may have buffered before it is cut off (a frame is ≤ 64 KiB + 4).
+const MAX_FRAME_BUF: usize = 70 * 1024;
+/// Frames queued towards one client before further frames are dropped.
+const CLIENT_QUEUE: usize = 512;
+/// Concurrent stream clients.
+const MAX_CONNECTIONS: usize = 20_000;
+
+enum Input {
+    Connected(ClientSocket, mpsc::Sender<Vec<u8>>),
+    Frame(ClientSocket, Vec<u8>),
+    Closed(ClientSocket),
+    Peer(RelayToken, SocketAddr, Vec<u8>),
+}
+
+/// Handle to the running stream shard.
+#[derive(Debug)]
+pub struct StreamShard {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl StreamShard {
+    /// Waits for the actor and listeners to finish (after shutdown).
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts the stream shard: TCP listeners and TLS listeners (with `tls`).
+pub fn start(
+    server: Server,
+    tcp: Vec<TcpListener>,
+    tls: Vec<TcpListener>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+) -> StreamShard {
+    let (tx, rx) = mpsc::channel::<Input>(4096);
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = vec![tokio::spawn(actor(server, rx, tx.clone(), shutdown.clone()))];
+    for l in tcp {
+        tasks.push(tokio::spawn(accept_loop(l, Transport::Tcp, None, tx.clone(), limit.clone(), shutdown.clone())));
+    }
+    if let Some(acc) = acceptor {
+        for l in tls {
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                Transport::Tls,
+                Some(acc.clone()),
+                tx.clone(),
+                limit.clone(),
+                shutdown.clone(),
+            )));
+        }
+    }
+    StreamShard { tasks }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    transport: Transport,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tx: mpsc::Sender<Input>,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Ok(local) = listener.local_addr() else { return };
+    loop {
+        let (sock, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(%local, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "too many stream clients; closing");
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let client = ClientSocket { transport, local, remote };
+        let tx = tx.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                Some(acc) => {
+                    let hs = tokio::time::timeout(std::time::Duration::from_secs(10), acc.accept(sock)).await;
+                    match hs {
+                        Ok(Ok(s)) => connection(s, client, tx).await,
+                        Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                    }
+                }
+                None => connection(sock, client, tx).await,
+            }
+        });
+    }
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, client: ClientSocket, tx: mpsc::Sender<Input>) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CLIENT_QUEUE);
+    if tx.send(Input::Connected(client, out_tx)).await.is_err() {
+        return;
+    }
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = out_rx.recv().await {
+            if wr.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 16 * 1024];
+    'read: loop {
+        let n = match rd.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            match stun::stream_frame_len(&buf) {
+                Ok(Some(len)) => {
+                    let frame: Vec<u8> = buf.drain(..len).collect();
+                    if tx.send(Input::Frame(client, frame)).await.is_err() {
+                        break 'read;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(remote = %client.remote, error = %e, "closing stream: not STUN/ChannelData");
+                    break 'read;
+                }
+            }
+        }
+        if buf.len() > MAX_FRAME_BUF {
+            break;
+        }
+    }
+    let _ = tx.send(Input::Closed(client)).await;
+    writer.abort();
+}
+
+async fn actor(mut server: Server, mut rx: mpsc::Receiver<Input>, tx: mpsc::Sender<Input>, mut shutdown: watch::Receiver<bool>) {
+    let mut clients: HashMap<ClientSocket, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut relays: HashMap<u64, (Arc<UdpSocket>, JoinHandle<()>)> = HashMap::new();
+    loop {
+        let deadline = tokio::time::Instant::from_std(server.poll_timeout());
+        let input = tokio::select! {
+            i = rx.recv() => match i {
+                Some(i) => Some(i),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => None,
+            _ = shutdown.changed() => break,
+        };
+        let now = Instant::now();
+        match input {
+            None => server.handle_timeout(now),
+            Some(Input::Connected(c, s)) => {
+                clients.insert(c, s);
+            }
+            Some(Input::Closed(c)) => {
+                clients.remove(&c);
+                server.client_closed(c);
+            }
+            Some(Input::Frame(c, data)) => {
+                if let Some(fwd) = server.handle_client(now, c, &data) {
+                    if let Some((s, _)) = relays.get(&fwd.relay.0) {
+                        let _ = s.try_send_to(fwd.payload, fwd.peer);
+                    }
+                }
+            }
+            Some(Input::Peer(token, peer, mut data)) => {
+                let len = data.len() - 4 - 3;
+                if let Some(fwd) = server.handle_peer(now, token, peer, &mut data, len) {
+                    data.truncate(fwd.len);
+                    if let Some(s) = clients.get(&fwd.client) {
+                        let _ = s.try_send(data);
+                    }
+                }
+            }
+        }
+        loop {
+            let mut progressed = false;
+            while let Some(ev) = server.poll_event() {
+                progressed = true;
+                match ev {
+                    Event::BindRelay { token, addr } => {
+                        let res = match std::net::UdpSocket::bind(addr).and_then(|s| {
+                            s.set_nonblocking(true)?;
+                            UdpSocket::from_std(s)
+                        }) {
+                            Ok(s) => {
+                                let s = Arc::new(s);
+                                let local = s.local_addr();
+                                let task = tokio::spawn(relay_reader(s.clone(), token, tx.clone()));
+                                relays.insert(token.0, (s, task));
+                                local
+                            }
+                            Err(e) => Err(e),
+                        };
+                        server.relay_bound(now, token, res);
+                    }
+                    Event::ReleaseRelay { token } => {
+                        if let Some((_, task)) = relays.remove(&token.0) {
+                            task.abort();
+                        }
+                    }
+                }
+            }
+            while let Some(t) = server.poll_transmit() {
+                progressed = true;
+                match t {
+                    Transmit::ToClient { client, payload, .. } => {
+                        if let Some(s) = clients.get(&client) {
+                            let _ = s.try_send(payload);
+                        }
+                    }
+                    Transmit::ToPeer { relay, peer, payload } => {
+                        if let Some((s, _)) = relays.get(&relay.0) {
+                            let _ = s.try_send_to(&payload, peer);
+                        }
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+    for (_, (_, t)) in relays {
+        t.abort();
+    }
+}
+
+async fn relay_reader(sock: Arc<UdpSocket>, token: RelayToken, tx: mpsc::Sender<Input>) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let Ok((n, peer)) = sock.recv_from(&mut buf[4..2048 - 3]).await else { return };
+        let mut data = Vec::with_capacity(n + 7);
+        data.extend_from_slice(&[0; 4]);
+        data.extend_from_slice(&buf[4..4 + n]);
+        data.extend_from_slice(&[0; 3]);
+        if tx.try_send(Input::Peer(token, peer, data)).is_err() {
+            // Actor saturated: drop, like a full socket buffer would.
+            continue;
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! `relay`: the wgice STUN/TURN server. See `relay --help`.
+
+use clap::Parser;
+use relay::config::Args;
+use relay::driver::Relay;
+
+fn init_logs(json: bool, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cfg = match Args::parse().resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logs(cfg.log_json, &cfg.log_level);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let relay = match Relay::start(&cfg).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("relay: {e:#}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("relay: cannot watch SIGTERM: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        relay.stop().await;
+        tracing::info!("stopped");
+        std::process::ExitCode::SUCCESS
+    })
+}
