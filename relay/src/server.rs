@@ -914,9 +914,12 @@ impl Server {
             let addr_len = |a: SocketAddr| if a.is_ipv4() { 12 } else { 24 };
             if let Some(alt) = self.cfg.alt {
                 if b.len() + addr_len(from) + addr_len(alt.other) + fp_len <= budget {
+                    // OTHER-ADDRESS: differs in IP and port from where the
+                    // request arrived (RFC 5780 §7.4).
+                    let local = client.local;
                     let other = SocketAddr::new(
-                        if from.ip() == alt.primary.ip() { alt.other.ip() } else { alt.primary.ip() },
-                        if from.port() == alt.primary.port() { alt.other.port() } else { alt.primary.port() },
+                        if local.ip() == alt.primary.ip() { alt.other.ip() } else { alt.primary.ip() },
+                        if local.port() == alt.primary.port() { alt.other.port() } else { alt.primary.port() },
                     );
                     b.address(attr::RESPONSE_ORIGIN, from).address(attr::OTHER_ADDRESS, other);
                 }

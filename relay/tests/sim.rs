@@ -1,0 +1,580 @@
+//! Deterministic tests: the sans-IO server and client driven together on a
+//! virtual clock. No sockets; addresses are values. Relayed sockets "bind"
+//! instantly through `relay_bound`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay::auth::{rest_password, rest_username};
+use relay::client::{Client, ClientConfig, ClientEvent};
+use relay::server::{ClientSocket, Event, Metrics, Quotas, Server, ServerConfig, Transmit, Transport};
+use relay::stun::{self, attr, method, Class, Message, MessageBuilder};
+
+const RELAY_IP: &str = "198.51.100.1";
+const SERVER: &str = "198.51.100.1:3478";
+const UNIX0: u64 = 1_800_000_000;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+struct Sim {
+    now: Instant,
+    server: Server,
+    clients: Vec<(ClientSocket, Client, Vec<ClientEvent>, Vec<(SocketAddr, Vec<u8>)>)>,
+    /// Datagrams the server sent to peers: (relayed addr, peer, payload).
+    to_peers: Vec<(relay::server::RelayToken, SocketAddr, Vec<u8>)>,
+    bound: std::collections::HashMap<u64, SocketAddr>,
+}
+
+fn config(now: Instant) -> ServerConfig {
+    let mut c = ServerConfig::new("wgice.test", RELAY_IP.parse().expect("ip"), now, UNIX0);
+    c.credentials.users.insert("alice".into(), "wonderland".into());
+    c.credentials.users.insert("bob".into(), "builder".into());
+    c.credentials.rest_secrets.push("s3cret".into());
+    c.port_range = (50000, 50099);
+    c
+}
+
+impl Sim {
+    fn new(cfg: impl FnOnce(&mut ServerConfig), quotas: Quotas) -> Sim {
+        let now = Instant::now();
+        let mut c = config(now);
+        cfg(&mut c);
+        Sim {
+            now,
+            server: Server::new(c, Arc::new(quotas), Arc::new(Metrics::default()), now),
+            clients: Vec::new(),
+            to_peers: Vec::new(),
+            bound: Default::default(),
+        }
+    }
+
+    fn add_client(&mut self, remote: &str, cc: ClientConfig) -> usize {
+        let cs = ClientSocket {
+            transport: Transport::Udp,
+            local: sa(SERVER),
+            remote: sa(remote),
+        };
+        self.clients.push((cs, Client::new(cc), vec![], vec![]));
+        self.clients.len() - 1
+    }
+
+    /// Moves datagrams until nothing is in flight.
+    fn settle(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            for i in 0..self.clients.len() {
+                while let Some(d) = self.clients[i].1.poll_transmit() {
+                    moved = true;
+                    let cs = self.clients[i].0;
+                    if let Some(f) = self.server.handle_client(self.now, cs, &d) {
+                        self.to_peers.push((f.relay, f.peer, f.payload.to_vec()));
+                    }
+                }
+                while let Some(e) = self.clients[i].1.poll_event() {
+                    self.clients[i].2.push(e);
+                }
+            }
+            while let Some(e) = self.server.poll_event() {
+                moved = true;
+                match e {
+                    Event::BindRelay { token, addr } => {
+                        self.bound.insert(token.0, addr);
+                        self.server.relay_bound(self.now, token, Ok(addr));
+                    }
+                    Event::ReleaseRelay { token } => {
+                        self.bound.remove(&token.0);
+                    }
+                }
+            }
+            while let Some(t) = self.server.poll_transmit() {
+                moved = true;
+                match t {
+                    Transmit::ToClient { client, payload, .. } => {
+                        if let Some(c) = self.clients.iter_mut().find(|c| c.0 == client) {
+                            if let Some((peer, data)) = c.1.handle_input(self.now, &payload) {
+                                c.3.push((peer, data.to_vec()));
+                            }
+                        }
+                    }
+                    Transmit::ToPeer { relay, peer, payload } => self.to_peers.push((relay, peer, payload)),
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("simulation did not settle");
+    }
+
+    /// Advances the virtual clock in 1 s steps, driving every timeout.
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now = (self.now + Duration::from_secs(1)).min(end);
+            self.server.handle_timeout(self.now);
+            for c in &mut self.clients {
+                if c.1.poll_timeout().is_some_and(|t| t <= self.now) {
+                    c.1.handle_timeout(self.now);
+                }
+            }
+            self.settle();
+        }
+    }
+
+    fn events(&mut self, i: usize) -> Vec<ClientEvent> {
+        std::mem::take(&mut self.clients[i].2)
+    }
+
+    fn allocate(&mut self, i: usize) -> SocketAddr {
+        let now = self.now;
+        self.clients[i].1.allocate(now);
+        self.settle();
+        let ev = self.events(i);
+        match ev.iter().find(|e| matches!(e, ClientEvent::Allocated { .. })) {
+            Some(ClientEvent::Allocated { relayed, .. }) => relayed[0],
+            _ => panic!("no allocation: {ev:?}"),
+        }
+    }
+
+    /// A peer sends `data` to the relayed address of client `i`.
+    fn from_peer(&mut self, i: usize, peer: SocketAddr, data: &[u8]) {
+        let relayed = self.clients[i].1.relayed()[0];
+        let token = *self
+            .bound
+            .iter()
+            .find(|(_, a)| **a == relayed)
+            .map(|(t, _)| t)
+            .expect("relayed socket bound");
+        let mut buf = vec![0u8; 4 + data.len() + 3];
+        buf[4..4 + data.len()].copy_from_slice(data);
+        if let Some(f) = self.server.handle_peer(self.now, relay::server::RelayToken(token), peer, &mut buf, data.len()) {
+            let c = self.clients.iter_mut().find(|c| c.0 == f.client).expect("client");
+            if let Some((p, d)) = c.1.handle_input(self.now, &buf[..f.len]) {
+                c.3.push((p, d.to_vec()));
+            }
+        }
+        self.settle();
+    }
+}
+
+#[test]
+fn allocate_channel_and_relay_both_ways() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let c = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    let relayed = s.allocate(c);
+    assert_eq!(relayed.ip(), RELAY_IP.parse::<IpAddr>().expect("ip"));
+    assert!((50000..=50099).contains(&relayed.port()));
+    assert_eq!(s.clients[c].1.mapped(), Some(sa("192.0.2.10:40000")));
+
+    let peer = sa("203.0.113.5:51820");
+    let now = s.now;
+    let ch = s.clients[c].1.bind_channel(now, peer);
+    s.settle();
+    assert!(s.events(c).contains(&ClientEvent::ChannelBound { peer, channel: ch }));
+
+    // Client → peer via ChannelData.
+    let mut out = Vec::new();
+    s.clients[c].1.encode_to(peer, b"wireguard-handshake", &mut out);
+    assert!(stun::channel_data::is_channel_data(&out));
+    let cs = s.clients[c].0;
+    let f = s.server.handle_client(s.now, cs, &out).expect("forwarded");
+    assert_eq!((f.peer, f.payload), (peer, &b"wireguard-handshake"[..]));
+
+    // Peer → client: framed in place as ChannelData.
+    s.from_peer(c, peer, b"response");
+    assert_eq!(s.clients[c].3.pop(), Some((peer, b"response".to_vec())));
+
+    // Another peer without permission is dropped.
+    s.from_peer(c, sa("203.0.113.6:1"), b"nope");
+    assert!(s.clients[c].3.is_empty());
+    assert!(s.server.metrics().dropped_invalid.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn send_and_data_indications_without_channel() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let c = s.add_client("192.0.2.10:40000", ClientConfig::new("bob", "builder"));
+    s.allocate(c);
+    let peer = sa("203.0.113.7:9999");
+    let now = s.now;
+    s.clients[c].1.create_permission(now, peer.ip());
+    s.settle();
+    assert!(s.events(c).contains(&ClientEvent::PermissionCreated(peer.ip())));
+    let mut out = Vec::new();
+    s.clients[c].1.encode_to(peer, b"via-send", &mut out);
+    let cs = s.clients[c].0;
+    let f = s.server.handle_client(s.now, cs, &out).expect("forwarded");
+    assert_eq!(f.payload, b"via-send");
+    s.from_peer(c, peer, b"via-data");
+    assert_eq!(s.clients[c].3.pop(), Some((peer, b"via-data".to_vec())));
+}
+
+#[test]
+fn refreshes_keep_everything_alive_and_silence_expires_it() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let c = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    s.allocate(c);
+    let peer = sa("203.0.113.5:51820");
+    let now = s.now;
+    s.clients[c].1.bind_channel(now, peer);
+    s.settle();
+    // Two hours: allocation (600 s), permission (300 s), channel (600 s) and
+    // nonce (600 s) all expire several times over unless refreshed.
+    s.advance(Duration::from_secs(7200));
+    let ev = s.events(c);
+    assert!(ev.iter().any(|e| matches!(e, ClientEvent::Refreshed { .. })), "{ev:?}");
+    assert!(!ev.iter().any(|e| matches!(e, ClientEvent::Lost { .. } | ClientEvent::Failed { .. })), "{ev:?}");
+    assert_eq!(s.server.allocation_count(), 1);
+    s.from_peer(c, peer, b"still here");
+    assert_eq!(s.clients[c].3.pop(), Some((peer, b"still here".to_vec())));
+
+    // A client that goes silent loses its allocation after the lifetime.
+    let cs = s.clients[c].0;
+    s.clients.clear();
+    s.advance(Duration::from_secs(601));
+    assert_eq!(s.server.allocation_count(), 0);
+    assert!(s.bound.is_empty(), "relayed socket released");
+    let _ = cs;
+}
+
+#[test]
+fn lifetime_zero_deletes() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let c = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    s.allocate(c);
+    let now = s.now;
+    s.clients[c].1.deallocate(now);
+    s.settle();
+    assert!(s.events(c).contains(&ClientEvent::Deallocated));
+    assert_eq!(s.server.allocation_count(), 0);
+    assert!(s.bound.is_empty());
+}
+
+#[test]
+fn stale_nonce_is_renewed_transparently() {
+    let mut s = Sim::new(|c| c.nonces = relay::auth::NonceSigner::with_secret([9; 32], 60), Quotas::default());
+    let c = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    s.allocate(c);
+    // Jump past the nonce lifetime without running timers, then refresh.
+    s.now += Duration::from_secs(90);
+    s.server.handle_timeout(s.now);
+    let now = s.now;
+    s.clients[c].1.set_credentials(now, "alice", "wonderland");
+    // Capture the server's first answer: it must be 438.
+    let req = s.clients[c].1.poll_transmit().expect("refresh");
+    let cs = s.clients[c].0;
+    assert!(s.server.handle_client(s.now, cs, &req).is_none());
+    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else {
+        panic!("no answer")
+    };
+    let m = Message::parse(&payload).expect("stun");
+    assert_eq!(m.error_code().map(|e| e.0), Some(438));
+    s.clients[c].1.handle_input(s.now, &payload);
+    s.settle();
+    let ev = s.events(c);
+    assert!(ev.iter().any(|e| matches!(e, ClientEvent::Refreshed { .. })), "{ev:?}");
+}
+
+#[test]
+fn quotas_per_user_and_total() {
+    let mut s = Sim::new(|_| {}, Quotas::new(2, 1));
+    let a = s.add_client("192.0.2.10:1", ClientConfig::new("alice", "wonderland"));
+    let a2 = s.add_client("192.0.2.10:2", ClientConfig::new("alice", "wonderland"));
+    let b = s.add_client("192.0.2.11:1", ClientConfig::new("bob", "builder"));
+    let rest_user = rest_username(UNIX0 + 3600, "carol");
+    let rest_pw = rest_password("s3cret", &rest_user);
+    let c = s.add_client("192.0.2.12:1", ClientConfig::new(&rest_user, &rest_pw));
+    s.allocate(a);
+    let now = s.now;
+    s.clients[a2].1.allocate(now);
+    s.settle();
+    let ev = s.events(a2);
+    assert!(
+        ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 486, reason, .. } if reason.contains("max-allocations-per-user"))),
+        "{ev:?}"
+    );
+    s.allocate(b);
+    s.clients[c].1.allocate(now);
+    s.settle();
+    let ev = s.events(c);
+    assert!(
+        ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 486, reason, .. } if reason.contains("max-allocations)"))),
+        "{ev:?}"
+    );
+    // Freeing one makes room.
+    s.clients[a].1.deallocate(now);
+    s.settle();
+    s.allocate(c);
+}
+
+#[test]
+fn default_deny_list_answers_403_with_the_rule() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let c = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    s.allocate(c);
+    for bad in ["127.0.0.1", "0.0.0.0", "::ffff:127.0.0.1", "169.254.169.254", "10.1.2.3", "198.51.100.1"] {
+        let now = s.now;
+        s.clients[c].1.create_permission(now, bad.parse().expect("ip"));
+        s.settle();
+        let ev = s.events(c);
+        let reason = ev
+            .iter()
+            .find_map(|e| match e {
+                ClientEvent::Failed { code: 403, reason, .. } => Some(reason.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{bad}: expected 403, got {ev:?}"));
+        assert!(reason.contains("--allow-peer"), "{bad}: {reason}");
+    }
+    // [::] needs an IPv6 allocation: the family check comes first (443).
+    let now = s.now;
+    s.clients[c].1.create_permission(now, "::".parse().expect("ip"));
+    s.settle();
+    assert!(s.events(c).iter().any(|e| matches!(e, ClientEvent::Failed { code: 443, .. })));
+    assert_eq!(s.server.metrics().denied_peers.load(std::sync::atomic::Ordering::Relaxed), 6);
+}
+
+#[test]
+fn ipv6_and_dual_stack_allocations() {
+    let mut s = Sim::new(
+        |c| {
+            c.relay_ipv6 = Some("2001:db8::1".parse().expect("ip"));
+        },
+        Quotas::default(),
+    );
+    let mut cc = ClientConfig::new("alice", "wonderland");
+    cc.dual_stack = true;
+    let c = s.add_client("192.0.2.10:40000", cc);
+    s.allocate(c);
+    let relayed = s.clients[c].1.relayed().to_vec();
+    assert_eq!(relayed.len(), 2, "{relayed:?}");
+    assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6());
+    // [::] is denied for an IPv6 allocation.
+    let now = s.now;
+    s.clients[c].1.create_permission(now, "::".parse().expect("ip"));
+    s.settle();
+    assert!(s.events(c).iter().any(|e| matches!(e, ClientEvent::Failed { code: 403, .. })));
+}
+
+#[test]
+fn rest_credentials_rotate_under_a_live_allocation() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let u1 = rest_username(UNIX0 + 300, "dave");
+    let c = s.add_client("192.0.2.10:40000", ClientConfig::new(&u1, &rest_password("s3cret", &u1)));
+    let relayed = s.allocate(c);
+    let peer = sa("203.0.113.5:51820");
+    let now = s.now;
+    s.clients[c].1.bind_channel(now, peer);
+    s.settle();
+    // Rotate before the first credential expires.
+    s.advance(Duration::from_secs(200));
+    let u2 = rest_username(UNIX0 + 7200, "dave");
+    let now = s.now;
+    s.clients[c].1.set_credentials(now, &u2, &rest_password("s3cret", &u2));
+    s.settle();
+    assert!(s.events(c).iter().any(|e| matches!(e, ClientEvent::Refreshed { .. })));
+    // Well past the first credential's expiry, refreshes keep working.
+    s.advance(Duration::from_secs(1800));
+    let ev = s.events(c);
+    assert!(!ev.iter().any(|e| matches!(e, ClientEvent::Lost { .. } | ClientEvent::Failed { .. })), "{ev:?}");
+    assert_eq!(s.clients[c].1.relayed()[0], relayed, "same allocation");
+    s.from_peer(c, peer, b"after rotation");
+    assert_eq!(s.clients[c].3.pop(), Some((peer, b"after rotation".to_vec())));
+
+    // Another user's REST name cannot take over the allocation.
+    let u3 = rest_username(UNIX0 + 7200, "mallory");
+    let now = s.now;
+    s.clients[c].1.set_credentials(now, &u3, &rest_password("s3cret", &u3));
+    s.settle();
+    assert!(s.events(c).iter().any(|e| matches!(e, ClientEvent::Failed { code: 441, .. })));
+}
+
+#[test]
+fn expired_rest_credentials_and_wrong_passwords_are_refused() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let old = rest_username(UNIX0 - 1, "erin");
+    let a = s.add_client("192.0.2.10:1", ClientConfig::new(&old, &rest_password("s3cret", &old)));
+    let b = s.add_client("192.0.2.10:2", ClientConfig::new("alice", "wrong"));
+    let now = s.now;
+    s.clients[a].1.allocate(now);
+    s.clients[b].1.allocate(now);
+    s.settle();
+    for i in [a, b] {
+        let ev = s.events(i);
+        assert!(ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 401, .. })), "{ev:?}");
+    }
+    assert_eq!(s.server.allocation_count(), 0);
+    assert!(s.server.metrics().auth_failures.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+}
+
+fn raw_request(m: u16, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut b = MessageBuilder::new(&mut out, m, Class::Request, rand::random());
+    for (t, v) in attrs {
+        b.attr(*t, v);
+    }
+    out
+}
+
+/// Sends a raw request, answers the 401 with alice's credentials, returns the final answer.
+fn authed_request(s: &mut Sim, remote: &str, m: u16, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let cs = ClientSocket {
+        transport: Transport::Udp,
+        local: sa(SERVER),
+        remote: sa(remote),
+    };
+    let _ = s.server.handle_client(s.now, cs, &raw_request(m, attrs));
+    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else {
+        panic!("no challenge")
+    };
+    let ch = Message::parse(&payload).expect("stun");
+    let nonce = ch.str_attr(attr::NONCE).expect("nonce").to_owned();
+    let key = stun::long_term_key("alice", "wgice.test", "wonderland");
+    let mut out = Vec::new();
+    {
+        let mut b = MessageBuilder::new(&mut out, m, Class::Request, rand::random());
+        for (t, v) in attrs {
+            b.attr(*t, v);
+        }
+        b.attr(attr::USERNAME, b"alice")
+            .attr(attr::REALM, b"wgice.test")
+            .attr(attr::NONCE, nonce.as_bytes())
+            .integrity(stun::Integrity::Sha256, &key)
+            .fingerprint();
+    }
+    let _ = s.server.handle_client(s.now, cs, &out);
+    while let Some(e) = s.server.poll_event() {
+        if let Event::BindRelay { token, addr } = e {
+            s.server.relay_bound(s.now, token, Ok(addr));
+        }
+    }
+    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else {
+        panic!("no answer")
+    };
+    let m = Message::parse(&payload).expect("stun");
+    if m.class() == Class::Success {
+        assert_eq!(m.verify_integrity(&key), Some(stun::Integrity::Sha256), "SHA-256 answered in kind");
+    }
+    payload
+}
+
+fn code(resp: &[u8]) -> Option<u16> {
+    Message::parse(resp).ok().and_then(|m| m.error_code().map(|e| e.0))
+}
+
+#[test]
+fn unsupported_options_get_the_right_codes() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let udp = (attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0]);
+    let tcp = (attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0]);
+    assert_eq!(code(&authed_request(&mut s, "192.0.2.1:1", method::ALLOCATE, &[tcp])), Some(442));
+    assert_eq!(
+        code(&authed_request(&mut s, "192.0.2.1:2", method::ALLOCATE, &[udp.clone(), (attr::RESERVATION_TOKEN, vec![0; 8])])),
+        Some(508)
+    );
+    assert_eq!(
+        code(&authed_request(&mut s, "192.0.2.1:3", method::ALLOCATE, &[udp.clone(), (attr::EVEN_PORT, vec![0x80])])),
+        Some(508)
+    );
+    assert_eq!(
+        code(&authed_request(&mut s, "192.0.2.1:4", method::ALLOCATE, &[udp.clone(), (attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0])])),
+        Some(440)
+    );
+    assert_eq!(code(&authed_request(&mut s, "192.0.2.1:5", method::ALLOCATE, &[])), Some(400));
+    // EVEN-PORT without reservation is honoured.
+    let ok = authed_request(&mut s, "192.0.2.1:6", method::ALLOCATE, &[udp, (attr::EVEN_PORT, vec![0])]);
+    let m = Message::parse(&ok).expect("stun");
+    let relayed = m.xor_address(attr::XOR_RELAYED_ADDRESS).expect("attr").expect("addr");
+    assert_eq!(relayed.port() % 2, 0);
+    // Refresh without an allocation: 437.
+    assert_eq!(
+        code(&authed_request(&mut s, "192.0.2.1:7", method::REFRESH, &[(attr::LIFETIME, vec![0, 0, 2, 88])])),
+        Some(437)
+    );
+    // Unknown comprehension-required attribute: 420 before anything else.
+    let cs = ClientSocket {
+        transport: Transport::Udp,
+        local: sa(SERVER),
+        remote: sa("192.0.2.1:8"),
+    };
+    let _ = s.server.handle_client(s.now, cs, &raw_request(method::ALLOCATE, &[(0x7777, vec![1, 2, 3, 4])]));
+    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else { panic!() };
+    let m = Message::parse(&payload).expect("stun");
+    assert_eq!(m.error_code().map(|e| e.0), Some(420));
+    assert_eq!(m.get(attr::UNKNOWN_ATTRIBUTES), Some(&[0x77, 0x77][..]));
+}
+
+#[test]
+fn unauthenticated_flood_keeps_no_state_and_never_amplifies_in_strict_mode() {
+    let mut s = Sim::new(|c| c.strict_amplification = true, Quotas::default());
+    let small = raw_request(method::ALLOCATE, &[(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])]);
+    let mut answered = 0;
+    for i in 0..200_000u32 {
+        let cs = ClientSocket {
+            transport: Transport::Udp,
+            local: sa(SERVER),
+            remote: SocketAddr::new(IpAddr::from((0xC000_0200u32 + (i % 250_000)).to_be_bytes()), (i % 60000) as u16 + 1),
+        };
+        let req = if i % 2 == 0 {
+            small.clone()
+        } else {
+            let mut padded = small.clone();
+            let mut b = MessageBuilder::new(&mut padded, method::ALLOCATE, Class::Request, rand::random());
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).attr(attr::PADDING, &[0; 120]);
+            padded
+        };
+        assert!(s.server.handle_client(s.now, cs, &req).is_none());
+        while let Some(t) = s.server.poll_transmit() {
+            let Transmit::ToClient { payload, .. } = t else { panic!() };
+            assert!(payload.len() <= req.len(), "response {} > request {}", payload.len(), req.len());
+            assert_eq!(code(&payload), Some(401));
+            answered += 1;
+        }
+        assert!(s.server.poll_event().is_none());
+    }
+    assert_eq!(s.server.allocation_count(), 0);
+    // Only the padded half could be answered.
+    assert!(answered > 0 && answered <= 100_000, "{answered}");
+}
+
+#[test]
+fn binding_with_rfc5780_and_amplification_budget() {
+    let mut s = Sim::new(
+        |c| {
+            c.alt = Some(relay::server::AltAddress {
+                primary: sa(SERVER),
+                other: sa("198.51.100.2:3479"),
+            })
+        },
+        Quotas::default(),
+    );
+    let cs = ClientSocket {
+        transport: Transport::Udp,
+        local: sa(SERVER),
+        remote: sa("192.0.2.9:5555"),
+    };
+    // Padded request: room for RESPONSE-ORIGIN and OTHER-ADDRESS.
+    let mut req = Vec::new();
+    MessageBuilder::new(&mut req, method::BINDING, Class::Request, [1; 12])
+        .u32_attr(attr::CHANGE_REQUEST, 6)
+        .attr(attr::PADDING, &[0; 100])
+        .fingerprint();
+    let _ = s.server.handle_client(s.now, cs, &req);
+    let Some(Transmit::ToClient { from, payload, .. }) = s.server.poll_transmit() else { panic!() };
+    assert_eq!(from, sa("198.51.100.2:3479"), "changed IP and port");
+    let m = Message::parse(&payload).expect("stun");
+    assert_eq!(m.xor_address(attr::XOR_MAPPED_ADDRESS).and_then(Result::ok), Some(sa("192.0.2.9:5555")));
+    assert_eq!(m.address(attr::OTHER_ADDRESS).and_then(Result::ok), Some(sa("198.51.100.2:3479")));
+    assert_eq!(m.address(attr::RESPONSE_ORIGIN).and_then(Result::ok), Some(sa("198.51.100.2:3479")));
+    assert_eq!(m.check_fingerprint(), Some(true));
+    assert!(payload.len() <= req.len());
+    // Bare 20-byte request: only the mandatory XOR-MAPPED-ADDRESS fits.
+    let mut bare = Vec::new();
+    MessageBuilder::new(&mut bare, method::BINDING, Class::Request, [2; 12]);
+    let _ = s.server.handle_client(s.now, cs, &bare);
+    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else { panic!() };
+    assert_eq!(payload.len(), 32);
+}
