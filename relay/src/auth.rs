@@ -57,7 +57,12 @@ pub fn rest_username(expiry: u64, user: &str) -> String {
 impl Credentials {
     /// The candidate keys for `username` at Unix time `now_unix`.
     /// Returns up to a few keys (static password, each REST secret).
-    pub fn keys(&self, username: &str, realm: &str, now_unix: u64) -> Result<Vec<[u8; 16]>, AuthError> {
+    pub fn keys(
+        &self,
+        username: &str,
+        realm: &str,
+        now_unix: u64,
+    ) -> Result<Vec<[u8; 16]>, AuthError> {
         let mut keys = Vec::new();
         if let Some(pw) = self.users.get(username) {
             keys.push(long_term_key(username, realm, pw));
@@ -70,7 +75,11 @@ impl Credentials {
                 if expiry < now_unix {
                     if keys.is_empty() {
                         return Err(AuthError::Expired {
-                            user: username.split_once(':').map(|x| x.1).unwrap_or("").to_owned(),
+                            user: username
+                                .split_once(':')
+                                .map(|x| x.1)
+                                .unwrap_or("")
+                                .to_owned(),
                             expiry,
                             now: now_unix,
                         });
@@ -152,7 +161,9 @@ impl NonceSigner {
     /// Checks a nonce presented by `ip` at `now_secs`.
     pub fn check(&self, nonce: &str, now_secs: u32, ip: IpAddr) -> NonceCheck {
         let mut raw = [0u8; 13];
-        match base64::engine::general_purpose::URL_SAFE_NO_PAD.decode_slice(nonce.as_bytes(), &mut raw) {
+        match base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode_slice(nonce.as_bytes(), &mut raw)
+        {
             Ok(13) => {}
             _ => return NonceCheck::Invalid,
         }
@@ -234,8 +245,14 @@ mod tests {
             rest_secrets: vec!["s".into()],
         };
         assert!(c.keys("2000:bob", "r", 1000).is_ok());
-        assert!(matches!(c.keys("500:bob", "r", 1000), Err(AuthError::Expired { .. })));
-        assert!(matches!(c.keys("bob", "r", 1000), Err(AuthError::UnknownUser(_))));
+        assert!(matches!(
+            c.keys("500:bob", "r", 1000),
+            Err(AuthError::Expired { .. })
+        ));
+        assert!(matches!(
+            c.keys("bob", "r", 1000),
+            Err(AuthError::UnknownUser(_))
+        ));
     }
 
     #[test]
@@ -246,7 +263,10 @@ mod tests {
         assert_eq!(s.check(&n, 100, ip), NonceCheck::Valid);
         assert_eq!(s.check(&n, 699, ip), NonceCheck::Valid);
         assert_eq!(s.check(&n, 700, ip), NonceCheck::Stale);
-        assert_eq!(s.check(&n, 100, "192.0.2.2".parse().expect("ip")), NonceCheck::Invalid);
+        assert_eq!(
+            s.check(&n, 100, "192.0.2.2".parse().expect("ip")),
+            NonceCheck::Invalid
+        );
         assert_eq!(s.check("garbage", 100, ip), NonceCheck::Invalid);
         let other = NonceSigner::with_secret([2; 32], 600);
         assert_eq!(other.check(&n, 100, ip), NonceCheck::Invalid);

@@ -12,7 +12,9 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::stun::{self, attr, channel_data, method, Class, Integrity, Message, MessageBuilder, TransactionId};
+use crate::stun::{
+    self, attr, channel_data, method, Class, Integrity, Message, MessageBuilder, TransactionId,
+};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -220,7 +222,10 @@ impl Client {
     pub fn set_credentials(&mut self, now: Instant, username: &str, password: &str) {
         self.cfg.username = username.to_owned();
         self.cfg.password = password.to_owned();
-        self.key = self.realm.as_ref().map(|r| stun::long_term_key(username, r, password));
+        self.key = self
+            .realm
+            .as_ref()
+            .map(|r| stun::long_term_key(username, r, password));
         if self.state == State::Allocated {
             self.start(now, Kind::Refresh, 0);
         }
@@ -240,7 +245,11 @@ impl Client {
             return *n;
         }
         let n = self.next_channel;
-        self.next_channel = if n >= channel_data::MAX_CHANNEL { channel_data::MIN_CHANNEL } else { n + 1 };
+        self.next_channel = if n >= channel_data::MAX_CHANNEL {
+            channel_data::MIN_CHANNEL
+        } else {
+            n + 1
+        };
         self.channels.insert(peer, (n, now, false));
         self.by_channel.insert(n, peer);
         if self.state == State::Allocated {
@@ -354,11 +363,19 @@ impl Client {
         match kind {
             Kind::Allocate => {
                 self.state = State::Idle;
-                self.events.push_back(ClientEvent::Failed { request: kind.name(), code, reason });
+                self.events.push_back(ClientEvent::Failed {
+                    request: kind.name(),
+                    code,
+                    reason,
+                });
             }
             Kind::Refresh if code == 437 || code == 0 => self.lost(reason),
             _ if code == 437 => self.lost(reason),
-            _ => self.events.push_back(ClientEvent::Failed { request: kind.name(), code, reason }),
+            _ => self.events.push_back(ClientEvent::Failed {
+                request: kind.name(),
+                code,
+                reason,
+            }),
         }
     }
 
@@ -440,7 +457,11 @@ impl Client {
 
     /// A datagram (or framed stream message) from the server. Returns the
     /// peer and payload for ChannelData and Data indications.
-    pub fn handle_input<'a>(&mut self, now: Instant, data: &'a [u8]) -> Option<(SocketAddr, &'a [u8])> {
+    pub fn handle_input<'a>(
+        &mut self,
+        now: Instant,
+        data: &'a [u8],
+    ) -> Option<(SocketAddr, &'a [u8])> {
         if channel_data::is_channel_data(data) {
             let (n, payload) = channel_data::decode(data)?;
             let peer = *self.by_channel.get(&n)?;
@@ -473,14 +494,22 @@ impl Client {
                     let had_key = self.key.is_some() && self.nonce.is_some();
                     if let Some(realm) = msg.str_attr(attr::REALM) {
                         self.realm = Some(realm.to_owned());
-                        self.key = Some(stun::long_term_key(&self.cfg.username, realm, &self.cfg.password));
+                        self.key = Some(stun::long_term_key(
+                            &self.cfg.username,
+                            realm,
+                            &self.cfg.password,
+                        ));
                     }
                     if let Some(nonce) = msg.str_attr(attr::NONCE) {
                         self.nonce = Some(nonce.to_owned());
                     }
                     // A 401 after we sent credentials means they are wrong.
                     if code == 401 && had_key && t.auth_retries > 0 {
-                        self.fail(t.kind, code, format!("credentials rejected for {:?}: {reason}", self.cfg.username));
+                        self.fail(
+                            t.kind,
+                            code,
+                            format!("credentials rejected for {:?}: {reason}", self.cfg.username),
+                        );
                         return None;
                     }
                     self.start(now, t.kind, t.auth_retries + 1);
@@ -513,7 +542,9 @@ impl Client {
                     .xor_addresses(attr::XOR_RELAYED_ADDRESS)
                     .filter_map(Result::ok)
                     .collect();
-                self.mapped = msg.xor_address(attr::XOR_MAPPED_ADDRESS).and_then(Result::ok);
+                self.mapped = msg
+                    .xor_address(attr::XOR_MAPPED_ADDRESS)
+                    .and_then(Result::ok);
                 self.state = State::Allocated;
                 self.refresh_at = Some(now + refresh_margin(lifetime));
                 self.events.push_back(ClientEvent::Allocated {
@@ -527,7 +558,8 @@ impl Client {
                     self.permissions.insert(ip, now);
                     self.start(now, Kind::Permission(ip), 0);
                 }
-                let chans: Vec<(SocketAddr, u16)> = self.channels.iter().map(|(p, c)| (*p, c.0)).collect();
+                let chans: Vec<(SocketAddr, u16)> =
+                    self.channels.iter().map(|(p, c)| (*p, c.0)).collect();
                 for (p, n) in chans {
                     self.start(now, Kind::Channel(p, n), 0);
                 }
@@ -556,7 +588,8 @@ impl Client {
                     c.1 = now;
                     c.2 = true;
                 }
-                self.events.push_back(ClientEvent::ChannelBound { peer, channel: n });
+                self.events
+                    .push_back(ClientEvent::ChannelBound { peer, channel: n });
             }
         }
     }

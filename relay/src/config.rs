@@ -209,7 +209,11 @@ impl Args {
             return Ok(self);
         };
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            err("config", format!("cannot read {}: {e}", path.display()), "check the path and permissions")
+            err(
+                "config",
+                format!("cannot read {}: {e}", path.display()),
+                "check the path and permissions",
+            )
         })?;
         let file: Args = toml::from_str(&text).map_err(|e| {
             err("config", format!("{}: {e}", path.display()), "keys are the long flag names, e.g. listen = [\"0.0.0.0:3478\"], realm = \"example.org\"")
@@ -237,7 +241,9 @@ impl Args {
             relay_ip: vec(self.relay_ip, file.relay_ip),
             relay_ports: self.relay_ports.or(file.relay_ports),
             max_allocations: self.max_allocations.or(file.max_allocations),
-            max_allocations_per_user: self.max_allocations_per_user.or(file.max_allocations_per_user),
+            max_allocations_per_user: self
+                .max_allocations_per_user
+                .or(file.max_allocations_per_user),
             bandwidth_limit: self.bandwidth_limit.or(file.bandwidth_limit),
             unauth_rate: self.unauth_rate.or(file.unauth_rate),
             strict_amplification: self.strict_amplification || file.strict_amplification,
@@ -253,15 +259,25 @@ impl Args {
     pub fn resolve(self) -> Result<RelayConfig, ConfigError> {
         let a = self.merged()?;
         let listen = if a.listen.is_empty() && a.tcp_listen.is_empty() && a.tls_listen.is_empty() {
-            vec!["0.0.0.0:3478".parse().map_err(|_| err("listen", "default", "none"))?]
+            vec!["0.0.0.0:3478"
+                .parse()
+                .map_err(|_| err("listen", "default", "none"))?]
         } else {
             a.listen
         };
         let mut users = Vec::new();
         for u in &a.user {
             match u.split_once(':') {
-                Some((n, p)) if !n.is_empty() && !p.is_empty() => users.push((n.to_owned(), p.to_owned())),
-                _ => return Err(err("user", format!("{u:?} is not NAME:PASSWORD"), "write it as --user alice:secret")),
+                Some((n, p)) if !n.is_empty() && !p.is_empty() => {
+                    users.push((n.to_owned(), p.to_owned()))
+                }
+                _ => {
+                    return Err(err(
+                        "user",
+                        format!("{u:?} is not NAME:PASSWORD"),
+                        "write it as --user alice:secret",
+                    ))
+                }
             }
         }
         if users.is_empty() && a.auth_secret.is_empty() {
@@ -272,31 +288,49 @@ impl Args {
             ));
         }
         if a.auth_secret.iter().any(|s| s.is_empty()) {
-            return Err(err("auth-secret", "empty secret", "use a long random string"));
+            return Err(err(
+                "auth-secret",
+                "empty secret",
+                "use a long random string",
+            ));
         }
         let tls_files = match (&a.tls_listen.is_empty(), a.cert, a.key) {
             (true, _, _) => None,
             (false, Some(c), Some(k)) => Some((c, k)),
             (false, _, _) => {
-                return Err(err("tls-listen", "TLS needs a certificate and a key", "add --cert FILE --key FILE (PEM)"))
+                return Err(err(
+                    "tls-listen",
+                    "TLS needs a certificate and a key",
+                    "add --cert FILE --key FILE (PEM)",
+                ))
             }
         };
         let relay_ports = match a.relay_ports.as_deref() {
             None => (49152, 65535),
             Some(s) => {
-                let parsed = s
-                    .split_once('-')
-                    .and_then(|(l, h)| Some((l.trim().parse::<u16>().ok()?, h.trim().parse::<u16>().ok()?)));
+                let parsed = s.split_once('-').and_then(|(l, h)| {
+                    Some((l.trim().parse::<u16>().ok()?, h.trim().parse::<u16>().ok()?))
+                });
                 match parsed {
                     Some((l, h)) if l > 0 && l <= h => (l, h),
-                    _ => return Err(err("relay-ports", format!("{s:?} is not LOW-HIGH"), "e.g. --relay-ports 49152-65535")),
+                    _ => {
+                        return Err(err(
+                            "relay-ports",
+                            format!("{s:?} is not LOW-HIGH"),
+                            "e.g. --relay-ports 49152-65535",
+                        ))
+                    }
                 }
             }
         };
         let mut relay_ip = a.relay_ip;
         if relay_ip.is_empty() {
             for l in listen.iter().chain(&a.tcp_listen).chain(&a.tls_listen) {
-                if !l.ip().is_unspecified() && !relay_ip.iter().any(|r: &IpAddr| r.is_ipv4() == l.ip().is_ipv4()) {
+                if !l.ip().is_unspecified()
+                    && !relay_ip
+                        .iter()
+                        .any(|r: &IpAddr| r.is_ipv4() == l.ip().is_ipv4())
+                {
                     relay_ip.push(l.ip());
                 }
             }
@@ -316,26 +350,46 @@ impl Args {
         if let Some(alt) = a.alt_listen {
             let p = listen[0];
             if alt == p {
-                return Err(err("alt-listen", "same as the primary --listen address", "use a second IP and/or port"));
+                return Err(err(
+                    "alt-listen",
+                    "same as the primary --listen address",
+                    "use a second IP and/or port",
+                ));
             }
             if alt.is_ipv4() != p.is_ipv4() {
-                return Err(err("alt-listen", "family differs from the first --listen", "use an address of the same family"));
+                return Err(err(
+                    "alt-listen",
+                    "family differs from the first --listen",
+                    "use an address of the same family",
+                ));
             }
         }
         let log_json = match a.log_format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
-            Some(o) => return Err(err("log-format", format!("{o:?} is not a log format"), "use text or json")),
+            Some(o) => {
+                return Err(err(
+                    "log-format",
+                    format!("{o:?} is not a log format"),
+                    "use text or json",
+                ))
+            }
         };
-        let workers = a
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        let workers = a.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
         if workers == 0 || workers > 256 {
             return Err(err("workers", format!("{workers} workers"), "use 1 to 256"));
         }
         let max_lifetime = a.max_lifetime.unwrap_or(3600);
         if max_lifetime < 600 {
-            return Err(err("max-lifetime", "below the 600 s default lifetime", "use 600 or more"));
+            return Err(err(
+                "max-lifetime",
+                "below the 600 s default lifetime",
+                "use 600 or more",
+            ));
         }
         Ok(RelayConfig {
             listen,
@@ -378,7 +432,15 @@ mod tests {
         assert!(e.to_string().contains("NAME:PASSWORD"), "{e}");
         let a = Args::parse_from(["relay", "--listen", "0.0.0.0:3478", "--user", "a:b"]);
         assert_eq!(a.resolve().expect_err("wildcard").key, "relay-ip");
-        let a = Args::parse_from(["relay", "--listen", "127.0.0.1:3478", "--user", "a:b", "--relay-ports", "9-2"]);
+        let a = Args::parse_from([
+            "relay",
+            "--listen",
+            "127.0.0.1:3478",
+            "--user",
+            "a:b",
+            "--relay-ports",
+            "9-2",
+        ]);
         assert_eq!(a.resolve().expect_err("ports").key, "relay-ports");
     }
 
@@ -392,7 +454,13 @@ mod tests {
             "listen = [\"127.0.0.1:3478\"]\nrealm = \"file\"\nuser = [\"a:b\"]\nrelay-ports = \"50000-50100\"\n",
         )
         .expect("write");
-        let a = Args::parse_from(["relay", "--config", f.to_str().expect("utf8"), "--realm", "cli"]);
+        let a = Args::parse_from([
+            "relay",
+            "--config",
+            f.to_str().expect("utf8"),
+            "--realm",
+            "cli",
+        ]);
         let c = a.resolve().expect("ok");
         assert_eq!(c.realm, "cli");
         assert_eq!(c.relay_ports, (50000, 50100));

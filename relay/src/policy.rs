@@ -142,7 +142,9 @@ mod tests {
         for good in ["8.8.8.8", "2001:4860::8888", "::ffff:1.1.1.1"] {
             assert!(p.check(good.parse().expect("ip")).is_ok(), "{good}");
         }
-        let e = p.check("::ffff:127.0.0.1".parse().expect("ip")).expect_err("denied");
+        let e = p
+            .check("::ffff:127.0.0.1".parse().expect("ip"))
+            .expect_err("denied");
         assert_eq!(e.ip, "127.0.0.1".parse::<IpAddr>().expect("ip"));
         assert!(e.to_string().contains("--allow-peer 127.0.0.0/8"), "{e}");
     }

@@ -432,7 +432,12 @@ const PORT_ATTEMPTS: u8 = 16;
 
 impl Server {
     /// A shard with shared quotas and its own metrics.
-    pub fn new(cfg: ServerConfig, quotas: Arc<Quotas>, metrics: Arc<Metrics>, now: Instant) -> Self {
+    pub fn new(
+        cfg: ServerConfig,
+        quotas: Arc<Quotas>,
+        metrics: Arc<Metrics>,
+        now: Instant,
+    ) -> Self {
         let limiter = SourceRateLimiter::new(4096, cfg.unauth_rate.0, cfg.unauth_rate.1);
         Server {
             cfg,
@@ -486,15 +491,21 @@ impl Server {
     }
 
     fn secs(&self, now: Instant) -> u32 {
-        now.saturating_duration_since(self.cfg.clock.instant).as_secs() as u32 + 1
+        now.saturating_duration_since(self.cfg.clock.instant)
+            .as_secs() as u32
+            + 1
     }
 
     fn unix(&self, now: Instant) -> u64 {
-        self.cfg.clock.unix + now.saturating_duration_since(self.cfg.clock.instant).as_secs()
+        self.cfg.clock.unix
+            + now
+                .saturating_duration_since(self.cfg.clock.instant)
+                .as_secs()
     }
 
     fn now_ms(&self, now: Instant) -> u32 {
-        now.saturating_duration_since(self.cfg.clock.instant).as_millis() as u32
+        now.saturating_duration_since(self.cfg.clock.instant)
+            .as_millis() as u32
     }
 
     /// Expires allocations, permissions and channels.
@@ -523,8 +534,12 @@ impl Server {
             a.channels.retain(|ch| ch.expires > now);
             gone_chans += (c - a.channels.len()) as u64;
         }
-        self.metrics.permissions.fetch_sub(gone_perms, Ordering::Relaxed);
-        self.metrics.channels.fetch_sub(gone_chans, Ordering::Relaxed);
+        self.metrics
+            .permissions
+            .fetch_sub(gone_perms, Ordering::Relaxed);
+        self.metrics
+            .channels
+            .fetch_sub(gone_chans, Ordering::Relaxed);
     }
 
     fn remove_allocation(&mut self, slot: usize) {
@@ -537,7 +552,8 @@ impl Server {
                 if let Some(b) = r.bound {
                     ports.remove(&b.port());
                 }
-                self.events.push_back(Event::ReleaseRelay { token: r.token });
+                self.events
+                    .push_back(Event::ReleaseRelay { token: r.token });
             }
         }
         self.metrics
@@ -587,7 +603,9 @@ impl Server {
                 self.handle_request(now, client, &msg);
                 None
             }
-            Class::Indication if msg.method() == method::SEND => self.send_indication(now, client, &msg),
+            Class::Indication if msg.method() == method::SEND => {
+                self.send_indication(now, client, &msg)
+            }
             _ => {
                 inc(&self.metrics.dropped_invalid, 1);
                 None
@@ -611,7 +629,11 @@ impl Server {
             return None;
         };
         let a = self.slots[slot].as_mut()?;
-        let Some(ch) = a.channels.iter().find(|c| c.number == number && c.expires > now) else {
+        let Some(ch) = a
+            .channels
+            .iter()
+            .find(|c| c.number == number && c.expires > now)
+        else {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
         };
@@ -627,7 +649,11 @@ impl Server {
         }
         inc(&self.metrics.packets_to_peer, 1);
         inc(&self.metrics.bytes_to_peer, payload.len() as u64);
-        Some(PeerForward { relay, peer, payload })
+        Some(PeerForward {
+            relay,
+            peer,
+            payload,
+        })
     }
 
     fn send_indication<'a>(
@@ -662,7 +688,11 @@ impl Server {
         }
         inc(&self.metrics.packets_to_peer, 1);
         inc(&self.metrics.bytes_to_peer, payload.len() as u64);
-        Some(PeerForward { relay, peer, payload })
+        Some(PeerForward {
+            relay,
+            peer,
+            payload,
+        })
     }
 
     /// A datagram from `peer` on a relayed socket. The payload must sit at
@@ -731,7 +761,12 @@ impl Server {
     }
 
     /// The driver's answer to [`Event::BindRelay`].
-    pub fn relay_bound(&mut self, now: Instant, token: RelayToken, result: Result<SocketAddr, std::io::Error>) {
+    pub fn relay_bound(
+        &mut self,
+        now: Instant,
+        token: RelayToken,
+        result: Result<SocketAddr, std::io::Error>,
+    ) {
         let Some(slot) = self
             .slots
             .get(token.slot())
@@ -747,8 +782,14 @@ impl Server {
         };
         match result {
             Ok(addr) => {
-                let Some(a) = self.slots[slot].as_mut() else { return };
-                let r = if token.is_v6() { a.v6.as_mut() } else { a.v4.as_mut() };
+                let Some(a) = self.slots[slot].as_mut() else {
+                    return;
+                };
+                let r = if token.is_v6() {
+                    a.v6.as_mut()
+                } else {
+                    a.v4.as_mut()
+                };
                 if let Some(r) = r {
                     r.bound = Some(addr);
                 }
@@ -762,7 +803,9 @@ impl Server {
                 } else {
                     (&mut self.ports_v4, self.cfg.relay_ipv4)
                 };
-                let Some(a) = self.slots[slot].as_mut() else { return };
+                let Some(a) = self.slots[slot].as_mut() else {
+                    return;
+                };
                 let Some(r) = (if v6 { a.v6.as_mut() } else { a.v4.as_mut() }) else {
                     return;
                 };
@@ -771,7 +814,9 @@ impl Server {
                 // The failed port is someone else's; forget it so the set stays small.
                 ports.remove(&r.port);
                 let next = if attempts < PORT_ATTEMPTS {
-                    ip.and_then(|ip| pick_port(ports, self.cfg.port_range).map(|p| SocketAddr::new(ip, p)))
+                    ip.and_then(|ip| {
+                        pick_port(ports, self.cfg.port_range).map(|p| SocketAddr::new(ip, p))
+                    })
                 } else {
                     None
                 };
@@ -786,11 +831,28 @@ impl Server {
                         self.events.push_back(Event::BindRelay { token, addr });
                     }
                     None => {
-                        let a = self.slots[slot].as_ref().map(|a| (a.client, a.allocate_tid, a.key, a.integrity, a.with_fingerprint));
+                        let a = self.slots[slot].as_ref().map(|a| {
+                            (
+                                a.client,
+                                a.allocate_tid,
+                                a.key,
+                                a.integrity,
+                                a.with_fingerprint,
+                            )
+                        });
                         self.remove_allocation(slot);
                         if let Some((client, tid, key, integ, fp)) = a {
                             let auth = Some((&key[..], integ));
-                            self.error_response(client, method::ALLOCATE, tid, 508, "no free relay port (widen --relay-ports)", auth, fp, &[]);
+                            self.error_response(
+                                client,
+                                method::ALLOCATE,
+                                tid,
+                                508,
+                                "no free relay port (widen --relay-ports)",
+                                auth,
+                                fp,
+                                &[],
+                            );
                         }
                     }
                 }
@@ -800,7 +862,9 @@ impl Server {
 
     fn finish_allocate(&mut self, now: Instant, slot: usize) {
         let cfg = &self.cfg;
-        let Some(a) = self.slots[slot].as_mut() else { return };
+        let Some(a) = self.slots[slot].as_mut() else {
+            return;
+        };
         let pending = |r: &Option<Relayed>| r.as_ref().is_some_and(|r| r.bound.is_none());
         if pending(&a.v4) || pending(&a.v6) || a.allocate_response.is_some() {
             return;
@@ -808,7 +872,8 @@ impl Server {
         let lifetime = a.expires.saturating_duration_since(now).as_secs() as u32;
         let mut out = Vec::with_capacity(128);
         {
-            let mut b = MessageBuilder::new(&mut out, method::ALLOCATE, Class::Success, a.allocate_tid);
+            let mut b =
+                MessageBuilder::new(&mut out, method::ALLOCATE, Class::Success, a.allocate_tid);
             for (r, ext) in [(&a.v4, cfg.external_ipv4), (&a.v6, cfg.external_ipv6)] {
                 if let Some(bound) = r.as_ref().and_then(|r| r.bound) {
                     let adv = SocketAddr::new(ext.unwrap_or(bound.ip()), bound.port());
@@ -844,7 +909,16 @@ impl Server {
         let unknown = msg.unknown_required();
         if !unknown.is_empty() {
             let v: Vec<u8> = unknown.iter().flat_map(|t| t.to_be_bytes()).collect();
-            self.error_response(client, msg.method(), tid, 420, "Unknown Attribute", None, fp, &[(attr::UNKNOWN_ATTRIBUTES, &v)]);
+            self.error_response(
+                client,
+                msg.method(),
+                tid,
+                420,
+                "Unknown Attribute",
+                None,
+                fp,
+                &[(attr::UNKNOWN_ATTRIBUTES, &v)],
+            );
             return;
         }
         match msg.method() {
@@ -873,7 +947,9 @@ impl Server {
             let (change_ip, change_port) = (flags & 4 != 0, flags & 2 != 0);
             match self.cfg.alt.filter(|_| client.transport == Transport::Udp) {
                 Some(alt) => {
-                    let other = if client.local.ip() == alt.primary.ip() || client.local.ip() != alt.other.ip() {
+                    let other = if client.local.ip() == alt.primary.ip()
+                        || client.local.ip() != alt.other.ip()
+                    {
                         alt.other.ip()
                     } else {
                         alt.primary.ip()
@@ -886,7 +962,16 @@ impl Server {
                     if (change_ip && alt.other.ip() == alt.primary.ip())
                         || (change_port && alt.other.port() == alt.primary.port())
                     {
-                        self.error_response(client, method::BINDING, tid, 420, "CHANGE-REQUEST needs a different alternate IP/port (--alt-listen)", None, fp, &[]);
+                        self.error_response(
+                            client,
+                            method::BINDING,
+                            tid,
+                            420,
+                            "CHANGE-REQUEST needs a different alternate IP/port (--alt-listen)",
+                            None,
+                            fp,
+                            &[],
+                        );
                         return;
                     }
                     if change_ip {
@@ -897,7 +982,19 @@ impl Server {
                     }
                 }
                 None if flags & 6 != 0 => {
-                    self.error_response(client, method::BINDING, tid, 420, "CHANGE-REQUEST needs --alt-listen", None, fp, &[(attr::UNKNOWN_ATTRIBUTES, &attr::CHANGE_REQUEST.to_be_bytes())]);
+                    self.error_response(
+                        client,
+                        method::BINDING,
+                        tid,
+                        420,
+                        "CHANGE-REQUEST needs --alt-listen",
+                        None,
+                        fp,
+                        &[(
+                            attr::UNKNOWN_ATTRIBUTES,
+                            &attr::CHANGE_REQUEST.to_be_bytes(),
+                        )],
+                    );
                     return;
                 }
                 None => {}
@@ -918,10 +1015,19 @@ impl Server {
                     // request arrived (RFC 5780 §7.4).
                     let local = client.local;
                     let other = SocketAddr::new(
-                        if local.ip() == alt.primary.ip() { alt.other.ip() } else { alt.primary.ip() },
-                        if local.port() == alt.primary.port() { alt.other.port() } else { alt.primary.port() },
+                        if local.ip() == alt.primary.ip() {
+                            alt.other.ip()
+                        } else {
+                            alt.primary.ip()
+                        },
+                        if local.port() == alt.primary.port() {
+                            alt.other.port()
+                        } else {
+                            alt.primary.port()
+                        },
                     );
-                    b.address(attr::RESPONSE_ORIGIN, from).address(attr::OTHER_ADDRESS, other);
+                    b.address(attr::RESPONSE_ORIGIN, from)
+                        .address(attr::OTHER_ADDRESS, other);
                 }
             }
             let sw = self.cfg.software.len();
@@ -941,7 +1047,13 @@ impl Server {
     }
 
     /// Authenticates a request: Ok, or the error response has been queued.
-    fn authenticate(&mut self, now: Instant, client: ClientSocket, msg: &Message<'_>, existing: Option<&str>) -> Option<Authed> {
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        client: ClientSocket,
+        msg: &Message<'_>,
+        existing: Option<&str>,
+    ) -> Option<Authed> {
         let tid = msg.transaction_id();
         let fp = msg.check_fingerprint().is_some();
         let m = msg.method();
@@ -954,10 +1066,23 @@ impl Server {
             msg.str_attr(attr::REALM),
             msg.str_attr(attr::NONCE),
         ) else {
-            self.error_response(client, m, tid, 400, "MESSAGE-INTEGRITY without USERNAME, REALM and NONCE", None, fp, &[]);
+            self.error_response(
+                client,
+                m,
+                tid,
+                400,
+                "MESSAGE-INTEGRITY without USERNAME, REALM and NONCE",
+                None,
+                fp,
+                &[],
+            );
             return None;
         };
-        match self.cfg.nonces.check(nonce, self.secs(now), client.remote.ip()) {
+        match self
+            .cfg
+            .nonces
+            .check(nonce, self.secs(now), client.remote.ip())
+        {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
                 self.challenge(now, client, msg, 438, "Stale Nonce");
@@ -970,7 +1095,11 @@ impl Server {
             self.challenge(now, client, msg, 401, "Unauthorized");
             return None;
         }
-        let keys = match self.cfg.credentials.keys(user, &self.cfg.realm, self.unix(now)) {
+        let keys = match self
+            .cfg
+            .credentials
+            .keys(user, &self.cfg.realm, self.unix(now))
+        {
             Ok(k) => k,
             Err(e) => {
                 inc(&self.metrics.auth_failures, 1);
@@ -988,7 +1117,16 @@ impl Server {
         if let Some(owner) = existing {
             if !same_principal(owner, user) {
                 let auth = Some((&key[..], kind));
-                self.error_response(client, m, tid, 441, "Wrong Credentials: allocation belongs to another user", auth, fp, &[]);
+                self.error_response(
+                    client,
+                    m,
+                    tid,
+                    441,
+                    "Wrong Credentials: allocation belongs to another user",
+                    auth,
+                    fp,
+                    &[],
+                );
                 return None;
             }
         }
@@ -1001,7 +1139,14 @@ impl Server {
 
     /// 401/438 with REALM and a fresh NONCE: no state kept, rate-limited per
     /// source, and (with strict amplification) never larger than the request.
-    fn challenge(&mut self, now: Instant, client: ClientSocket, msg: &Message<'_>, code: u16, reason: &str) {
+    fn challenge(
+        &mut self,
+        now: Instant,
+        client: ClientSocket,
+        msg: &Message<'_>,
+        code: u16,
+        reason: &str,
+    ) {
         if !self.limiter.allow(client.remote.ip(), self.now_ms(now)) {
             inc(&self.metrics.dropped_rate_limited, 1);
             return;
@@ -1009,7 +1154,8 @@ impl Server {
         let nonce = self.cfg.nonces.issue(self.secs(now), client.remote.ip());
         let mut out = std::mem::take(&mut self.scratch);
         {
-            let mut b = MessageBuilder::new(&mut out, msg.method(), Class::Error, msg.transaction_id());
+            let mut b =
+                MessageBuilder::new(&mut out, msg.method(), Class::Error, msg.transaction_id());
             b.error(code, reason)
                 .attr(attr::REALM, self.cfg.realm.as_bytes())
                 .attr(attr::NONCE, nonce.as_bytes());
@@ -1063,7 +1209,15 @@ impl Server {
         });
     }
 
-    fn success(&mut self, client: ClientSocket, m: u16, tid: stun::TransactionId, auth: &Authed, fp: bool, attrs: &[(u16, &[u8])]) {
+    fn success(
+        &mut self,
+        client: ClientSocket,
+        m: u16,
+        tid: stun::TransactionId,
+        auth: &Authed,
+        fp: bool,
+        attrs: &[(u16, &[u8])],
+    ) {
         let mut out = Vec::with_capacity(96);
         {
             let mut b = MessageBuilder::new(&mut out, m, Class::Success, tid);
@@ -1086,17 +1240,32 @@ impl Server {
         let tid = msg.transaction_id();
         let fp = msg.check_fingerprint().is_some();
         if let Some(&slot) = self.by_client.get(&client) {
-            let Some(a) = self.slots[slot].as_ref() else { return };
+            let Some(a) = self.slots[slot].as_ref() else {
+                return;
+            };
             if a.allocate_tid == tid {
                 // Retransmission: answer again (or keep waiting for the bind).
                 if let Some(resp) = a.allocate_response.clone() {
-                    self.transmits.push_back(Transmit::ToClient { client, from: client.local, payload: resp });
+                    self.transmits.push_back(Transmit::ToClient {
+                        client,
+                        from: client.local,
+                        payload: resp,
+                    });
                 }
                 return;
             }
             let owner = a.username.clone();
             if let Some(auth) = self.authenticate(now, client, msg, Some(&owner)) {
-                self.error_response(client, method::ALLOCATE, tid, 437, "Allocation Mismatch: this 5-tuple already has an allocation", Some((&auth.key, auth.integrity)), fp, &[]);
+                self.error_response(
+                    client,
+                    method::ALLOCATE,
+                    tid,
+                    437,
+                    "Allocation Mismatch: this 5-tuple already has an allocation",
+                    Some((&auth.key, auth.integrity)),
+                    fp,
+                    &[],
+                );
             }
             return;
         }
@@ -1105,8 +1274,22 @@ impl Server {
         };
         let a_auth = Some((&auth.key[..], auth.integrity));
         // RFC 8656 §7.2 checks, in order.
-        match msg.u32_attr(attr::REQUESTED_TRANSPORT).map(|v| (v >> 24) as u8) {
-            None => return self.error_response(client, method::ALLOCATE, tid, 400, "REQUESTED-TRANSPORT missing", a_auth, fp, &[]),
+        match msg
+            .u32_attr(attr::REQUESTED_TRANSPORT)
+            .map(|v| (v >> 24) as u8)
+        {
+            None => {
+                return self.error_response(
+                    client,
+                    method::ALLOCATE,
+                    tid,
+                    400,
+                    "REQUESTED-TRANSPORT missing",
+                    a_auth,
+                    fp,
+                    &[],
+                )
+            }
             Some(17) => {}
             Some(p) => {
                 let reason = if p == 6 {
@@ -1114,41 +1297,111 @@ impl Server {
                 } else {
                     "Unsupported Transport Protocol: only UDP (17) is relayed"
                 };
-                return self.error_response(client, method::ALLOCATE, tid, 442, reason, a_auth, fp, &[]);
+                return self.error_response(
+                    client,
+                    method::ALLOCATE,
+                    tid,
+                    442,
+                    reason,
+                    a_auth,
+                    fp,
+                    &[],
+                );
             }
         }
         if msg.get(attr::RESERVATION_TOKEN).is_some() {
-            return self.error_response(client, method::ALLOCATE, tid, 508, "Insufficient Capacity: RESERVATION-TOKEN is not supported (no reserved ports)", a_auth, fp, &[]);
+            return self.error_response(
+                client,
+                method::ALLOCATE,
+                tid,
+                508,
+                "Insufficient Capacity: RESERVATION-TOKEN is not supported (no reserved ports)",
+                a_auth,
+                fp,
+                &[],
+            );
         }
         if let Some(v) = msg.get(attr::EVEN_PORT) {
             if v.first().is_some_and(|b| b & 0x80 != 0) {
-                return self.error_response(client, method::ALLOCATE, tid, 508, "Insufficient Capacity: EVEN-PORT with reservation (R bit) is not supported", a_auth, fp, &[]);
+                return self.error_response(
+                    client,
+                    method::ALLOCATE,
+                    tid,
+                    508,
+                    "Insufficient Capacity: EVEN-PORT with reservation (R bit) is not supported",
+                    a_auth,
+                    fp,
+                    &[],
+                );
             }
         }
-        let requested = msg.get(attr::REQUESTED_ADDRESS_FAMILY).map(|v| v.first().copied().unwrap_or(0));
-        let additional = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY).map(|v| v.first().copied().unwrap_or(0));
+        let requested = msg
+            .get(attr::REQUESTED_ADDRESS_FAMILY)
+            .map(|v| v.first().copied().unwrap_or(0));
+        let additional = msg
+            .get(attr::ADDITIONAL_ADDRESS_FAMILY)
+            .map(|v| v.first().copied().unwrap_or(0));
         if requested.is_some() && additional.is_some() {
-            return self.error_response(client, method::ALLOCATE, tid, 400, "REQUESTED-ADDRESS-FAMILY and ADDITIONAL-ADDRESS-FAMILY together", a_auth, fp, &[]);
+            return self.error_response(
+                client,
+                method::ALLOCATE,
+                tid,
+                400,
+                "REQUESTED-ADDRESS-FAMILY and ADDITIONAL-ADDRESS-FAMILY together",
+                a_auth,
+                fp,
+                &[],
+            );
         }
         if additional.is_some_and(|f| f != 2) {
-            return self.error_response(client, method::ALLOCATE, tid, 400, "ADDITIONAL-ADDRESS-FAMILY must be IPv6 (0x02)", a_auth, fp, &[]);
+            return self.error_response(
+                client,
+                method::ALLOCATE,
+                tid,
+                400,
+                "ADDITIONAL-ADDRESS-FAMILY must be IPv6 (0x02)",
+                a_auth,
+                fp,
+                &[],
+            );
         }
         let (want_v4, want_v6) = match (requested, additional) {
             (Some(1), _) | (None, None) => (true, false),
             (Some(2), _) => (false, true),
             (None, Some(_)) => (true, true),
             (Some(_), _) => {
-                return self.error_response(client, method::ALLOCATE, tid, 440, "Address Family not Supported: REQUESTED-ADDRESS-FAMILY must be 1 or 2", a_auth, fp, &[]);
+                return self.error_response(
+                    client,
+                    method::ALLOCATE,
+                    tid,
+                    440,
+                    "Address Family not Supported: REQUESTED-ADDRESS-FAMILY must be 1 or 2",
+                    a_auth,
+                    fp,
+                    &[],
+                );
             }
         };
         let v4_ip = self.cfg.relay_ipv4.filter(|_| want_v4);
         let v6_ip = self.cfg.relay_ipv6.filter(|_| want_v6);
-        if (want_v4 && v4_ip.is_none() && !want_v6) || (want_v6 && !want_v4 && v6_ip.is_none()) || (v4_ip.is_none() && v6_ip.is_none()) {
+        if (want_v4 && v4_ip.is_none() && !want_v6)
+            || (want_v6 && !want_v4 && v6_ip.is_none())
+            || (v4_ip.is_none() && v6_ip.is_none())
+        {
             return self.error_response(client, method::ALLOCATE, tid, 440, "Address Family not Supported by this relay (configure a relay address of that family)", a_auth, fp, &[]);
         }
         if let Err(why) = self.quotas.acquire(&auth.username) {
             tracing::info!(user = %auth.username, why, "allocation refused");
-            return self.error_response(client, method::ALLOCATE, tid, 486, &format!("Allocation Quota Reached: {why}"), a_auth, fp, &[]);
+            return self.error_response(
+                client,
+                method::ALLOCATE,
+                tid,
+                486,
+                &format!("Allocation Quota Reached: {why}"),
+                a_auth,
+                fp,
+                &[],
+            );
         }
         let even = msg.get(attr::EVEN_PORT).is_some();
         let lifetime = msg
@@ -1165,19 +1418,43 @@ impl Server {
         let mut binds = Vec::new();
         let mut relayed = |ip: Option<IpAddr>, ports: &mut HashSet<u16>, v6: bool| {
             let ip = ip?;
-            let port = if even { pick_even_port(ports, self.cfg.port_range) } else { pick_port(ports, self.cfg.port_range) }?;
+            let port = if even {
+                pick_even_port(ports, self.cfg.port_range)
+            } else {
+                pick_port(ports, self.cfg.port_range)
+            }?;
             let token = RelayToken::new(slot, gen, v6);
-            binds.push(Event::BindRelay { token, addr: SocketAddr::new(ip, port) });
-            Some(Relayed { token, port, bound: None, attempts: 0 })
+            binds.push(Event::BindRelay {
+                token,
+                addr: SocketAddr::new(ip, port),
+            });
+            Some(Relayed {
+                token,
+                port,
+                bound: None,
+                attempts: 0,
+            })
         };
         let v4 = relayed(v4_ip, &mut self.ports_v4, false);
         let v6 = relayed(v6_ip, &mut self.ports_v6, true);
         if v4.is_none() && v6.is_none() {
             self.quotas.release(&auth.username);
             self.free.push(slot);
-            return self.error_response(client, method::ALLOCATE, tid, 508, "Insufficient Capacity: no free relay port (widen --relay-ports)", a_auth, fp, &[]);
+            return self.error_response(
+                client,
+                method::ALLOCATE,
+                tid,
+                508,
+                "Insufficient Capacity: no free relay port (widen --relay-ports)",
+                a_auth,
+                fp,
+                &[],
+            );
         }
-        let bucket = self.cfg.bandwidth_limit.map(|l| Bucket { tokens: l as f64 / 4.0, last: now });
+        let bucket = self.cfg.bandwidth_limit.map(|l| Bucket {
+            tokens: l as f64 / 4.0,
+            last: now,
+        });
         self.slots[slot] = Some(Allocation {
             gen,
             client,
@@ -1201,14 +1478,25 @@ impl Server {
 
     fn existing(&self, client: ClientSocket) -> Option<(usize, String)> {
         let slot = *self.by_client.get(&client)?;
-        self.slots[slot].as_ref().map(|a| (slot, a.username.clone()))
+        self.slots[slot]
+            .as_ref()
+            .map(|a| (slot, a.username.clone()))
     }
 
     fn mismatch(&mut self, now: Instant, client: ClientSocket, msg: &Message<'_>) {
         let tid = msg.transaction_id();
         let fp = msg.check_fingerprint().is_some();
         if let Some(auth) = self.authenticate(now, client, msg, None) {
-            self.error_response(client, msg.method(), tid, 437, "Allocation Mismatch: no allocation for this 5-tuple", Some((&auth.key, auth.integrity)), fp, &[]);
+            self.error_response(
+                client,
+                msg.method(),
+                tid,
+                437,
+                "Allocation Mismatch: no allocation for this 5-tuple",
+                Some((&auth.key, auth.integrity)),
+                fp,
+                &[],
+            );
         }
     }
 
@@ -1230,19 +1518,39 @@ impl Server {
         let Some((slot, owner)) = self.existing(client) else {
             return self.mismatch(now, client, msg);
         };
-        let Some(auth) = self.authenticate(now, client, msg, Some(&owner)) else { return };
-        let requested = msg.u32_attr(attr::LIFETIME).map(|s| Duration::from_secs(s as u64));
+        let Some(auth) = self.authenticate(now, client, msg, Some(&owner)) else {
+            return;
+        };
+        let requested = msg
+            .u32_attr(attr::LIFETIME)
+            .map(|s| Duration::from_secs(s as u64));
         if requested == Some(Duration::ZERO) {
             self.remove_allocation(slot);
             tracing::info!(client = %client.remote, "allocation deleted by client");
-            return self.success(client, method::REFRESH, tid, &auth, fp, &[(attr::LIFETIME, &0u32.to_be_bytes())]);
+            return self.success(
+                client,
+                method::REFRESH,
+                tid,
+                &auth,
+                fp,
+                &[(attr::LIFETIME, &0u32.to_be_bytes())],
+            );
         }
-        let lifetime = requested.unwrap_or(self.cfg.default_lifetime).clamp(self.cfg.default_lifetime, self.cfg.max_lifetime);
+        let lifetime = requested
+            .unwrap_or(self.cfg.default_lifetime)
+            .clamp(self.cfg.default_lifetime, self.cfg.max_lifetime);
         self.update_credentials(slot, &auth);
         if let Some(a) = self.slots[slot].as_mut() {
             a.expires = now + lifetime;
         }
-        self.success(client, method::REFRESH, tid, &auth, fp, &[(attr::LIFETIME, &(lifetime.as_secs() as u32).to_be_bytes())]);
+        self.success(
+            client,
+            method::REFRESH,
+            tid,
+            &auth,
+            fp,
+            &[(attr::LIFETIME, &(lifetime.as_secs() as u32).to_be_bytes())],
+        );
     }
 
     /// Checks a peer for an allocation: family and policy. Err = (code, reason).
@@ -1252,7 +1560,13 @@ impl Server {
             return Err((437, "Allocation Mismatch".into()));
         };
         if a.relay_for(peer.ip()).is_none() {
-            return Err((443, format!("Peer Address Family Mismatch: allocation has no {} relayed address for {peer}", if peer.is_ipv4() { "IPv4" } else { "IPv6" })));
+            return Err((
+                443,
+                format!(
+                    "Peer Address Family Mismatch: allocation has no {} relayed address for {peer}",
+                    if peer.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
+            ));
         }
         if let Err(d) = self.cfg.policy.check(peer.ip()) {
             inc(&self.metrics.denied_peers, 1);
@@ -1264,7 +1578,9 @@ impl Server {
 
     fn add_permission(&mut self, slot: usize, ip: IpAddr, until: Instant) -> bool {
         let max = self.cfg.max_permissions;
-        let Some(a) = self.slots[slot].as_mut() else { return false };
+        let Some(a) = self.slots[slot].as_mut() else {
+            return false;
+        };
         if let Some(p) = a.permissions.iter_mut().find(|(p, _)| *p == ip) {
             p.1 = until;
             return true;
@@ -1283,25 +1599,67 @@ impl Server {
         let Some((slot, owner)) = self.existing(client) else {
             return self.mismatch(now, client, msg);
         };
-        let Some(auth) = self.authenticate(now, client, msg, Some(&owner)) else { return };
+        let Some(auth) = self.authenticate(now, client, msg, Some(&owner)) else {
+            return;
+        };
         let a_auth = Some((&auth.key[..], auth.integrity));
         let mut peers = Vec::new();
         for p in msg.xor_addresses(attr::XOR_PEER_ADDRESS) {
             match p {
                 Ok(p) => match self.check_peer(slot, p) {
                     Ok(p) => peers.push(p.ip()),
-                    Err((code, reason)) => return self.error_response(client, method::CREATE_PERMISSION, tid, code, &reason, a_auth, fp, &[]),
+                    Err((code, reason)) => {
+                        return self.error_response(
+                            client,
+                            method::CREATE_PERMISSION,
+                            tid,
+                            code,
+                            &reason,
+                            a_auth,
+                            fp,
+                            &[],
+                        )
+                    }
                 },
-                Err(e) => return self.error_response(client, method::CREATE_PERMISSION, tid, 400, &format!("bad XOR-PEER-ADDRESS: {e}"), a_auth, fp, &[]),
+                Err(e) => {
+                    return self.error_response(
+                        client,
+                        method::CREATE_PERMISSION,
+                        tid,
+                        400,
+                        &format!("bad XOR-PEER-ADDRESS: {e}"),
+                        a_auth,
+                        fp,
+                        &[],
+                    )
+                }
             }
         }
         if peers.is_empty() {
-            return self.error_response(client, method::CREATE_PERMISSION, tid, 400, "XOR-PEER-ADDRESS missing", a_auth, fp, &[]);
+            return self.error_response(
+                client,
+                method::CREATE_PERMISSION,
+                tid,
+                400,
+                "XOR-PEER-ADDRESS missing",
+                a_auth,
+                fp,
+                &[],
+            );
         }
         let until = now + self.cfg.permission_lifetime;
         for ip in peers {
             if !self.add_permission(slot, ip, until) {
-                return self.error_response(client, method::CREATE_PERMISSION, tid, 508, "Insufficient Capacity: too many permissions on this allocation", a_auth, fp, &[]);
+                return self.error_response(
+                    client,
+                    method::CREATE_PERMISSION,
+                    tid,
+                    508,
+                    "Insufficient Capacity: too many permissions on this allocation",
+                    a_auth,
+                    fp,
+                    &[],
+                );
             }
         }
         self.update_credentials(slot, &auth);
@@ -1314,36 +1672,108 @@ impl Server {
         let Some((slot, owner)) = self.existing(client) else {
             return self.mismatch(now, client, msg);
         };
-        let Some(auth) = self.authenticate(now, client, msg, Some(&owner)) else { return };
+        let Some(auth) = self.authenticate(now, client, msg, Some(&owner)) else {
+            return;
+        };
         let a_auth = Some((&auth.key[..], auth.integrity));
         let number = match msg.get(attr::CHANNEL_NUMBER) {
             Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
-            _ => return self.error_response(client, method::CHANNEL_BIND, tid, 400, "CHANNEL-NUMBER missing", a_auth, fp, &[]),
+            _ => {
+                return self.error_response(
+                    client,
+                    method::CHANNEL_BIND,
+                    tid,
+                    400,
+                    "CHANNEL-NUMBER missing",
+                    a_auth,
+                    fp,
+                    &[],
+                )
+            }
         };
         if !(channel_data::MIN_CHANNEL..=channel_data::MAX_CHANNEL).contains(&number) {
-            return self.error_response(client, method::CHANNEL_BIND, tid, 400, "CHANNEL-NUMBER outside 0x4000-0x4FFF", a_auth, fp, &[]);
+            return self.error_response(
+                client,
+                method::CHANNEL_BIND,
+                tid,
+                400,
+                "CHANNEL-NUMBER outside 0x4000-0x4FFF",
+                a_auth,
+                fp,
+                &[],
+            );
         }
         let peer = match msg.xor_address(attr::XOR_PEER_ADDRESS) {
             Some(Ok(p)) => p,
-            _ => return self.error_response(client, method::CHANNEL_BIND, tid, 400, "XOR-PEER-ADDRESS missing or malformed", a_auth, fp, &[]),
+            _ => {
+                return self.error_response(
+                    client,
+                    method::CHANNEL_BIND,
+                    tid,
+                    400,
+                    "XOR-PEER-ADDRESS missing or malformed",
+                    a_auth,
+                    fp,
+                    &[],
+                )
+            }
         };
         let peer = match self.check_peer(slot, peer) {
             Ok(p) => p,
-            Err((code, reason)) => return self.error_response(client, method::CHANNEL_BIND, tid, code, &reason, a_auth, fp, &[]),
+            Err((code, reason)) => {
+                return self.error_response(
+                    client,
+                    method::CHANNEL_BIND,
+                    tid,
+                    code,
+                    &reason,
+                    a_auth,
+                    fp,
+                    &[],
+                )
+            }
         };
         let until = now + self.cfg.channel_lifetime;
         let max = self.cfg.max_channels;
-        let Some(a) = self.slots[slot].as_mut() else { return };
+        let Some(a) = self.slots[slot].as_mut() else {
+            return;
+        };
         let by_number = a.channels.iter().position(|c| c.number == number);
         let by_peer = a.channels.iter().position(|c| c.peer == peer);
         match (by_number, by_peer) {
             (Some(i), Some(j)) if i == j => a.channels[i].expires = until,
             (None, None) if a.channels.len() < max => {
-                a.channels.push(Channel { number, peer, expires: until });
+                a.channels.push(Channel {
+                    number,
+                    peer,
+                    expires: until,
+                });
                 inc(&self.metrics.channels, 1);
             }
-            (None, None) => return self.error_response(client, method::CHANNEL_BIND, tid, 508, "Insufficient Capacity: too many channels on this allocation", a_auth, fp, &[]),
-            _ => return self.error_response(client, method::CHANNEL_BIND, tid, 400, "channel or peer already bound to another peer or channel", a_auth, fp, &[]),
+            (None, None) => {
+                return self.error_response(
+                    client,
+                    method::CHANNEL_BIND,
+                    tid,
+                    508,
+                    "Insufficient Capacity: too many channels on this allocation",
+                    a_auth,
+                    fp,
+                    &[],
+                )
+            }
+            _ => {
+                return self.error_response(
+                    client,
+                    method::CHANNEL_BIND,
+                    tid,
+                    400,
+                    "channel or peer already bound to another peer or channel",
+                    a_auth,
+                    fp,
+                    &[],
+                )
+            }
         }
         let perm_until = now + self.cfg.permission_lifetime;
         self.add_permission(slot, peer.ip(), perm_until.max(until.min(perm_until)));

@@ -264,7 +264,9 @@ impl<'a> Message<'a> {
     pub fn get_attr(&self, typ: u16) -> Option<RawAttr<'a>> {
         let mut seen_integrity = false;
         for a in self.attributes() {
-            if seen_integrity && a.typ != attr::FINGERPRINT && a.typ != attr::MESSAGE_INTEGRITY_SHA256
+            if seen_integrity
+                && a.typ != attr::FINGERPRINT
+                && a.typ != attr::MESSAGE_INTEGRITY_SHA256
             {
                 return None;
             }
@@ -294,7 +296,10 @@ impl<'a> Message<'a> {
     }
 
     /// All XOR-PEER-ADDRESS values (CreatePermission may carry several).
-    pub fn xor_addresses(&self, typ: u16) -> impl Iterator<Item = Result<SocketAddr, AddrError>> + 'a {
+    pub fn xor_addresses(
+        &self,
+        typ: u16,
+    ) -> impl Iterator<Item = Result<SocketAddr, AddrError>> + 'a {
         let tid = self.transaction_id();
         self.attributes()
             .filter(move |a| a.typ == typ)
@@ -754,47 +759,58 @@ mod tests {
 
     #[test]
     fn rfc5769_ipv4_response() {
-        let raw = hex(
-            "0101003c2112a442b7e7a701bc34d686fa87dfae
+        let raw = hex("0101003c2112a442b7e7a701bc34d686fa87dfae
             8022000b7465737420766563746f7220
             002000080001a147e112a643
             000800142b91f599fd9e90c38c7489f92af9ba53f06be7d7
-            80280004c07d4c96",
-        );
+            80280004c07d4c96");
         let m = Message::parse(&raw).expect("parse");
         assert_eq!(m.class(), Class::Success);
-        let a = m.xor_address(attr::XOR_MAPPED_ADDRESS).expect("attr").expect("addr");
+        let a = m
+            .xor_address(attr::XOR_MAPPED_ADDRESS)
+            .expect("attr")
+            .expect("addr");
         assert_eq!(a, "192.0.2.1:32853".parse().expect("sa"));
-        assert_eq!(m.verify_integrity(b"VOkJxbRl1RmTxUk/WvJxBt"), Some(Integrity::Sha1));
+        assert_eq!(
+            m.verify_integrity(b"VOkJxbRl1RmTxUk/WvJxBt"),
+            Some(Integrity::Sha1)
+        );
         assert_eq!(m.check_fingerprint(), Some(true));
     }
 
     #[test]
     fn rfc5769_ipv6_response() {
-        let raw = hex(
-            "010100482112a442b7e7a701bc34d686fa87dfae
+        let raw = hex("010100482112a442b7e7a701bc34d686fa87dfae
             8022000b7465737420766563746f7220
             002000140002a1470113a9faa5d3f179bc25f4b5bed2b9d9
             00080014a382954e4be67bf11784c97c8292c275bfe3ed41
-            80280004c8fb0b4c",
-        );
+            80280004c8fb0b4c");
         let m = Message::parse(&raw).expect("parse");
-        let a = m.xor_address(attr::XOR_MAPPED_ADDRESS).expect("attr").expect("addr");
-        assert_eq!(a, "[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().expect("sa"));
-        assert_eq!(m.verify_integrity(b"VOkJxbRl1RmTxUk/WvJxBt"), Some(Integrity::Sha1));
+        let a = m
+            .xor_address(attr::XOR_MAPPED_ADDRESS)
+            .expect("attr")
+            .expect("addr");
+        assert_eq!(
+            a,
+            "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+                .parse()
+                .expect("sa")
+        );
+        assert_eq!(
+            m.verify_integrity(b"VOkJxbRl1RmTxUk/WvJxBt"),
+            Some(Integrity::Sha1)
+        );
         assert_eq!(m.check_fingerprint(), Some(true));
     }
 
     #[test]
     fn rfc5769_long_term() {
         // §2.4: long-term credentials, username and password in UTF-8 (SASLprep'd).
-        let raw = hex(
-            "000100602112a44278ad3433c6ad72c029da412e
+        let raw = hex("000100602112a44278ad3433c6ad72c029da412e
             00060012e3839ee38388e383aae38383e382afe382b90000
             0015001c662f2f3439396b39353464364f4c33346f4c394653547679363473 41
             0014000b6578616d706c652e6f726700
-            00080014f67024656dd64a3e02b8e0712e85c9a28ca89666",
-        );
+            00080014f67024656dd64a3e02b8e0712e85c9a28ca89666");
         let m = Message::parse(&raw).expect("parse");
         let user = m.str_attr(attr::USERNAME).expect("user");
         let realm = m.str_attr(attr::REALM).expect("realm");
@@ -811,7 +827,10 @@ mod tests {
         MessageBuilder::new(&mut buf, method::ALLOCATE, Class::Request, tid)
             .u32_attr(attr::REQUESTED_TRANSPORT, 17 << 24)
             .attr(attr::USERNAME, b"u")
-            .xor_address(attr::XOR_PEER_ADDRESS, "[2001:db8::1]:9".parse().expect("sa"))
+            .xor_address(
+                attr::XOR_PEER_ADDRESS,
+                "[2001:db8::1]:9".parse().expect("sa"),
+            )
             .integrity(Integrity::Sha256, &key)
             .fingerprint();
         let m = Message::parse(&buf).expect("parse");
@@ -819,7 +838,9 @@ mod tests {
         assert_eq!(m.verify_integrity(&key), Some(Integrity::Sha256));
         assert_eq!(m.check_fingerprint(), Some(true));
         assert_eq!(
-            m.xor_address(attr::XOR_PEER_ADDRESS).expect("a").expect("b"),
+            m.xor_address(attr::XOR_PEER_ADDRESS)
+                .expect("a")
+                .expect("b"),
             "[2001:db8::1]:9".parse().expect("sa")
         );
         // Any flipped bit breaks integrity.
@@ -827,7 +848,11 @@ mod tests {
             let mut c = buf.clone();
             c[i] ^= 1;
             if let Ok(m) = Message::parse(&c) {
-                assert_ne!(m.verify_integrity(&key), Some(Integrity::Sha256), "byte {i}");
+                assert_ne!(
+                    m.verify_integrity(&key),
+                    Some(Integrity::Sha256),
+                    "byte {i}"
+                );
             }
         }
     }
@@ -856,7 +881,9 @@ mod tests {
             x ^= x >> 17;
             x ^= x << 5;
             let len = (x as usize) % 120;
-            let mut d: Vec<u8> = (0..len).map(|i| (x.rotate_left(i as u32) & 0xff) as u8).collect();
+            let mut d: Vec<u8> = (0..len)
+                .map(|i| (x.rotate_left(i as u32) & 0xff) as u8)
+                .collect();
             if d.len() >= 8 && n % 2 == 0 {
                 d[0] &= 0x3f;
                 d[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use relay::auth::{rest_password, rest_username};
 use relay::client::{Client, ClientConfig, ClientEvent};
-use relay::server::{ClientSocket, Event, Metrics, Quotas, Server, ServerConfig, Transmit, Transport};
+use relay::server::{
+    ClientSocket, Event, Metrics, Quotas, Server, ServerConfig, Transmit, Transport,
+};
 use relay::stun::{self, attr, method, Class, Message, MessageBuilder};
 
 const RELAY_IP: &str = "198.51.100.1";
@@ -19,10 +21,14 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
+/// A client socket, its state machine, its events and the peer data it received.
+type SimClient = (ClientSocket, Client, Vec<ClientEvent>, Vec<(SocketAddr, Vec<u8>)>);
+
 struct Sim {
     now: Instant,
     server: Server,
-    clients: Vec<(ClientSocket, Client, Vec<ClientEvent>, Vec<(SocketAddr, Vec<u8>)>)>,
+    clients: Vec<SimClient>,
+    )>,
     /// Datagrams the server sent to peers: (relayed addr, peer, payload).
     to_peers: Vec<(relay::server::RelayToken, SocketAddr, Vec<u8>)>,
     bound: std::collections::HashMap<u64, SocketAddr>,
@@ -30,7 +36,9 @@ struct Sim {
 
 fn config(now: Instant) -> ServerConfig {
     let mut c = ServerConfig::new("wgice.test", RELAY_IP.parse().expect("ip"), now, UNIX0);
-    c.credentials.users.insert("alice".into(), "wonderland".into());
+    c.credentials
+        .users
+        .insert("alice".into(), "wonderland".into());
     c.credentials.users.insert("bob".into(), "builder".into());
     c.credentials.rest_secrets.push("s3cret".into());
     c.port_range = (50000, 50099);
@@ -92,14 +100,20 @@ impl Sim {
             while let Some(t) = self.server.poll_transmit() {
                 moved = true;
                 match t {
-                    Transmit::ToClient { client, payload, .. } => {
+                    Transmit::ToClient {
+                        client, payload, ..
+                    } => {
                         if let Some(c) = self.clients.iter_mut().find(|c| c.0 == client) {
                             if let Some((peer, data)) = c.1.handle_input(self.now, &payload) {
                                 c.3.push((peer, data.to_vec()));
                             }
                         }
                     }
-                    Transmit::ToPeer { relay, peer, payload } => self.to_peers.push((relay, peer, payload)),
+                    Transmit::ToPeer {
+                        relay,
+                        peer,
+                        payload,
+                    } => self.to_peers.push((relay, peer, payload)),
                 }
             }
             if !moved {
@@ -133,14 +147,17 @@ impl Sim {
         self.clients[i].1.allocate(now);
         self.settle();
         let ev = self.events(i);
-        match ev.iter().find(|e| matches!(e, ClientEvent::Allocated { .. })) {
+        match ev
+            .iter()
+            .find(|e| matches!(e, ClientEvent::Allocated { .. }))
+        {
             Some(ClientEvent::Allocated { relayed, .. }) => relayed[0],
             _ => panic!("no allocation: {ev:?}"),
         }
     }
 
     /// A peer sends `data` to the relayed address of client `i`.
-    fn from_peer(&mut self, i: usize, peer: SocketAddr, data: &[u8]) {
+    fn peer_sends(&mut self, i: usize, peer: SocketAddr, data: &[u8]) {
         let relayed = self.clients[i].1.relayed()[0];
         let token = *self
             .bound
@@ -150,8 +167,18 @@ impl Sim {
             .expect("relayed socket bound");
         let mut buf = vec![0u8; 4 + data.len() + 3];
         buf[4..4 + data.len()].copy_from_slice(data);
-        if let Some(f) = self.server.handle_peer(self.now, relay::server::RelayToken(token), peer, &mut buf, data.len()) {
-            let c = self.clients.iter_mut().find(|c| c.0 == f.client).expect("client");
+        if let Some(f) = self.server.handle_peer(
+            self.now,
+            relay::server::RelayToken(token),
+            peer,
+            &mut buf,
+            data.len(),
+        ) {
+            let c = self
+                .clients
+                .iter_mut()
+                .find(|c| c.0 == f.client)
+                .expect("client");
             if let Some((p, d)) = c.1.handle_input(self.now, &buf[..f.len]) {
                 c.3.push((p, d.to_vec()));
             }
@@ -173,24 +200,34 @@ fn allocate_channel_and_relay_both_ways() {
     let now = s.now;
     let ch = s.clients[c].1.bind_channel(now, peer);
     s.settle();
-    assert!(s.events(c).contains(&ClientEvent::ChannelBound { peer, channel: ch }));
+    assert!(s
+        .events(c)
+        .contains(&ClientEvent::ChannelBound { peer, channel: ch }));
 
     // Client → peer via ChannelData.
     let mut out = Vec::new();
-    s.clients[c].1.encode_to(peer, b"wireguard-handshake", &mut out);
+    s.clients[c]
+        .1
+        .encode_to(peer, b"wireguard-handshake", &mut out);
     assert!(stun::channel_data::is_channel_data(&out));
     let cs = s.clients[c].0;
     let f = s.server.handle_client(s.now, cs, &out).expect("forwarded");
     assert_eq!((f.peer, f.payload), (peer, &b"wireguard-handshake"[..]));
 
     // Peer → client: framed in place as ChannelData.
-    s.from_peer(c, peer, b"response");
+    s.peer_sends(c, peer, b"response");
     assert_eq!(s.clients[c].3.pop(), Some((peer, b"response".to_vec())));
 
     // Another peer without permission is dropped.
-    s.from_peer(c, sa("203.0.113.6:1"), b"nope");
+    s.peer_sends(c, sa("203.0.113.6:1"), b"nope");
     assert!(s.clients[c].3.is_empty());
-    assert!(s.server.metrics().dropped_invalid.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(
+        s.server
+            .metrics()
+            .dropped_invalid
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
 }
 
 #[test]
@@ -202,13 +239,15 @@ fn send_and_data_indications_without_channel() {
     let now = s.now;
     s.clients[c].1.create_permission(now, peer.ip());
     s.settle();
-    assert!(s.events(c).contains(&ClientEvent::PermissionCreated(peer.ip())));
+    assert!(s
+        .events(c)
+        .contains(&ClientEvent::PermissionCreated(peer.ip())));
     let mut out = Vec::new();
     s.clients[c].1.encode_to(peer, b"via-send", &mut out);
     let cs = s.clients[c].0;
     let f = s.server.handle_client(s.now, cs, &out).expect("forwarded");
     assert_eq!(f.payload, b"via-send");
-    s.from_peer(c, peer, b"via-data");
+    s.peer_sends(c, peer, b"via-data");
     assert_eq!(s.clients[c].3.pop(), Some((peer, b"via-data".to_vec())));
 }
 
@@ -225,10 +264,18 @@ fn refreshes_keep_everything_alive_and_silence_expires_it() {
     // nonce (600 s) all expire several times over unless refreshed.
     s.advance(Duration::from_secs(7200));
     let ev = s.events(c);
-    assert!(ev.iter().any(|e| matches!(e, ClientEvent::Refreshed { .. })), "{ev:?}");
-    assert!(!ev.iter().any(|e| matches!(e, ClientEvent::Lost { .. } | ClientEvent::Failed { .. })), "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, ClientEvent::Refreshed { .. })),
+        "{ev:?}"
+    );
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, ClientEvent::Lost { .. } | ClientEvent::Failed { .. })),
+        "{ev:?}"
+    );
     assert_eq!(s.server.allocation_count(), 1);
-    s.from_peer(c, peer, b"still here");
+    s.peer_sends(c, peer, b"still here");
     assert_eq!(s.clients[c].3.pop(), Some((peer, b"still here".to_vec())));
 
     // A client that goes silent loses its allocation after the lifetime.
@@ -255,7 +302,10 @@ fn lifetime_zero_deletes() {
 
 #[test]
 fn stale_nonce_is_renewed_transparently() {
-    let mut s = Sim::new(|c| c.nonces = relay::auth::NonceSigner::with_secret([9; 32], 60), Quotas::default());
+    let mut s = Sim::new(
+        |c| c.nonces = relay::auth::NonceSigner::with_secret([9; 32], 60),
+        Quotas::default(),
+    );
     let c = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
     s.allocate(c);
     // Jump past the nonce lifetime without running timers, then refresh.
@@ -275,7 +325,11 @@ fn stale_nonce_is_renewed_transparently() {
     s.clients[c].1.handle_input(s.now, &payload);
     s.settle();
     let ev = s.events(c);
-    assert!(ev.iter().any(|e| matches!(e, ClientEvent::Refreshed { .. })), "{ev:?}");
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, ClientEvent::Refreshed { .. })),
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -315,15 +369,26 @@ fn default_deny_list_answers_403_with_the_rule() {
     let mut s = Sim::new(|_| {}, Quotas::default());
     let c = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
     s.allocate(c);
-    for bad in ["127.0.0.1", "0.0.0.0", "::ffff:127.0.0.1", "169.254.169.254", "10.1.2.3", "198.51.100.1"] {
+    for bad in [
+        "127.0.0.1",
+        "0.0.0.0",
+        "::ffff:127.0.0.1",
+        "169.254.169.254",
+        "10.1.2.3",
+        "198.51.100.1",
+    ] {
         let now = s.now;
-        s.clients[c].1.create_permission(now, bad.parse().expect("ip"));
+        s.clients[c]
+            .1
+            .create_permission(now, bad.parse().expect("ip"));
         s.settle();
         let ev = s.events(c);
         let reason = ev
             .iter()
             .find_map(|e| match e {
-                ClientEvent::Failed { code: 403, reason, .. } => Some(reason.clone()),
+                ClientEvent::Failed {
+                    code: 403, reason, ..
+                } => Some(reason.clone()),
                 _ => None,
             })
             .unwrap_or_else(|| panic!("{bad}: expected 403, got {ev:?}"));
@@ -331,10 +396,21 @@ fn default_deny_list_answers_403_with_the_rule() {
     }
     // [::] needs an IPv6 allocation: the family check comes first (443).
     let now = s.now;
-    s.clients[c].1.create_permission(now, "::".parse().expect("ip"));
+    s.clients[c]
+        .1
+        .create_permission(now, "::".parse().expect("ip"));
     s.settle();
-    assert!(s.events(c).iter().any(|e| matches!(e, ClientEvent::Failed { code: 443, .. })));
-    assert_eq!(s.server.metrics().denied_peers.load(std::sync::atomic::Ordering::Relaxed), 6);
+    assert!(s
+        .events(c)
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Failed { code: 443, .. })));
+    assert_eq!(
+        s.server
+            .metrics()
+            .denied_peers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        6
+    );
 }
 
 #[test]
@@ -354,16 +430,24 @@ fn ipv6_and_dual_stack_allocations() {
     assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6());
     // [::] is denied for an IPv6 allocation.
     let now = s.now;
-    s.clients[c].1.create_permission(now, "::".parse().expect("ip"));
+    s.clients[c]
+        .1
+        .create_permission(now, "::".parse().expect("ip"));
     s.settle();
-    assert!(s.events(c).iter().any(|e| matches!(e, ClientEvent::Failed { code: 403, .. })));
+    assert!(s
+        .events(c)
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Failed { code: 403, .. })));
 }
 
 #[test]
 fn rest_credentials_rotate_under_a_live_allocation() {
     let mut s = Sim::new(|_| {}, Quotas::default());
     let u1 = rest_username(UNIX0 + 300, "dave");
-    let c = s.add_client("192.0.2.10:40000", ClientConfig::new(&u1, &rest_password("s3cret", &u1)));
+    let c = s.add_client(
+        "192.0.2.10:40000",
+        ClientConfig::new(&u1, &rest_password("s3cret", &u1)),
+    );
     let relayed = s.allocate(c);
     let peer = sa("203.0.113.5:51820");
     let now = s.now;
@@ -373,30 +457,50 @@ fn rest_credentials_rotate_under_a_live_allocation() {
     s.advance(Duration::from_secs(200));
     let u2 = rest_username(UNIX0 + 7200, "dave");
     let now = s.now;
-    s.clients[c].1.set_credentials(now, &u2, &rest_password("s3cret", &u2));
+    s.clients[c]
+        .1
+        .set_credentials(now, &u2, &rest_password("s3cret", &u2));
     s.settle();
-    assert!(s.events(c).iter().any(|e| matches!(e, ClientEvent::Refreshed { .. })));
+    assert!(s
+        .events(c)
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Refreshed { .. })));
     // Well past the first credential's expiry, refreshes keep working.
     s.advance(Duration::from_secs(1800));
     let ev = s.events(c);
-    assert!(!ev.iter().any(|e| matches!(e, ClientEvent::Lost { .. } | ClientEvent::Failed { .. })), "{ev:?}");
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, ClientEvent::Lost { .. } | ClientEvent::Failed { .. })),
+        "{ev:?}"
+    );
     assert_eq!(s.clients[c].1.relayed()[0], relayed, "same allocation");
-    s.from_peer(c, peer, b"after rotation");
-    assert_eq!(s.clients[c].3.pop(), Some((peer, b"after rotation".to_vec())));
+    s.peer_sends(c, peer, b"after rotation");
+    assert_eq!(
+        s.clients[c].3.pop(),
+        Some((peer, b"after rotation".to_vec()))
+    );
 
     // Another user's REST name cannot take over the allocation.
     let u3 = rest_username(UNIX0 + 7200, "mallory");
     let now = s.now;
-    s.clients[c].1.set_credentials(now, &u3, &rest_password("s3cret", &u3));
+    s.clients[c]
+        .1
+        .set_credentials(now, &u3, &rest_password("s3cret", &u3));
     s.settle();
-    assert!(s.events(c).iter().any(|e| matches!(e, ClientEvent::Failed { code: 441, .. })));
+    assert!(s
+        .events(c)
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Failed { code: 441, .. })));
 }
 
 #[test]
 fn expired_rest_credentials_and_wrong_passwords_are_refused() {
     let mut s = Sim::new(|_| {}, Quotas::default());
     let old = rest_username(UNIX0 - 1, "erin");
-    let a = s.add_client("192.0.2.10:1", ClientConfig::new(&old, &rest_password("s3cret", &old)));
+    let a = s.add_client(
+        "192.0.2.10:1",
+        ClientConfig::new(&old, &rest_password("s3cret", &old)),
+    );
     let b = s.add_client("192.0.2.10:2", ClientConfig::new("alice", "wrong"));
     let now = s.now;
     s.clients[a].1.allocate(now);
@@ -404,10 +508,20 @@ fn expired_rest_credentials_and_wrong_passwords_are_refused() {
     s.settle();
     for i in [a, b] {
         let ev = s.events(i);
-        assert!(ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 401, .. })), "{ev:?}");
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, ClientEvent::Failed { code: 401, .. })),
+            "{ev:?}"
+        );
     }
     assert_eq!(s.server.allocation_count(), 0);
-    assert!(s.server.metrics().auth_failures.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    assert!(
+        s.server
+            .metrics()
+            .auth_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
 }
 
 fn raw_request(m: u16, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
@@ -456,13 +570,19 @@ fn authed_request(s: &mut Sim, remote: &str, m: u16, attrs: &[(u16, Vec<u8>)]) -
     };
     let m = Message::parse(&payload).expect("stun");
     if m.class() == Class::Success {
-        assert_eq!(m.verify_integrity(&key), Some(stun::Integrity::Sha256), "SHA-256 answered in kind");
+        assert_eq!(
+            m.verify_integrity(&key),
+            Some(stun::Integrity::Sha256),
+            "SHA-256 answered in kind"
+        );
     }
     payload
 }
 
 fn code(resp: &[u8]) -> Option<u16> {
-    Message::parse(resp).ok().and_then(|m| m.error_code().map(|e| e.0))
+    Message::parse(resp)
+        .ok()
+        .and_then(|m| m.error_code().map(|e| e.0))
 }
 
 #[test]
@@ -470,28 +590,75 @@ fn unsupported_options_get_the_right_codes() {
     let mut s = Sim::new(|_| {}, Quotas::default());
     let udp = (attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0]);
     let tcp = (attr::REQUESTED_TRANSPORT, vec![6, 0, 0, 0]);
-    assert_eq!(code(&authed_request(&mut s, "192.0.2.1:1", method::ALLOCATE, &[tcp])), Some(442));
     assert_eq!(
-        code(&authed_request(&mut s, "192.0.2.1:2", method::ALLOCATE, &[udp.clone(), (attr::RESERVATION_TOKEN, vec![0; 8])])),
+        code(&authed_request(
+            &mut s,
+            "192.0.2.1:1",
+            method::ALLOCATE,
+            &[tcp]
+        )),
+        Some(442)
+    );
+    assert_eq!(
+        code(&authed_request(
+            &mut s,
+            "192.0.2.1:2",
+            method::ALLOCATE,
+            &[udp.clone(), (attr::RESERVATION_TOKEN, vec![0; 8])]
+        )),
         Some(508)
     );
     assert_eq!(
-        code(&authed_request(&mut s, "192.0.2.1:3", method::ALLOCATE, &[udp.clone(), (attr::EVEN_PORT, vec![0x80])])),
+        code(&authed_request(
+            &mut s,
+            "192.0.2.1:3",
+            method::ALLOCATE,
+            &[udp.clone(), (attr::EVEN_PORT, vec![0x80])]
+        )),
         Some(508)
     );
     assert_eq!(
-        code(&authed_request(&mut s, "192.0.2.1:4", method::ALLOCATE, &[udp.clone(), (attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0])])),
+        code(&authed_request(
+            &mut s,
+            "192.0.2.1:4",
+            method::ALLOCATE,
+            &[
+                udp.clone(),
+                (attr::REQUESTED_ADDRESS_FAMILY, vec![2, 0, 0, 0])
+            ]
+        )),
         Some(440)
     );
-    assert_eq!(code(&authed_request(&mut s, "192.0.2.1:5", method::ALLOCATE, &[])), Some(400));
+    assert_eq!(
+        code(&authed_request(
+            &mut s,
+            "192.0.2.1:5",
+            method::ALLOCATE,
+            &[]
+        )),
+        Some(400)
+    );
     // EVEN-PORT without reservation is honoured.
-    let ok = authed_request(&mut s, "192.0.2.1:6", method::ALLOCATE, &[udp, (attr::EVEN_PORT, vec![0])]);
+    let ok = authed_request(
+        &mut s,
+        "192.0.2.1:6",
+        method::ALLOCATE,
+        &[udp, (attr::EVEN_PORT, vec![0])],
+    );
     let m = Message::parse(&ok).expect("stun");
-    let relayed = m.xor_address(attr::XOR_RELAYED_ADDRESS).expect("attr").expect("addr");
+    let relayed = m
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .expect("attr")
+        .expect("addr");
     assert_eq!(relayed.port() % 2, 0);
     // Refresh without an allocation: 437.
     assert_eq!(
-        code(&authed_request(&mut s, "192.0.2.1:7", method::REFRESH, &[(attr::LIFETIME, vec![0, 0, 2, 88])])),
+        code(&authed_request(
+            &mut s,
+            "192.0.2.1:7",
+            method::REFRESH,
+            &[(attr::LIFETIME, vec![0, 0, 2, 88])]
+        )),
         Some(437)
     );
     // Unknown comprehension-required attribute: 420 before anything else.
@@ -500,8 +667,14 @@ fn unsupported_options_get_the_right_codes() {
         local: sa(SERVER),
         remote: sa("192.0.2.1:8"),
     };
-    let _ = s.server.handle_client(s.now, cs, &raw_request(method::ALLOCATE, &[(0x7777, vec![1, 2, 3, 4])]));
-    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else { panic!() };
+    let _ = s.server.handle_client(
+        s.now,
+        cs,
+        &raw_request(method::ALLOCATE, &[(0x7777, vec![1, 2, 3, 4])]),
+    );
+    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else {
+        panic!()
+    };
     let m = Message::parse(&payload).expect("stun");
     assert_eq!(m.error_code().map(|e| e.0), Some(420));
     assert_eq!(m.get(attr::UNKNOWN_ATTRIBUTES), Some(&[0x77, 0x77][..]));
@@ -510,26 +683,45 @@ fn unsupported_options_get_the_right_codes() {
 #[test]
 fn unauthenticated_flood_keeps_no_state_and_never_amplifies_in_strict_mode() {
     let mut s = Sim::new(|c| c.strict_amplification = true, Quotas::default());
-    let small = raw_request(method::ALLOCATE, &[(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])]);
+    let small = raw_request(
+        method::ALLOCATE,
+        &[(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
+    );
     let mut answered = 0;
     for i in 0..200_000u32 {
         let cs = ClientSocket {
             transport: Transport::Udp,
             local: sa(SERVER),
-            remote: SocketAddr::new(IpAddr::from((0xC000_0200u32 + (i % 250_000)).to_be_bytes()), (i % 60000) as u16 + 1),
+            remote: SocketAddr::new(
+                IpAddr::from((0xC000_0200u32 + (i % 250_000)).to_be_bytes()),
+                (i % 60000) as u16 + 1,
+            ),
         };
         let req = if i % 2 == 0 {
             small.clone()
         } else {
             let mut padded = small.clone();
-            let mut b = MessageBuilder::new(&mut padded, method::ALLOCATE, Class::Request, rand::random());
-            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]).attr(attr::PADDING, &[0; 120]);
+            let mut b = MessageBuilder::new(
+                &mut padded,
+                method::ALLOCATE,
+                Class::Request,
+                rand::random(),
+            );
+            b.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::PADDING, &[0; 120]);
             padded
         };
         assert!(s.server.handle_client(s.now, cs, &req).is_none());
         while let Some(t) = s.server.poll_transmit() {
-            let Transmit::ToClient { payload, .. } = t else { panic!() };
-            assert!(payload.len() <= req.len(), "response {} > request {}", payload.len(), req.len());
+            let Transmit::ToClient { payload, .. } = t else {
+                panic!()
+            };
+            assert!(
+                payload.len() <= req.len(),
+                "response {} > request {}",
+                payload.len(),
+                req.len()
+            );
             assert_eq!(code(&payload), Some(401));
             answered += 1;
         }
@@ -563,18 +755,31 @@ fn binding_with_rfc5780_and_amplification_budget() {
         .attr(attr::PADDING, &[0; 100])
         .fingerprint();
     let _ = s.server.handle_client(s.now, cs, &req);
-    let Some(Transmit::ToClient { from, payload, .. }) = s.server.poll_transmit() else { panic!() };
+    let Some(Transmit::ToClient { from, payload, .. }) = s.server.poll_transmit() else {
+        panic!()
+    };
     assert_eq!(from, sa("198.51.100.2:3479"), "changed IP and port");
     let m = Message::parse(&payload).expect("stun");
-    assert_eq!(m.xor_address(attr::XOR_MAPPED_ADDRESS).and_then(Result::ok), Some(sa("192.0.2.9:5555")));
-    assert_eq!(m.address(attr::OTHER_ADDRESS).and_then(Result::ok), Some(sa("198.51.100.2:3479")));
-    assert_eq!(m.address(attr::RESPONSE_ORIGIN).and_then(Result::ok), Some(sa("198.51.100.2:3479")));
+    assert_eq!(
+        m.xor_address(attr::XOR_MAPPED_ADDRESS).and_then(Result::ok),
+        Some(sa("192.0.2.9:5555"))
+    );
+    assert_eq!(
+        m.address(attr::OTHER_ADDRESS).and_then(Result::ok),
+        Some(sa("198.51.100.2:3479"))
+    );
+    assert_eq!(
+        m.address(attr::RESPONSE_ORIGIN).and_then(Result::ok),
+        Some(sa("198.51.100.2:3479"))
+    );
     assert_eq!(m.check_fingerprint(), Some(true));
     assert!(payload.len() <= req.len());
     // Bare 20-byte request: only the mandatory XOR-MAPPED-ADDRESS fits.
     let mut bare = Vec::new();
     MessageBuilder::new(&mut bare, method::BINDING, Class::Request, [2; 12]);
     let _ = s.server.handle_client(s.now, cs, &bare);
-    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else { panic!() };
+    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else {
+        panic!()
+    };
     assert_eq!(payload.len(), 32);
 }

@@ -18,23 +18,101 @@ pub fn render(shards: &[Arc<Metrics>], quotas: &Quotas) -> String {
     };
     let mut out = String::with_capacity(2048);
     let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
     };
-    metric("relay_allocations", "gauge", "TURN allocations currently held.", quotas.total() as u64);
-    metric("relay_allocations_created_total", "counter", "TURN allocations created.", sum(|m| &m.allocations_created));
-    metric("relay_allocations_ended_total", "counter", "TURN allocations deleted or expired.", sum(|m| &m.allocations_ended));
-    metric("relay_permissions", "gauge", "Permissions currently installed.", sum(|m| &m.permissions));
-    metric("relay_channels", "gauge", "Channel bindings currently installed.", sum(|m| &m.channels));
-    metric("relay_packets_to_peer_total", "counter", "Packets relayed from clients to peers.", sum(|m| &m.packets_to_peer));
-    metric("relay_bytes_to_peer_total", "counter", "Payload bytes relayed from clients to peers.", sum(|m| &m.bytes_to_peer));
-    metric("relay_packets_to_client_total", "counter", "Packets relayed from peers to clients.", sum(|m| &m.packets_to_client));
-    metric("relay_bytes_to_client_total", "counter", "Payload bytes relayed from peers to clients.", sum(|m| &m.bytes_to_client));
-    metric("relay_auth_failures_total", "counter", "Requests whose credentials failed.", sum(|m| &m.auth_failures));
-    metric("relay_denied_peers_total", "counter", "Peer addresses refused by the peer policy.", sum(|m| &m.denied_peers));
-    metric("relay_dropped_invalid_total", "counter", "Datagrams dropped as malformed, unallocated or unpermitted.", sum(|m| &m.dropped_invalid));
-    metric("relay_dropped_bandwidth_total", "counter", "Datagrams dropped by the per-allocation bandwidth cap.", sum(|m| &m.dropped_bandwidth));
-    metric("relay_dropped_rate_limited_total", "counter", "Unauthenticated requests dropped by the per-source rate limit.", sum(|m| &m.dropped_rate_limited));
-    metric("relay_binding_requests_total", "counter", "STUN Binding requests answered.", sum(|m| &m.binding_requests));
+    metric(
+        "relay_allocations",
+        "gauge",
+        "TURN allocations currently held.",
+        quotas.total() as u64,
+    );
+    metric(
+        "relay_allocations_created_total",
+        "counter",
+        "TURN allocations created.",
+        sum(|m| &m.allocations_created),
+    );
+    metric(
+        "relay_allocations_ended_total",
+        "counter",
+        "TURN allocations deleted or expired.",
+        sum(|m| &m.allocations_ended),
+    );
+    metric(
+        "relay_permissions",
+        "gauge",
+        "Permissions currently installed.",
+        sum(|m| &m.permissions),
+    );
+    metric(
+        "relay_channels",
+        "gauge",
+        "Channel bindings currently installed.",
+        sum(|m| &m.channels),
+    );
+    metric(
+        "relay_packets_to_peer_total",
+        "counter",
+        "Packets relayed from clients to peers.",
+        sum(|m| &m.packets_to_peer),
+    );
+    metric(
+        "relay_bytes_to_peer_total",
+        "counter",
+        "Payload bytes relayed from clients to peers.",
+        sum(|m| &m.bytes_to_peer),
+    );
+    metric(
+        "relay_packets_to_client_total",
+        "counter",
+        "Packets relayed from peers to clients.",
+        sum(|m| &m.packets_to_client),
+    );
+    metric(
+        "relay_bytes_to_client_total",
+        "counter",
+        "Payload bytes relayed from peers to clients.",
+        sum(|m| &m.bytes_to_client),
+    );
+    metric(
+        "relay_auth_failures_total",
+        "counter",
+        "Requests whose credentials failed.",
+        sum(|m| &m.auth_failures),
+    );
+    metric(
+        "relay_denied_peers_total",
+        "counter",
+        "Peer addresses refused by the peer policy.",
+        sum(|m| &m.denied_peers),
+    );
+    metric(
+        "relay_dropped_invalid_total",
+        "counter",
+        "Datagrams dropped as malformed, unallocated or unpermitted.",
+        sum(|m| &m.dropped_invalid),
+    );
+    metric(
+        "relay_dropped_bandwidth_total",
+        "counter",
+        "Datagrams dropped by the per-allocation bandwidth cap.",
+        sum(|m| &m.dropped_bandwidth),
+    );
+    metric(
+        "relay_dropped_rate_limited_total",
+        "counter",
+        "Unauthenticated requests dropped by the per-source rate limit.",
+        sum(|m| &m.dropped_rate_limited),
+    );
+    metric(
+        "relay_binding_requests_total",
+        "counter",
+        "STUN Binding requests answered.",
+        sum(|m| &m.binding_requests),
+    );
     out
 }
 
@@ -57,10 +135,13 @@ pub async fn serve(
             let quotas = quotas.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
+                let n =
+                    match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+                        .await
+                    {
+                        Ok(Ok(n)) => n,
+                        _ => return,
+                    };
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let path = req.split_whitespace().nth(1).unwrap_or("/");
                 let (status, body) = match path {

@@ -52,14 +52,24 @@ fn own_addresses(cfg: &RelayConfig) -> Vec<IpAddr> {
         .collect()
 }
 
-fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+fn load_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert).with_context(|| format!("config: `cert`: cannot open {}", cert.display()))?,
+        std::fs::File::open(cert)
+            .with_context(|| format!("config: `cert`: cannot open {}", cert.display()))?,
     ))
     .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("config: `cert`: {} is not a PEM certificate chain", cert.display()))?;
+    .with_context(|| {
+        format!(
+            "config: `cert`: {} is not a PEM certificate chain",
+            cert.display()
+        )
+    })?;
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key).with_context(|| format!("config: `key`: cannot open {}", key.display()))?,
+        std::fs::File::open(key)
+            .with_context(|| format!("config: `key`: cannot open {}", key.display()))?,
     ))
     .with_context(|| format!("config: `key`: cannot read {}", key.display()))?
     .with_context(|| format!("config: `key`: no private key in {}", key.display()))?;
@@ -77,10 +87,18 @@ impl Relay {
     /// Binds everything and starts serving. Must be called inside a tokio runtime.
     pub async fn start(cfg: &RelayConfig) -> anyhow::Result<Relay> {
         let now = Instant::now();
-        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let v4 = cfg.relay_ip.iter().copied().find(|i| i.is_ipv4());
         let v6 = cfg.relay_ip.iter().copied().find(|i| i.is_ipv6());
-        let mut base = ServerConfig::new(&cfg.realm, v4.or(v6).context("no relay address")?, now, unix);
+        let mut base = ServerConfig::new(
+            &cfg.realm,
+            v4.or(v6).context("no relay address")?,
+            now,
+            unix,
+        );
         base.relay_ipv4 = v4;
         base.relay_ipv6 = v6;
         base.external_ipv4 = cfg.external_ip.iter().copied().find(|i| i.is_ipv4());
@@ -95,7 +113,10 @@ impl Relay {
         base.strict_amplification = cfg.strict_amplification;
         base.max_lifetime = std::time::Duration::from_secs(cfg.max_lifetime);
         base.nonces = NonceSigner::new(600);
-        let quotas = Arc::new(Quotas::new(cfg.max_allocations, cfg.max_allocations_per_user));
+        let quotas = Arc::new(Quotas::new(
+            cfg.max_allocations,
+            cfg.max_allocations_per_user,
+        ));
         let has_stream = !cfg.tcp_listen.is_empty() || !cfg.tls_listen.is_empty();
         let shards = cfg.workers + has_stream as usize;
         let ranges = udp::split_ports(cfg.relay_ports, shards);
@@ -105,7 +126,8 @@ impl Relay {
         let mut udp_addrs = Vec::new();
         let mut first_sockets = Vec::new();
         for l in &cfg.listen {
-            let s = udp::bind_reuseport(*l).with_context(|| format!("config: `listen`: cannot bind UDP {l}"))?;
+            let s = udp::bind_reuseport(*l)
+                .with_context(|| format!("config: `listen`: cannot bind UDP {l}"))?;
             udp_addrs.push(s.local_addr()?);
             first_sockets.push(s);
         }
@@ -117,11 +139,15 @@ impl Relay {
                 extra.push(SocketAddr::new(alt.ip(), p.port()));
             }
             for a in extra {
-                let s = udp::bind_reuseport(a).with_context(|| format!("config: `alt-listen`: cannot bind UDP {a}"))?;
+                let s = udp::bind_reuseport(a)
+                    .with_context(|| format!("config: `alt-listen`: cannot bind UDP {a}"))?;
                 udp_addrs.push(s.local_addr()?);
                 first_sockets.push(s);
             }
-            base.alt = Some(AltAddress { primary: p, other: alt });
+            base.alt = Some(AltAddress {
+                primary: p,
+                other: alt,
+            });
         }
         let stop = Arc::new(AtomicBool::new(false));
         let mut shard_metrics = Vec::new();
@@ -180,7 +206,13 @@ impl Relay {
             let m = Arc::new(Metrics::default());
             shard_metrics.push(m.clone());
             let server = Server::new(sc, quotas.clone(), m, now);
-            stream = Some(stream::start(server, tcp, tls, acceptor, shutdown_rx.clone()));
+            stream = Some(stream::start(
+                server,
+                tcp,
+                tls,
+                acceptor,
+                shutdown_rx.clone(),
+            ));
         }
         let metrics_addr = match cfg.metrics {
             Some(a) => Some(

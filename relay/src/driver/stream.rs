@@ -56,9 +56,21 @@ pub fn start(
 ) -> StreamShard {
     let (tx, rx) = mpsc::channel::<Input>(4096);
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut tasks = vec![tokio::spawn(actor(server, rx, tx.clone(), shutdown.clone()))];
+    let mut tasks = vec![tokio::spawn(actor(
+        server,
+        rx,
+        tx.clone(),
+        shutdown.clone(),
+    ))];
     for l in tcp {
-        tasks.push(tokio::spawn(accept_loop(l, Transport::Tcp, None, tx.clone(), limit.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(accept_loop(
+            l,
+            Transport::Tcp,
+            None,
+            tx.clone(),
+            limit.clone(),
+            shutdown.clone(),
+        )));
     }
     if let Some(acc) = acceptor {
         for l in tls {
@@ -83,7 +95,9 @@ async fn accept_loop(
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let Ok(local) = listener.local_addr() else { return };
+    let Ok(local) = listener.local_addr() else {
+        return;
+    };
     loop {
         let (sock, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -101,14 +115,20 @@ async fn accept_loop(
             continue;
         };
         let _ = sock.set_nodelay(true);
-        let client = ClientSocket { transport, local, remote };
+        let client = ClientSocket {
+            transport,
+            local,
+            remote,
+        };
         let tx = tx.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match tls {
                 Some(acc) => {
-                    let hs = tokio::time::timeout(std::time::Duration::from_secs(10), acc.accept(sock)).await;
+                    let hs =
+                        tokio::time::timeout(std::time::Duration::from_secs(10), acc.accept(sock))
+                            .await;
                     match hs {
                         Ok(Ok(s)) => connection(s, client, tx).await,
                         Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
@@ -121,7 +141,11 @@ async fn accept_loop(
     }
 }
 
-async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, client: ClientSocket, tx: mpsc::Sender<Input>) {
+async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    client: ClientSocket,
+    tx: mpsc::Sender<Input>,
+) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CLIENT_QUEUE);
     if tx.send(Input::Connected(client, out_tx)).await.is_err() {
@@ -166,7 +190,12 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: 
     writer.abort();
 }
 
-async fn actor(mut server: Server, mut rx: mpsc::Receiver<Input>, tx: mpsc::Sender<Input>, mut shutdown: watch::Receiver<bool>) {
+async fn actor(
+    mut server: Server,
+    mut rx: mpsc::Receiver<Input>,
+    tx: mpsc::Sender<Input>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut clients: HashMap<ClientSocket, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut relays: HashMap<u64, (Arc<UdpSocket>, JoinHandle<()>)> = HashMap::new();
     loop {
@@ -237,12 +266,18 @@ async fn actor(mut server: Server, mut rx: mpsc::Receiver<Input>, tx: mpsc::Send
             while let Some(t) = server.poll_transmit() {
                 progressed = true;
                 match t {
-                    Transmit::ToClient { client, payload, .. } => {
+                    Transmit::ToClient {
+                        client, payload, ..
+                    } => {
                         if let Some(s) = clients.get(&client) {
                             let _ = s.try_send(payload);
                         }
                     }
-                    Transmit::ToPeer { relay, peer, payload } => {
+                    Transmit::ToPeer {
+                        relay,
+                        peer,
+                        payload,
+                    } => {
                         if let Some((s, _)) = relays.get(&relay.0) {
                             let _ = s.try_send_to(&payload, peer);
                         }
@@ -262,7 +297,9 @@ async fn actor(mut server: Server, mut rx: mpsc::Receiver<Input>, tx: mpsc::Send
 async fn relay_reader(sock: Arc<UdpSocket>, token: RelayToken, tx: mpsc::Sender<Input>) {
     let mut buf = vec![0u8; 2048];
     loop {
-        let Ok((n, peer)) = sock.recv_from(&mut buf[4..2048 - 3]).await else { return };
+        let Ok((n, peer)) = sock.recv_from(&mut buf[4..2048 - 3]).await else {
+            return;
+        };
         let mut data = Vec::with_capacity(n + 7);
         data.extend_from_slice(&[0; 4]);
         data.extend_from_slice(&buf[4..4 + n]);

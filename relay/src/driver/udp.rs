@@ -62,7 +62,9 @@ impl Epoll {
     }
     fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> usize {
         // SAFETY: events is a valid, writable buffer of the given length.
-        let n = unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), events.len() as i32, timeout_ms) };
+        let n = unsafe {
+            libc::epoll_wait(self.0, events.as_mut_ptr(), events.len() as i32, timeout_ms)
+        };
         n.max(0) as usize
     }
 }
@@ -154,7 +156,9 @@ impl Batch {
                 BATCH
             ],
             // SAFETY: as above.
-            hdrs: (0..BATCH).map(|_| unsafe { MaybeUninit::zeroed().assume_init() }).collect(),
+            hdrs: (0..BATCH)
+                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
+                .collect(),
             lens: vec![0; BATCH],
         }
     }
@@ -218,7 +222,9 @@ impl SendQueue {
                 BATCH
             ],
             // SAFETY: as above.
-            hdrs: (0..BATCH).map(|_| unsafe { MaybeUninit::zeroed().assume_init() }).collect(),
+            hdrs: (0..BATCH)
+                .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
+                .collect(),
             n: 0,
         }
     }
@@ -246,7 +252,12 @@ impl SendQueue {
         while off < self.n {
             // SAFETY: headers reference buffers the caller keeps alive until flush returns.
             let r = unsafe {
-                libc::sendmmsg(fd, self.hdrs[off..self.n].as_mut_ptr(), (self.n - off) as libc::c_uint, 0)
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs[off..self.n].as_mut_ptr(),
+                    (self.n - off) as libc::c_uint,
+                    0,
+                )
             };
             if r <= 0 {
                 // Full socket buffer or an unreachable destination: skip one and go on.
@@ -286,7 +297,9 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("listeners", &self.listeners.len()).finish()
+        f.debug_struct("Worker")
+            .field("listeners", &self.listeners.len())
+            .finish()
     }
 }
 
@@ -324,7 +337,8 @@ impl Worker {
                     Event::BindRelay { token, addr } => {
                         let res = UdpSocket::bind(addr).and_then(|s| {
                             s.set_nonblocking(true)?;
-                            self.epoll.ctl(libc::EPOLL_CTL_ADD, s.as_raw_fd(), token.0)?;
+                            self.epoll
+                                .ctl(libc::EPOLL_CTL_ADD, s.as_raw_fd(), token.0)?;
                             let local = s.local_addr()?;
                             self.relays.insert(token.0, s);
                             Ok(local)
@@ -341,12 +355,20 @@ impl Worker {
             while let Some(t) = self.server.poll_transmit() {
                 progressed = true;
                 match t {
-                    Transmit::ToClient { client, from, payload } => {
+                    Transmit::ToClient {
+                        client,
+                        from,
+                        payload,
+                    } => {
                         if let Some(fd) = self.listener_fd(from) {
                             send_to(fd, client.remote, &payload);
                         }
                     }
-                    Transmit::ToPeer { relay, peer, payload } => {
+                    Transmit::ToPeer {
+                        relay,
+                        peer,
+                        payload,
+                    } => {
                         if let Some(s) = self.relays.get(&relay.0) {
                             send_to(s.as_raw_fd(), peer, &payload);
                         }
@@ -385,7 +407,9 @@ impl Worker {
                     let fd = sock.as_raw_fd();
                     let got = rx.recv(fd, 0, 0);
                     for i in 0..got {
-                        let Some(remote) = from_sockaddr(&rx.addrs[i]) else { continue };
+                        let Some(remote) = from_sockaddr(&rx.addrs[i]) else {
+                            continue;
+                        };
                         let client = ClientSocket {
                             transport: Transport::Udp,
                             local,
@@ -400,7 +424,9 @@ impl Worker {
                     }
                     self.drain(now);
                 } else {
-                    let Some(fd) = self.relays.get(&token).map(|s| s.as_raw_fd()) else { continue };
+                    let Some(fd) = self.relays.get(&token).map(|s| s.as_raw_fd()) else {
+                        continue;
+                    };
                     if peer_used == BATCH {
                         if let Some(ofd) = out_fd {
                             out.flush(ofd);
@@ -409,11 +435,18 @@ impl Worker {
                     }
                     let got = peer_rx.recv(fd, peer_used, HEADROOM);
                     for i in peer_used..peer_used + got {
-                        let Some(peer) = from_sockaddr(&peer_rx.addrs[i]) else { continue };
+                        let Some(peer) = from_sockaddr(&peer_rx.addrs[i]) else {
+                            continue;
+                        };
                         let len = peer_rx.lens[i];
                         let buf = &mut peer_rx.bufs[i];
-                        if let Some(fwd) = self.server.handle_peer(now, RelayToken(token), peer, buf, len) {
-                            let Some(lfd) = self.listener_fd(fwd.client.local) else { continue };
+                        if let Some(fwd) =
+                            self.server
+                                .handle_peer(now, RelayToken(token), peer, buf, len)
+                        {
+                            let Some(lfd) = self.listener_fd(fwd.client.local) else {
+                                continue;
+                            };
                             if out_fd.is_some_and(|o| o != lfd) {
                                 if let Some(ofd) = out_fd {
                                     out.flush(ofd);
