@@ -22,13 +22,17 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 /// A client socket, its state machine, its events and the peer data it received.
-type SimClient = (ClientSocket, Client, Vec<ClientEvent>, Vec<(SocketAddr, Vec<u8>)>);
+type SimClient = (
+    ClientSocket,
+    Client,
+    Vec<ClientEvent>,
+    Vec<(SocketAddr, Vec<u8>)>,
+);
 
 struct Sim {
     now: Instant,
     server: Server,
     clients: Vec<SimClient>,
-    )>,
     /// Datagrams the server sent to peers: (relayed addr, peer, payload).
     to_peers: Vec<(relay::server::RelayToken, SocketAddr, Vec<u8>)>,
     bound: std::collections::HashMap<u64, SocketAddr>,
