@@ -245,7 +245,7 @@ impl Client {
             return *n;
         }
         let n = self.next_channel;
-        self.next_channel = if n >= channel_data::MAX_CHANNEL {
+        self.next_channel = if n >= channel_data::MAX_CHANNEL_RFC8656 {
             channel_data::MIN_CHANNEL
         } else {
             n + 1

@@ -1697,7 +1697,7 @@ impl Server {
                 method::CHANNEL_BIND,
                 tid,
                 400,
-                "CHANNEL-NUMBER outside 0x4000-0x4FFF",
+                "CHANNEL-NUMBER outside 0x4000-0x7FFF",
                 a_auth,
                 fp,
                 &[],

@@ -657,14 +657,19 @@ fn encode_address(addr: SocketAddr, tid: Option<&TransactionId>) -> [u8; 20] {
 pub mod channel_data {
     /// Lowest valid channel number.
     pub const MIN_CHANNEL: u16 = 0x4000;
-    /// Highest valid channel number.
-    pub const MAX_CHANNEL: u16 = 0x4FFF;
+    /// Highest channel number accepted. RFC 8656 narrowed the range to
+    /// 0x4FFF, but RFC 5766 clients (coturn's own tools among them) still use
+    /// up to 0x7FFF, and the first byte still tells them apart from STUN
+    /// (0x00–0x3F) and from WireGuard (0x01–0x04).
+    pub const MAX_CHANNEL: u16 = 0x7FFF;
+    /// Highest channel number our client hands out (RFC 8656 range).
+    pub const MAX_CHANNEL_RFC8656: u16 = 0x4FFF;
     /// ChannelData header length.
     pub const HEADER_LEN: usize = 4;
 
-    /// True when the first byte says ChannelData (0x40..=0x4F; RFC 8656 §12).
+    /// True when the first byte says ChannelData (0x40..=0x7F).
     pub fn is_channel_data(data: &[u8]) -> bool {
-        !data.is_empty() && (0x40..=0x4F).contains(&data[0])
+        !data.is_empty() && (0x40..=0x7F).contains(&data[0])
     }
 
     /// Splits a ChannelData message into (channel, payload). `None` when malformed.
@@ -914,6 +919,6 @@ mod tests {
         assert_eq!(channel_data::decode(&out), Some((0x4001, &b"hello"[..])));
         assert_eq!(stream_frame_len(&out), Ok(Some(12)));
         assert_eq!(stream_frame_len(&out[..6]), Ok(None));
-        assert!(channel_data::decode(&[0x50, 0, 0, 0]).is_none());
+        assert!(channel_data::decode(&[0x80, 0, 0, 0]).is_none());
     }
 }
