@@ -13,7 +13,7 @@ use serde::Deserialize;
 /// peers that cannot reach each other directly, and tells agents their
 /// public address (STUN, RFC 5780 behaviour discovery with --alt-listen).
 #[derive(Debug, Default, Clone, Parser, Deserialize)]
-#[command(name = "relay", version, about, long_about = None)]
+#[command(name = "relay", version)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Args {
     /// TOML file with the same keys as these flags (e.g. `listen = ["0.0.0.0:3478"]`);
@@ -106,7 +106,7 @@ pub struct Args {
     pub unauth_rate: Option<f32>,
 
     /// Drop unauthenticated requests whose 401/438 answer would be larger than
-    /// the request (no amplification at all; clients must pad, as wgice's do).
+    /// the request (no amplification at all; clients must pad their first request, as `relay::client` does with `pad_unauthenticated`).
     #[arg(long)]
     #[serde(default)]
     pub strict_amplification: bool,
@@ -470,5 +470,15 @@ mod tests {
         let e = a.resolve().expect_err("typo");
         assert!(e.to_string().contains("relam"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn shipped_example_config_resolves() {
+        let f = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/relay.toml");
+        let a = Args::parse_from(["relay", "--config", f, "--user", "a:b"]);
+        let c = a.resolve().expect("deploy/relay.toml is valid");
+        assert_eq!(c.realm, "wgice.example.org");
+        assert_eq!(c.tls_listen.len(), 1);
+        assert!(c.log_json);
     }
 }
