@@ -407,7 +407,7 @@ impl Args {
             max_allocations: a.max_allocations.unwrap_or(0),
             max_allocations_per_user: a.max_allocations_per_user.unwrap_or(0),
             bandwidth_limit: a.bandwidth_limit.filter(|b| *b > 0),
-            unauth_rate: a.unauth_rate.unwrap_or(20.0),
+            unauth_rate: a.unauth_rate.unwrap_or(50.0),
             strict_amplification: a.strict_amplification,
             max_lifetime,
             metrics: a.metrics,

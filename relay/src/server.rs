@@ -1366,7 +1366,10 @@ impl Server {
             );
         }
         let (want_v4, want_v6) = match (requested, additional) {
-            (Some(1), _) | (None, None) => (true, false),
+            (Some(1), _) => (true, false),
+            // RFC 8656 says IPv4 by default; an IPv6-only relay serves IPv6
+            // rather than refusing clients that did not ask.
+            (None, None) => (self.cfg.relay_ipv4.is_some(), self.cfg.relay_ipv4.is_none()),
             (Some(2), _) => (false, true),
             (None, Some(_)) => (true, true),
             (Some(_), _) => {

@@ -63,7 +63,11 @@ async fn start_relay(extra: &[&str], tls: Option<&Tls>) -> Relay {
 
 /// A UDP echo peer on loopback; returns its address.
 async fn echo_peer() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    echo_peer_at("127.0.0.1:0").await
+}
+
+async fn echo_peer_at(bind: &str) -> SocketAddr {
+    let s = UdpSocket::bind(bind).await.expect("bind");
     let a = s.local_addr().expect("addr");
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
@@ -150,8 +154,18 @@ async fn drive(
     }
 }
 
-async fn relay_round_trip(mut conn: Conn, reliable: bool, user: &str, pass: &str) {
+async fn relay_round_trip(conn: Conn, reliable: bool, user: &str, pass: &str) {
     let peer = echo_peer().await;
+    relay_round_trip_via(conn, reliable, user, pass, peer).await;
+}
+
+async fn relay_round_trip_via(
+    mut conn: Conn,
+    reliable: bool,
+    user: &str,
+    pass: &str,
+    peer: SocketAddr,
+) {
     let mut cc = ClientConfig::new(user, pass);
     cc.reliable = reliable;
     let mut client = Client::new(cc);
@@ -163,7 +177,8 @@ async fn relay_round_trip(mut conn: Conn, reliable: bool, user: &str, pass: &str
     .await;
     assert_eq!(
         client.relayed()[0].ip(),
-        "127.0.0.1".parse::<std::net::IpAddr>().expect("ip")
+        peer.ip(),
+        "relayed address in the peer's family"
     );
     // Send indication first (permission only), then ChannelData.
     client.create_permission(Instant::now(), peer.ip());
@@ -404,5 +419,43 @@ async fn turn_crate_client_allocates_and_relays() {
         rc.close().await.expect("close relay conn");
         client.close().await.expect("close");
     }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_and_peers() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "IPv6 loopback unavailable under CI"
+        );
+        eprintln!("skipping: no IPv6 loopback here");
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg = Args::parse_from([
+        "relay",
+        "--listen",
+        "[::1]:0",
+        "--user",
+        "alice:wonderland",
+        "--allow-peer",
+        "::1/128",
+        "--relay-ports",
+        "46000-46999",
+    ])
+    .resolve()
+    .expect("config");
+    let relay = Relay::start(&cfg).await.expect("start");
+    let peer = echo_peer_at("[::1]:0").await;
+    let s = UdpSocket::bind("[::1]:0").await.expect("bind");
+    relay_round_trip_via(
+        Conn::Udp(s, relay.udp[0]),
+        false,
+        "alice",
+        "wonderland",
+        peer,
+    )
+    .await;
     relay.stop().await;
 }

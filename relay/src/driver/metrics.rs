@@ -134,14 +134,26 @@ pub async fn serve(
             let shards = shards.clone();
             let quotas = quotas.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let n =
-                    match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
-                        .await
-                    {
-                        Ok(Ok(n)) => n,
-                        _ => return,
-                    };
+                // Read the request head (it may arrive in several segments).
+                let mut buf = [0u8; 2048];
+                let mut n = 0;
+                let read_head = async {
+                    while n < buf.len() {
+                        match s.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                };
+                if tokio::time::timeout(std::time::Duration::from_secs(5), read_head)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let path = req.split_whitespace().nth(1).unwrap_or("/");
                 let (status, body) = match path {
