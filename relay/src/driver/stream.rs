@@ -17,10 +17,13 @@ use tokio::task::JoinHandle;
 use crate::server::{ClientSocket, Event, RelayToken, Server, Transmit, Transport};
 use crate::stun;
 
-/// Bytes a client may have buffered before it is cut off (a frame is ≤ 64 KiB + 4).
-const MAX_FRAME_BUF: usize = 70 * 1024;
-/// Frames queued towards one client before further frames are dropped.
-const CLIENT_QUEUE: usize = 512;
+/// Largest STUN or ChannelData frame accepted from a stream client. TURN
+/// messages and WireGuard packets fit in an MTU; a larger frame closes the
+/// connection, which bounds the memory one client can pin.
+const MAX_FRAME: usize = 4096;
+/// Frames queued towards one client before further frames are dropped
+/// (at most `CLIENT_QUEUE` × 2 KiB per client).
+const CLIENT_QUEUE: usize = 128;
 /// Concurrent stream clients.
 const MAX_CONNECTIONS: usize = 20_000;
 
@@ -169,11 +172,19 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         buf.extend_from_slice(&chunk[..n]);
         loop {
             match stun::stream_frame_len(&buf) {
+                Ok(Some(len)) if len > MAX_FRAME => {
+                    tracing::debug!(remote = %client.remote, len, "closing stream: frame larger than {MAX_FRAME} bytes");
+                    break 'read;
+                }
                 Ok(Some(len)) => {
                     let frame: Vec<u8> = buf.drain(..len).collect();
                     if tx.send(Input::Frame(client, frame)).await.is_err() {
                         break 'read;
                     }
+                }
+                Ok(None) if buf.len() >= 4 && declared_len(&buf) > MAX_FRAME => {
+                    tracing::debug!(remote = %client.remote, "closing stream: frame larger than {MAX_FRAME} bytes");
+                    break 'read;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -182,12 +193,19 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 }
             }
         }
-        if buf.len() > MAX_FRAME_BUF {
-            break;
-        }
     }
     let _ = tx.send(Input::Closed(client)).await;
     writer.abort();
+}
+
+/// The total length a frame header announces (STUN: 20 + length; ChannelData: 4 + length).
+fn declared_len(buf: &[u8]) -> usize {
+    let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+    if stun::channel_data::is_channel_data(buf) {
+        4 + len
+    } else {
+        stun::HEADER_LEN + len
+    }
 }
 
 async fn actor(
