@@ -64,6 +64,8 @@ pub struct Denied {
     pub ip: IpAddr,
     /// The rule, e.g. "loopback 127.0.0.0/8".
     pub rule: String,
+    /// Denied only because it is the relay's own address.
+    pub own: bool,
 }
 
 impl std::fmt::Display for Denied {
@@ -92,23 +94,34 @@ impl PeerPolicy {
         }
     }
 
-    /// Checks one peer address.
+    /// True for the relay's own addresses (after normalisation) that no
+    /// `--allow-peer` range opens explicitly.
+    pub fn is_own(&self, ip: IpAddr) -> bool {
+        let ip = normalize(ip);
+        self.own.contains(&ip) && !self.allow.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Checks one peer address: an explicit `--allow-peer` range wins, then
+    /// the default deny-list, then the relay's own addresses (reported with
+    /// `own: true`, so the server can still allow other allocations' ports).
     pub fn check(&self, ip: IpAddr) -> Result<(), Denied> {
         let ip = normalize(ip);
         if self.allow.iter().any(|n| n.contains(&ip)) {
             return Ok(());
+        }
+        if let Some(r) = self.deny.iter().find(|r| r.net.contains(&ip)) {
+            return Err(Denied {
+                ip,
+                rule: format!("{} {}", r.name, r.net),
+                own: false,
+            });
         }
         if self.own.contains(&ip) {
             let host = if ip.is_ipv4() { "32" } else { "128" };
             return Err(Denied {
                 ip,
                 rule: format!("the relay's own address {ip}/{host}"),
-            });
-        }
-        if let Some(r) = self.deny.iter().find(|r| r.net.contains(&ip)) {
-            return Err(Denied {
-                ip,
-                rule: format!("{} {}", r.name, r.net),
+                own: true,
             });
         }
         Ok(())

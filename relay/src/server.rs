@@ -260,6 +260,11 @@ pub struct ServerConfig {
     pub external_ipv6: Option<IpAddr>,
     /// Inclusive relay port range of this shard.
     pub port_range: (u16, u16),
+    /// The relay's whole port range (all shards). A peer on the relay's own
+    /// address is allowed only on these ports: that is another allocation
+    /// (relay-to-relay, needed when both peers sit behind symmetric NATs),
+    /// never the relay's own services.
+    pub relay_ports: (u16, u16),
     /// Allocation lifetime when the client asks for less or none (600 s).
     pub default_lifetime: Duration,
     /// Highest allocation lifetime (3600 s).
@@ -306,6 +311,7 @@ impl ServerConfig {
             external_ipv4: None,
             external_ipv6: None,
             port_range: (49152, 65535),
+            relay_ports: (49152, 65535),
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
             permission_lifetime: Duration::from_secs(300),
@@ -676,6 +682,10 @@ impl Server {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
         };
+        if self.cfg.policy.is_own(peer.ip()) && !self.is_relay_port(peer.port()) {
+            inc(&self.metrics.denied_peers, 1);
+            return None;
+        }
         let a = self.slots[slot].as_mut()?;
         let (Some(r), true) = (a.relay_for(peer.ip()), a.has_permission(peer.ip(), now)) else {
             inc(&self.metrics.dropped_invalid, 1);
@@ -1556,8 +1566,19 @@ impl Server {
         );
     }
 
-    /// Checks a peer for an allocation: family and policy. Err = (code, reason).
-    fn check_peer(&self, slot: usize, peer: SocketAddr) -> Result<SocketAddr, (u16, String)> {
+    fn is_relay_port(&self, port: u16) -> bool {
+        (self.cfg.relay_ports.0..=self.cfg.relay_ports.1).contains(&port)
+    }
+
+    /// Checks a peer for an allocation: family and policy. `port_matters` is
+    /// false for CreatePermission (permissions are per IP; the port is then
+    /// checked per packet). Err = (code, reason).
+    fn check_peer(
+        &self,
+        slot: usize,
+        peer: SocketAddr,
+        port_matters: bool,
+    ) -> Result<SocketAddr, (u16, String)> {
         let peer = SocketAddr::new(crate::policy::normalize(peer.ip()), peer.port());
         let Some(a) = self.slots[slot].as_ref() else {
             return Err((437, "Allocation Mismatch".into()));
@@ -1571,10 +1592,25 @@ impl Server {
                 ),
             ));
         }
-        if let Err(d) = self.cfg.policy.check(peer.ip()) {
-            inc(&self.metrics.denied_peers, 1);
-            tracing::info!(client = %a.client.remote, %peer, rule = %d.rule, "peer denied");
-            return Err((403, format!("Forbidden: {d}")));
+        match self.cfg.policy.check(peer.ip()) {
+            Ok(()) => {}
+            // Relay-to-relay: another allocation on this relay.
+            Err(d) if d.own && (!port_matters || self.is_relay_port(peer.port())) => {}
+            Err(d) if d.own => {
+                inc(&self.metrics.denied_peers, 1);
+                let (lo, hi) = self.cfg.relay_ports;
+                return Err((
+                    403,
+                    format!(
+                        "Forbidden: peer {peer} is this relay outside its relayed ports {lo}-{hi}"
+                    ),
+                ));
+            }
+            Err(d) => {
+                inc(&self.metrics.denied_peers, 1);
+                tracing::info!(client = %a.client.remote, %peer, rule = %d.rule, "peer denied");
+                return Err((403, format!("Forbidden: {d}")));
+            }
         }
         Ok(peer)
     }
@@ -1609,7 +1645,7 @@ impl Server {
         let mut peers = Vec::new();
         for p in msg.xor_addresses(attr::XOR_PEER_ADDRESS) {
             match p {
-                Ok(p) => match self.check_peer(slot, p) {
+                Ok(p) => match self.check_peer(slot, p, false) {
                     Ok(p) => peers.push(p.ip()),
                     Err((code, reason)) => {
                         return self.error_response(
@@ -1721,7 +1757,7 @@ impl Server {
                 )
             }
         };
-        let peer = match self.check_peer(slot, peer) {
+        let peer = match self.check_peer(slot, peer, true) {
             Ok(p) => p,
             Err((code, reason)) => {
                 return self.error_response(

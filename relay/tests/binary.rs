@@ -13,12 +13,14 @@ impl Drop for Kill {
     }
 }
 
-fn free_port() -> u16 {
+fn free_udp_port() -> u16 {
     let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").port()
+}
+
+fn free_tcp_port() -> u16 {
     let t = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let p = s.local_addr().expect("addr").port();
-    drop(t);
-    p
+    t.local_addr().expect("addr").port()
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
@@ -61,8 +63,10 @@ fn config_errors_name_the_key_and_exit_2() {
 
 #[test]
 fn serves_health_and_metrics_then_stops_cleanly_on_sigterm() {
-    let port = free_port();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let port = free_udp_port();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port())
+        .parse()
+        .expect("addr");
     let child = Command::new(env!("CARGO_BIN_EXE_relay"))
         .args([
             "--listen",
@@ -82,6 +86,11 @@ fn serves_health_and_metrics_then_stops_cleanly_on_sigterm() {
     let health = loop {
         if let Some(h) = http_get(metrics, "/healthz") {
             break h;
+        }
+        if let Ok(Some(st)) = child.0.try_wait() {
+            let mut e = String::new();
+            let _ = child.0.stderr.take().map(|mut s| s.read_to_string(&mut e));
+            panic!("relay exited early ({st}): {e}");
         }
         assert!(Instant::now() < deadline, "relay did not come up");
         std::thread::sleep(Duration::from_millis(50));

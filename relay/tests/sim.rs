@@ -46,6 +46,7 @@ fn config(now: Instant) -> ServerConfig {
     c.credentials.users.insert("bob".into(), "builder".into());
     c.credentials.rest_secrets.push("s3cret".into());
     c.port_range = (50000, 50099);
+    c.relay_ports = (50000, 50099);
     c
 }
 
@@ -786,4 +787,38 @@ fn binding_with_rfc5780_and_amplification_budget() {
         panic!()
     };
     assert_eq!(payload.len(), 32);
+}
+
+#[test]
+fn relay_to_relay_between_two_allocations_on_one_relay() {
+    // Both peers behind symmetric NATs: each talks to the other's relayed address.
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let a = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    let b = s.add_client("192.0.2.20:40000", ClientConfig::new("bob", "builder"));
+    let ra = s.allocate(a);
+    let rb = s.allocate(b);
+    let now = s.now;
+    s.clients[a].1.bind_channel(now, rb);
+    s.clients[b].1.bind_channel(now, ra);
+    s.settle();
+    assert!(s
+        .events(a)
+        .iter()
+        .any(|e| matches!(e, ClientEvent::ChannelBound { .. })));
+    assert!(s
+        .events(b)
+        .iter()
+        .any(|e| matches!(e, ClientEvent::ChannelBound { .. })));
+    // A → relay → (A's relayed socket sends to B's relayed address) → B.
+    let mut out = Vec::new();
+    s.clients[a]
+        .1
+        .encode_to(rb, b"wg over two allocations", &mut out);
+    let cs = s.clients[a].0;
+    let f = s.server.handle_client(s.now, cs, &out).expect("forwarded");
+    assert_eq!(f.peer, rb);
+    let payload = f.payload.to_vec();
+    // The kernel would deliver it to B's relayed socket, from A's relayed address.
+    s.peer_sends(b, ra, &payload);
+    assert_eq!(s.clients[b].3.pop(), Some((ra, payload)));
 }

@@ -111,6 +111,7 @@ impl Relay {
         base.bandwidth_limit = cfg.bandwidth_limit;
         base.unauth_rate = (cfg.unauth_rate, cfg.unauth_rate * 2.0);
         base.strict_amplification = cfg.strict_amplification;
+        base.relay_ports = cfg.relay_ports;
         base.max_lifetime = std::time::Duration::from_secs(cfg.max_lifetime);
         base.nonces = NonceSigner::new(600);
         let quotas = Arc::new(Quotas::new(
