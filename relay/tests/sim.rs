@@ -380,7 +380,6 @@ fn default_deny_list_answers_403_with_the_rule() {
         "::ffff:127.0.0.1",
         "169.254.169.254",
         "10.1.2.3",
-        "198.51.100.1",
     ] {
         let now = s.now;
         s.clients[c]
@@ -414,7 +413,16 @@ fn default_deny_list_answers_403_with_the_rule() {
             .metrics()
             .denied_peers
             .load(std::sync::atomic::Ordering::Relaxed),
-        6
+        5
+    );
+    // The relay's own address: only its relayed ports (other allocations), never its services.
+    let now = s.now;
+    s.clients[c].1.bind_channel(now, sa(SERVER));
+    s.settle();
+    let ev = s.events(c);
+    assert!(
+        ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 403, reason, .. } if reason.contains("outside its relayed ports"))),
+        "{ev:?}"
     );
 }
 
