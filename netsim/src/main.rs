@@ -1,0 +1,2 @@
+//! `netsim` command line.
+fn main() {}
