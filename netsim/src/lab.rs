@@ -33,6 +33,14 @@ pub const NS_PREFIX: &str = "wgns-";
 /// Address of the internet core on every public link.
 pub const CORE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 
+/// Prefixes of the labs alive in this process (for Ctrl-C cleanup).
+static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Prefixes of the labs this process has up right now.
+pub fn live_prefixes() -> Vec<String> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// A running process started in a lab node.
 #[derive(Debug)]
 struct Proc {
@@ -140,6 +148,9 @@ impl Lab {
         let rand: u32 = rand::random();
         let prefix = format!("{NS_PREFIX}{}-{:08x}-", std::process::id(), rand);
         let inet_ns = format!("{prefix}inet");
+        LIVE.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(prefix.clone());
         let lab = Lab {
             prefix,
             inet_ns: inet_ns.clone(),
@@ -867,6 +878,9 @@ impl Lab {
         }
         drop(delays);
         remove_namespaces(&namespaces);
+        LIVE.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| *p != self.prefix);
     }
 }
 

@@ -28,6 +28,8 @@ pub struct MatrixRow {
     pub ms_to_connect: Option<u64>,
     /// What theory predicts for simultaneous punching without prediction.
     pub expected: PathKind,
+    /// Reflexive addresses the two devices learned (`None`: no answer).
+    pub reflexive: [Option<std::net::SocketAddr>; 2],
     /// Milliseconds to build the pair's lab.
     pub setup_ms: u64,
     /// Milliseconds to tear it down.
@@ -105,6 +107,7 @@ pub fn run_pair(
         path: res.path,
         ms_to_connect: res.ms_to_connect,
         expected: expected_path(a, b, same_router),
+        reflexive: res.reflexive,
         setup_ms,
         teardown_ms,
     })

@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::lab::Lab;
 use crate::reflector::{BindingTransport, Change};
 use crate::Error;
 
 /// The kind of path two devices ended up with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PathKind {
     /// Straight over the shared LAN (host candidates).
@@ -90,7 +90,7 @@ pub fn punch(
                 &sock,
                 reflector,
                 Change::default(),
-                Duration::from_millis(500),
+                Duration::from_millis(1500),
             )?
             .map(|r| r.mapped);
         Ok(Side { sock, host, srflx })
@@ -122,7 +122,8 @@ pub fn punch(
             reflexive,
         });
     };
-    let path = if via_a == sb.host {
+    let same_lan = lab.router_of(a)? == lab.router_of(b)?;
+    let path = if same_lan && via_a == sb.host {
         PathKind::Lan
     } else {
         PathKind::Direct

@@ -118,7 +118,7 @@ impl BindingTransport for ReflectorClient {
                 return Ok(None);
             }
             if now >= next_send {
-                sock.send_to(req.as_bytes(), server)?;
+                let _ = sock.send_to(req.as_bytes(), server);
                 next_send = now + Duration::from_millis(100);
             }
             let wait = next_send
@@ -136,7 +136,9 @@ impl BindingTransport for ReflectorClient {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) => {}
                 // ICMP errors (e.g. from a LAN-side reject) surface here.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
