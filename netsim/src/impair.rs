@@ -46,7 +46,7 @@ pub(crate) fn apply_loss(inet_ns: &str, link_if: &str, loss: f64) -> Result<(), 
     if loss > 0.0 {
         let n = (loss * 1_000_000.0).round() as u64;
         s.push_str(&format!(
-            "table ip {table} {{\n  chain fwd {{\n    type filter hook forward priority -5; policy accept;\n\
+            "table ip {table} {{\n  chain loss {{\n    type filter hook forward priority -5; policy accept;\n\
              \x20   iif \"{link_if}\" numgen random mod 1000000 < {n} drop\n\
              \x20   oif \"{link_if}\" numgen random mod 1000000 < {n} drop\n  }}\n}}\n"
         ));
