@@ -350,7 +350,6 @@ impl Lab {
                 r.public_ip,
                 format!("100.64.{}.0/24", r.index),
             );
-            outer.hairpin = false;
             layers.push((cgn.clone(), outer));
         }
         for (ns, b) in layers {
