@@ -345,7 +345,7 @@ impl Lab {
         };
         let mut layers = vec![(r.ns.clone(), layer(home_nat, r.wan_ip, r.lan_cidr()))];
         if let Some(cgn) = &r.cgn_ns {
-            let mut outer = layer(
+            let outer = layer(
                 NatPreset::PortRestricted,
                 r.public_ip,
                 format!("100.64.{}.0/24", r.index),
