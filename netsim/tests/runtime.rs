@@ -53,7 +53,18 @@ fn link_down_up_and_roaming() {
         new_ip.octets()[..3] != [192, 168, 1],
         "new LAN address {new_ip}"
     );
-    let roamed = binding(&sock, refl.primary).expect("reachable after roaming");
+    let t = std::time::Instant::now();
+    let roamed = ReflectorClient
+        .binding(
+            &sock,
+            refl.primary,
+            Change::default(),
+            Duration::from_secs(3),
+        )
+        .expect("binding")
+        .map(|r| r.mapped)
+        .expect("reachable after roaming");
+    println!("reachable {:?} after roaming", t.elapsed());
     assert_eq!(roamed.ip(), lab.ip("cafe").expect("ip"));
     assert_ne!(roamed, before);
 }
@@ -159,14 +170,30 @@ fn kill_and_restart_a_process() {
         }
         false
     };
+    let starts = || {
+        std::fs::read_to_string(out.join("sleeper.stdout"))
+            .unwrap_or_default()
+            .matches("started hello")
+            .count()
+    };
+    let wait_starts = |want: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while starts() < want && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        starts()
+    };
     assert!(wait_for(1), "process runs in the node");
+    assert_eq!(wait_starts(1), 1, "first start logged to the output folder");
     lab.kill_process("sleeper").expect("kill");
     assert!(wait_for(0), "killed process is gone");
     lab.restart_process("sleeper").expect("restart");
     assert!(wait_for(1), "restarted process runs");
-    std::thread::sleep(Duration::from_millis(200));
-    let log = std::fs::read_to_string(out.join("sleeper.stdout")).expect("stdout");
-    assert_eq!(log.matches("started hello").count(), 2, "stdout: {log:?}");
+    assert_eq!(
+        wait_starts(2),
+        2,
+        "second start logged to the output folder"
+    );
     drop(lab);
     let _ = std::fs::remove_dir_all(&out);
 }
