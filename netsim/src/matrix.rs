@@ -177,3 +177,20 @@ pub fn table(rows: &[MatrixRow]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn theory_is_symmetric_and_covers_every_pair() {
+        let p = pairs(true);
+        assert_eq!(p.len(), 36 + 8);
+        for a in NatPreset::ALL {
+            for b in NatPreset::ALL {
+                assert_eq!(expected_path(a, b, false), expected_path(b, a, false));
+            }
+            assert_eq!(expected_path(a, a, true), PathKind::Lan);
+        }
+    }
+}

@@ -266,3 +266,50 @@ pub(crate) fn ruleset(b: &NatBox) -> String {
     s.push_str("  }\n}\n");
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(nat: NatPreset, hairpin: bool) -> String {
+        ruleset(&NatBox {
+            nat,
+            hairpin,
+            timeout_s: 30,
+            wan_ip: Ipv4Addr::new(203, 0, 113, 11),
+            lan_cidr: "192.168.1.0/24".into(),
+        })
+    }
+
+    #[test]
+    fn preset_names_round_trip() {
+        for p in NatPreset::ALL {
+            assert_eq!(p.name().parse::<NatPreset>().ok(), Some(p));
+        }
+        assert!("cone".parse::<NatPreset>().is_err());
+    }
+
+    #[test]
+    fn rulesets_carry_each_behaviour() {
+        assert!(rules(NatPreset::FullCone, false).contains("iif \"wan\" meta l4proto udp dnat"));
+        assert!(rules(NatPreset::RestrictedCone, false).contains("@contacted dnat"));
+        let pr = rules(NatPreset::PortRestricted, false);
+        assert!(
+            !pr.contains("iif \"wan\" meta l4proto udp dnat") && !pr.contains("@contacted dnat")
+        );
+        assert!(rules(NatPreset::Symmetric, false).contains("masquerade fully-random"));
+        assert!(rules(NatPreset::SymmetricSequential, false).contains("numgen inc mod 512 map"));
+        assert!(rules(NatPreset::UdpBlocked, false).contains("tcp dport 443 accept"));
+        assert!(rules(NatPreset::PortRestricted, true).contains("snat ip to 203.0.113.11"));
+        assert!(!rules(NatPreset::PortRestricted, false).contains("snat ip to"));
+        assert!(rules(NatPreset::FullCone, false).contains("timeout 30s"));
+        // Unsolicited WAN traffic is dropped, never rejected.
+        for p in NatPreset::ALL.into_iter().filter(|p| p.translates()) {
+            let r = rules(p, false);
+            assert!(
+                r.contains("iif \"wan\" drop") && !r.contains("reject"),
+                "{p}"
+            );
+        }
+    }
+}
