@@ -286,10 +286,13 @@ fn serve_tcp(l: TcpListener, stop: &Arc<AtomicBool>) {
 pub fn tcp443_probe(lab: &Lab, node: &str, server: Ipv4Addr) -> Result<Option<SocketAddr>, Error> {
     lab.in_node(node, move || {
         let addr = SocketAddr::V4(SocketAddrV4::new(server, 443));
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(700)).ok()?;
-        s.set_read_timeout(Some(Duration::from_millis(700))).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        out.split_whitespace().nth(2)?.parse().ok()
+        // Two tries: a lost SYN costs a 1 s retransmission on a busy machine.
+        (0..2).find_map(|_| {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).ok()?;
+            s.set_read_timeout(Some(Duration::from_millis(1500))).ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            out.split_whitespace().nth(2)?.parse().ok()
+        })
     })
 }
