@@ -55,6 +55,12 @@ enum Cmd {
     Classify {
         /// Presets to check (default: all).
         presets: Vec<String>,
+        /// Turn hairpinning on in the routers.
+        #[arg(long)]
+        hairpin: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a scenario file: build, run events and checks, report, tear down.
     Run {
@@ -133,7 +139,11 @@ fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Cmd::Classify { presets } => {
+        Cmd::Classify {
+            presets,
+            hairpin,
+            json,
+        } => {
             let presets: Vec<NatPreset> = if presets.is_empty() {
                 NatPreset::ALL.to_vec()
             } else {
@@ -142,24 +152,55 @@ fn main() -> Result<()> {
                     .map(|p| p.parse())
                     .collect::<Result<_, _>>()?
             };
+            // One lab per preset, all at once.
+            let results = std::thread::scope(|s| {
+                let hs: Vec<_> = presets
+                    .iter()
+                    .map(|p| {
+                        s.spawn(move || -> Result<_> {
+                            let mut cfg = RouterConfig::new(*p);
+                            cfg.hairpin = hairpin;
+                            let lab = Lab::new()?;
+                            lab.add_public_host("stun", 2)?;
+                            lab.add_router("r", cfg)?;
+                            lab.add_device("d", "r")?;
+                            let refl = Reflector::start(&lab, "stun")?;
+                            Ok(probe::classify(
+                                &lab,
+                                "d",
+                                &ReflectorClient,
+                                refl.primary,
+                                refl.alternate,
+                            )?)
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| bail!("probe thread panicked")))
+                    .collect::<Vec<_>>()
+            });
             let mut bad = 0;
-            for p in presets {
-                let lab = Lab::new()?;
-                lab.add_public_host("stun", 2)?;
-                lab.add_router("r", RouterConfig::new(p))?;
-                lab.add_device("d", "r")?;
-                let refl = Reflector::start(&lab, "stun")?;
-                let (c, seq) =
-                    probe::classify(&lab, "d", &ReflectorClient, refl.primary, refl.alternate)?;
-                let ok = c.matches(p, seq);
+            let mut rows = Vec::new();
+            for (p, r) in presets.iter().zip(results) {
+                let (c, seq) = r?;
+                let ok = c.matches(*p, seq);
                 bad += usize::from(!ok);
-                println!(
-                    "{:<22} {}{}  {}",
-                    p.to_string(),
-                    c,
-                    if seq { ", sequential ports" } else { "" },
-                    if ok { "ok" } else { "MISMATCH" }
-                );
+                if json {
+                    rows.push(serde_json::json!({
+                        "preset": p, "ok": ok, "sequential_ports": seq, "classification": c,
+                    }));
+                } else {
+                    println!(
+                        "{:<22} {}{}  {}",
+                        p.to_string(),
+                        c,
+                        if seq { ", sequential ports" } else { "" },
+                        if ok { "ok" } else { "MISMATCH" }
+                    );
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             }
             if bad > 0 {
                 std::process::exit(1);

@@ -106,11 +106,22 @@ impl fmt::Display for Classification {
             Some(false) => "no",
             None => "?",
         };
+        let mapping = match self.mapping {
+            Some(Mapping::NoNat) => "none (no NAT)",
+            Some(Mapping::Eim) => "EIM",
+            Some(Mapping::Adm) => "ADM (EDM)",
+            Some(Mapping::Apdm) => "APDM (EDM)",
+            None => "?",
+        };
+        let filtering = match self.filtering {
+            Some(Filtering::Eif) => "EIF",
+            Some(Filtering::Adf) => "ADF",
+            Some(Filtering::Apdf) => "APDF",
+            None => "?",
+        };
         write!(
             f,
-            "mapping {:?}, filtering {:?}, port-preserving {}, hairpin {}",
-            self.mapping.map(|m| format!("{m:?}")).unwrap_or_default(),
-            self.filtering.map(|m| format!("{m:?}")).unwrap_or_default(),
+            "mapping {mapping}, filtering {filtering}, port-preserving {}, hairpin {}",
             opt(self.port_preserving),
             opt(self.hairpin),
         )
