@@ -50,6 +50,11 @@ enum Cmd {
         /// Only these pairs (`a:b`, repeatable).
         #[arg(long)]
         pair: Vec<String>,
+        /// Also punch to this many ports after each reflexive port
+        /// (port prediction); theory then expects sequential symmetric <->
+        /// port-restricted to go direct.
+        #[arg(long, default_value_t = 0)]
+        predict: u16,
     },
     /// Classify every preset (or the given ones) with the RFC 5780 probe.
     Classify {
@@ -107,6 +112,7 @@ fn main() -> Result<()> {
             budget_ms,
             lan,
             pair,
+            predict,
         } => {
             let t0 = Instant::now();
             let pairs = if pair.is_empty() {
@@ -119,7 +125,12 @@ fn main() -> Result<()> {
                     })
                     .collect::<Result<Vec<_>>>()?
             };
-            let rows = matrix::run(&pairs, parallel, Duration::from_millis(budget_ms))?;
+            let rows = matrix::run_predicting(
+                &pairs,
+                parallel,
+                Duration::from_millis(budget_ms),
+                predict,
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {

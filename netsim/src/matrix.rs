@@ -58,6 +58,19 @@ pub fn expected_path(a: NatPreset, b: NatPreset, same_router: bool) -> PathKind 
     }
 }
 
+/// What punching with port prediction should give: as without, except that
+/// a sequential symmetric NAT facing an endpoint-independent port-restricted
+/// one (or cgnat) becomes direct (REFERENCE.md).
+pub fn expected_path_predicting(a: NatPreset, b: NatPreset, same_router: bool) -> PathKind {
+    use NatPreset::*;
+    let seq_vs_eim = |x, y| x == SymmetricSequential && matches!(y, PortRestricted | Cgnat);
+    if !same_router && (seq_vs_eim(a, b) || seq_vs_eim(b, a)) {
+        PathKind::Direct
+    } else {
+        expected_path(a, b, same_router)
+    }
+}
+
 /// Every unordered pair of presets (including a preset with itself), plus
 /// with `lan_rows` one same-router row per preset.
 pub fn pairs(lan_rows: bool) -> Vec<(NatPreset, NatPreset, bool)> {
@@ -74,12 +87,14 @@ pub fn pairs(lan_rows: bool) -> Vec<(NatPreset, NatPreset, bool)> {
     v
 }
 
-/// Runs one pair in its own lab.
+/// Runs one pair in its own lab; `predict` > 0 adds that many predicted
+/// ports after each reflexive candidate.
 pub fn run_pair(
     a: NatPreset,
     b: NatPreset,
     same_router: bool,
     budget: Duration,
+    predict: u16,
 ) -> Result<MatrixRow, Error> {
     let t0 = Instant::now();
     let lab = Lab::new()?;
@@ -95,7 +110,15 @@ pub fn run_pair(
     }
     let refl = Reflector::start(&lab, "stun")?;
     let setup_ms = t0.elapsed().as_millis() as u64;
-    let res = punch::punch(&lab, "da", "db", &ReflectorClient, refl.primary, budget)?;
+    let res = punch::punch_predicting(
+        &lab,
+        "da",
+        "db",
+        &ReflectorClient,
+        refl.primary,
+        budget,
+        predict,
+    )?;
     drop(refl);
     let t1 = Instant::now();
     drop(lab);
@@ -106,7 +129,11 @@ pub fn run_pair(
         same_router,
         path: res.path,
         ms_to_connect: res.ms_to_connect,
-        expected: expected_path(a, b, same_router),
+        expected: if predict > 0 {
+            expected_path_predicting(a, b, same_router)
+        } else {
+            expected_path(a, b, same_router)
+        },
         reflexive: res.reflexive,
         setup_ms,
         teardown_ms,
@@ -119,6 +146,16 @@ pub fn run(
     pairs: &[(NatPreset, NatPreset, bool)],
     parallel: usize,
     budget: Duration,
+) -> Result<Vec<MatrixRow>, Error> {
+    run_predicting(pairs, parallel, budget, 0)
+}
+
+/// Like [`run`], with `predict` predicted ports per reflexive candidate.
+pub fn run_predicting(
+    pairs: &[(NatPreset, NatPreset, bool)],
+    parallel: usize,
+    budget: Duration,
+    predict: u16,
 ) -> Result<Vec<MatrixRow>, Error> {
     let next = Mutex::new(0usize);
     let out: Mutex<Vec<Option<Result<MatrixRow, Error>>>> =
@@ -135,7 +172,7 @@ pub fn run(
                 let Some(&(a, b, same)) = pairs.get(i) else {
                     break;
                 };
-                let r = run_pair(a, b, same, budget);
+                let r = run_pair(a, b, same, budget, predict);
                 out.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
             });
         }

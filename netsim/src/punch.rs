@@ -82,6 +82,20 @@ pub fn punch(
     reflector: SocketAddr,
     budget: Duration,
 ) -> Result<PunchResult, Error> {
+    punch_predicting(lab, a, b, transport, reflector, budget, 0)
+}
+
+/// Like [`punch`], also sending to the `predict` ports after each side's
+/// reflexive port (port prediction against sequential symmetric NATs).
+pub fn punch_predicting(
+    lab: &Lab,
+    a: &str,
+    b: &str,
+    transport: &dyn BindingTransport,
+    reflector: SocketAddr,
+    budget: Duration,
+    predict: u16,
+) -> Result<PunchResult, Error> {
     let mk = |dev: &str| -> Result<Side, Error> {
         let sock = lab.udp_socket(dev, 0)?;
         let host = SocketAddr::new(lab.ip(dev)?.into(), sock.local_addr()?.port());
@@ -99,7 +113,14 @@ pub fn punch(
     let reflexive = [sa.srflx, sb.srflx];
     let cand = |s: &Side| -> Vec<SocketAddr> {
         let mut v = vec![s.host];
-        v.extend(s.srflx.filter(|r| *r != s.host));
+        if let Some(r) = s.srflx.filter(|r| *r != s.host) {
+            v.push(r);
+            v.extend(
+                (1..=predict)
+                    .filter_map(|i| r.port().checked_add(i))
+                    .map(|p| SocketAddr::new(r.ip(), p)),
+            );
+        }
         v
     };
     let (ca, cb) = (cand(&sa), cand(&sb));

@@ -59,3 +59,33 @@ fn matrix_matches_theory() {
     }
     assert!(took < Duration::from_secs(60), "matrix took {took:?}");
 }
+
+#[test]
+fn port_prediction_beats_sequential_but_not_random_symmetric_nat() {
+    if !common::can_run() {
+        return;
+    }
+    use NatPreset::*;
+    let pairs = [
+        (PortRestricted, SymmetricSequential, false),
+        (SymmetricSequential, Cgnat, false),
+        (PortRestricted, Symmetric, false),
+        (FullCone, PortRestricted, false),
+    ];
+    let rows = matrix::run_predicting(&pairs, 4, Duration::from_millis(2500), 3).expect("matrix");
+    print!("{}", matrix::table(&rows));
+    let paths: Vec<PathKind> = rows.iter().map(|r| r.path).collect();
+    assert_eq!(
+        paths,
+        [
+            PathKind::Direct,
+            PathKind::Direct,
+            PathKind::None,
+            PathKind::Direct
+        ],
+        "with +1..+3 prediction"
+    );
+    for r in &rows {
+        assert_eq!(r.path, r.expected, "{} <-> {}", r.a, r.b);
+    }
+}
