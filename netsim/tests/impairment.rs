@@ -160,3 +160,65 @@ fn one_way_delay_is_within_20_percent_of_asked() {
         );
     }
 }
+
+#[test]
+fn delay_on_a_public_host_link_and_removal() {
+    if !common::can_run() {
+        return;
+    }
+    let lab = lab();
+    let sink_ip = lab.ip("sink").expect("ip");
+    let echo = lab.udp_socket("sink", 9003).expect("echo");
+    echo.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        }
+    });
+    let sock = lab.udp_socket("d", 0).expect("sock");
+    sock.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let rtt_ms = |n: usize| {
+        let mut v: Vec<f64> = (0..n)
+            .filter_map(|_| {
+                let t = Instant::now();
+                sock.send_to(b"x", SocketAddr::new(sink_ip.into(), 9003))
+                    .ok()?;
+                let mut buf = [0u8; 8];
+                sock.recv_from(&mut buf).ok()?;
+                Some(t.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let base = rtt_ms(20);
+    lab.set_impairment(
+        "sink",
+        Impairment {
+            loss: 0.0,
+            delay_ms: 25,
+        },
+    )
+    .expect("impair host");
+    let delayed = rtt_ms(20);
+    lab.set_impairment("sink", Impairment::default())
+        .expect("clear");
+    let cleared = rtt_ms(20);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().expect("server");
+    println!(
+        "rtt: base {base:.2} ms, with 25 ms each way {delayed:.2} ms, cleared {cleared:.2} ms"
+    );
+    assert!(
+        (delayed - 50.0).abs() <= 10.0,
+        "rtt {delayed:.1} ms, want 50 ± 20 %"
+    );
+    assert!(cleared < 10.0, "delay removed: rtt {cleared:.1} ms");
+}
