@@ -187,7 +187,7 @@ pub fn run_predicting(
 /// Renders rows as a fixed-width table.
 pub fn table(rows: &[MatrixRow]) -> String {
     let mut s = format!(
-        "{:<22} {:<22} {:<7} {:>6}  {:<7} {}\n",
+        "{:<22} {:<36} {:<7} {:>6}  {:<7} {}\n",
         "a", "b", "path", "ms", "theory", ""
     );
     for r in rows {
@@ -197,7 +197,7 @@ pub fn table(rows: &[MatrixRow]) -> String {
             r.b.to_string()
         };
         s.push_str(&format!(
-            "{:<22} {:<22} {:<7} {:>6}  {:<7} {}\n",
+            "{:<22} {:<36} {:<7} {:>6}  {:<7} {}\n",
             r.a.to_string(),
             b,
             r.path.name(),
