@@ -233,7 +233,18 @@ impl Lab {
             i
         };
         let ns = self.ns_name("r", name);
-        let public_ip = Ipv4Addr::new(203, 0, 113, 10 + index);
+        if cfg.upnp && matches!(cfg.nat, NatPreset::None | NatPreset::Cgnat) {
+            return Err(Error::Config(format!(
+                "router {name}: a UPnP/NAT-PMP/PCP gateway needs a NAT with a public WAN \
+                 address; {} has none",
+                cfg.nat
+            )));
+        }
+        let public_ip = if cfg.upnp {
+            Ipv4Addr::new(11, 0, 0, 10 + index)
+        } else {
+            Ipv4Addr::new(203, 0, 113, 10 + index)
+        };
         let cgn_ns = (cfg.nat == NatPreset::Cgnat).then(|| self.ns_name("c", name));
         let wan_ip = if cgn_ns.is_some() {
             Ipv4Addr::new(100, 64, index, 2)
@@ -327,7 +338,82 @@ impl Lab {
         )?;
         self.lock().routers.insert(name.to_string(), router.clone());
         self.apply_nat(&router)?;
+        if cfg.upnp {
+            self.start_gateway(name, &router)?;
+        }
         Ok(())
+    }
+
+    /// Folder for this lab's own files (gateway configs and logs).
+    pub fn work_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(self.prefix.trim_end_matches('-'))
+    }
+
+    /// Starts miniupnpd (UPnP-IGD, NAT-PMP, PCP) in a router, with the
+    /// nftables skeleton its nftables backend expects, and waits until it
+    /// listens on the NAT-PMP/PCP port.
+    fn start_gateway(&self, name: &str, r: &Router) -> Result<(), Error> {
+        let dir = self.work_dir();
+        std::fs::create_dir_all(&dir)?;
+        // miniupnpd's backend adds rules to these chains (see Debian's
+        // /etc/miniupnpd/nft_init.sh); forward stays `accept` so our own
+        // table keeps deciding what is dropped.
+        sys::nft(
+            &r.ns,
+            "table inet filter {\n\
+             \x20 chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }\n\
+             \x20 chain miniupnpd { }\n\
+             \x20 chain prerouting { type nat hook prerouting priority -100; policy accept; jump prerouting_miniupnpd; }\n\
+             \x20 chain postrouting { type nat hook postrouting priority 100; policy accept; jump postrouting_miniupnpd; }\n\
+             \x20 chain prerouting_miniupnpd { }\n\
+             \x20 chain postrouting_miniupnpd { }\n\
+             }\n",
+        )?;
+        let conf = dir.join(format!("miniupnpd-{name}.conf"));
+        let [a, b, c] = r.lan_net();
+        std::fs::write(
+            &conf,
+            format!(
+                "ext_ifname=wan\nlistening_ip=lan\nhttp_port=0\nenable_natpmp=yes\nenable_upnp=yes\n\
+                 secure_mode=yes\nsystem_uptime=yes\nlease_file={}\n\
+                 uuid=3ded2a8e-0a53-4c0a-8f1b-{:012x}\n\
+                 allow 1024-65535 {a}.{b}.{c}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+                dir.join(format!("miniupnpd-{name}.leases")).display(),
+                r.index
+            )
+
+        )?;
+        let pid = dir.join(format!("miniupnpd-{name}.pid"));
+        let argv: Vec<String> = vec![
+            "miniupnpd".into(),
+            "-d".into(),
+            "-f".into(),
+            conf.display().to_string(),
+            "-P".into(),
+            pid.display().to_string(),
+        ];
+        self.spawn(&format!("gateway-{name}"), name, &argv, &[], &dir)?;
+        // Ready when UDP 5351 is bound in the router's namespace.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let bound = sys::in_netns(&r.ns, || {
+                std::fs::read_to_string("/proc/thread-self/net/udp")
+                    .map(|t| t.contains(":14E7 "))
+                    .unwrap_or(false)
+            })?;
+            if bound {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.join(format!("gateway-{name}.stderr")))
+                    .unwrap_or_default();
+                return Err(Error::Config(format!(
+                    "router {name}: miniupnpd did not start listening on 5351: {}",
+                    log.trim()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn apply_nat(&self, r: &Router) -> Result<(), Error> {
@@ -795,6 +881,11 @@ impl Lab {
                 r.cfg.nat, cfg.nat
             )));
         }
+        if cfg.upnp != r.cfg.upnp {
+            return Err(Error::Config(format!(
+                "router {router}: the UPnP gateway cannot be switched at run time"
+            )));
+        }
         r.cfg = cfg;
         self.apply_nat(&r)?;
         self.lock().routers.insert(router.to_string(), r);
@@ -877,6 +968,7 @@ impl Lab {
         }
         drop(delays);
         remove_namespaces(&namespaces);
+        let _ = std::fs::remove_dir_all(self.work_dir());
         LIVE.lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|p| *p != self.prefix);

@@ -129,6 +129,12 @@ pub struct RouterConfig {
     /// Idle lifetime of a UDP mapping, seconds.
     #[serde(default = "default_timeout")]
     pub mapping_timeout_s: u32,
+    /// Run a UPnP-IGD / NAT-PMP / PCP gateway (miniupnpd) on the router.
+    /// miniupnpd refuses reserved WAN addresses, so such a router's WAN
+    /// address comes from 11.0.0.0/24 instead of 203.0.113.0/24 (it is still
+    /// only reachable inside the lab).
+    #[serde(default)]
+    pub upnp: bool,
 }
 
 fn default_timeout() -> u32 {
@@ -142,6 +148,7 @@ impl RouterConfig {
             nat,
             hairpin: false,
             mapping_timeout_s: DEFAULT_MAPPING_TIMEOUT_S,
+            upnp: false,
         }
     }
 }

@@ -61,6 +61,9 @@ pub struct RouterSpec {
     /// UDP mapping idle timeout, seconds.
     #[serde(default)]
     pub mapping_timeout_s: Option<u32>,
+    /// Run a UPnP-IGD / NAT-PMP / PCP gateway (miniupnpd).
+    #[serde(default)]
+    pub upnp: bool,
     /// Loss probability on its uplink, each direction.
     #[serde(default)]
     pub loss: f64,
@@ -307,6 +310,7 @@ pub fn build(sc: &Scenario, out_dir: &Path) -> Result<Running, Error> {
             nat: r.nat,
             hairpin: r.hairpin,
             mapping_timeout_s: r.mapping_timeout_s.unwrap_or(DEFAULT_MAPPING_TIMEOUT_S),
+            upnp: r.upnp,
         };
         lab.add_router(&r.name, cfg)?;
         if r.loss > 0.0 || r.delay_ms > 0 {
