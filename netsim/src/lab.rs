@@ -8,9 +8,10 @@
 //! between it and `inet`, the carrier NAT (`<name>-cgn`).
 //!
 //! Addresses: the core answers at 203.0.113.1 on every link; router *i* has
-//! WAN 203.0.113.(10+i) and LAN 192.168.*i*.0/24 (198.18.*i*.0/24, routed
-//! from `inet`, for `none`); a cgnat home NAT sits in 100.64.*i*.0/24;
-//! public hosts take 198.51.100.0/24.
+//! WAN 203.0.113.(10+i) (11.0.0.(10+i) when it runs a UPnP gateway, which
+//! refuses reserved addresses) and LAN 192.168.*i*.0/24 (198.18.*i*.0/24,
+//! routed from `inet`, for `none`); a cgnat home NAT sits in
+//! 100.64.*i*.0/24; public hosts take 198.51.100.0/24.
 //!
 //! Namespaces are named `wgns-<pid>-<rand>-<kind>-<name>`; [`sweep`] removes
 //! those whose creating process is dead, and only those.
