@@ -31,6 +31,8 @@ use crate::Error;
 
 /// Prefix shared by every namespace netsim creates.
 pub const NS_PREFIX: &str = "wgns-";
+/// Where `netsim run --keep` records kept labs for `netsim exec`.
+pub const STATE_DIR: &str = "/run/wgice-netsim";
 /// Address of the internet core on every public link.
 pub const CORE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 
@@ -1047,6 +1049,32 @@ pub fn sweep() -> usize {
         .map(|(n, _)| n)
         .collect();
     remove_namespaces(&dead);
+    // State files of kept labs whose process is gone.
+    if let Ok(dir) = std::fs::read_dir(STATE_DIR) {
+        for e in dir.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(NS_PREFIX)
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !sys::pid_alive(p)) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    // Work folders (gateway configs) of dead runs.
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in dir.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(NS_PREFIX)
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !sys::pid_alive(p)) && e.path().is_dir() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     dead.len()
 }
 

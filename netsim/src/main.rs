@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use netsim::lab::{self, Lab};
+use netsim::lab::{self, Lab, STATE_DIR};
 use netsim::matrix;
 use netsim::nat::{NatPreset, RouterConfig};
 use netsim::probe;
@@ -19,7 +19,6 @@ use netsim::reflector::{Reflector, ReflectorClient};
 use netsim::scenario::{self, Scenario};
 
 const DEMO: &str = include_str!("../scenarios/demo.toml");
-const STATE_DIR: &str = "/run/wgice-netsim";
 
 #[derive(Parser, Debug)]
 #[command(
