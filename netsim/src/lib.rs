@@ -1,1 +1,58 @@
-//! wgice `netsim`: see docs/architecture.md. Filled in by its own issue.
+//! wgice `netsim`: a lab of Linux network namespaces with real nftables NATs.
+//!
+//! * [`lab::Lab`] builds the topology: an internet core, routers with a
+//!   [`nat::NatPreset`], devices behind them, public hosts; and changes it at
+//!   run time (links down/up, roaming, NAT flush, preset change, impairment).
+//! * [`probe`] classifies a NAT the RFC 5780 way against the built-in
+//!   [`reflector`], so every preset is checked to behave as named.
+//! * [`punch`] and [`matrix`] measure simultaneous UDP hole punching for
+//!   every pair of presets.
+//! * [`scenario`] runs TOML scenario files (processes, fault drills, checks).
+//!
+//! Everything here needs root (network namespaces, nftables).
+
+pub mod impair;
+pub mod lab;
+pub mod matrix;
+pub mod nat;
+pub mod probe;
+pub mod punch;
+pub mod reflector;
+pub mod scenario;
+mod sys;
+
+pub use sys::is_root;
+
+/// Errors of the lab.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// netsim needs root for namespaces and nftables.
+    #[error("netsim needs root (network namespaces, nftables); run it as root")]
+    NotRoot,
+    /// A system command failed.
+    #[error("`{cmd}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// Entering or using a namespace failed.
+    #[error("namespace {ns}: {reason}")]
+    Netns {
+        /// The namespace.
+        ns: String,
+        /// Why.
+        reason: String,
+    },
+    /// A lab or scenario description is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// A probe could not run.
+    #[error("probe: {0}")]
+    Probe(String),
+    /// An I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
