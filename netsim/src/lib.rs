@@ -19,6 +19,7 @@ pub mod probe;
 pub mod punch;
 pub mod reflector;
 pub mod scenario;
+pub mod stun_client;
 mod sys;
 
 pub use sys::is_root;
