@@ -17,6 +17,25 @@ fn init_logs(json: bool, filter: &str) {
     }
 }
 
+/// Each allocation holds a relayed socket: raise the open-file limit to the
+/// hard limit so the relay is bound by its quotas, not by a default of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let was = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(from = was, to = lim.rlim_max, "raised the open-file limit");
+            }
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cfg = match Args::parse().resolve() {
         Ok(c) => c,
@@ -26,6 +45,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     init_logs(cfg.log_json, &cfg.log_level);
+    raise_fd_limit();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
