@@ -158,6 +158,7 @@ impl Quotas {
     }
 
     fn acquire(&self, user: &str) -> Result<(), &'static str> {
+        let user = principal(user);
         let mut per = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
         if self.max_total > 0 && self.total.load(Ordering::Relaxed) >= self.max_total {
             return Err("relay is at its allocation limit (max-allocations)");
@@ -172,6 +173,7 @@ impl Quotas {
     }
 
     fn release(&self, user: &str) {
+        let user = principal(user);
         let mut per = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = per.get_mut(user) {
             *n -= 1;
@@ -1828,18 +1830,21 @@ impl Server {
     }
 }
 
+/// Who a username stands for: the user part of a REST name (`expiry:user`),
+/// otherwise the name itself. Quotas count per principal, so a client cannot
+/// escape the per-user quota by minting names with other expiries, and
+/// credential rotation keeps the count with the same principal.
+fn principal(name: &str) -> &str {
+    match name.split_once(':') {
+        Some((expiry, user)) if expiry.parse::<u64>().is_ok() => user,
+        _ => name,
+    }
+}
+
 /// Same user for credential rotation: equal names, or REST names (`expiry:user`)
 /// with the same user part.
 fn same_principal(a: &str, b: &str) -> bool {
-    if a == b {
-        return true;
-    }
-    match (a.split_once(':'), b.split_once(':')) {
-        (Some((ea, ua)), Some((eb, ub))) => {
-            ea.parse::<u64>().is_ok() && eb.parse::<u64>().is_ok() && ua == ub
-        }
-        _ => false,
-    }
+    a == b || principal(a) == principal(b) && a.contains(':') && b.contains(':')
 }
 
 fn pick_port(used: &mut HashSet<u16>, (lo, hi): (u16, u16)) -> Option<u16> {

@@ -830,3 +830,38 @@ fn relay_to_relay_between_two_allocations_on_one_relay() {
     s.peer_sends(b, ra, &payload);
     assert_eq!(s.clients[b].3.pop(), Some((ra, payload)));
 }
+
+#[test]
+fn rest_quota_counts_the_user_not_the_name() {
+    let mut s = Sim::new(|_| {}, Quotas::new(0, 1));
+    let u1 = rest_username(UNIX0 + 3600, "frank");
+    let u2 = rest_username(UNIX0 + 3601, "frank");
+    let a = s.add_client(
+        "192.0.2.10:1",
+        ClientConfig::new(&u1, &rest_password("s3cret", &u1)),
+    );
+    let b = s.add_client(
+        "192.0.2.10:2",
+        ClientConfig::new(&u2, &rest_password("s3cret", &u2)),
+    );
+    s.allocate(a);
+    let now = s.now;
+    s.clients[b].1.allocate(now);
+    s.settle();
+    assert!(
+        s.events(b)
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Failed { code: 486, .. })),
+        "another expiry is the same user"
+    );
+    // Rotate a's credentials, then free the allocation: the count follows.
+    let u3 = rest_username(UNIX0 + 7200, "frank");
+    s.clients[a]
+        .1
+        .set_credentials(now, &u3, &rest_password("s3cret", &u3));
+    s.settle();
+    s.clients[a].1.deallocate(now);
+    s.settle();
+    assert!(s.events(a).contains(&ClientEvent::Deallocated));
+    s.allocate(b);
+}
