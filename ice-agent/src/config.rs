@@ -1,0 +1,614 @@
+//! The agent's configuration file (`agent.toml`), checked into [`AgentConfig`].
+//! Every error names the key and how to fix it.
+//!
+//! ```toml
+//! peers = "auto"             # every mesh member; or [[peers]] entries (below)
+//!
+//! [wireguard]
+//! interface = "wg0"          # the WireGuard interface beside which the agent runs
+//! mode = "external"          # "external" (existing wg) or "embedded" (in-process)
+//! private_key_file = "/etc/wgice/private.key"   # or private_key = "<base64>"; omit to read it from the interface
+//! port = 51821               # the agent's ICE/relay UDP port (0: any)
+//!
+//! [signaling]
+//! url = "quic://signal.example.org:4433"
+//! pin_sha256 = "<hex SHA-256 of the server certificate>"   # optional with a CA-signed certificate
+//! mesh_token = "<secret shared by the mesh>"
+//!
+//! [[relays]]
+//! url = "turn:relay.example.org:3478"   # stun:, turn: (UDP), turn:…?transport=tcp, turns: (TLS)
+//! username = "alice"
+//! password = "…"                        # or secret = "…" for TURN REST credentials
+//!
+//! # [[peers]]
+//! # public_key = "<base64>"
+//! # allowed_ips = ["10.8.0.2/32"]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// A configuration mistake: the key, what is wrong, how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: `{key}`: {problem} ({fix})")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// The key, dotted (e.g. `relays[0].url`).
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+    /// How to fix it.
+    pub fix: String,
+}
+
+/// A WireGuard public or private key (32 bytes).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(pub [u8; 32]);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material in full.
+        write!(f, "Key({}…)", &self.to_base64()[..8])
+    }
+}
+
+impl Key {
+    /// Parses the base64 form `wg genkey` prints.
+    pub fn from_base64(s: &str) -> Result<Key, String> {
+        let mut out = [0u8; 32];
+        match base64::engine::general_purpose::STANDARD.decode_slice(s.trim().as_bytes(), &mut out)
+        {
+            Ok(32) => Ok(Key(out)),
+            Ok(n) => Err(format!("decodes to {n} bytes, a WireGuard key has 32")),
+            Err(e) => Err(format!("not base64: {e}")),
+        }
+    }
+
+    /// The base64 form.
+    pub fn to_base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.0)
+    }
+}
+
+/// How the agent relates to WireGuard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// An existing WireGuard interface (kernel, wireguard-go, boringtun) is configured beside the agent.
+    External,
+    /// The agent runs WireGuard itself on its own socket.
+    Embedded,
+}
+
+/// Transport to a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayTransport {
+    /// STUN only (no relaying).
+    StunOnly,
+    /// TURN over UDP.
+    Udp,
+    /// TURN over TCP.
+    Tcp,
+    /// TURN over TLS.
+    Tls,
+}
+
+/// Credentials for a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayAuth {
+    /// No credentials (STUN only).
+    None,
+    /// A static user.
+    Static {
+        /// Username.
+        username: String,
+        /// Password.
+        password: String,
+    },
+    /// TURN REST: the agent mints `expiry:user` with this shared secret.
+    Rest {
+        /// User part.
+        user: String,
+        /// Shared secret.
+        secret: String,
+    },
+}
+
+/// One relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relay {
+    /// Host (name or IP literal).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Transport.
+    pub transport: RelayTransport,
+    /// Credentials.
+    pub auth: RelayAuth,
+}
+
+/// Which peers the agent manages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peers {
+    /// Every member of the mesh (from signaling's member list).
+    Auto,
+    /// These peers only.
+    List(Vec<Peer>),
+}
+
+/// One explicitly configured peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's WireGuard public key.
+    pub public_key: Key,
+    /// Overlay addresses routed to it.
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AgentConfig {
+    /// WireGuard interface name.
+    pub interface: String,
+    /// Mode.
+    pub mode: Mode,
+    /// Private key, or `None` to read it from the interface.
+    pub private_key: Option<Key>,
+    /// The agent's UDP port (0: any).
+    pub port: u16,
+    /// Signaling URL.
+    pub signaling_url: String,
+    /// Pinned certificate fingerprint (SHA-256), if any.
+    pub signaling_pin: Option<[u8; 32]>,
+    /// Mesh token.
+    pub mesh_token: String,
+    /// Relays, in preference order.
+    pub relays: Vec<Relay>,
+    /// Peers.
+    pub peers: Peers,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    wireguard: WgSection,
+    signaling: SignalingSection,
+    #[serde(default)]
+    relays: Vec<RelaySection>,
+    peers: Option<PeersSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WgSection {
+    interface: String,
+    #[serde(default = "default_mode")]
+    mode: Mode,
+    private_key: Option<String>,
+    private_key_file: Option<PathBuf>,
+    #[serde(default)]
+    port: u16,
+}
+
+fn default_mode() -> Mode {
+    Mode::External
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalingSection {
+    url: String,
+    pin_sha256: Option<String>,
+    mesh_token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelaySection {
+    url: String,
+    username: Option<String>,
+    password: Option<String>,
+    secret: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PeersSection {
+    Word(String),
+    List(Vec<PeerSection>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerSection {
+    public_key: String,
+    #[serde(default)]
+    allowed_ips: Vec<IpNet>,
+}
+
+impl AgentConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            key: "-".into(),
+            problem: format!("cannot read: {e}"),
+            fix: "check the path given to --config".into(),
+        })?;
+        Self::parse(&text, &path.display().to_string(), path.parent())
+    }
+
+    /// Parses and checks config text; `file` names it in errors and `dir`
+    /// resolves relative `private_key_file` paths.
+    pub fn parse(text: &str, file: &str, dir: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+        let err = |key: &str, problem: String, fix: &str| ConfigError {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            problem,
+            fix: fix.to_owned(),
+        };
+        let f: File = toml::from_str(text).map_err(|e| {
+            let fix = if e.message().contains("unknown field `peers`") {
+                "`peers = ...` is a top-level key: put it before the first [section]"
+            } else {
+                "see the example at the top of ice-agent/src/config.rs"
+            };
+            err(
+                "-",
+                e.message().to_owned() + &span_hint(text, e.span()),
+                fix,
+            )
+        })?;
+        if f.wireguard.interface.is_empty() || f.wireguard.interface.len() > 15 {
+            return Err(err(
+                "wireguard.interface",
+                format!("{:?} is not an interface name", f.wireguard.interface),
+                "use 1 to 15 characters, e.g. \"wg0\"",
+            ));
+        }
+        let private_key = match (&f.wireguard.private_key, &f.wireguard.private_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "wireguard.private_key",
+                    "both private_key and private_key_file are set".into(),
+                    "keep one of them",
+                ))
+            }
+            (Some(k), None) => Some(Key::from_base64(k).map_err(|p| {
+                err(
+                    "wireguard.private_key",
+                    p,
+                    "paste the output of `wg genkey`",
+                )
+            })?),
+            (None, Some(p)) => {
+                let p = if p.is_relative() {
+                    dir.map(|d| d.join(p)).unwrap_or_else(|| p.clone())
+                } else {
+                    p.clone()
+                };
+                let k = std::fs::read_to_string(&p).map_err(|e| {
+                    err(
+                        "wireguard.private_key_file",
+                        format!("cannot read {}: {e}", p.display()),
+                        "create it with `wg genkey > FILE` (mode 0600)",
+                    )
+                })?;
+                Some(Key::from_base64(&k).map_err(|pr| {
+                    err(
+                        "wireguard.private_key_file",
+                        format!("{}: {pr}", p.display()),
+                        "the file must hold one key as `wg genkey` prints it",
+                    )
+                })?)
+            }
+            (None, None) => None,
+        };
+        let url = &f.signaling.url;
+        if !(url.starts_with("quic://") || url.starts_with("tls://"))
+            || url.split("://").nth(1).is_none_or(|r| !r.contains(':'))
+        {
+            return Err(err(
+                "signaling.url",
+                format!("{url:?} is not quic://HOST:PORT or tls://HOST:PORT"),
+                "e.g. url = \"quic://signal.example.org:4433\"",
+            ));
+        }
+        let signaling_pin = match &f.signaling.pin_sha256 {
+            None => None,
+            Some(h) => Some(parse_hex32(h).ok_or_else(|| {
+                err(
+                    "signaling.pin_sha256",
+                    format!("{h:?} is not 64 hex digits"),
+                    "copy the fingerprint `signaling` prints at start (colons allowed)",
+                )
+            })?),
+        };
+        if f.signaling.mesh_token.len() < 16 {
+            return Err(err(
+                "signaling.mesh_token",
+                "shorter than 16 characters".into(),
+                "use the long random token of your mesh",
+            ));
+        }
+        let mut relays = Vec::new();
+        for (i, r) in f.relays.iter().enumerate() {
+            let key = format!("relays[{i}]");
+            let (transport, rest) = if let Some(x) = r.url.strip_prefix("stun:") {
+                (RelayTransport::StunOnly, x)
+            } else if let Some(x) = r.url.strip_prefix("turns:") {
+                (RelayTransport::Tls, x)
+            } else if let Some(x) = r.url.strip_prefix("turn:") {
+                (RelayTransport::Udp, x)
+            } else {
+                return Err(err(
+                    &format!("{key}.url"),
+                    format!("{:?} has no stun:/turn:/turns: scheme", r.url),
+                    "e.g. \"turn:relay.example.org:3478\"",
+                ));
+            };
+            let (hostport, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let transport = match (transport, query) {
+                (t, "") => t,
+                (RelayTransport::Udp, "transport=udp") => RelayTransport::Udp,
+                (RelayTransport::Udp, "transport=tcp") => RelayTransport::Tcp,
+                (_, q) => {
+                    return Err(err(
+                        &format!("{key}.url"),
+                        format!("unsupported query {q:?}"),
+                        "use ?transport=udp or ?transport=tcp with turn:",
+                    ))
+                }
+            };
+            let (host, port) = match hostport.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                    p.parse::<u16>().map_err(|_| {
+                        err(
+                            &format!("{key}.url"),
+                            format!("bad port in {:?}", r.url),
+                            "HOST:PORT, e.g. relay.example.org:3478",
+                        )
+                    })?,
+                ),
+                None => (
+                    hostport.to_owned(),
+                    if transport == RelayTransport::Tls {
+                        5349
+                    } else {
+                        3478
+                    },
+                ),
+            };
+            if host.is_empty() {
+                return Err(err(
+                    &format!("{key}.url"),
+                    "no host".into(),
+                    "e.g. \"turn:relay.example.org:3478\"",
+                ));
+            }
+            let auth = match (&r.username, &r.password, &r.secret) {
+                (None, None, None) if transport == RelayTransport::StunOnly => RelayAuth::None,
+                (None, None, None) => {
+                    return Err(err(
+                        &key,
+                        "a TURN relay needs credentials".into(),
+                        "add username + password, or username + secret (TURN REST)",
+                    ))
+                }
+                (Some(u), Some(p), None) => RelayAuth::Static {
+                    username: u.clone(),
+                    password: p.clone(),
+                },
+                (Some(u), None, Some(s)) => RelayAuth::Rest {
+                    user: u.clone(),
+                    secret: s.clone(),
+                },
+                _ => {
+                    return Err(err(
+                        &key,
+                        "credentials are incomplete or mixed".into(),
+                        "give username + password, or username + secret",
+                    ))
+                }
+            };
+            relays.push(Relay {
+                host,
+                port,
+                transport,
+                auth,
+            });
+        }
+        if relays.is_empty() {
+            return Err(err(
+                "relays",
+                "no relay configured: peers behind symmetric NATs could never connect".into(),
+                "add at least one [[relays]] with a turn: URL",
+            ));
+        }
+        let peers = match f.peers {
+            None => {
+                return Err(err(
+                    "peers",
+                    "missing".into(),
+                    "peers = \"auto\" for every mesh member, or [[peers]] entries",
+                ))
+            }
+            Some(PeersSection::Word(w)) if w == "auto" => Peers::Auto,
+            Some(PeersSection::Word(w)) => {
+                return Err(err(
+                    "peers",
+                    format!("{w:?} is neither \"auto\" nor a list"),
+                    "peers = \"auto\" or [[peers]] entries",
+                ))
+            }
+            Some(PeersSection::List(list)) => {
+                let mut out = Vec::new();
+                for (i, p) in list.iter().enumerate() {
+                    let public_key = Key::from_base64(&p.public_key).map_err(|pr| {
+                        err(
+                            &format!("peers[{i}].public_key"),
+                            pr,
+                            "the peer's `wg pubkey` output",
+                        )
+                    })?;
+                    if out.iter().any(|q: &Peer| q.public_key == public_key) {
+                        return Err(err(
+                            &format!("peers[{i}].public_key"),
+                            "listed twice".into(),
+                            "merge the entries",
+                        ));
+                    }
+                    out.push(Peer {
+                        public_key,
+                        allowed_ips: p.allowed_ips.clone(),
+                    });
+                }
+                Peers::List(out)
+            }
+        };
+        Ok(AgentConfig {
+            interface: f.wireguard.interface,
+            mode: f.wireguard.mode,
+            private_key,
+            port: f.wireguard.port,
+            signaling_url: f.signaling.url,
+            signaling_pin,
+            mesh_token: f.signaling.mesh_token,
+            relays,
+            peers,
+        })
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+
+    fn base(top: &str) -> String {
+        format!(
+            "{top}[wireguard]\ninterface = \"wg0\"\nprivate_key = \"{KEY}\"\n\n[signaling]\nurl = \"quic://127.0.0.1:4433\"\nmesh_token = \"0123456789abcdef0123\"\n\n[[relays]]\nurl = \"turn:127.0.0.1:3478\"\nusername = \"u\"\npassword = \"p\"\n"
+        )
+    }
+
+    #[test]
+    fn a_good_file_parses() {
+        let c = AgentConfig::parse(&base("peers = \"auto\"\n"), "agent.toml", None).expect("valid");
+        assert_eq!(c.interface, "wg0");
+        assert_eq!(c.mode, Mode::External);
+        assert_eq!(c.private_key.map(|k| k.to_base64()), Some(KEY.to_owned()));
+        assert_eq!(c.relays[0].transport, RelayTransport::Udp);
+        assert_eq!(c.relays[0].port, 3478);
+        assert_eq!(c.peers, Peers::Auto);
+        let list = base("")
+            + &format!("[[peers]]\npublic_key = \"{KEY}\"\nallowed_ips = [\"10.8.0.2/32\"]\n");
+        let c = AgentConfig::parse(&list, "agent.toml", None).expect("valid");
+        assert!(
+            matches!(c.peers, Peers::List(ref l) if l.len() == 1 && l[0].allowed_ips.len() == 1)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (base("peers = \"all\"\n"), "peers"),
+            (
+                base("peers = \"auto\"\n").replace(KEY, "short"),
+                "wireguard.private_key",
+            ),
+            (
+                base("peers = \"auto\"\n").replace("quic://127.0.0.1:4433", "http://x"),
+                "signaling.url",
+            ),
+            (
+                base("peers = \"auto\"\n").replace("turn:127.0.0.1:3478", "turn:127.0.0.1:x"),
+                "relays[0].url",
+            ),
+            (
+                base("peers = \"auto\"\n").replace("password = \"p\"", ""),
+                "relays[0]",
+            ),
+            (base(""), "peers"),
+            (
+                base("peers = \"auto\"\n").replace("0123456789abcdef0123", "short"),
+                "signaling.mesh_token",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = AgentConfig::parse(&text, "agent.toml", None).expect_err(key);
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.to_string().starts_with("agent.toml: "), "{e}");
+        }
+        let typo = base("peers = \"auto\"\n").replace("interface", "interfase");
+        let e = AgentConfig::parse(&typo, "agent.toml", None).expect_err("typo");
+        assert!(
+            e.to_string().contains("interfase") && e.to_string().contains("line 3"),
+            "{e}"
+        );
+        let late = base("") + "peers = \"auto\"\n";
+        let e = AgentConfig::parse(&late, "agent.toml", None).expect_err("late peers");
+        assert!(e.to_string().contains("before the first [section]"), "{e}");
+    }
+
+    #[test]
+    fn relay_urls() {
+        for (url, t, port) in [
+            ("stun:example.org", RelayTransport::StunOnly, 3478),
+            ("turns:example.org", RelayTransport::Tls, 5349),
+            (
+                "turn:example.org:443?transport=tcp",
+                RelayTransport::Tcp,
+                443,
+            ),
+            ("turn:[2001:db8::1]:3478", RelayTransport::Udp, 3478),
+        ] {
+            let text = base("peers = \"auto\"\n").replace("turn:127.0.0.1:3478", url);
+            let text = if t == RelayTransport::StunOnly {
+                text.replace("username = \"u\"\npassword = \"p\"\n", "")
+            } else {
+                text
+            };
+            let c = AgentConfig::parse(&text, "a", None).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(
+                (c.relays[0].transport, c.relays[0].port),
+                (t, port),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_debug_hides_material() {
+        let k = Key::from_base64(KEY).expect("key");
+        assert!(!format!("{k:?}").contains(KEY));
+    }
+}
