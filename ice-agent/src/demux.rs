@@ -61,7 +61,7 @@ pub fn classify(d: &[u8]) -> Kind {
         // to equal the cookie still has zeros at bytes 1..4, which a STUN
         // header cannot have together with a matching length.
         let len = u16::from_be_bytes([d[2], d[3]]) as usize;
-        if len % 4 == 0 && 20 + len == d.len() {
+        if len.is_multiple_of(4) && 20 + len == d.len() {
             return Kind::Stun;
         }
     }

@@ -55,7 +55,7 @@ impl HostFilter {
         if a.loopback || a.net.addr().is_loopback() {
             return Some("loopback");
         }
-        if self.exclude.iter().any(|n| *n == a.name) {
+        if self.exclude.contains(&a.name) {
             return Some("excluded by config");
         }
         if DEFAULT_EXCLUDED_PREFIXES
