@@ -612,3 +612,21 @@ mod tests {
         assert!(!format!("{k:?}").contains(KEY));
     }
 }
+
+#[cfg(test)]
+mod deploy_example {
+    use super::*;
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../../deploy/agent.toml").replace(
+            "private_key_file = \"/etc/wgice/private.key\"",
+            "private_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"",
+        );
+        let c = AgentConfig::parse(&text, "deploy/agent.toml", None).expect("example is valid");
+        assert_eq!(c.relays.len(), 2);
+        assert_eq!(c.relays[1].transport, RelayTransport::Tls);
+        assert_eq!(c.relays[1].port, 443);
+        assert!(matches!(c.relays[0].auth, RelayAuth::Rest { .. }));
+    }
+}
