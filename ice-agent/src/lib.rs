@@ -1,1 +1,23 @@
-//! wgice `ice-agent`: see docs/architecture.md. Filled in by its own issue.
+//! wgice `ice-agent` core: one sans-IO ICE session per WireGuard peer (on
+//! str0m's [`is`] agent) and the path policy that decides where WireGuard
+//! traffic goes.
+//!
+//! Nothing here opens a socket, spawns a task or reads the clock: time comes
+//! in as `now`, datagrams come in through [`PeerSession::handle_stun`] and
+//! go out through [`PeerSession::poll_transmit`]. The daemon (a later layer)
+//! owns the UDP socket, the TURN client, signaling and WireGuard control.
+//!
+//! See `docs/ice-agent.md` for the design.
+#![warn(missing_docs)]
+
+mod path;
+mod session;
+
+pub use path::{classify, Classification, PathKind, WgicePreference};
+pub use session::{
+    is_controlling, PathStatus, PeerSession, SessionConfig, SessionError, SessionEvent,
+    SessionStats, Transmit, Via,
+};
+
+/// Re-exported `is` types that appear in this crate's API.
+pub use is::{Candidate, CandidateKind, IceConnectionState, IceCreds};

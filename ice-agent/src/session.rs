@@ -1,0 +1,959 @@
+//! One ICE session per WireGuard peer, and the path policy on top of it.
+//!
+//! [`PeerSession`] wraps an [`is::IceAgent`] and decides which pair carries
+//! WireGuard: the relay at once, a direct pair as soon as one works, back to
+//! the relay within seconds when the direct pair goes silent, and direct
+//! again (retried with bounded backoff) when it answers.
+//!
+//! # Run loop
+//!
+//! Like `is`, the session never reads the clock and owns no socket. After
+//! any call that mutates it (`add_*`, `handle_stun`, `note_data_rx`,
+//! `handle_timeout`), drain [`PeerSession::poll_transmit`] and
+//! [`PeerSession::poll_event`] until they return `None`, then sleep until
+//! [`PeerSession::poll_timeout`] and call [`PeerSession::handle_timeout`].
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use is::stun::{StunMessage, StunPacket, TransId};
+use is::{Candidate, CandidateKind, IceAgent, IceAgentEvent, IceConnectionState, IceCreds};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::path::{classify, PathKind, WgicePreference};
+
+/// Errors the session reports to its caller.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// `is` refused the candidate (bad address, or a `candidate:` line that
+    /// does not parse).
+    #[error("bad ICE candidate: {0}")]
+    BadCandidate(#[from] is::IceError),
+    /// The local candidate was redundant with a better one already known.
+    #[error("local candidate {0} is redundant with a better one already added")]
+    RedundantCandidate(SocketAddr),
+}
+
+/// Which side of the pair sends USE-CANDIDATE.
+///
+/// Both peers compute this from the two WireGuard public keys, so they
+/// always agree without a round trip: the side with the larger key
+/// controls. Equal keys are a configuration error the caller must reject
+/// before (a peer is never itself); this returns `false` for them.
+pub fn is_controlling(local_public_key: &[u8; 32], remote_public_key: &[u8; 32]) -> bool {
+    local_public_key > remote_public_key
+}
+
+/// How to send a datagram the session asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// From the agent's UDP socket, whose local address is the transmit's
+    /// `source`.
+    Socket,
+    /// Through our TURN allocation whose relayed address is `relayed` (the
+    /// transmit's `source`): as ChannelData or a Send indication to the
+    /// destination.
+    Turn {
+        /// Our relayed address (the allocation to use).
+        relayed: SocketAddr,
+    },
+}
+
+/// A datagram the session wants sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Local address it leaves from (a host candidate, or our relayed address).
+    pub source: SocketAddr,
+    /// Remote address it goes to.
+    pub destination: SocketAddr,
+    /// How to send it.
+    pub via: Via,
+    /// The STUN message.
+    pub contents: Vec<u8>,
+}
+
+/// Where WireGuard traffic to this peer goes now, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathStatus {
+    /// The kind of path.
+    pub kind: PathKind,
+    /// Local address to send from (`None` while connecting).
+    pub local: Option<SocketAddr>,
+    /// Remote address to send to (`None` while connecting).
+    pub remote: Option<SocketAddr>,
+    /// How to send on it.
+    pub via: Via,
+    /// Why the peer is on this path, for humans: "direct (LAN 10.0.1.0/24)",
+    /// "relayed while direct checks run", …
+    pub reason: String,
+    /// When the data path last changed.
+    pub since: Instant,
+    /// Last measured STUN round-trip time on this pair.
+    pub rtt: Option<Duration>,
+}
+
+/// Something the driver should know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// The data path changed: point WireGuard (or the proxy) at it.
+    PathChanged(PathStatus),
+    /// The session gave up on the current direct pairs and re-formed all
+    /// candidate pairs to try direct again (the bounded backoff).
+    DirectRetry {
+        /// 1 for the first retry since direct last worked.
+        attempt: u32,
+        /// Delay until the next retry if this one fails too.
+        next_in: Duration,
+    },
+    /// `is`'s connection state changed (informational).
+    IceState(IceConnectionState),
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Changes of the data path (any field of pair or kind).
+    pub path_changes: u64,
+    /// Times the data path fell back from direct to relay because the direct
+    /// pair went silent.
+    pub failovers: u64,
+    /// Times candidate pairs were re-formed to retry direct.
+    pub direct_retries: u64,
+    /// Connectivity checks sent on non-relay pairs.
+    pub direct_checks_sent: u64,
+    /// STUN packets handed to `handle_stun` that were not for this session.
+    pub stun_rejected: u64,
+}
+
+/// Configuration of a [`PeerSession`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SessionConfig {
+    /// Our ICE credentials (`None`: random).
+    pub local_credentials: Option<IceCreds>,
+    /// Controlling role; see [`is_controlling`].
+    pub controlling: bool,
+    /// Networks of the node's own interfaces, to recognise same-LAN peers.
+    pub local_networks: Vec<IpNet>,
+    /// Keepalive check interval on working pairs (`is`'s max STUN RTO).
+    pub keepalive_interval: Duration,
+    /// First STUN retransmission timeout.
+    pub initial_rto: Duration,
+    /// Unanswered retransmits before `is` drops a pair.
+    pub max_retransmits: usize,
+    /// Pacing between two checks (`is`'s Ta).
+    pub check_pacing: Duration,
+    /// A direct path silent this long is replaced by the relay.
+    pub failover_after: Duration,
+    /// How long the first direct checks run before the session counts direct
+    /// as failed and starts retrying with backoff.
+    pub initial_direct_window: Duration,
+    /// First retry interval for direct (doubles per retry).
+    pub retry_initial: Duration,
+    /// Retry interval cap.
+    pub retry_max: Duration,
+    /// Seed for the retry jitter (tests pass a fixed one).
+    pub rng_seed: u64,
+}
+
+impl SessionConfig {
+    /// Defaults: 500 ms keepalives, failover after 1.5 s of silence, direct
+    /// retried at 2 s doubling to 60 s with up to 15 % jitter.
+    pub fn new(controlling: bool, rng_seed: u64) -> Self {
+        SessionConfig {
+            local_credentials: None,
+            controlling,
+            local_networks: Vec::new(),
+            keepalive_interval: Duration::from_millis(500),
+            initial_rto: Duration::from_millis(250),
+            max_retransmits: 9,
+            check_pacing: Duration::from_millis(20),
+            failover_after: Duration::from_millis(1500),
+            initial_direct_window: Duration::from_secs(5),
+            retry_initial: Duration::from_secs(2),
+            retry_max: Duration::from_secs(60),
+            rng_seed,
+        }
+    }
+}
+
+/// Per-pair bookkeeping keyed by (local base, remote address).
+#[derive(Debug, Default, Clone, Copy)]
+struct PairSeen {
+    last_rx: Option<Instant>,
+    rtt: Option<Duration>,
+}
+
+type PairKey = (SocketAddr, SocketAddr);
+
+/// Why the data path is on the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RelayCause {
+    /// Direct checks are still running.
+    Checking,
+    /// The direct pair went silent.
+    Failover {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+    /// Direct checks ran out without an answer.
+    NoDirect,
+}
+
+/// Bounded exponential backoff with jitter for direct retries.
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+    rng: StdRng,
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next interval: initial · 2^attempt, capped, times a jitter factor
+    /// in [0.85, 1.0] (never above the cap, never a synchronised storm).
+    fn next_interval(&mut self) -> Duration {
+        let shift = self.attempt.min(16);
+        let base = self
+            .initial
+            .checked_mul(1u32 << shift)
+            .unwrap_or(self.max)
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        base.mul_f64(self.rng.random_range(0.85..=1.0))
+    }
+}
+
+/// ICE session with one WireGuard peer plus the path policy.
+#[derive(Debug)]
+pub struct PeerSession {
+    ice: IceAgent,
+    config: SessionConfig,
+    /// Local candidates as we added them (kind lookup by address).
+    local: Vec<Candidate>,
+    /// Remote candidates as the peer signalled them.
+    remote: Vec<Candidate>,
+    /// What `is` nominated last, (source, destination).
+    nominated: Option<PairKey>,
+    seen: HashMap<PairKey, PairSeen>,
+    /// Our outstanding checks: transaction → (pair, sent at).
+    checks: HashMap<TransId, (PairKey, Instant)>,
+    path: PathStatus,
+    relay_cause: RelayCause,
+    first_remote_at: Option<Instant>,
+    /// Set when direct was declared lost (failover or initial window over).
+    direct_lost_at: Option<Instant>,
+    next_retry_at: Option<Instant>,
+    backoff: Backoff,
+    /// Checks on non-relay pairs since direct last worked.
+    direct_checks_since_ok: u64,
+    /// Non-relay pairs those checks went to.
+    direct_pairs_tried: Vec<PairKey>,
+    /// Hints about NAT behaviour learned from checks (for reasons).
+    local_nat_varies: bool,
+    remote_nat_varies: bool,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<SessionEvent>,
+    stats: SessionStats,
+    last_now: Instant,
+}
+
+impl PeerSession {
+    /// A session in the `connecting` state.
+    pub fn new(config: SessionConfig, now: Instant) -> Self {
+        let creds = config
+            .local_credentials
+            .clone()
+            .unwrap_or_else(IceCreds::new);
+        let mut ice = IceAgent::new(creds);
+        ice.set_controlling(config.controlling);
+        ice.set_local_preference(WgicePreference);
+        ice.set_initial_stun_rto(config.initial_rto);
+        ice.set_max_stun_rto(config.keepalive_interval);
+        ice.set_max_stun_retransmits(config.max_retransmits);
+        ice.set_timing_advance(config.check_pacing);
+        ice.handle_timeout(now);
+        let backoff = Backoff {
+            initial: config.retry_initial,
+            max: config.retry_max,
+            attempt: 0,
+            rng: StdRng::seed_from_u64(config.rng_seed),
+        };
+        let mut s = PeerSession {
+            ice,
+            local: Vec::new(),
+            remote: Vec::new(),
+            nominated: None,
+            seen: HashMap::new(),
+            checks: HashMap::new(),
+            path: PathStatus {
+                kind: PathKind::Connecting,
+                local: None,
+                remote: None,
+                via: Via::Socket,
+                reason: "connecting: waiting for the peer's candidates".into(),
+                since: now,
+                rtt: None,
+            },
+            relay_cause: RelayCause::Checking,
+            first_remote_at: None,
+            direct_lost_at: None,
+            next_retry_at: None,
+            backoff,
+            direct_checks_since_ok: 0,
+            direct_pairs_tried: Vec::new(),
+            local_nat_varies: false,
+            remote_nat_varies: false,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: SessionStats::default(),
+            last_now: now,
+            config,
+        };
+        s.drain_ice(now);
+        s
+    }
+
+    /// Our ICE credentials, to signal to the peer.
+    pub fn local_credentials(&self) -> &IceCreds {
+        self.ice.local_credentials()
+    }
+
+    /// The peer's ICE credentials (from its offer).
+    pub fn set_remote_credentials(&mut self, now: Instant, creds: IceCreds) {
+        self.ice.set_remote_credentials(creds);
+        self.after_mutation(now);
+    }
+
+    /// `true` if this session controls nomination.
+    pub fn controlling(&self) -> bool {
+        self.ice.controlling()
+    }
+
+    /// Adds a local candidate (host, server-reflexive or relayed) and returns
+    /// it as it must be trickled to the peer (`to_sdp_string()`).
+    ///
+    /// A relayed candidate's address is our TURN relayed address; checks
+    /// and data from it go through the allocation ([`Via::Turn`]).
+    pub fn add_local_candidate(
+        &mut self,
+        now: Instant,
+        candidate: Candidate,
+    ) -> Result<Candidate, SessionError> {
+        let addr = candidate.addr();
+        let added = self
+            .ice
+            .add_local_candidate(candidate)
+            .cloned()
+            .ok_or(SessionError::RedundantCandidate(addr))?;
+        self.local.push(added.clone());
+        self.after_mutation(now);
+        Ok(added)
+    }
+
+    /// Adds a candidate the peer trickled.
+    pub fn add_remote_candidate(&mut self, now: Instant, candidate: Candidate) {
+        if self.first_remote_at.is_none() {
+            self.first_remote_at = Some(now);
+        }
+        if !self
+            .remote
+            .iter()
+            .any(|c| c.addr() == candidate.addr() && c.kind() == candidate.kind())
+        {
+            self.remote.push(candidate.clone());
+        }
+        self.ice.add_remote_candidate(candidate);
+        self.after_mutation(now);
+    }
+
+    /// Adds a candidate the peer trickled as an SDP `candidate:` line.
+    pub fn add_remote_candidate_sdp(
+        &mut self,
+        now: Instant,
+        line: &str,
+    ) -> Result<(), SessionError> {
+        let c = Candidate::from_sdp_string(line)?;
+        self.add_remote_candidate(now, c);
+        Ok(())
+    }
+
+    /// Handles a STUN datagram received on `destination` (a local host
+    /// address, or our relayed address for data the relay passed up) from
+    /// `source`. Returns `false` if it is not for this session (wrong
+    /// credentials, unknown transaction, not STUN): the caller may offer it
+    /// to another session or count and drop it.
+    pub fn handle_stun(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        datagram: &[u8],
+    ) -> bool {
+        let Ok(message) = StunMessage::parse(datagram) else {
+            self.stats.stun_rejected += 1;
+            return false;
+        };
+        if !self.ice.accepts_message(&message) {
+            self.stats.stun_rejected += 1;
+            return false;
+        }
+        let key = (destination, source);
+        if message.is_successful_binding_response() {
+            if let Some((pair, sent)) = self.checks.remove(&message.trans_id()) {
+                self.seen.entry(pair).or_default().rtt = Some(now.saturating_duration_since(sent));
+            }
+            self.note_mapped(message.mapped_address(), destination);
+        } else if message.is_binding_request() {
+            self.note_remote_source(source);
+        }
+        let packet = StunPacket {
+            proto: is::Protocol::Udp,
+            source,
+            destination,
+            message,
+        };
+        let accepted = self.ice.handle_packet(now, packet);
+        if accepted {
+            self.seen.entry(key).or_default().last_rx = Some(now);
+        }
+        self.after_mutation(now);
+        accepted
+    }
+
+    /// Records that a WireGuard packet from `source` arrived on `destination`
+    /// (a local host address, or our relayed address): traffic keeps a path
+    /// alive just as STUN does.
+    pub fn note_data_rx(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr) {
+        let key = (destination, source);
+        // Only pairs we know of: data from anywhere else is not evidence.
+        let known = self.seen.contains_key(&key)
+            || self.path.local == Some(destination) && self.path.remote == Some(source);
+        if known {
+            self.seen.entry(key).or_default().last_rx = Some(now);
+            self.evaluate(now);
+        }
+    }
+
+    /// Advances timers to `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.ice.handle_timeout(now);
+        self.after_mutation(now);
+        if let Some(at) = self.next_retry_at {
+            if now >= at {
+                self.retry_direct(now);
+            }
+        }
+    }
+
+    /// When to call [`PeerSession::handle_timeout`] next. Changes after any
+    /// mutating call.
+    #[must_use]
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let mut next = self.ice.poll_timeout();
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        consider(self.next_retry_at);
+        // Wake when the current direct path would count as silent.
+        if self.path.kind.is_direct() {
+            if let (Some(l), Some(r)) = (self.path.local, self.path.remote) {
+                let rx = self.seen.get(&(l, r)).and_then(|s| s.last_rx);
+                consider(rx.map(|t| t + self.config.failover_after));
+            }
+        }
+        // Wake when the initial direct window closes.
+        if self.direct_lost_at.is_none() {
+            consider(
+                self.first_remote_at
+                    .map(|t| t + self.config.initial_direct_window),
+            );
+        }
+        next.map(|n| n.max(self.last_now))
+    }
+
+    /// The next datagram to send. Changes after any mutating call.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event. Changes after any mutating call.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// The current data path.
+    pub fn path(&self) -> &PathStatus {
+        &self.path
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// `is`'s connection state.
+    pub fn ice_state(&self) -> IceConnectionState {
+        self.ice.state()
+    }
+
+    fn after_mutation(&mut self, now: Instant) {
+        self.drain_ice(now);
+        self.evaluate(now);
+    }
+
+    fn is_local_relayed(&self, addr: SocketAddr) -> bool {
+        self.local
+            .iter()
+            .any(|c| c.kind() == CandidateKind::Relayed && c.addr() == addr)
+    }
+
+    fn remote_kind(&self, addr: SocketAddr) -> CandidateKind {
+        self.remote
+            .iter()
+            .filter(|c| c.addr() == addr)
+            .map(|c| c.kind())
+            // Relayed wins if the same address was signalled twice.
+            .min_by_key(|k| match k {
+                CandidateKind::Relayed => 0,
+                CandidateKind::Host => 1,
+                CandidateKind::ServerReflexive => 2,
+                CandidateKind::PeerReflexive => 3,
+            })
+            // Not signalled: `is` learned it from a check.
+            .unwrap_or(CandidateKind::PeerReflexive)
+    }
+
+    fn pair_kind(&self, (local, remote): PairKey) -> (PathKind, Option<IpNet>) {
+        let lk = if self.is_local_relayed(local) {
+            CandidateKind::Relayed
+        } else {
+            CandidateKind::Host
+        };
+        let c = classify(
+            lk,
+            self.remote_kind(remote),
+            remote,
+            &self.config.local_networks,
+        );
+        (c.kind, c.lan)
+    }
+
+    fn alive(&self, key: PairKey, now: Instant) -> bool {
+        self.seen
+            .get(&key)
+            .and_then(|s| s.last_rx)
+            .is_some_and(|t| now.saturating_duration_since(t) < self.config.failover_after)
+    }
+
+    fn drain_ice(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
+        while let Some(t) = self.ice.poll_transmit() {
+            let key = (t.source, t.destination);
+            let contents: Vec<u8> = t.contents.into();
+            if let Ok(msg) = StunMessage::parse(&contents) {
+                if msg.is_binding_request() {
+                    self.checks.insert(msg.trans_id(), (key, now));
+                    if !self.pair_kind(key).0.eq(&PathKind::Relay) {
+                        self.stats.direct_checks_sent += 1;
+                        self.direct_checks_since_ok += 1;
+                        if !self.direct_pairs_tried.contains(&key) {
+                            self.direct_pairs_tried.push(key);
+                        }
+                    }
+                }
+            }
+            let via = if self.is_local_relayed(t.source) {
+                Via::Turn { relayed: t.source }
+            } else {
+                Via::Socket
+            };
+            self.transmits.push_back(Transmit {
+                source: t.source,
+                destination: t.destination,
+                via,
+                contents,
+            });
+        }
+        // Forget checks that can no longer be answered usefully.
+        let horizon = Duration::from_secs(10);
+        self.checks
+            .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < horizon);
+        while let Some(e) = self.ice.poll_event() {
+            match e {
+                IceAgentEvent::NominatedSend {
+                    source,
+                    destination,
+                    ..
+                } => {
+                    tracing::debug!(%source, %destination, "is nominated pair");
+                    self.nominated = Some((source, destination));
+                }
+                IceAgentEvent::IceConnectionStateChange(s) => {
+                    self.events.push_back(SessionEvent::IceState(s));
+                }
+                IceAgentEvent::IceRestart(_) | IceAgentEvent::DiscoveredRecv { .. } => {}
+            }
+        }
+    }
+
+    /// A success response's XOR-MAPPED-ADDRESS on a host pair: if it has the
+    /// IP of our server-reflexive candidate but another port, our NAT maps
+    /// each destination to a new port.
+    fn note_mapped(&mut self, mapped: Option<SocketAddr>, destination: SocketAddr) {
+        let Some(mapped) = mapped else { return };
+        if self.is_local_relayed(destination) {
+            return;
+        }
+        let varies = self.local.iter().any(|c| {
+            c.kind() == CandidateKind::ServerReflexive
+                && c.addr().ip() == mapped.ip()
+                && c.addr().port() != mapped.port()
+        });
+        self.local_nat_varies |= varies;
+    }
+
+    /// A check from an address the peer did not signal but with the IP of
+    /// its server-reflexive candidate: its NAT maps per destination.
+    fn note_remote_source(&mut self, source: SocketAddr) {
+        let signalled = self.remote.iter().any(|c| c.addr() == source);
+        let varies = !signalled
+            && self.remote.iter().any(|c| {
+                c.kind() == CandidateKind::ServerReflexive && c.addr().ip() == source.ip()
+            });
+        self.remote_nat_varies |= varies;
+    }
+
+    /// Best relay path: an alive relay-kind pair if one answered, else our
+    /// relayed address to the peer's relayed candidate (or its
+    /// server-reflexive, then any other, same IP family).
+    fn relay_choice(&self, now: Instant) -> Option<PairKey> {
+        let alive = self
+            .seen
+            .iter()
+            .filter(|(k, _)| self.alive(**k, now) && self.pair_kind(**k).0 == PathKind::Relay)
+            .max_by_key(|(k, s)| {
+                // Prefer what `is` nominated, then the most recent answer.
+                (Some(**k) == self.nominated, s.last_rx)
+            })
+            .map(|(k, _)| *k);
+        if alive.is_some() {
+            return alive;
+        }
+        let relayed = self
+            .local
+            .iter()
+            .find(|c| c.kind() == CandidateKind::Relayed)?
+            .addr();
+        let rank = |k: CandidateKind| match k {
+            CandidateKind::Relayed => 0,
+            CandidateKind::ServerReflexive => 1,
+            CandidateKind::PeerReflexive => 2,
+            CandidateKind::Host => 3,
+        };
+        self.remote
+            .iter()
+            .filter(|c| c.addr().is_ipv4() == relayed.is_ipv4())
+            .min_by_key(|c| rank(c.kind()))
+            .map(|c| (relayed, c.addr()))
+    }
+
+    /// The path policy. Runs after every input.
+    fn evaluate(&mut self, now: Instant) {
+        let any_direct_alive = self
+            .seen
+            .keys()
+            .any(|k| self.pair_kind(*k).0.is_direct() && self.alive(*k, now));
+
+        // 1. What would we like to use?
+        let current = match (self.path.local, self.path.remote) {
+            (Some(l), Some(r)) => Some((l, r)),
+            _ => None,
+        };
+        let current_kind = self.path.kind;
+        let current_alive = current.is_some_and(|k| self.alive(k, now));
+
+        let nominated = self.nominated.map(|k| (k, self.pair_kind(k)));
+        let nominated_alive = self.nominated.is_some_and(|k| self.alive(k, now));
+
+        let mut choice: Option<PairKey> = None;
+        if let Some((nk, (nkind, _))) = nominated {
+            if nominated_alive && nkind.is_direct() {
+                choice = Some(nk);
+            }
+        }
+        // Keep a still-alive direct path when `is` nominated something no
+        // better (equal kind within the RTT margin, or worse).
+        if let (Some(cur), Some(nk)) = (current, choice) {
+            if cur != nk && current_alive && current_kind.is_direct() {
+                let (nkind, _) = self.pair_kind(nk);
+                let better_kind = nkind.rank() > current_kind.rank();
+                let clearly_faster = match (self.rtt_of(nk), self.rtt_of(cur)) {
+                    (Some(n), Some(c)) => n.mul_f64(1.1) < c,
+                    _ => false,
+                };
+                if !better_kind && !clearly_faster {
+                    choice = Some(cur);
+                }
+            }
+        }
+
+        // 2. Direct lost? Fail over to the relay.
+        if choice.is_none() && current_kind.is_direct() && !current_alive {
+            if let Some((l, r)) = current {
+                if !matches!(self.relay_cause, RelayCause::Failover { .. }) {
+                    self.stats.failovers += 1;
+                    tracing::info!(local = %l, remote = %r, "direct path silent, failing over to relay");
+                }
+                self.relay_cause = RelayCause::Failover {
+                    local: l,
+                    remote: r,
+                };
+                self.mark_direct_lost(now);
+            }
+        }
+        if choice.is_none() {
+            // Another direct pair that still answers (say `is` has not yet
+            // re-nominated)?
+            if current_kind.is_direct() && current_alive {
+                choice = current;
+            }
+        }
+        if choice.is_none() {
+            choice = self.relay_choice(now);
+        }
+        // Nothing relayed either: stay on a silent direct path rather than
+        // on nothing (it may come back), or keep connecting.
+        if choice.is_none() {
+            choice = current;
+        }
+
+        // 3. Direct bookkeeping: backoff reset, lost detection.
+        if any_direct_alive {
+            if self.direct_lost_at.is_some() || self.backoff.attempt > 0 {
+                tracing::info!("direct path answers again; retry backoff reset");
+            }
+            self.direct_lost_at = None;
+            self.next_retry_at = None;
+            self.backoff.reset();
+            self.direct_checks_since_ok = 0;
+            self.direct_pairs_tried.clear();
+            self.relay_cause = RelayCause::Checking;
+        } else if self.direct_lost_at.is_none() {
+            if let Some(first) = self.first_remote_at {
+                if now.saturating_duration_since(first) >= self.config.initial_direct_window {
+                    if self.relay_cause == RelayCause::Checking {
+                        self.relay_cause = RelayCause::NoDirect;
+                    }
+                    self.mark_direct_lost(now);
+                }
+            }
+        }
+
+        // 4. Apply.
+        match choice {
+            Some(key) => self.set_path(now, key),
+            None => self.set_connecting(now),
+        }
+    }
+
+    fn rtt_of(&self, key: PairKey) -> Option<Duration> {
+        self.seen.get(&key).and_then(|s| s.rtt)
+    }
+
+    fn mark_direct_lost(&mut self, now: Instant) {
+        if self.direct_lost_at.is_none() {
+            self.direct_lost_at = Some(now);
+            let has_direct_candidates = self
+                .local
+                .iter()
+                .any(|c| c.kind() != CandidateKind::Relayed);
+            if has_direct_candidates && !self.remote.is_empty() {
+                let interval = self.backoff.next_interval();
+                self.next_retry_at = Some(now + interval);
+            }
+        }
+    }
+
+    /// Re-forms all candidate pairs (pruned ones come back) so direct is
+    /// tried again, and schedules the next retry.
+    fn retry_direct(&mut self, now: Instant) {
+        let attempt = self.backoff.attempt;
+        let next_in = self.backoff.next_interval();
+        self.next_retry_at = Some(now + next_in);
+        self.stats.direct_retries += 1;
+        tracing::debug!(
+            attempt,
+            ?next_in,
+            "retrying direct: re-forming candidate pairs"
+        );
+        self.ice.recreate_candidate_pairs();
+        self.events
+            .push_back(SessionEvent::DirectRetry { attempt, next_in });
+        self.after_mutation(now);
+    }
+
+    fn reason_for(&self, kind: PathKind, (l, r): PairKey, lan: Option<IpNet>) -> String {
+        match kind {
+            PathKind::Lan => match lan {
+                Some(net) => format!("direct (LAN {net})"),
+                None => "direct (LAN)".into(),
+            },
+            PathKind::Direct => format!("direct {l} ↔ {r}"),
+            PathKind::Relay => match &self.relay_cause {
+                RelayCause::Checking => "relayed while direct checks run".into(),
+                RelayCause::Failover { local, remote } => format!(
+                    "direct path {local}→{remote} stopped answering; relayed while retrying"
+                ),
+                RelayCause::NoDirect => {
+                    let mut s = format!(
+                        "relayed: no direct pair answered after {} checks on {} pairs",
+                        self.direct_checks_since_ok,
+                        self.direct_pairs_tried.len()
+                    );
+                    if self.local_nat_varies {
+                        s.push_str(" — local NAT maps each destination to a new port (symmetric)");
+                    } else if self.remote_nat_varies {
+                        s.push_str(
+                            " — the peer's NAT maps each destination to a new port (symmetric)",
+                        );
+                    }
+                    if self
+                        .local
+                        .iter()
+                        .all(|c| c.kind() == CandidateKind::Relayed)
+                    {
+                        s.push_str(" — no local direct candidates");
+                    }
+                    s
+                }
+            },
+            PathKind::Connecting => "connecting".into(),
+        }
+    }
+
+    fn set_path(&mut self, now: Instant, key: PairKey) {
+        let (kind, lan) = self.pair_kind(key);
+        let reason = self.reason_for(kind, key, lan);
+        let via = if self.is_local_relayed(key.0) {
+            Via::Turn { relayed: key.0 }
+        } else {
+            Via::Socket
+        };
+        let rtt = self.rtt_of(key);
+        let changed = self.path.kind != kind
+            || self.path.local != Some(key.0)
+            || self.path.remote != Some(key.1);
+        self.path.rtt = rtt;
+        self.path.reason = reason;
+        if changed {
+            tracing::info!(path = %kind, local = %key.0, remote = %key.1, reason = %self.path.reason, "data path changed");
+            self.path.kind = kind;
+            self.path.local = Some(key.0);
+            self.path.remote = Some(key.1);
+            self.path.via = via;
+            self.path.since = now;
+            self.stats.path_changes += 1;
+            self.events
+                .push_back(SessionEvent::PathChanged(self.path.clone()));
+        }
+    }
+
+    fn set_connecting(&mut self, now: Instant) {
+        let reason = if self.remote.is_empty() && self.seen.is_empty() {
+            "connecting: waiting for the peer's candidates".to_string()
+        } else if self.ice.remote_credentials().is_none() {
+            "connecting: waiting for the peer's credentials".to_string()
+        } else if self.local.is_empty() {
+            "connecting: no local candidates yet".to_string()
+        } else {
+            format!(
+                "connecting: {} checks sent, no pair answered yet and no relayed candidate",
+                self.direct_checks_since_ok
+            )
+        };
+        let changed = self.path.kind != PathKind::Connecting;
+        self.path.reason = reason;
+        if changed {
+            self.path.kind = PathKind::Connecting;
+            self.path.local = None;
+            self.path.remote = None;
+            self.path.via = Via::Socket;
+            self.path.since = now;
+            self.path.rtt = None;
+            self.stats.path_changes += 1;
+            self.events
+                .push_back(SessionEvent::PathChanged(self.path.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controlling_is_decided_by_the_larger_key_and_both_sides_agree() {
+        let a = [1u8; 32];
+        let mut b = [1u8; 32];
+        b[31] = 2;
+        assert!(is_controlling(&b, &a));
+        assert!(!is_controlling(&a, &b));
+        assert!(!is_controlling(&a, &a));
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped_with_jitter_below_the_cap() {
+        let mut b = Backoff {
+            initial: Duration::from_secs(2),
+            max: Duration::from_secs(60),
+            attempt: 0,
+            rng: StdRng::seed_from_u64(7),
+        };
+        let v: Vec<Duration> = (0..10).map(|_| b.next_interval()).collect();
+        let bases = [2u64, 4, 8, 16, 32, 60, 60, 60, 60, 60];
+        for (got, base) in v.iter().zip(bases) {
+            let base = Duration::from_secs(base);
+            assert!(
+                *got <= base && *got >= base.mul_f64(0.85),
+                "{got:?} vs {base:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next_interval() <= Duration::from_secs(2));
+    }
+
+    #[test]
+    fn new_session_is_connecting_and_says_why() {
+        let now = Instant::now();
+        let s = PeerSession::new(SessionConfig::new(true, 1), now);
+        assert_eq!(s.path().kind, PathKind::Connecting);
+        assert_eq!(
+            s.path().reason,
+            "connecting: waiting for the peer's candidates"
+        );
+    }
+
+    #[test]
+    fn garbage_is_rejected_and_counted() {
+        let now = Instant::now();
+        let mut s = PeerSession::new(SessionConfig::new(true, 1), now);
+        let a: SocketAddr = "192.0.2.1:1".parse().expect("addr");
+        assert!(!s.handle_stun(now, a, a, &[0u8; 3]));
+        assert!(!s.handle_stun(now, a, a, b"\x04\0\0\0garbage-wireguard-like"));
+        assert_eq!(s.stats().stun_rejected, 2);
+    }
+}
