@@ -124,7 +124,7 @@ fn normalise(ip: IpAddr) -> IpAddr {
 
 /// `true` for addresses that only make sense on a local network: RFC 1918,
 /// CGNAT 100.64/10, IPv6 ULA fc00::/7.
-fn is_private(ip: IpAddr) -> bool {
+pub(crate) fn is_private(ip: IpAddr) -> bool {
     match normalise(ip) {
         IpAddr::V4(v4) => {
             v4.is_private() || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xC0) == 64)

@@ -23,7 +23,7 @@ use is::{Candidate, CandidateKind, IceAgent, IceAgentEvent, IceConnectionState, 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::path::{classify, PathKind, WgicePreference};
+use crate::path::{classify, is_private, PathKind, WgicePreference};
 
 /// Errors the session reports to its caller.
 #[derive(Debug, thiserror::Error)]
@@ -460,8 +460,10 @@ impl PeerSession {
     #[must_use]
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         let mut next = self.ice.poll_timeout();
+        let last_now = self.last_now;
+        // Only deadlines still ahead: one already passed has been acted on.
         let mut consider = |t: Option<Instant>| {
-            if let Some(t) = t {
+            if let Some(t) = t.filter(|t| *t > last_now) {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
@@ -637,17 +639,35 @@ impl PeerSession {
         self.remote_nat_varies |= varies;
     }
 
-    /// Best relay path: an alive relay-kind pair if one answered, else our
-    /// relayed address to the peer's relayed candidate (or its
-    /// server-reflexive, then any other, same IP family).
+    /// Best relay path.
+    ///
+    /// Sticky: the current relay path stays while it answers (or while it
+    /// is younger than `failover_after` and so had no chance to). Otherwise
+    /// an answering relay-kind pair (what `is` nominated first, then one
+    /// ending on the peer's relayed address, then the most recent answer),
+    /// else the static guess: our relayed address to the peer's relayed
+    /// candidate, or its server-reflexive one — never a private address the
+    /// relay would refuse to reach.
     fn relay_choice(&self, now: Instant) -> Option<PairKey> {
+        if let (PathKind::Relay, Some(l), Some(r)) =
+            (self.path.kind, self.path.local, self.path.remote)
+        {
+            let young = now.saturating_duration_since(self.path.since) < self.config.failover_after;
+            let still_ours = !self.is_local_relayed(l) || self.local.iter().any(|c| c.addr() == l);
+            if still_ours && (young || self.alive((l, r), now)) {
+                return Some((l, r));
+            }
+        }
         let alive = self
             .seen
             .iter()
             .filter(|(k, _)| self.alive(**k, now) && self.pair_kind(**k).0 == PathKind::Relay)
             .max_by_key(|(k, s)| {
-                // Prefer what `is` nominated, then the most recent answer.
-                (Some(**k) == self.nominated, s.last_rx)
+                (
+                    Some(**k) == self.nominated,
+                    self.remote_kind(k.1) == CandidateKind::Relayed,
+                    s.last_rx,
+                )
             })
             .map(|(k, _)| *k);
         if alive.is_some() {
@@ -667,6 +687,7 @@ impl PeerSession {
         self.remote
             .iter()
             .filter(|c| c.addr().is_ipv4() == relayed.is_ipv4())
+            .filter(|c| c.kind() != CandidateKind::Host || !is_private(c.addr().ip()))
             .min_by_key(|c| rank(c.kind()))
             .map(|c| (relayed, c.addr()))
     }
