@@ -691,6 +691,26 @@ fn symmetric_to_port_restricted_stays_relayed_with_a_reason_and_bounded_retries(
         assert!(sim.first_path(i, PathKind::Direct, sim.start).is_none());
         assert!(sim.first_path(i, PathKind::Lan, sim.start).is_none());
     }
+    // Relay first here too, relay to relay (no NAT hole needed), and it
+    // never flaps: at most the first guess and the relay↔relay pair.
+    let exchanged = sim.candidates_exchanged.unwrap();
+    let relay_at = sim.both_on(PathKind::Relay, sim.start).unwrap();
+    println!(
+        "relay carrying data both ways {} ms after the exchange",
+        (relay_at - exchanged).as_millis()
+    );
+    assert!(relay_at - exchanged <= 100 * MS);
+    for i in 0..2 {
+        assert!(
+            sim.nodes[i].paths.len() <= 2,
+            "node {i} flapped: {:?}",
+            sim.nodes[i].paths.len()
+        );
+        assert_eq!(
+            sim.nodes[i].session.path().remote,
+            Some(sim.nodes[1 - i].relayed)
+        );
+    }
     // The symmetric side learns it from the mapped addresses it sees.
     assert!(sim.nodes[0].session.path().reason.contains("local NAT"));
     for i in 0..2 {
