@@ -208,7 +208,10 @@ impl SessionConfig {
 /// Per-pair bookkeeping keyed by (local base, remote address).
 #[derive(Debug, Default, Clone, Copy)]
 struct PairSeen {
+    /// Last STUN or data received on the pair (keeps a path alive).
     last_rx: Option<Instant>,
+    /// Last success response to one of our checks (proves both directions).
+    last_response: Option<Instant>,
     rtt: Option<Duration>,
 }
 
@@ -383,6 +386,29 @@ impl PeerSession {
         Ok(added)
     }
 
+    /// Withdraws a local candidate (an interface went away, a TURN
+    /// allocation was lost). Pairs using it are dropped; if it carried the
+    /// data path, the policy picks another one at once.
+    pub fn remove_local_candidate(&mut self, now: Instant, candidate: &Candidate) -> bool {
+        let removed = self.ice.invalidate_candidate(candidate);
+        self.local
+            .retain(|c| !(c.addr() == candidate.addr() && c.kind() == candidate.kind()));
+        if self.nominated.is_some_and(|(l, _)| l == candidate.addr()) {
+            self.nominated = None;
+        }
+        self.seen.retain(|(l, _), _| *l != candidate.addr());
+        self.after_mutation(now);
+        removed
+    }
+
+    /// Tries direct again right now and restarts the backoff from its
+    /// first step: for the driver to call after a network change or a wake
+    /// from sleep, when waiting out a 60 s backoff would be wrong.
+    pub fn retry_direct_now(&mut self, now: Instant) {
+        self.backoff.reset();
+        self.retry_direct(now);
+    }
+
     /// Adds a candidate the peer trickled.
     pub fn add_remote_candidate(&mut self, now: Instant, candidate: Candidate) {
         if self.first_remote_at.is_none() {
@@ -431,7 +457,8 @@ impl PeerSession {
             return false;
         }
         let key = (destination, source);
-        if message.is_successful_binding_response() {
+        let is_response = message.is_successful_binding_response();
+        if is_response {
             if let Some((pair, sent)) = self.checks.remove(&message.trans_id()) {
                 self.seen.entry(pair).or_default().rtt = Some(now.saturating_duration_since(sent));
             }
@@ -447,7 +474,11 @@ impl PeerSession {
         };
         let accepted = self.ice.handle_packet(now, packet);
         if accepted {
-            self.seen.entry(key).or_default().last_rx = Some(now);
+            let seen = self.seen.entry(key).or_default();
+            seen.last_rx = Some(now);
+            if is_response {
+                seen.last_response = Some(now);
+            }
         }
         self.after_mutation(now);
         accepted
@@ -733,10 +764,13 @@ impl PeerSession {
 
     /// The path policy. Runs after every input.
     fn evaluate(&mut self, now: Instant) {
-        let any_direct_alive = self
-            .seen
-            .keys()
-            .any(|k| self.pair_kind(*k).0.is_direct() && self.alive(*k, now));
+        // Direct "works" only with answers to our own checks: requests from
+        // the peer prove one direction.
+        let any_direct_alive = self.seen.iter().any(|(k, s)| {
+            self.pair_kind(*k).0.is_direct()
+                && s.last_response
+                    .is_some_and(|t| now.saturating_duration_since(t) < self.config.failover_after)
+        });
 
         // 1. What would we like to use?
         let current = match (self.path.local, self.path.remote) {
@@ -902,7 +936,10 @@ impl PeerSession {
 
     fn set_path(&mut self, now: Instant, key: PairKey) {
         let (kind, lan) = self.pair_kind(key);
-        let reason = self.reason_for(kind, key, lan);
+        let mut reason = self.reason_for(kind, key, lan);
+        if kind.is_direct() && !self.alive(key, now) && self.path.local.is_some() {
+            reason.push_str(" — not answering, and no relay to fall back to");
+        }
         let via = if self.is_local_relayed(key.0) {
             Via::Turn { relayed: key.0 }
         } else {

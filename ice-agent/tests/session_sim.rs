@@ -826,3 +826,42 @@ fn direct_cut_fails_over_within_3s_and_returns_after_backoff() {
         "first retry {lost_to_first:?} after the second cut"
     );
 }
+
+#[test]
+fn retry_direct_now_skips_the_backoff_after_a_network_change() {
+    let mut sim = port_restricted_pair();
+    sim.run_until(sim.at(5_000));
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    sim.cut_direct = true;
+    sim.run_until(sim.at(45_000));
+    assert_eq!(sim.kind(0), PathKind::Relay);
+    // The next scheduled retries are far off by now.
+    let pending = (0..2)
+        .map(|i| {
+            sim.nodes[i]
+                .retries
+                .last()
+                .map(|(t, _, n)| *t + *n)
+                .unwrap()
+        })
+        .min()
+        .unwrap();
+    assert!(
+        pending > sim.at(55_000),
+        "next retry at {} ms",
+        sim.ms(pending)
+    );
+
+    // The network is back and the driver knows it (link up, wake from sleep).
+    sim.cut_direct = false;
+    let kick = sim.now;
+    sim.nodes[0].session.retry_direct_now(kick);
+    sim.run_until(kick + Duration::from_secs(3));
+    let back = sim.both_on(PathKind::Direct, kick).expect("direct again");
+    println!(
+        "retry_direct_now: direct again after {} ms",
+        (back - kick).as_millis()
+    );
+    assert!(back - kick <= Duration::from_secs(1));
+    assert!(back < pending);
+}
