@@ -48,6 +48,9 @@ pub fn is_controlling(local_public_key: &[u8; 32], remote_public_key: &[u8; 32])
     local_public_key > remote_public_key
 }
 
+/// How long a pair that stopped answering is remembered.
+const SEEN_HORIZON: Duration = Duration::from_secs(600);
+
 /// RTT margin below which two paths of the same kind count as equal.
 const RTT_MARGIN: f64 = 0.10;
 
@@ -500,6 +503,14 @@ impl PeerSession {
 
     /// Advances timers to `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        // Forget pairs silent for 10 minutes (old NAT mappings, peer-reflexive
+        // addresses of a previous network), but never the path in use.
+        let keep = [self.nominated, self.path.local.zip(self.path.remote)];
+        self.seen.retain(|k, s| {
+            keep.contains(&Some(*k))
+                || s.last_rx
+                    .is_some_and(|t| now.saturating_duration_since(t) < SEEN_HORIZON)
+        });
         self.ice.handle_timeout(now);
         self.after_mutation(now);
         if let Some(at) = self.next_retry_at {
