@@ -1075,6 +1075,75 @@ mod tests {
         );
     }
 
+    /// Two sessions that know each other, and one check from `a` to `b`.
+    fn pair_and_check() -> (PeerSession, PeerSession, Transmit, Instant) {
+        let now = Instant::now();
+        let mut a = PeerSession::new(SessionConfig::new(true, 1), now);
+        let mut b = PeerSession::new(SessionConfig::new(false, 2), now);
+        let ca = a
+            .add_local_candidate(
+                now,
+                Candidate::host("192.0.2.1:1000".parse().expect("a"), "udp").expect("host"),
+            )
+            .expect("add a");
+        let cb = b
+            .add_local_candidate(
+                now,
+                Candidate::host("192.0.2.2:2000".parse().expect("b"), "udp").expect("host"),
+            )
+            .expect("add b");
+        a.set_remote_credentials(now, b.local_credentials().clone());
+        b.set_remote_credentials(now, a.local_credentials().clone());
+        a.add_remote_candidate(now, cb);
+        b.add_remote_candidate(now, ca);
+        let mut t = now;
+        loop {
+            t += Duration::from_millis(10);
+            a.handle_timeout(t);
+            if let Some(x) = a.poll_transmit() {
+                return (a, b, x, t);
+            }
+            assert!(t < now + Duration::from_secs(1), "no check sent");
+        }
+    }
+
+    #[test]
+    fn a_valid_check_is_accepted_and_every_corruption_of_it_is_dropped_without_panic() {
+        let (_a, mut b, check, now) = pair_and_check();
+        let bytes = check.contents.clone();
+        // The message ends with FINGERPRINT (8 bytes), which `is` does not
+        // verify (MESSAGE-INTEGRITY before it is what authenticates); every
+        // byte before it is covered.
+        let covered = bytes.len() - 8;
+        assert_eq!(
+            &bytes[covered..covered + 2],
+            &[0x80, 0x28],
+            "FINGERPRINT last"
+        );
+        for i in 0..covered {
+            for flip in [0x01u8, 0x80, 0xFF] {
+                let mut m = bytes.clone();
+                m[i] ^= flip;
+                assert!(
+                    !b.handle_stun(now, check.source, check.destination, &m),
+                    "byte {i} ^ {flip:#x} accepted"
+                );
+            }
+        }
+        for n in 0..bytes.len() {
+            assert!(!b.handle_stun(now, check.source, check.destination, &bytes[..n]));
+        }
+        let rejected = b.stats().stun_rejected;
+        assert_eq!(rejected, 3 * covered as u64 + bytes.len() as u64);
+        assert!(b.handle_stun(now, check.source, check.destination, &bytes));
+        // The answer goes back to where the check came from.
+        let reply = b.poll_transmit().expect("reply");
+        assert_eq!(
+            (reply.source, reply.destination),
+            (check.destination, check.source)
+        );
+    }
+
     #[test]
     fn garbage_is_rejected_and_counted() {
         let now = Instant::now();

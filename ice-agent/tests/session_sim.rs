@@ -905,3 +905,40 @@ fn idle_direct_path_survives_10_percent_loss_without_flapping() {
         assert_eq!(sim.path_changes_since(i, settled), 0);
     }
 }
+
+#[test]
+fn symmetric_to_symmetric_meets_relay_to_relay() {
+    let mut sim = Sim::new(
+        &[
+            ("10.0.1.0/24", NatKind::Symmetric, "198.51.100.1"),
+            ("10.0.2.0/24", NatKind::Symmetric, "198.51.100.2"),
+        ],
+        [
+            NodeSpec {
+                lan: 0,
+                host: "10.0.1.10:51820",
+            },
+            NodeSpec {
+                lan: 1,
+                host: "10.0.2.20:51820",
+            },
+        ],
+    );
+    sim.run_until(sim.at(20_000));
+    let exchanged = sim.candidates_exchanged.unwrap();
+    let relay_at = sim.both_on(PathKind::Relay, sim.start).unwrap();
+    assert!(relay_at - exchanged <= 100 * MS);
+    for i in 0..2 {
+        let p = sim.nodes[i].session.path();
+        println!("node {i}: {} — {}", p.kind, p.reason);
+        assert_eq!(p.kind, PathKind::Relay);
+        assert_eq!(p.local, Some(sim.nodes[i].relayed));
+        assert_eq!(p.remote, Some(sim.nodes[1 - i].relayed));
+        assert!(
+            p.reason.starts_with("relayed: no direct pair answered"),
+            "{}",
+            p.reason
+        );
+        assert!(sim.first_data(i, true, sim.at(19_900)).is_some());
+    }
+}
