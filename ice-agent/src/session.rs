@@ -489,15 +489,21 @@ impl PeerSession {
 
     /// Records that a WireGuard packet from `source` arrived on `destination`
     /// (a local host address, or our relayed address): traffic keeps a path
-    /// alive just as STUN does.
+    /// alive just as STUN does. O(1) while the pair is alive, so it can be
+    /// called for every packet.
     pub fn note_data_rx(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr) {
         let key = (destination, source);
         // Only pairs we know of: data from anywhere else is not evidence.
         let known = self.seen.contains_key(&key)
             || self.path.local == Some(destination) && self.path.remote == Some(source);
         if known {
+            let was_alive = self.alive(key, now);
             self.seen.entry(key).or_default().last_rx = Some(now);
-            self.evaluate(now);
+            // Hot path (every WireGuard packet): a pair that was already
+            // alive stays alive, which changes no decision.
+            if !was_alive {
+                self.evaluate(now);
+            }
         }
     }
 
