@@ -15,8 +15,8 @@ mod session;
 
 pub use path::{classify, Classification, PathKind, WgicePreference};
 pub use session::{
-    is_controlling, should_switch, PathStatus, PeerSession, SessionConfig, SessionError,
-    SessionEvent, SessionStats, Transmit, Via,
+    is_controlling, should_switch, PathReport, PathStatus, PeerSession, SessionConfig,
+    SessionError, SessionEvent, SessionStats, Transmit, Via,
 };
 
 /// Re-exported `is` types that appear in this crate's API.

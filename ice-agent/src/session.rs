@@ -122,6 +122,41 @@ pub struct PathStatus {
     pub rtt: Option<Duration>,
 }
 
+impl PathStatus {
+    /// The serialisable form for `ice-agent status --json` (the daemon adds
+    /// the peer's public key and byte counters).
+    pub fn report(&self, now: Instant) -> PathReport {
+        PathReport {
+            path: self.kind,
+            reason: self.reason.clone(),
+            local: self.local,
+            remote: self.remote,
+            via_relay: matches!(self.via, Via::Turn { .. }),
+            rtt_ms: self.rtt.map(|r| r.as_secs_f64() * 1000.0),
+            since_secs: now.saturating_duration_since(self.since).as_secs(),
+        }
+    }
+}
+
+/// A [`PathStatus`] as status output shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PathReport {
+    /// `"connecting"`, `"lan"`, `"direct"` or `"relay"`.
+    pub path: PathKind,
+    /// Why the peer is on this path.
+    pub reason: String,
+    /// Local address of the pair.
+    pub local: Option<SocketAddr>,
+    /// Remote address of the pair.
+    pub remote: Option<SocketAddr>,
+    /// Whether traffic leaves through our TURN allocation.
+    pub via_relay: bool,
+    /// Last STUN round-trip time on the pair, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Seconds on this path.
+    pub since_secs: u64,
+}
+
 /// Something the driver should know about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -1068,6 +1103,22 @@ mod tests {
             !should_switch(Direct, None, Direct, ms(30)),
             "unknown RTT: stay"
         );
+    }
+
+    #[test]
+    fn report_serialises_with_lowercase_path_names() {
+        let now = Instant::now();
+        let s = PeerSession::new(SessionConfig::new(true, 1), now);
+        let r = s.path().report(now + Duration::from_secs(3));
+        assert_eq!(r.path, PathKind::Connecting);
+        assert_eq!(r.since_secs, 3);
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["path"], "connecting");
+        assert_eq!(
+            json["reason"],
+            "connecting: waiting for the peer's candidates"
+        );
+        assert!(json["rtt_ms"].is_null());
     }
 
     #[test]
