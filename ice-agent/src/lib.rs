@@ -1,9 +1,32 @@
-//! wgice `ice-agent`: per-node ICE beside WireGuard.
+//! wgice `ice-agent`: one sans-IO ICE session per WireGuard peer (on str0m's
+//! [`is`] agent), the path policy that decides where WireGuard traffic goes,
+//! and the daemon's building blocks.
 //!
+//! Nothing in the session opens a socket, spawns a task or reads the clock:
+//! time comes in as `now`, datagrams come in through
+//! [`PeerSession::handle_stun`] and go out through
+//! [`PeerSession::poll_transmit`]. The daemon (a later layer) owns the UDP
+//! socket, the TURN client, signaling and WireGuard control.
+//!
+//! - [`PeerSession`], [`PathStatus`]: ICE per peer and the path policy.
 //! - [`demux`]: telling STUN, ChannelData and WireGuard apart on the one socket.
 //! - [`gather`]: host candidates from the node's interfaces.
 //! - [`config`]: the agent's TOML configuration.
+//!
+//! See `docs/ice-agent.md` for the design.
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod demux;
 pub mod gather;
+mod path;
+mod session;
+
+pub use path::{classify, Classification, PathKind, WgicePreference};
+pub use session::{
+    is_controlling, should_switch, PathReport, PathStatus, PeerSession, SessionConfig,
+    SessionError, SessionEvent, SessionStats, Transmit, Via,
+};
+
+/// Re-exported `is` types that appear in this crate's API.
+pub use is::{Candidate, CandidateKind, IceConnectionState, IceCreds};

@@ -1,0 +1,944 @@
+//! Two `PeerSession`s over a modelled network with a virtual clock.
+//!
+//! The model: each node sits on a LAN behind a NAT (none, port-restricted
+//! = endpoint-independent mapping + address-and-port-dependent filtering,
+//! or symmetric = endpoint-dependent mapping), one TURN relay on a public
+//! address gives each node a relayed address, and signaling carries
+//! candidates with a fixed delay. Every node also sends a WireGuard-like
+//! data packet every 20 ms along its current path, so a path counts only
+//! when data really arrives over it. A switch drops all traffic that does
+//! not go through the relay (the "direct cut").
+//!
+//! Latencies (one way): same LAN 1 ms; node ↔ internet 10 ms per side
+//! (so direct across the internet is 20 ms); node ↔ relay 15 ms per leg.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ice_agent::{
+    Candidate, IceCreds, PathKind, PathStatus, PeerSession, SessionConfig, SessionEvent, Transmit,
+    Via,
+};
+use ipnet::IpNet;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const MS: Duration = Duration::from_millis(1);
+const LAN_HOP: Duration = Duration::from_millis(1);
+const ACCESS_HOP: Duration = Duration::from_millis(10);
+const RELAY_LEG: Duration = Duration::from_millis(15);
+const SIGNALING: Duration = Duration::from_millis(50);
+const DATA_EVERY: Duration = Duration::from_millis(20);
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NatKind {
+    None,
+    /// EIM + APDF.
+    PortRestricted,
+    /// EDM (a new port per destination) + APDF.
+    Symmetric,
+}
+
+#[derive(Debug)]
+struct Nat {
+    kind: NatKind,
+    external: IpAddr,
+    map: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
+    internal_of: HashMap<u16, SocketAddr>,
+    allowed: HashSet<(u16, SocketAddr)>,
+    next_port: u16,
+}
+
+impl Nat {
+    fn new(kind: NatKind, external: IpAddr) -> Self {
+        Nat {
+            kind,
+            external,
+            map: HashMap::new(),
+            internal_of: HashMap::new(),
+            allowed: HashSet::new(),
+            next_port: 40_000,
+        }
+    }
+
+    fn outbound(&mut self, src: SocketAddr, dst: SocketAddr) -> SocketAddr {
+        let key = match self.kind {
+            NatKind::Symmetric => (src, Some(dst)),
+            _ => (src, None),
+        };
+        let port = match self.map.get(&key) {
+            Some(p) => *p,
+            None => {
+                let p = self.next_port;
+                self.next_port += 7;
+                self.map.insert(key, p);
+                p
+            }
+        };
+        self.internal_of.insert(port, src);
+        self.allowed.insert((port, dst));
+        SocketAddr::new(self.external, port)
+    }
+
+    fn inbound(&self, src: SocketAddr, dst: SocketAddr) -> Option<SocketAddr> {
+        if dst.ip() != self.external || !self.allowed.contains(&(dst.port(), src)) {
+            return None;
+        }
+        self.internal_of.get(&dst.port()).copied()
+    }
+}
+
+#[derive(Debug)]
+struct Lan {
+    net: IpNet,
+    nat: Option<Nat>,
+}
+
+#[derive(Debug)]
+struct Node {
+    session: PeerSession,
+    lan: usize,
+    host: SocketAddr,
+    relayed: SocketAddr,
+    /// (time, path) at every PathChanged.
+    paths: Vec<(Instant, PathStatus)>,
+    /// (time, attempt, next_in) at every DirectRetry.
+    retries: Vec<(Instant, u32, Duration)>,
+    /// (arrival time, source, receiver's destination address) of data packets.
+    data_rx: Vec<(Instant, SocketAddr, SocketAddr)>,
+    next_data: Instant,
+}
+
+#[derive(Debug)]
+struct Packet {
+    at: Instant,
+    seq: u64,
+    to: usize,
+    source: SocketAddr,
+    destination: SocketAddr,
+    data: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum Action {
+    AddLocal(Candidate),
+    AddRemote(Candidate),
+    Creds(IceCreds),
+}
+
+struct Sim {
+    start: Instant,
+    now: Instant,
+    lans: Vec<Lan>,
+    nodes: Vec<Node>,
+    queue: Vec<Packet>,
+    actions: Vec<(Instant, usize, Action)>,
+    seq: u64,
+    cut_direct: bool,
+    /// Probability that any datagram is lost.
+    loss: f64,
+    rng: StdRng,
+    /// Whether nodes send WireGuard-like data on their path.
+    send_wireguard: bool,
+    relay_stun: SocketAddr,
+    /// When the last candidate reached its peer.
+    candidates_exchanged: Option<Instant>,
+}
+
+struct NodeSpec {
+    lan: usize,
+    host: &'static str,
+}
+
+impl Sim {
+    /// Two nodes; `lans` lists (network, NAT kind, external IP).
+    fn new(lans: &[(&str, NatKind, &str)], specs: [NodeSpec; 2]) -> Sim {
+        let start = Instant::now();
+        let lans: Vec<Lan> = lans
+            .iter()
+            .map(|(net, kind, ext)| Lan {
+                net: net.parse().unwrap(),
+                nat: (*kind != NatKind::None).then(|| Nat::new(*kind, ext.parse().unwrap())),
+            })
+            .collect();
+        let nodes = specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let mut cfg = SessionConfig::new(i == 0, 0x5eed + i as u64);
+                cfg.local_networks = vec![lans[spec.lan].net];
+                Node {
+                    session: PeerSession::new(cfg, start),
+                    lan: spec.lan,
+                    host: sa(spec.host),
+                    relayed: SocketAddr::new("203.0.113.1".parse().unwrap(), 50_001 + i as u16),
+                    paths: Vec::new(),
+                    retries: Vec::new(),
+                    data_rx: Vec::new(),
+                    next_data: start,
+                }
+            })
+            .collect();
+        let mut sim = Sim {
+            start,
+            now: start,
+            lans,
+            nodes,
+            queue: Vec::new(),
+            actions: Vec::new(),
+            seq: 0,
+            cut_direct: false,
+            loss: 0.0,
+            rng: StdRng::seed_from_u64(0x105e),
+            send_wireguard: true,
+            relay_stun: sa("203.0.113.1:3478"),
+            candidates_exchanged: None,
+        };
+        sim.gather();
+        sim
+    }
+
+    /// Gathering as the daemon will do it: host at once, server-reflexive
+    /// after one STUN round trip, relayed after two (401 + Allocate); the
+    /// credentials and every candidate reach the peer over signaling.
+    fn gather(&mut self) {
+        let t0 = self.start;
+        for i in 0..2 {
+            let creds = self.nodes[i].session.local_credentials().clone();
+            self.actions
+                .push((t0 + SIGNALING, 1 - i, Action::Creds(creds)));
+            let host = self.nodes[i].host;
+            self.actions.push((
+                t0,
+                i,
+                Action::AddLocal(Candidate::host(host, "udp").unwrap()),
+            ));
+            let relay_stun = self.relay_stun;
+            if let Some(nat) = self.lans[self.nodes[i].lan].nat.as_mut() {
+                let srflx = nat.outbound(host, relay_stun);
+                self.actions.push((
+                    t0 + 2 * RELAY_LEG,
+                    i,
+                    Action::AddLocal(Candidate::server_reflexive(srflx, host, "udp").unwrap()),
+                ));
+            }
+            let relayed = self.nodes[i].relayed;
+            self.actions.push((
+                t0 + 4 * RELAY_LEG,
+                i,
+                Action::AddLocal(Candidate::relayed(relayed, host, "udp").unwrap()),
+            ));
+        }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms)
+    }
+
+    fn ms(&self, t: Instant) -> u64 {
+        t.duration_since(self.start).as_millis() as u64
+    }
+
+    fn push(
+        &mut self,
+        at: Instant,
+        to: usize,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: Vec<u8>,
+    ) {
+        if self.loss > 0.0 && self.rng.random_bool(self.loss) {
+            return;
+        }
+        self.seq += 1;
+        self.queue.push(Packet {
+            at,
+            seq: self.seq,
+            to,
+            source,
+            destination,
+            data,
+        });
+    }
+
+    /// A datagram from node `from`.
+    fn send(&mut self, from: usize, t: Transmit) {
+        match t.via {
+            Via::Turn { relayed } => {
+                assert_eq!(relayed, self.nodes[from].relayed, "only our own allocation");
+                assert_eq!(t.source, relayed);
+                let at = self.now + RELAY_LEG;
+                self.route_public(relayed, t.destination, t.contents, at);
+            }
+            Via::Socket => {
+                assert_eq!(
+                    t.source, self.nodes[from].host,
+                    "sent from a socket we don't own"
+                );
+                let lan = self.nodes[from].lan;
+                let to = 1 - from;
+                if self.nodes[to].lan == lan && t.destination == self.nodes[to].host {
+                    if !self.cut_direct {
+                        let at = self.now + LAN_HOP;
+                        self.push(at, to, t.source, t.destination, t.contents);
+                    }
+                    return;
+                }
+                if self.lans[lan].net.contains(&t.destination.ip()) {
+                    return; // nobody there
+                }
+                let public_src = match self.lans[lan].nat.as_mut() {
+                    Some(nat) => nat.outbound(t.source, t.destination),
+                    None => t.source,
+                };
+                let at = self.now + ACCESS_HOP;
+                self.route_public(public_src, t.destination, t.contents, at);
+            }
+        }
+    }
+
+    fn is_relayed(&self, a: SocketAddr) -> bool {
+        self.nodes.iter().any(|n| n.relayed == a)
+    }
+
+    fn route_public(&mut self, src: SocketAddr, dst: SocketAddr, data: Vec<u8>, at: Instant) {
+        if let Some(k) = self.nodes.iter().position(|n| n.relayed == dst) {
+            // The relay passes it up the owner's allocation.
+            self.push(at + RELAY_LEG, k, src, dst, data);
+            return;
+        }
+        if self.cut_direct && !self.is_relayed(src) {
+            return;
+        }
+        for k in 0..self.nodes.len() {
+            let lan = &self.lans[self.nodes[k].lan];
+            let delivered = match &lan.nat {
+                Some(nat) => nat.inbound(src, dst).filter(|i| *i == self.nodes[k].host),
+                None => (dst == self.nodes[k].host).then_some(dst),
+            };
+            if let Some(internal) = delivered {
+                self.push(at + ACCESS_HOP, k, src, internal, data);
+                return;
+            }
+        }
+        // Unsolicited or unknown: dropped silently, as real NATs do.
+    }
+
+    fn drain(&mut self, i: usize) {
+        loop {
+            let mut progressed = false;
+            while let Some(t) = self.nodes[i].session.poll_transmit() {
+                progressed = true;
+                self.send(i, t);
+            }
+            while let Some(e) = self.nodes[i].session.poll_event() {
+                progressed = true;
+                let now = self.now;
+                match e {
+                    SessionEvent::PathChanged(p) => self.nodes[i].paths.push((now, p)),
+                    SessionEvent::DirectRetry { attempt, next_in } => {
+                        self.nodes[i].retries.push((now, attempt, next_in))
+                    }
+                    _ => {}
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn send_data(&mut self, i: usize) {
+        let p = self.nodes[i].session.path().clone();
+        if let (Some(local), Some(remote)) = (p.local, p.remote) {
+            let mut data = vec![4u8, 0, 0, 0];
+            data.extend_from_slice(&[0u8; 28]);
+            self.send(
+                i,
+                Transmit {
+                    source: local,
+                    destination: remote,
+                    via: p.via,
+                    contents: data,
+                },
+            );
+        }
+    }
+
+    fn run_until(&mut self, end: Instant) {
+        loop {
+            for i in 0..2 {
+                self.drain(i);
+            }
+            let mut next = end;
+            if let Some(p) = self.queue.iter().map(|p| p.at).min() {
+                next = next.min(p);
+            }
+            if let Some(a) = self.actions.iter().map(|a| a.0).min() {
+                next = next.min(a);
+            }
+            for i in 0..2 {
+                if let Some(t) = self.nodes[i].session.poll_timeout() {
+                    next = next.min(t);
+                }
+                next = next.min(self.nodes[i].next_data);
+            }
+            let next = next.max(self.now);
+            if next >= end && next > self.now {
+                self.now = end;
+                break;
+            }
+            self.now = next;
+            let now = self.now;
+
+            // Signaling actions.
+            let mut due: Vec<(Instant, usize, Action)> = Vec::new();
+            let mut rest = Vec::new();
+            for a in self.actions.drain(..) {
+                if a.0 <= now {
+                    due.push(a);
+                } else {
+                    rest.push(a);
+                }
+            }
+            self.actions = rest;
+            for (_, i, action) in due {
+                match action {
+                    Action::AddLocal(c) => {
+                        let c = self.nodes[i].session.add_local_candidate(now, c).unwrap();
+                        self.actions
+                            .push((now + SIGNALING, 1 - i, Action::AddRemote(c)));
+                    }
+                    Action::AddRemote(c) => {
+                        self.nodes[i].session.add_remote_candidate(now, c);
+                        if !self
+                            .actions
+                            .iter()
+                            .any(|a| matches!(a.2, Action::AddRemote(_) | Action::AddLocal(_)))
+                        {
+                            self.candidates_exchanged = Some(now);
+                        }
+                    }
+                    Action::Creds(c) => self.nodes[i].session.set_remote_credentials(now, c),
+                }
+            }
+
+            // Datagrams due.
+            self.queue.sort_by_key(|p| (p.at, p.seq));
+            while self.queue.first().is_some_and(|p| p.at <= now) {
+                let p = self.queue.remove(0);
+                let node = &mut self.nodes[p.to];
+                if p.data.first() == Some(&4) {
+                    node.data_rx.push((now, p.source, p.destination));
+                    node.session.note_data_rx(now, p.source, p.destination);
+                } else {
+                    node.session
+                        .handle_stun(now, p.source, p.destination, &p.data);
+                }
+            }
+
+            for i in 0..2 {
+                if self.nodes[i]
+                    .session
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
+                {
+                    self.nodes[i].session.handle_timeout(now);
+                }
+                if self.nodes[i].next_data <= now {
+                    self.nodes[i].next_data = now + DATA_EVERY;
+                    if self.send_wireguard {
+                        self.drain(i);
+                        self.send_data(i);
+                    }
+                }
+            }
+        }
+    }
+
+    fn kind(&self, i: usize) -> PathKind {
+        self.nodes[i].session.path().kind
+    }
+
+    /// First time after `after` at which node `i`'s path became `kind`.
+    fn first_path(&self, i: usize, kind: PathKind, after: Instant) -> Option<Instant> {
+        self.nodes[i]
+            .paths
+            .iter()
+            .find(|(t, p)| *t >= after && p.kind == kind)
+            .map(|(t, _)| *t)
+    }
+
+    /// First data packet node `i` received after `after` that came through
+    /// the relay (from a relayed address or to ours) or not.
+    fn first_data(&self, i: usize, relayed: bool, after: Instant) -> Option<Instant> {
+        self.nodes[i]
+            .data_rx
+            .iter()
+            .find(|(t, src, dst)| {
+                *t >= after && (self.is_relayed(*src) || self.is_relayed(*dst)) == relayed
+            })
+            .map(|(t, _, _)| *t)
+    }
+
+    /// When both nodes were on `kind` and had each received data over it
+    /// (relayed or not).
+    fn both_on(&self, kind: PathKind, after: Instant) -> Option<Instant> {
+        let relayed = kind == PathKind::Relay;
+        let mut latest = after;
+        for i in 0..2 {
+            let p = self.first_path(i, kind, after)?;
+            // Data *from* the other node, which sends once it is on the path.
+            let d = self
+                .first_data(i, relayed, p.max(after))
+                .or_else(|| self.first_data(i, relayed, after))?;
+            latest = latest.max(p).max(d);
+        }
+        Some(latest)
+    }
+
+    fn path_changes_since(&self, i: usize, after: Instant) -> usize {
+        self.nodes[i]
+            .paths
+            .iter()
+            .filter(|(t, _)| *t > after)
+            .count()
+    }
+}
+
+fn port_restricted_pair() -> Sim {
+    Sim::new(
+        &[
+            ("10.0.1.0/24", NatKind::PortRestricted, "198.51.100.1"),
+            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
+        ],
+        [
+            NodeSpec {
+                lan: 0,
+                host: "10.0.1.10:51820",
+            },
+            NodeSpec {
+                lan: 1,
+                host: "10.0.2.20:51820",
+            },
+        ],
+    )
+}
+
+#[test]
+fn relay_first_then_upgrade_to_direct_without_flapping() {
+    let mut sim = port_restricted_pair();
+    sim.run_until(sim.at(1_000));
+    let exchanged = sim.candidates_exchanged.expect("candidates exchanged");
+    let relay_at = sim
+        .both_on(PathKind::Relay, sim.start)
+        .expect("both sides relayed first");
+    let relay_ms = relay_at.saturating_duration_since(exchanged).as_millis();
+    println!(
+        "candidates exchanged at {} ms; relay carrying data both ways at {} ms (+{relay_ms} ms)",
+        sim.ms(exchanged),
+        sim.ms(relay_at)
+    );
+    assert!(relay_ms <= 100, "relay-first took {relay_ms} ms");
+    for i in 0..2 {
+        let first_relay = sim.nodes[i]
+            .paths
+            .iter()
+            .find(|(_, p)| p.kind == PathKind::Relay)
+            .unwrap();
+        assert_eq!(first_relay.1.reason, "relayed while direct checks run");
+    }
+
+    sim.run_until(sim.at(5_000));
+    let direct_at = sim
+        .both_on(PathKind::Direct, sim.start)
+        .expect("port-restricted ↔ port-restricted upgrades to direct");
+    let up_ms = direct_at.saturating_duration_since(exchanged).as_millis();
+    println!(
+        "direct carrying data both ways at {} ms (+{up_ms} ms)",
+        sim.ms(direct_at)
+    );
+    assert!(up_ms <= 1_500, "upgrade took {up_ms} ms");
+    for i in 0..2 {
+        let p = sim.nodes[i].session.path();
+        assert_eq!(p.kind, PathKind::Direct);
+        assert_eq!(p.via, Via::Socket);
+        assert!(p.reason.starts_with("direct 10.0."), "{}", p.reason);
+        assert!(p.reason.contains(" ↔ 198.51.100."), "{}", p.reason);
+        assert!(p.rtt.is_some_and(|r| r >= 40 * MS), "rtt {:?}", p.rtt);
+        println!("node {i}: {} (rtt {:?})", p.reason, p.rtt);
+    }
+
+    // Settled: a minute of keepalives changes nothing.
+    let settled = sim.now;
+    sim.run_until(sim.at(65_000));
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Direct);
+        assert_eq!(sim.path_changes_since(i, settled), 0, "node {i} flapped");
+        assert_eq!(sim.nodes[i].session.stats().failovers, 0);
+        assert!(
+            sim.nodes[i].retries.is_empty(),
+            "no retries while direct works"
+        );
+    }
+}
+
+#[test]
+fn same_lan_goes_lan_with_the_network_in_the_reason() {
+    let mut sim = Sim::new(
+        &[("10.0.1.0/24", NatKind::PortRestricted, "198.51.100.1")],
+        [
+            NodeSpec {
+                lan: 0,
+                host: "10.0.1.10:51820",
+            },
+            NodeSpec {
+                lan: 0,
+                host: "10.0.1.20:51820",
+            },
+        ],
+    );
+    sim.run_until(sim.at(3_000));
+    let lan_at = sim.both_on(PathKind::Lan, sim.start).expect("lan path");
+    println!("lan carrying data both ways at {} ms", sim.ms(lan_at));
+    for i in 0..2 {
+        let p = sim.nodes[i].session.path();
+        assert_eq!(p.kind, PathKind::Lan);
+        assert_eq!(p.reason, "direct (LAN 10.0.1.0/24)");
+        assert_eq!(p.local, Some(sim.nodes[i].host));
+        assert_eq!(p.remote, Some(sim.nodes[1 - i].host));
+        assert!(p.rtt.is_some_and(|r| r < 10 * MS), "rtt {:?}", p.rtt);
+    }
+}
+
+#[test]
+fn public_host_to_port_restricted_goes_direct() {
+    let mut sim = Sim::new(
+        &[
+            ("192.0.2.0/24", NatKind::None, "192.0.2.1"),
+            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
+        ],
+        [
+            NodeSpec {
+                lan: 0,
+                host: "192.0.2.10:51820",
+            },
+            NodeSpec {
+                lan: 1,
+                host: "10.0.2.20:51820",
+            },
+        ],
+    );
+    sim.run_until(sim.at(3_000));
+    sim.both_on(PathKind::Direct, sim.start).expect("direct");
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    assert_eq!(sim.kind(1), PathKind::Direct);
+}
+
+/// Backoff intervals between DirectRetry events: they grow, are capped at
+/// 60 s, and stay above 85 % of the 2 s · 2^n schedule.
+fn check_backoff(retries: &[(Instant, u32, Duration)]) -> Vec<Duration> {
+    let gaps: Vec<Duration> = retries.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    for (n, g) in gaps.iter().enumerate() {
+        let base = Duration::from_secs(2u64 << (n + 1).min(5)).min(Duration::from_secs(60));
+        assert!(*g <= base + 100 * MS, "gap {n} {g:?} above {base:?}");
+        assert!(
+            *g >= base.mul_f64(0.85),
+            "gap {n} {g:?} below 85 % of {base:?}"
+        );
+    }
+    gaps
+}
+
+#[test]
+fn symmetric_to_port_restricted_stays_relayed_with_a_reason_and_bounded_retries() {
+    let mut sim = Sim::new(
+        &[
+            ("10.0.1.0/24", NatKind::Symmetric, "198.51.100.1"),
+            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
+        ],
+        [
+            NodeSpec {
+                lan: 0,
+                host: "10.0.1.10:51820",
+            },
+            NodeSpec {
+                lan: 1,
+                host: "10.0.2.20:51820",
+            },
+        ],
+    );
+    sim.run_until(sim.at(300_000));
+    for i in 0..2 {
+        let n = &sim.nodes[i];
+        println!(
+            "node {i}: path {:?}; last data rx {:?}; path log {:?}",
+            n.session.path(),
+            n.data_rx.last().map(|d| (sim.ms(d.0), d.1, d.2)),
+            n.paths
+                .iter()
+                .map(|(t, p)| (sim.ms(*t), p.kind, p.local, p.remote))
+                .collect::<Vec<_>>()
+        );
+    }
+    for i in 0..2 {
+        let s = &sim.nodes[i].session;
+        let p = s.path();
+        println!("node {i}: {} — {}", p.kind, p.reason);
+        assert_eq!(p.kind, PathKind::Relay);
+        assert!(
+            p.reason
+                .starts_with("relayed: no direct pair answered after "),
+            "{}",
+            p.reason
+        );
+        assert!(p.reason.contains("symmetric"), "{}", p.reason);
+        assert!(s.stats().direct_checks_sent > 0);
+        // Data kept flowing over the relay the whole time.
+        let late = sim.first_data(i, true, sim.at(299_000));
+        assert!(late.is_some(), "node {i} got no data in the last second");
+        assert!(sim.first_path(i, PathKind::Direct, sim.start).is_none());
+        assert!(sim.first_path(i, PathKind::Lan, sim.start).is_none());
+    }
+    // Relay first here too, relay to relay (no NAT hole needed), and it
+    // never flaps: at most the first guess and the relay↔relay pair.
+    let exchanged = sim.candidates_exchanged.unwrap();
+    let relay_at = sim.both_on(PathKind::Relay, sim.start).unwrap();
+    println!(
+        "relay carrying data both ways {} ms after the exchange",
+        (relay_at - exchanged).as_millis()
+    );
+    assert!(relay_at - exchanged <= 100 * MS);
+    for i in 0..2 {
+        assert!(
+            sim.nodes[i].paths.len() <= 2,
+            "node {i} flapped: {:?}",
+            sim.nodes[i].paths.len()
+        );
+        assert_eq!(
+            sim.nodes[i].session.path().remote,
+            Some(sim.nodes[1 - i].relayed)
+        );
+    }
+    // The symmetric side learns it from the mapped addresses it sees.
+    assert!(sim.nodes[0].session.path().reason.contains("local NAT"));
+    for i in 0..2 {
+        let r = &sim.nodes[i].retries;
+        let gaps = check_backoff(r);
+        println!(
+            "node {i}: {} retries, first at {} ms, gaps {:?}",
+            r.len(),
+            sim.ms(r[0].0),
+            gaps
+        );
+        // 5 s initial window + ~2+4+8+16+32+60+60+60+60 s: 8..=10 in 300 s,
+        // i.e. neither a storm nor hourly.
+        assert!((7..=10).contains(&r.len()), "{} retries", r.len());
+    }
+}
+
+#[test]
+fn direct_cut_fails_over_within_3s_and_returns_after_backoff() {
+    let mut sim = port_restricted_pair();
+    sim.run_until(sim.at(5_000));
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    assert_eq!(sim.kind(1), PathKind::Direct);
+    let direct_pair = sim.nodes[0].session.path().clone();
+
+    // Cut.
+    let cut = sim.now;
+    sim.cut_direct = true;
+    sim.run_until(sim.at(10_000));
+    let relay_at = sim
+        .both_on(PathKind::Relay, cut)
+        .expect("failover to relay");
+    let failover = relay_at - cut;
+    println!(
+        "failover: relay carrying data both ways {} ms after the cut",
+        failover.as_millis()
+    );
+    assert!(
+        failover <= Duration::from_secs(3),
+        "failover took {failover:?}"
+    );
+    for i in 0..2 {
+        assert_eq!(sim.nodes[i].session.stats().failovers, 1);
+        let (_, p) = sim.nodes[i].paths.iter().find(|(t, _)| *t >= cut).unwrap();
+        assert!(
+            p.reason.starts_with("direct path ")
+                && p.reason
+                    .ends_with("stopped answering; relayed while retrying"),
+            "{}",
+            p.reason
+        );
+    }
+    assert!(sim.nodes[0].paths.iter().any(|(t, p)| *t >= cut
+        && p.reason.contains(&format!(
+            "{}→{}",
+            direct_pair.local.unwrap(),
+            direct_pair.remote.unwrap()
+        ))));
+
+    // Stay cut for a while: retries back off.
+    sim.run_until(sim.at(60_000));
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Relay);
+        let gaps = check_backoff(&sim.nodes[i].retries);
+        println!(
+            "node {i} while cut: retries at {:?} ms, gaps {:?}",
+            sim.nodes[i]
+                .retries
+                .iter()
+                .map(|r| sim.ms(r.0))
+                .collect::<Vec<_>>(),
+            gaps
+        );
+        assert!(sim.nodes[i].retries.len() >= 4, "retries while cut");
+        let first = sim.nodes[i].retries[0].0 - cut;
+        assert!(
+            first <= Duration::from_secs(4),
+            "first retry {first:?} after the cut"
+        );
+    }
+
+    // Restore: back to direct by the next retry at the latest.
+    let restore = sim.now;
+    sim.cut_direct = false;
+    let pending = (0..2)
+        .filter_map(|i| sim.nodes[i].retries.last().map(|(t, _, n)| *t + *n))
+        .max()
+        .unwrap();
+    sim.run_until(pending + Duration::from_secs(3));
+    let back = sim
+        .both_on(PathKind::Direct, restore)
+        .expect("back to direct");
+    println!(
+        "restored at {} ms, direct again at {} ms (+{} ms; next scheduled retry was at {} ms)",
+        sim.ms(restore),
+        sim.ms(back),
+        (back - restore).as_millis(),
+        sim.ms(pending)
+    );
+    assert!(back <= pending + Duration::from_secs(2));
+    // And the backoff starts from 2 s again next time.
+    let retries_before = sim.nodes[0].retries.len();
+    let cut2 = sim.now + Duration::from_secs(5);
+    sim.run_until(cut2);
+    sim.cut_direct = true;
+    sim.run_until(cut2 + Duration::from_secs(8));
+    let new: Vec<_> = sim.nodes[0].retries[retries_before..].to_vec();
+    assert!(new.len() >= 2, "retrying after the second cut: {new:?}");
+    assert_eq!(new[0].1, 1, "backoff reset after direct worked again");
+    let lost_to_first = new[0].0 - cut2;
+    assert!(
+        lost_to_first <= Duration::from_secs(4),
+        "first retry {lost_to_first:?} after the second cut"
+    );
+}
+
+#[test]
+fn retry_direct_now_skips_the_backoff_after_a_network_change() {
+    let mut sim = port_restricted_pair();
+    sim.run_until(sim.at(5_000));
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    sim.cut_direct = true;
+    sim.run_until(sim.at(45_000));
+    assert_eq!(sim.kind(0), PathKind::Relay);
+    // The next scheduled retries are far off by now.
+    let pending = (0..2)
+        .map(|i| {
+            sim.nodes[i]
+                .retries
+                .last()
+                .map(|(t, _, n)| *t + *n)
+                .unwrap()
+        })
+        .min()
+        .unwrap();
+    assert!(
+        pending > sim.at(55_000),
+        "next retry at {} ms",
+        sim.ms(pending)
+    );
+
+    // The network is back and the driver knows it (link up, wake from sleep).
+    sim.cut_direct = false;
+    let kick = sim.now;
+    sim.nodes[0].session.retry_direct_now(kick);
+    sim.run_until(kick + Duration::from_secs(3));
+    let back = sim.both_on(PathKind::Direct, kick).expect("direct again");
+    println!(
+        "retry_direct_now: direct again after {} ms",
+        (back - kick).as_millis()
+    );
+    assert!(back - kick <= Duration::from_secs(1));
+    assert!(back < pending);
+}
+
+#[test]
+fn idle_direct_path_survives_10_percent_loss_without_flapping() {
+    // No WireGuard traffic: only STUN keeps the path alive, the hardest case
+    // for a 1.5 s failover. Both sides' checks count (each is evidence).
+    let mut sim = port_restricted_pair();
+    sim.send_wireguard = false;
+    sim.run_until(sim.at(5_000));
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    assert_eq!(sim.kind(1), PathKind::Direct);
+    sim.loss = 0.10;
+    let settled = sim.now;
+    sim.run_until(sim.at(305_000));
+    for i in 0..2 {
+        let st = sim.nodes[i].session.stats();
+        println!(
+            "node {i} after 300 s at 10 % loss: {} failovers, {} path changes, path {}",
+            st.failovers,
+            sim.path_changes_since(i, settled),
+            sim.kind(i)
+        );
+        assert_eq!(st.failovers, 0, "node {i} failed over on loss alone");
+        assert_eq!(sim.path_changes_since(i, settled), 0);
+    }
+}
+
+#[test]
+fn symmetric_to_symmetric_meets_relay_to_relay() {
+    let mut sim = Sim::new(
+        &[
+            ("10.0.1.0/24", NatKind::Symmetric, "198.51.100.1"),
+            ("10.0.2.0/24", NatKind::Symmetric, "198.51.100.2"),
+        ],
+        [
+            NodeSpec {
+                lan: 0,
+                host: "10.0.1.10:51820",
+            },
+            NodeSpec {
+                lan: 1,
+                host: "10.0.2.20:51820",
+            },
+        ],
+    );
+    sim.run_until(sim.at(20_000));
+    let exchanged = sim.candidates_exchanged.unwrap();
+    let relay_at = sim.both_on(PathKind::Relay, sim.start).unwrap();
+    assert!(relay_at - exchanged <= 100 * MS);
+    for i in 0..2 {
+        let p = sim.nodes[i].session.path();
+        println!("node {i}: {} — {}", p.kind, p.reason);
+        assert_eq!(p.kind, PathKind::Relay);
+        assert_eq!(p.local, Some(sim.nodes[i].relayed));
+        assert_eq!(p.remote, Some(sim.nodes[1 - i].relayed));
+        assert!(
+            p.reason.starts_with("relayed: no direct pair answered"),
+            "{}",
+            p.reason
+        );
+        assert!(sim.first_data(i, true, sim.at(19_900)).is_some());
+    }
+}
