@@ -12,6 +12,7 @@
 //! - [`demux`]: telling STUN, ChannelData and WireGuard apart on the one socket.
 //! - [`gather`]: host candidates from the node's interfaces.
 //! - [`config`]: the agent's TOML configuration.
+//! - [`status`]: what `ice-agent status` shows (table and JSON).
 //!
 //! See `docs/ice-agent.md` for the design.
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@ pub mod demux;
 pub mod gather;
 mod path;
 mod session;
+pub mod status;
 
 pub use path::{classify, Classification, PathKind, WgicePreference};
 pub use session::{
