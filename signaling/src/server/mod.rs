@@ -12,7 +12,7 @@ mod nats;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -123,6 +123,7 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     live: AtomicUsize,
     live_zero: Notify,
+    shutting_down: AtomicBool,
     cfg: ServerConfig,
 }
 
@@ -156,6 +157,13 @@ impl Shared {
                     }
                 }
                 Output::Close(c, frame) => {
+                    if let ServerFrame::Error {
+                        code: ErrorCode::Protocol | ErrorCode::Malformed,
+                        ..
+                    } = frame
+                    {
+                        Metrics::inc(&self.metrics.protocol_errors);
+                    }
                     let conns = conns.get_or_insert_with(|| lock(&self.conns));
                     if let Some(h) = conns.remove(&c) {
                         h.close.send_replace(Some(wire::encode(&frame).into()));
@@ -297,6 +305,7 @@ impl Server {
             next_conn: AtomicU64::new(1),
             live: AtomicUsize::new(0),
             live_zero: Notify::new(),
+            shutting_down: AtomicBool::new(false),
             cfg,
         });
         Ok(Server {
@@ -350,11 +359,16 @@ impl Server {
             tasks.spawn(n.run(shared.clone()));
         }
         tasks.spawn(timer(shared.clone()));
-        tasks.spawn(accept_quic(shared.clone(), endpoint.clone()));
-        tasks.spawn(accept_tcp(shared.clone(), tcp));
+        let mut accept = tokio::task::JoinSet::new();
+        accept.spawn(accept_quic(shared.clone(), endpoint.clone()));
+        accept.spawn(accept_tcp(shared.clone(), tcp));
         shutdown.await;
         info!("shutting down: closing connections");
+        // Stop accepting first (this closes the TCP listener), and refuse
+        // registrations still in their handshake.
+        shared.shutting_down.store(true, Relaxed);
         endpoint.set_server_config(None);
+        accept.shutdown().await;
         // Tell the cluster our nodes are gone, then close every connection.
         let ids: Vec<ConnId> = lock(&shared.conns).keys().copied().collect();
         shared.with_router(|r| {
@@ -614,6 +628,10 @@ where
             Metrics::inc(&shared.metrics.protocol_errors);
             Err(fatal(ErrorCode::Malformed, e.to_string()))
         }
+        Ok(Ok(Some(_))) if shared.shutting_down.load(Relaxed) => Err(fatal(
+            ErrorCode::ShuttingDown,
+            "server shutting down; reconnect",
+        )),
         Ok(Ok(Some(bytes))) => check_register(shared, &challenge, &binding, &bytes),
     };
     let (mesh, key, overlay) = match registered {
