@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod config;
 pub mod keys;
 pub mod router;
 pub mod seal;
