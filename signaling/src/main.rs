@@ -177,9 +177,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         raise_fd_limit();
         let server = Server::bind(cfg).await?;
+        // One machine-readable line for scripts and the benchmark.
         println!(
-            "listening {} fingerprint {}",
+            "listening {} metrics {} fingerprint {}",
             server.local_addr(),
+            server
+                .metrics_addr()
+                .map_or_else(|| "off".to_string(), |a| a.to_string()),
             signaling::tls::fingerprint_hex(&server.fingerprint())
         );
         server.run(shutdown_signal()).await;
