@@ -262,7 +262,8 @@ impl Connector {
             .max_idle_timeout(Duration::from_secs(30).try_into().ok())
             .max_concurrent_bidi_streams(1u8.into())
             .max_concurrent_uni_streams(0u8.into())
-            .stream_receive_window((1024u32 * 1024).into());
+            .stream_receive_window((1024u32 * 1024).into())
+            .datagram_receive_buffer_size(None);
         quic.transport_config(Arc::new(t));
         Ok(Connector {
             tls: Arc::new(tls),
@@ -277,10 +278,15 @@ impl Connector {
         } else {
             "[::]:0".parse().expect("literal")
         };
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+        let err = |e: std::io::Error| ClientError::Connect {
             server: server.to_string(),
             reason: e.to_string(),
-        })
+        };
+        let udp = std::net::UdpSocket::bind(bind).map_err(err)?;
+        let _ = socket2::SockRef::from(&udp).set_recv_buffer_size(1 << 20);
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| err(std::io::Error::other("no async runtime")))?;
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp, runtime).map_err(err)
     }
 }
 

@@ -225,9 +225,13 @@ impl Server {
         transport
             .max_concurrent_bidi_streams(0u8.into())
             .max_concurrent_uni_streams(0u8.into())
-            .stream_receive_window((256u32 * 1024).into())
-            .receive_window((256u32 * 1024).into())
-            .send_window(512 * 1024)
+            // Signaling frames are small: modest windows, no datagrams, no
+            // MTU probing, to keep per-connection state small.
+            .stream_receive_window((64u32 * 1024).into())
+            .receive_window((128u32 * 1024).into())
+            .send_window(128 * 1024)
+            .datagram_receive_buffer_size(None)
+            .mtu_discovery_config(None)
             .max_idle_timeout(Some(
                 Duration::from_secs(30)
                     .try_into()
@@ -251,6 +255,10 @@ impl Server {
                 what: "QUIC (UDP)",
                 source,
             })?;
+            // Room for bursts of handshakes (capped by net.core.rmem_max).
+            let sock = socket2::SockRef::from(&udp);
+            let _ = sock.set_recv_buffer_size(4 << 20);
+            let _ = sock.set_send_buffer_size(4 << 20);
             match TcpListener::bind(addr).await {
                 Ok(tcp) => {
                     let endpoint = quinn::Endpoint::new(
