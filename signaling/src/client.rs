@@ -225,7 +225,7 @@ type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// One registered connection (no reconnection). Most agents want [`Client`].
 pub struct Session {
-    rd: Reader,
+    rd: wire::FrameReader<Reader>,
     wr: Writer,
     quic: Option<quinn::Connection>,
     /// Transport used.
@@ -348,7 +348,7 @@ impl Session {
             }
         };
         let mut s = Session {
-            rd,
+            rd: wire::FrameReader::new(rd, MAX_SERVER_FRAME),
             wr,
             quic,
             transport,
@@ -414,8 +414,9 @@ impl Session {
     }
 
     /// Receives one frame; `None` when the server closed the stream.
+    /// Cancel-safe.
     pub async fn recv(&mut self) -> Result<Option<ServerFrame>, ClientError> {
-        match wire::read_frame(&mut self.rd, MAX_SERVER_FRAME).await {
+        match self.rd.next().await {
             Ok(Some(b)) => serde_json::from_slice(&b)
                 .map(Some)
                 .map_err(|e| ClientError::Protocol(format!("bad frame from server: {e}"))),
@@ -656,7 +657,7 @@ async fn serve(
     } = s;
     let reason = loop {
         tokio::select! {
-            frame = wire::read_frame(&mut rd, MAX_SERVER_FRAME) => {
+            frame = rd.next() => {
                 let frame = match frame {
                     Ok(Some(b)) => match serde_json::from_slice::<ServerFrame>(&b) {
                         Ok(f) => f,

@@ -238,6 +238,62 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     Ok(Some(buf))
 }
 
+/// A cancel-safe frame reader: partial frames stay in its buffer, so
+/// `next()` may be used in `tokio::select!` without losing bytes.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
+    /// Reads frames of at most `max` bytes from `inner`.
+    pub fn new(inner: R, max: usize) -> Self {
+        FrameReader {
+            inner,
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// Next frame; `Ok(None)` on a clean end of stream between frames.
+    /// Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if len > self.max {
+                    return Err(FrameError::TooLarge { len, max: self.max });
+                }
+                if self.buf.len() >= 4 + len {
+                    let frame = self.buf[4..4 + len].to_vec();
+                    self.buf.drain(..4 + len);
+                    if self.buf.is_empty() {
+                        // Don't keep a large buffer around on idle connections.
+                        self.buf = Vec::new();
+                    }
+                    return Ok(Some(frame));
+                }
+                self.buf.reserve(4 + len - self.buf.len());
+            } else {
+                self.buf.reserve(512);
+            }
+            // `read_buf` is cancel-safe: data is either in `buf` or unread.
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+                };
+            }
+        }
+    }
+}
+
 /// Reading a frame failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -274,6 +330,29 @@ mod tests {
         let mut empty: &[u8] = &[];
         assert!(read_frame(&mut empty, 10).await.unwrap().is_none());
         assert!(serde_json::from_slice::<ClientFrame>(b"{\"type\":\"nope\"}").is_err());
+    }
+
+    #[tokio::test]
+    async fn frame_reader_survives_cancellation_and_split_frames() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(rx, 1000);
+        let a = encode(&ClientFrame::Ping { id: 1 });
+        let b = encode(&ClientFrame::ListMembers);
+        use tokio::io::AsyncWriteExt;
+        // Half a frame, then a cancelled read, then the rest.
+        tx.write_all(&a[..5]).await.unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_millis(20), reader.next()).await;
+        assert!(r.is_err(), "no whole frame yet");
+        tx.write_all(&a[5..]).await.unwrap();
+        tx.write_all(&b).await.unwrap();
+        assert_eq!(reader.next().await.unwrap().unwrap(), a[4..].to_vec());
+        assert_eq!(reader.next().await.unwrap().unwrap(), b[4..].to_vec());
+        tx.write_all(&[0, 0]).await.unwrap();
+        drop(tx);
+        assert!(
+            reader.next().await.is_err(),
+            "EOF inside a frame is an error"
+        );
     }
 
     #[test]

@@ -369,9 +369,21 @@ async fn garbage_gets_an_error_and_a_close_while_others_are_served() {
         }
     }
     expect_fatal(got, ErrorCode::Protocol);
+    wait_for(
+        &mut a,
+        "B offline after spoofing",
+        |e| matches!(e, Event::Offline(k) if *k == kb.public_key()),
+    )
+    .await;
 
     // 4. Killed mid-frame: half a frame, then the socket is dropped.
     let mut tls = raw_register(&server, &kb).await;
+    wait_for(
+        &mut a,
+        "B online again",
+        |e| matches!(e, Event::Online(m) if m.key == kb.public_key()),
+    )
+    .await;
     let env = signaling::seal::seal(&kb, &ka.public_key(), 1, &offer(2)).unwrap();
     let whole = wire::encode(&ClientFrame::Send { envelope: env });
     tls.write_all(&whole[..whole.len() / 2]).await.unwrap();

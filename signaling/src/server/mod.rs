@@ -604,11 +604,12 @@ async fn writer<W: AsyncWrite + Unpin>(
 }
 
 /// One connection, from challenge to close.
-async fn serve_conn<R, W>(shared: &Arc<Shared>, mut rd: R, wr: W, binding: [u8; 32])
+async fn serve_conn<R, W>(shared: &Arc<Shared>, rd: R, wr: W, binding: [u8; 32])
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let mut rd = wire::FrameReader::new(rd, MAX_CLIENT_FRAME);
     let (tx, rx) = mpsc::channel::<Arc<[u8]>>(shared.cfg.queue_len.max(8));
     let (close_tx, close_rx) = watch::channel::<Option<Arc<[u8]>>>(None);
     let mut close_seen = close_rx.clone();
@@ -624,11 +625,7 @@ where
     );
 
     // Registration.
-    let first = tokio::time::timeout(
-        shared.cfg.register_timeout,
-        wire::read_frame(&mut rd, MAX_CLIENT_FRAME),
-    )
-    .await;
+    let first = tokio::time::timeout(shared.cfg.register_timeout, rd.next()).await;
     let registered = match first {
         Err(_) => Err(fatal(ErrorCode::Timeout, "no registration in time")),
         Ok(Ok(None)) | Ok(Err(wire::FrameError::Io(_))) => Err(Arc::from(&[][..])),
@@ -672,7 +669,7 @@ where
         let read = tokio::select! {
             biased;
             _ = close_seen.changed() => break,
-            r = tokio::time::timeout(shared.cfg.idle_timeout, wire::read_frame(&mut rd, MAX_CLIENT_FRAME)) => r,
+            r = tokio::time::timeout(shared.cfg.idle_timeout, rd.next()) => r,
         };
         let bytes = match read {
             Ok(Ok(Some(b))) => b,
