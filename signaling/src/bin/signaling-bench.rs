@@ -57,8 +57,9 @@ struct Args {
     /// Connection attempts in flight.
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
-    /// QUIC client endpoints (UDP sockets) the nodes share.
-    #[arg(long, default_value_t = 16)]
+    /// QUIC client endpoints (UDP sockets) the nodes share (too few and
+    /// their receive buffers overflow under presence bursts).
+    #[arg(long, default_value_t = 64)]
     endpoints: usize,
     /// The `signaling` binary [default: next to this one].
     #[arg(long)]

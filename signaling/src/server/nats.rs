@@ -65,6 +65,11 @@ impl Nats {
         ))
     }
 
+    /// A handle for a final flush at shutdown.
+    pub(super) fn client(&self) -> async_nats::Client {
+        self.client.clone()
+    }
+
     pub(super) async fn run(self, shared: Arc<Shared>) {
         let Nats {
             client,
@@ -91,9 +96,9 @@ impl Nats {
                             warn!("NATS publish failed: {e}");
                         }
                     }
-                    if rx.is_empty() {
-                        let _ = client.flush().await;
-                    }
+                    // No explicit flush: async-nats writes as soon as its
+                    // queue drains; `flush()` would wait a PING/PONG round
+                    // trip per batch and add that to every delivery.
                 }
             }
         };
