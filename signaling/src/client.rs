@@ -128,7 +128,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
-            ping_interval: Duration::from_secs(20),
+            ping_interval: Duration::from_secs(30),
             event_queue: 1024,
         }
     }
@@ -258,8 +258,8 @@ impl Connector {
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let mut quic = quinn::ClientConfig::new(Arc::new(qc));
         let mut t = quinn::TransportConfig::default();
-        t.keep_alive_interval(Some(Duration::from_secs(10)))
-            .max_idle_timeout(Duration::from_secs(30).try_into().ok())
+        t.keep_alive_interval(Some(Duration::from_secs(15)))
+            .max_idle_timeout(Duration::from_secs(45).try_into().ok())
             .max_concurrent_bidi_streams(1u8.into())
             .max_concurrent_uni_streams(0u8.into())
             .stream_receive_window((1024u32 * 1024).into())

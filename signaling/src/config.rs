@@ -301,10 +301,10 @@ impl FileConfig {
                 Duration::from_secs(positive("register_timeout_secs", v as usize)? as u64);
         }
         if let Some(v) = l.idle_timeout_secs {
-            if v < 30 {
+            if v < 60 {
                 return Err(err(
                     "limits.idle_timeout_secs",
-                    "must be at least 30 (clients ping every 20 s)",
+                    "must be at least 60 (clients ping every 30 s)",
                 ));
             }
             cfg.idle_timeout = Duration::from_secs(v);

@@ -386,7 +386,7 @@ async fn node_loop(
 ) {
     let mut s = s;
     let mut opener = Opener::new(key);
-    let mut ping = tokio::time::interval(Duration::from_secs(20));
+    let mut ping = tokio::time::interval(Duration::from_secs(30));
     loop {
         tokio::select! {
             f = s.recv() => match f {

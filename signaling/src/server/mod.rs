@@ -276,7 +276,7 @@ impl Server {
             .datagram_receive_buffer_size(None)
             .mtu_discovery_config(None)
             .max_idle_timeout(Some(
-                Duration::from_secs(30)
+                Duration::from_secs(45)
                     .try_into()
                     .map_err(|_| ServerError::Quic("idle timeout".into()))?,
             ));
