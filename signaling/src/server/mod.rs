@@ -188,12 +188,21 @@ impl Shared {
         let r = f(&mut router);
         let after = router.poll_timeout();
         let mut conns = None;
+        // Presence fans one frame out to many connections: encode it once.
+        let mut last: Option<(ServerFrame, Arc<[u8]>)> = None;
         while let Some(out) = router.poll_output() {
             match out {
                 Output::Send(c, frame) => {
                     let conns = conns.get_or_insert_with(|| lock(&self.conns));
                     if let Some(h) = conns.get(&c) {
-                        let bytes: Arc<[u8]> = wire::encode(&frame).into();
+                        let bytes = match &last {
+                            Some((f, b)) if *f == frame => b.clone(),
+                            _ => {
+                                let b: Arc<[u8]> = wire::encode(&frame).into();
+                                last = Some((frame, b.clone()));
+                                b
+                            }
+                        };
                         if h.tx.try_send(bytes).is_err() {
                             Metrics::inc(&self.metrics.dropped_queue_full);
                         }
