@@ -459,3 +459,61 @@ async fn client_reconnects_after_restart_and_resumes_registration() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_blocks_nobody() {
+    let mut cfg = signaling::server::ServerConfig::new(
+        loopback(),
+        Identity::self_signed(&["x".into()]).unwrap(),
+        common::mesh_auth(),
+    );
+    cfg.queue_len = 8;
+    cfg.router.rate_per_sec = 1e6;
+    cfg.router.rate_burst = 1e6;
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = TestServer::with_config(cfg).await;
+    let (ka, kb, kc) = (
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    );
+    // B registers over raw TLS and never reads again.
+    let _stuck = raw_register(&server, &kb).await;
+    let mut a = server.client("red", "red-token", ka.clone(), TransportMode::TcpOnly);
+    connected(&mut a).await;
+    let mut c = server.client("red", "red-token", kc.clone(), TransportMode::QuicOnly);
+    connected(&mut c).await;
+    // A floods B with far more than B's queue and socket buffers hold.
+    let big = PeerMessage::Offer {
+        session: 1,
+        ufrag: "u".into(),
+        pwd: "p".into(),
+        candidates: vec!["candidate:1 1 udp 1 192.0.2.1 1 typ host".repeat(20); 10],
+    };
+    for _ in 0..3000 {
+        a.send(&kb.public_key(), &big).await.unwrap();
+    }
+    // Meanwhile A and C still talk promptly.
+    let t = std::time::Instant::now();
+    a.send(&kc.public_key(), &offer(5)).await.unwrap();
+    wait_for(
+        &mut c,
+        "offer to C",
+        |e| matches!(e, Event::Message { message, .. } if *message == offer(5)),
+    )
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "delivery to C took {:?}",
+        t.elapsed()
+    );
+    let m = server.metrics_text().await;
+    let drops: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("wgice_signaling_drops_queue_full_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(drops > 0, "B's queue never overflowed: {m}");
+    server.stop().await;
+}

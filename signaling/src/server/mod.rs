@@ -627,6 +627,8 @@ async fn writer<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::Receiver<Arc<[u8]>>,
     mut close: watch::Receiver<Option<Arc<[u8]>>>,
+    // Dropped when the writer stops, which ends the reader too.
+    _alive: tokio::sync::oneshot::Sender<()>,
 ) {
     const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
     loop {
@@ -656,7 +658,10 @@ async fn writer<W: AsyncWrite + Unpin>(
                 };
                 match tokio::time::timeout(WRITE_TIMEOUT, write).await {
                     Ok(Ok(())) => {}
-                    _ => return, // dead or stuck peer: the reader side notices
+                    _ => {
+                        debug!("peer not reading for {WRITE_TIMEOUT:?}: closing");
+                        return;
+                    }
                 }
             }
         }
@@ -673,7 +678,8 @@ where
     let (tx, rx) = mpsc::channel::<Arc<[u8]>>(shared.cfg.queue_len.max(8));
     let (close_tx, close_rx) = watch::channel::<Option<Arc<[u8]>>>(None);
     let mut close_seen = close_rx.clone();
-    let writer_task = tokio::spawn(writer(wr, rx, close_rx));
+    let (alive_tx, mut writer_gone) = tokio::sync::oneshot::channel::<()>();
+    let writer_task = tokio::spawn(writer(wr, rx, close_rx, alive_tx));
     let challenge = ServerChallenge::new();
     let _ = tx.try_send(
         wire::encode(&ServerFrame::Challenge {
@@ -729,6 +735,8 @@ where
         let read = tokio::select! {
             biased;
             _ = close_seen.changed() => break,
+            // A peer that stopped reading (write timeout) is dropped.
+            _ = &mut writer_gone => break,
             r = tokio::time::timeout(shared.cfg.idle_timeout, rd.next()) => r,
         };
         let bytes = match read {
