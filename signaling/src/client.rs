@@ -38,7 +38,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -550,6 +550,7 @@ async fn establish(
     cfg: &ClientConfig,
     connector: &Connector,
     endpoint: &mut Option<quinn::Endpoint>,
+    prefer_tcp_until: &mut Option<Instant>,
 ) -> Result<Session, ClientError> {
     let addr = resolve(&cfg.server).await?;
     let attempt = |transport: Transport, ep: Option<quinn::Endpoint>| {
@@ -578,20 +579,40 @@ async fn establish(
                 })
         }
     };
-    if cfg.transport != TransportMode::TcpOnly {
+    let quic_attempt = async |endpoint: &mut Option<quinn::Endpoint>| {
         if endpoint.is_none() {
             *endpoint = Some(Connector::endpoint_for(addr)?);
         }
-        match attempt(Transport::Quic, endpoint.clone()).await {
-            Ok(s) => return Ok(s),
-            // A refusal is the server's answer, not a transport problem.
-            Err(e @ ClientError::Refused { .. }) => return Err(e),
-            Err(e) if cfg.transport == TransportMode::QuicOnly => return Err(e),
-            Err(e) => debug!("QUIC failed ({e}); trying TLS over TCP"),
+        attempt(Transport::Quic, endpoint.clone()).await
+    };
+    match cfg.transport {
+        TransportMode::QuicOnly => quic_attempt(endpoint).await,
+        TransportMode::TcpOnly => attempt(Transport::Tcp, None).await,
+        // QUIC failed recently but TCP worked: UDP is probably blocked, so
+        // don't spend a QUIC timeout on every reconnect for a while.
+        TransportMode::Auto if prefer_tcp_until.is_some_and(|t| Instant::now() < t) => {
+            match attempt(Transport::Tcp, None).await {
+                Ok(s) => Ok(s),
+                Err(e @ ClientError::Refused { .. }) => Err(e),
+                Err(_) => quic_attempt(endpoint).await,
+            }
         }
+        TransportMode::Auto => match quic_attempt(endpoint).await {
+            Ok(s) => Ok(s),
+            // A refusal is the server's answer, not a transport problem.
+            Err(e @ ClientError::Refused { .. }) => Err(e),
+            Err(e) => {
+                debug!("QUIC failed ({e}); trying TLS over TCP");
+                let s = attempt(Transport::Tcp, None).await?;
+                *prefer_tcp_until = Some(Instant::now() + PREFER_TCP_FOR);
+                Ok(s)
+            }
+        },
     }
-    attempt(Transport::Tcp, None).await
 }
+
+/// After QUIC failed and TLS/TCP worked, reconnects try TCP first this long.
+const PREFER_TCP_FOR: Duration = Duration::from_secs(300);
 
 async fn run(
     cfg: ClientConfig,
@@ -602,9 +623,10 @@ async fn run(
 ) {
     let mut opener = Opener::new(cfg.private_key.clone());
     let mut endpoint = None;
+    let mut prefer_tcp_until = None;
     let mut failures: u32 = 0;
     loop {
-        let reason = match establish(&cfg, &connector, &mut endpoint).await {
+        let reason = match establish(&cfg, &connector, &mut endpoint, &mut prefer_tcp_until).await {
             Ok(mut s) => {
                 failures = 0;
                 info!(transport = ?s.transport, members = s.members.len(), "signaling connected");

@@ -517,3 +517,68 @@ async fn a_client_that_stops_reading_blocks_nobody() {
     assert!(drops > 0, "B's queue never overflowed: {m}");
     server.stop().await;
 }
+
+/// Forwards TCP from a fresh port to `to`; nothing listens on that port's
+/// UDP side, as behind a firewall that blocks UDP.
+async fn tcp_only_front(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn auto_mode_falls_back_to_tls_over_tcp_when_udp_is_blocked() {
+    let server = TestServer::start(
+        loopback(),
+        Identity::self_signed(&["x".into()]).unwrap(),
+        None,
+    )
+    .await;
+    let (front, front_task) = tcp_only_front(server.addr).await;
+    let key = PrivateKey::generate();
+    let mut cfg = signaling::client::ClientConfig::new(
+        front.to_string(),
+        Trust::Fingerprint(server.fingerprint),
+        "red",
+        "red-token",
+        key.clone(),
+    );
+    cfg.connect_timeout = Duration::from_secs(1);
+    let mut c = signaling::client::Client::start(cfg).unwrap();
+    match wait_for(&mut c, "Connected", |e| {
+        matches!(e, Event::Connected { .. })
+    })
+    .await
+    {
+        Event::Connected { transport } => assert_eq!(transport, Transport::Tcp),
+        _ => unreachable!(),
+    }
+    // And it works: a QUIC peer reaches it.
+    let mut q = server.client(
+        "red",
+        "red-token",
+        PrivateKey::generate(),
+        TransportMode::QuicOnly,
+    );
+    connected(&mut q).await;
+    q.send(&key.public_key(), &offer(8)).await.unwrap();
+    wait_for(
+        &mut c,
+        "offer",
+        |e| matches!(e, Event::Message { message, .. } if *message == offer(8)),
+    )
+    .await;
+    front_task.abort();
+    server.stop().await;
+}
