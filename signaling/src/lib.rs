@@ -7,8 +7,8 @@
 //!
 //! Sans-IO protocol parts (no sockets, no clock):
 //! - [`keys`]: identities (X25519 public keys) and the KDF;
-//! - [`seal`]: [`PeerMessage`](seal::PeerMessage)s sealed into
-//!   [`Envelope`](seal::Envelope)s, replay-checked by an [`Opener`](seal::Opener);
+//! - [`seal`]: [`seal::PeerMessage`]s sealed into [`seal::Envelope`]s,
+//!   replay-checked by a [`seal::Opener`];
 //! - [`auth`]: proof of key possession and mesh tokens;
 //! - [`wire`]: client/server frames and framing;
 //! - [`router`]: routing, presence, rate limits, cluster view.

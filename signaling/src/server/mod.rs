@@ -1,7 +1,7 @@
 //! The tokio driver of a signaling instance: QUIC and TLS over TCP on the
 //! same port number, NATS for a cluster, `/metrics` and `/healthz`.
 //!
-//! Data flow: transport → [`wire`](crate::wire) frames → registration
+//! Data flow: transport → [`crate::wire`] frames → registration
 //! ([`auth`](crate::auth)) → [`Router`] (sans-IO) → outputs dispatched to
 //! per-connection bounded queues or to the NATS publisher. The router lock is
 //! held while its outputs are dispatched (non-blocking `try_send`s), so every
