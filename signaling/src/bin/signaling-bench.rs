@@ -79,6 +79,21 @@ impl Drop for Proc {
     }
 }
 
+/// CPU time (user + system) a process has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime, stime are 14, 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f[11].parse::<f64>().ok()? + f[12].parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -301,6 +316,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let keys: Vec<PublicKey> = nodes.iter().map(|n| n.key.public_key()).collect();
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let mut next = tokio::time::Instant::now();
+    let cpu_before: f64 = servers.iter().map(|s| cpu_secs(s.child.id())).sum();
     let t1 = Instant::now();
     let mut sent = 0u64;
     for m in 0..args.messages {
@@ -329,6 +345,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep_until(next).await;
     }
     let send_time = t1.elapsed();
+    let cpu_used: f64 = servers.iter().map(|s| cpu_secs(s.child.id())).sum::<f64>() - cpu_before;
     let deadline = Instant::now() + Duration::from_secs(10);
     while received.load(Relaxed) < sent && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -347,6 +364,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         pct(&lat, 0.90),
         pct(&lat, 0.99),
         pct(&lat, 1.0)
+    );
+    println!(
+        "server CPU while offering: {:.2} s for {sent} offers ({:.0} µs per offer, keep-alives of all nodes included)",
+        cpu_used,
+        cpu_used * 1e6 / sent.max(1) as f64
     );
     println!(
         "RESULT nodes={} transport={:?} instances={} connect_s={:.1} kib_per_node={:.1} p50_ms={:.2} p99_ms={:.2} delivered={}/{}",
