@@ -129,15 +129,27 @@ cmd = ["sleep", "1000"]
         .find(|n| n.ends_with("h-server"))
         .expect("host ns")
         .clone();
-    let pids = Command::new("ip")
-        .args(["netns", "pids", &host_ns])
-        .output()
-        .expect("ip");
-    let sleeper: u32 = String::from_utf8_lossy(&pids.stdout)
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("sleeper pid");
+    // The process may still be on its way into the namespace (`ip netns
+    // exec` forks, then enters): wait for it rather than race it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let sleeper: u32 = loop {
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &host_ns])
+            .output()
+            .expect("ip");
+        if let Some(p) = String::from_utf8_lossy(&pids.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sleeper pid never showed up in {host_ns}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
 
     // SIGKILL: no teardown runs.
     child.kill().expect("kill");

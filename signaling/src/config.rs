@@ -359,3 +359,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[cfg(test)]
+mod deploy_example {
+    use super::*;
+
+    #[test]
+    fn shipped_example_parses() {
+        let f = FileConfig::parse(
+            include_str!("../../deploy/signaling.toml"),
+            "deploy/signaling.toml",
+        )
+        .expect("deploy/signaling.toml is valid");
+        assert_eq!(f.listen, Some("0.0.0.0:4443".parse().expect("addr")));
+        assert_eq!(f.mesh.len(), 1);
+    }
+}
