@@ -21,7 +21,8 @@
 //!
 //! Run it with `bash relay/bench/relay-vs-coturn.sh` (builds in release and
 //! runs this). Options: `--quick` (fewer steps), `--no-memory`,
-//! `--coturn-flood N` (default 100000: coturn keeps a session per source).
+//! `--coturn-flood N` (default 100000: coturn keeps a session per source),
+//! `--steps M:Z:N,…` (own load steps), `--only relay|coturn`.
 //! Everything is on 127.0.0.1; every process it starts is killed on exit.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -150,6 +151,64 @@ fn udp_rcvbuf_errors() -> u64 {
         .unwrap_or(0)
 }
 
+/// Receive-queue drops per local UDP port (IPv4 sockets of this namespace),
+/// from the last column of /proc/net/udp. Sockets closed meanwhile vanish,
+/// so take the second snapshot before killing the load generator.
+fn udp_drops_by_port() -> std::collections::HashMap<u16, u64> {
+    let mut m = std::collections::HashMap::new();
+    let s = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    for l in s.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (Some(local), Some(drops)) = (f.get(1), f.last()) else {
+            continue;
+        };
+        let Some(port) = local
+            .split(':')
+            .nth(1)
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+        else {
+            continue;
+        };
+        *m.entry(port).or_insert(0) += drops.parse::<u64>().unwrap_or(0);
+    }
+    m
+}
+
+/// Where the drops of a run happened: the server's listening socket, its
+/// relayed sockets, the echo peer, the load generator's sockets.
+fn drop_places(
+    before: &std::collections::HashMap<u16, u64>,
+    after: &std::collections::HashMap<u16, u64>,
+    server: &Server,
+    peer_port: u16,
+) -> String {
+    let (mut listen, mut relayed, mut peer, mut other) = (0u64, 0u64, 0u64, 0u64);
+    for (port, d) in after {
+        let d = d.saturating_sub(before.get(port).copied().unwrap_or(0));
+        if *port == server.port {
+            listen += d;
+        } else if *port == peer_port {
+            peer += d;
+        } else if (server.relay_ports.0..=server.relay_ports.1).contains(port) {
+            relayed += d;
+        } else {
+            other += d;
+        }
+    }
+    let mut parts = Vec::new();
+    for (n, v) in [
+        ("server-listen", listen),
+        ("server-relayed", relayed),
+        ("peer", peer),
+        ("uclient", other),
+    ] {
+        if v > 0 {
+            parts.push(format!("{n} {v}"));
+        }
+    }
+    parts.join(", ")
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -180,6 +239,7 @@ struct Server {
     kind: Kind,
     proc: Proc,
     port: u16,
+    relay_ports: (u16, u16),
     metrics: Option<SocketAddr>,
 }
 
@@ -268,6 +328,7 @@ fn start_coturn(dir: &Path) -> Server {
         kind: Kind::Coturn,
         proc,
         port,
+        relay_ports: (40000, 59999),
         metrics: None,
     }
 }
@@ -306,6 +367,7 @@ fn start_ours(bin: &Path, dir: &Path) -> Server {
         kind: Kind::Ours,
         proc,
         port,
+        relay_ports: (20000, 31999),
         metrics: Some(SocketAddr::from(([127, 0, 0, 1], mport))),
     }
 }
@@ -330,6 +392,7 @@ struct Run {
     busy_pct: f64,
     rcvbuf_drops: u64,
     note: &'static str,
+    drop_places: String,
 }
 
 fn parse_num(line: &str, key: &str) -> Option<u64> {
@@ -370,6 +433,7 @@ fn uclient(server: &mut Server, peer_port: u16, m: u32, z: u32, n: u32) -> Run {
     let ctr0 = server.relayed_counter();
     let mach0 = machine_jiffies();
     let drops0 = udp_rcvbuf_errors();
+    let by_port0 = udp_drops_by_port();
     let mut child = cmd.spawn().expect("turnutils_uclient");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel::<(Instant, String)>();
@@ -424,6 +488,7 @@ fn uclient(server: &mut Server, peer_port: u16, m: u32, z: u32, n: u32) -> Run {
             break;
         }
     }
+    let by_port1 = udp_drops_by_port();
     let _ = child.kill();
     let _ = child.wait();
     if samples.last().is_some_and(|l| l.1 < sent || l.2 < recv) {
@@ -470,13 +535,14 @@ fn uclient(server: &mut Server, peer_port: u16, m: u32, z: u32, n: u32) -> Run {
         usr_us_per_pkt: usr * 1e6 / relayed.max(1) as f64,
         busy_pct: 100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64,
         rcvbuf_drops: drops1 - drops0,
+        drop_places: drop_places(&by_port0, &by_port1, server, peer_port),
         note,
     }
 }
 
 fn print_header() {
     println!(
-        "{:<7} {:>4} {:>3} {:>6} {:>8} {:>8} {:>6} {:>9} {:>9} {:>7} {:>9} {:>7} {:>6} {:>6}  note",
+        "{:<7} {:>4} {:>3} {:>6} {:>8} {:>8} {:>6} {:>9} {:>9} {:>7} {:>9} {:>7} {:>7} {:>6} {:>6}  note / where drops happened",
         "server",
         "-m",
         "-z",
@@ -489,6 +555,7 @@ fn print_header() {
         "cpu s",
         "relayed",
         "µs/pkt",
+        "usr µs",
         "busy%",
         "drops"
     );
@@ -512,7 +579,7 @@ fn print_run(r: &Run) {
         r.usr_us_per_pkt,
         r.busy_pct,
         r.rcvbuf_drops,
-        r.note
+        [r.note, &r.drop_places].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(": ")
     );
 }
 
@@ -602,7 +669,26 @@ fn main() {
 
     // (clients, interval ms, packets per client): each client sends for
     // about n·z ms; uclient starts clients at random within 1–6 s.
-    let steps: Vec<(u32, u32, u32)> = if quick {
+    let custom: Option<Vec<(u32, u32, u32)>> = args
+        .iter()
+        .position(|a| a == "--steps")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.split(',')
+                .filter_map(|st| {
+                    let p: Vec<u32> = st.split(':').filter_map(|x| x.parse().ok()).collect();
+                    (p.len() == 3).then(|| (p[0], p[1], p[2]))
+                })
+                .collect()
+        });
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let steps: Vec<(u32, u32, u32)> = if let Some(c) = custom {
+        c
+    } else if quick {
         vec![(1, 1, 2000), (40, 1, 5000), (100, 2, 2500), (100, 1, 5000)]
     } else {
         vec![
@@ -627,7 +713,24 @@ fn main() {
         let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
         for o in order {
             let s = if o == 0 { &mut coturn } else { &mut ours };
-            let r = uclient(s, peer_port, m, z, n);
+            if only.as_deref().is_some_and(|k| k != s.kind.name()) {
+                continue;
+            }
+            let mut r = uclient(s, peer_port, m, z, n);
+            if r.note == "SERVER DIED" {
+                // Something outside killed it (e.g. a `pkill -x turnserver` in
+                // another session's setup script): report, restart, run again.
+                print_run(&r);
+                println!(
+                    "# {} died during this run; restarting it and repeating the run",
+                    s.kind.name()
+                );
+                *s = match s.kind {
+                    Kind::Coturn => start_coturn(&dir),
+                    Kind::Ours => start_ours(&bin, &dir),
+                };
+                r = uclient(s, peer_port, m, z, n);
+            }
             print_run(&r);
             runs.push(r);
         }
@@ -687,6 +790,18 @@ fn main() {
         println!("note: relay was loss-free at the highest offered load; its ceiling here is the load generator/box, not the relay");
     }
 
+    for s in [&mut coturn, &mut ours] {
+        if !s.proc.alive() {
+            println!(
+                "# {} is not running any more; restarting it for the memory tests",
+                s.kind.name()
+            );
+            *s = match s.kind {
+                Kind::Coturn => start_coturn(&dir),
+                Kind::Ours => start_ours(&bin, &dir),
+            };
+        }
+    }
     if memory {
         println!();
         println!("## memory");
