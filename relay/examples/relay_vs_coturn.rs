@@ -738,11 +738,16 @@ fn main() {
 
     println!();
     println!("## summary (load {} now)", loadavg());
-    let lossfree = |k: Kind| -> Option<&Run> {
+    // Best rate among runs whose loss is at most `tolerance` (fraction of sent).
+    let best = |k: Kind, tolerance: f64| -> Option<&Run> {
         runs.iter()
-            .filter(|r| r.server == k && r.lost == 0 && r.sent > 0 && r.note.is_empty())
+            .filter(|r| {
+                r.server == k && r.sent > 0 && r.note != "SERVER DIED" && r.note != "timeout"
+            })
+            .filter(|r| r.lost as f64 <= tolerance * r.sent as f64)
             .max_by(|a, b| a.peak_pps.total_cmp(&b.peak_pps))
     };
+    let lossfree = |k: Kind| best(k, 0.0);
     let cpu_all = |k: Kind| -> f64 {
         let (c, p) = runs
             .iter()
@@ -772,18 +777,27 @@ fn main() {
     let (cu, ou) = (usr_all(Kind::Coturn), usr_all(Kind::Ours));
     println!("  of which user space, all runs:       coturn {cu:.2} µs, relay {ou:.2} µs (the rest is the kernel's UDP path, the same work for both)");
     println!("CPU per relayed packet, all runs:      coturn {c_all:.2} µs, relay {o_all:.2} µs, ours/coturn = {:.2}", o_all / c_all);
-    match (lossfree(Kind::Coturn), lossfree(Kind::Ours)) {
-        (Some(c), Some(o)) => println!(
-            "highest loss-free relayed packets/s:   coturn {:.0} (-m {} -z {}), relay {:.0} (-m {} -z {}), ours/coturn = {:.2} (target >= 1.5)",
-            c.peak_pps,
-            c.m,
-            c.z,
-            o.peak_pps,
-            o.m,
-            o.z,
-            o.peak_pps / c.peak_pps
+    for (label, tol, target) in [
+        (
+            "highest loss-free relayed packets/s:  ",
+            0.0,
+            " (target >= 1.5)",
         ),
-        (c, o) => println!("highest loss-free relayed packets/s: coturn {:?}, relay {:?}", c.map(|r| r.peak_pps), o.map(|r| r.peak_pps)),
+        ("highest with loss <= 0.1%:            ", 0.001, ""),
+    ] {
+        match (best(Kind::Coturn, tol), best(Kind::Ours, tol)) {
+            (Some(c), Some(o)) => println!(
+                "{label} coturn {:.0} (-m {} -z {}), relay {:.0} (-m {} -z {}), ours/coturn = {:.2}{target}",
+                c.peak_pps,
+                c.m,
+                c.z,
+                o.peak_pps,
+                o.m,
+                o.z,
+                o.peak_pps / c.peak_pps
+            ),
+            (c, o) => println!("{label} coturn {:?}, relay {:?}", c.map(|r| r.peak_pps), o.map(|r| r.peak_pps)),
+        }
     }
     let top = steps.iter().map(|s| s.0 * 1000 / s.1).max().unwrap_or(0);
     if lossfree(Kind::Ours).is_some_and(|o| o.m * 1000 / o.z >= top) {
