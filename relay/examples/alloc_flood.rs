@@ -89,6 +89,14 @@ fn rss_kb(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Kernel slab memory in KiB (system-wide; sockets live there, not in RSS).
+fn slab_kb() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 fn fd_count(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
@@ -176,6 +184,8 @@ fn allocations(o: &Opts) -> io::Result<()> {
         s.set_nonblocking(true)?;
         socks.push(s);
     }
+    // Our own client sockets take slab too: measure after creating them.
+    let slab_before = slab_kb();
     let mut state = vec![St::Idle; o.count];
     // Per source IP: the last nonce the server gave (our relay's nonces are
     // per address; coturn's are per session and simply get refreshed).
@@ -299,20 +309,25 @@ fn allocations(o: &Opts) -> io::Result<()> {
     let peak = peak.finish();
     let after = o.pid.and_then(rss_kb);
     let fds_after = o.pid.and_then(fd_count);
+    let slab_per = match (slab_before, slab_kb()) {
+        (Some(b), Some(a)) if done > 0 => (a as f64 - b as f64) * 1024.0 / done as f64,
+        _ => f64::NAN,
+    };
     let per = match (before, after) {
         (Some(b), Some(a)) if done > 0 => (a.saturating_sub(b) * 1024) as f64 / done as f64,
         _ => f64::NAN,
     };
     println!(
         "allocations: {done} ok, {failed} failed in {secs:.1} s ({challenges} challenges, {retransmits} retransmits); \
-         server RSS {} -> {} KiB (peak {peak}), {per:.0} B/allocation; server fds {} -> {}",
+         server RSS {} -> {} KiB (peak {peak}), {per:.0} B/allocation; server fds {} -> {}; \
+         kernel slab (system-wide, noisy) +{slab_per:.0} B/allocation",
         before.unwrap_or(0),
         after.unwrap_or(0),
         fds_before.unwrap_or(0),
         fds_after.unwrap_or(0),
     );
     println!(
-        "RESULT mode=allocations ok={done} failed={failed} secs={secs:.2} rss_before_kb={} rss_after_kb={} rss_peak_kb={peak} bytes_per_alloc={per:.0}",
+        "RESULT mode=allocations ok={done} failed={failed} secs={secs:.2} rss_before_kb={} rss_after_kb={} rss_peak_kb={peak} bytes_per_alloc={per:.0} slab_bytes_per_alloc={slab_per:.0}",
         before.unwrap_or(0),
         after.unwrap_or(0),
     );

@@ -852,8 +852,9 @@ fn main() {
                 );
                 if let (Some(a), Some(f)) = (a, f) {
                     println!(
-                        "{name}: {:.0} B RSS per allocation; flood of {flood_n}: RSS growth {:.1} MB (peak +{:.1} MB), {:.0} answered",
+                        "{name}: {:.0} B RSS (+ ~{:.0} B kernel slab) per allocation; flood of {flood_n}: RSS growth {:.1} MB (peak +{:.1} MB), {:.0} answered",
                         result_num(&a, "bytes_per_alloc"),
+                        result_num(&a, "slab_bytes_per_alloc"),
                         result_num(&f, "growth_kb") / 1024.0,
                         (result_num(&f, "rss_peak_kb") - result_num(&f, "rss_before_kb")) / 1024.0,
                         result_num(&f, "answered"),
