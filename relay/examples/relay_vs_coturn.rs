@@ -22,7 +22,9 @@
 //! Run it with `bash relay/bench/relay-vs-coturn.sh` (builds in release and
 //! runs this). Options: `--quick` (fewer steps), `--no-memory`,
 //! `--coturn-flood N` (default 100000: coturn keeps a session per source),
-//! `--steps M:Z:N,…` (own load steps), `--only relay|coturn`.
+//! `--steps M:Z:N,…` (own load steps), `--only relay|coturn`,
+//! `--nice-load N` (run uclient and the peer at niceness N, e.g. -10, so the
+//! server rather than a starved generator/peer is what drops first).
 //! Everything is on 127.0.0.1; every process it starts is killed on exit.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -406,8 +408,23 @@ fn parse_num(line: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Niceness for the load generator and the echo peer (`--nice-load N`): a
+/// negative value lets them preempt the server under test, so that drops
+/// show the server's limit rather than a starved generator or peer.
+static LOAD_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+fn load_command(tool: &str) -> Command {
+    let nice = LOAD_NICE.load(std::sync::atomic::Ordering::Relaxed);
+    if nice == 0 {
+        return Command::new(tool);
+    }
+    let mut c = Command::new("nice");
+    c.args(["-n", &nice.to_string(), tool]);
+    c
+}
+
 fn uclient(server: &mut Server, peer_port: u16, m: u32, z: u32, n: u32) -> Run {
-    let mut cmd = Command::new("turnutils_uclient");
+    let mut cmd = load_command("turnutils_uclient");
     cmd.args(["-c", "-l", "1200", "-u", "u", "-w", "p"]);
     cmd.args([
         "-m",
@@ -627,6 +644,15 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--nice-load")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        LOAD_NICE.store(n, std::sync::atomic::Ordering::Relaxed);
+        println!("# load generator and echo peer run at nice {n}");
+    }
     for t in ["turnserver", "turnutils_uclient", "turnutils_peer"] {
         if !have(t) {
             eprintln!("relay_vs_coturn: {t} not found (apt-get install coturn)");
@@ -660,7 +686,7 @@ fn main() {
     println!("# logs in {}", dir.display());
 
     let peer_port = free_port();
-    let mut pc = Command::new("turnutils_peer");
+    let mut pc = load_command("turnutils_peer");
     pc.args(["-L", "127.0.0.1", "-p", &peer_port.to_string()]);
     let _peer = Proc::spawn(pc, None);
     let mut coturn = start_coturn(&dir);
