@@ -508,6 +508,9 @@ fn uclient(server: &mut Server, peer_port: u16, m: u32, z: u32, n: u32) -> Run {
     let by_port1 = udp_drops_by_port();
     let _ = child.kill();
     let _ = child.wait();
+    if !server.proc.alive() {
+        note = "SERVER DIED";
+    }
     if samples.last().is_some_and(|l| l.1 < sent || l.2 < recv) {
         samples.push((last_change, sent, recv));
     }
