@@ -152,6 +152,13 @@ pub struct Client {
     channels: HashMap<SocketAddr, (u16, Instant, bool)>,
     by_channel: HashMap<u16, SocketAddr>,
     next_channel: u16,
+    /// Credentials the live allocation was using before `set_credentials`,
+    /// kept until the server accepts the new ones.
+    previous: Option<(String, String)>,
+    /// New credentials a server refused under the live allocation (441, as
+    /// RFC 8656 servers such as coturn do for a new username): used from
+    /// the next Allocate on.
+    deferred: Option<(String, String)>,
 }
 
 const RTO: Duration = Duration::from_millis(500);
@@ -178,6 +185,8 @@ impl Client {
             channels: HashMap::new(),
             by_channel: HashMap::new(),
             next_channel: channel_data::MIN_CHANNEL,
+            previous: None,
+            deferred: None,
         }
     }
 
@@ -206,6 +215,10 @@ impl Client {
         if self.state != State::Idle {
             return;
         }
+        if let Some((u, p)) = self.deferred.take() {
+            self.use_credentials(&u, &p);
+        }
+        self.previous = None;
         self.state = State::Allocating;
         self.start(now, Kind::Allocate, 0);
     }
@@ -219,16 +232,32 @@ impl Client {
 
     /// New credentials for the next requests; the allocation is kept and the
     /// next Refresh is sent at once so a rejection shows up early.
+    ///
+    /// A server may refuse a *new username* under a live allocation (441
+    /// Wrong Credentials, as RFC 8656 says and coturn does; wgice's relay
+    /// accepts a new REST expiry for the same user). Then the client goes
+    /// back to the credentials the allocation was using, keeps it alive with
+    /// them, reports a `Failed { code: 441 }`, and uses the new credentials
+    /// from the next Allocate on.
     pub fn set_credentials(&mut self, now: Instant, username: &str, password: &str) {
+        if self.state == State::Allocated && self.previous.is_none() {
+            self.previous = Some((self.cfg.username.clone(), self.cfg.password.clone()));
+        }
+        self.use_credentials(username, password);
+        if self.state == State::Allocated {
+            self.start(now, Kind::Refresh, 0);
+        } else {
+            self.deferred = None;
+        }
+    }
+
+    fn use_credentials(&mut self, username: &str, password: &str) {
         self.cfg.username = username.to_owned();
         self.cfg.password = password.to_owned();
         self.key = self
             .realm
             .as_ref()
             .map(|r| stun::long_term_key(username, r, password));
-        if self.state == State::Allocated {
-            self.start(now, Kind::Refresh, 0);
-        }
     }
 
     /// Installs a permission for `ip` (kept fresh until the client is dropped).
@@ -513,6 +542,20 @@ impl Client {
                         return None;
                     }
                     self.start(now, t.kind, t.auth_retries + 1);
+                } else if code == 441 && t.kind != Kind::Allocate && self.previous.is_some() {
+                    // New username refused under the live allocation: keep it
+                    // alive with the old credentials, defer the new ones.
+                    if let Some((u, p)) = self.previous.take() {
+                        self.deferred =
+                            Some((self.cfg.username.clone(), self.cfg.password.clone()));
+                        self.use_credentials(&u, &p);
+                    }
+                    self.events.push_back(ClientEvent::Failed {
+                        request: t.kind.name(),
+                        code,
+                        reason: format!("{reason}; the relay keeps a live allocation's username, so the old credentials stay in use and the new ones apply from the next allocation"),
+                    });
+                    self.start(now, t.kind, t.auth_retries);
                 } else if code == 437 && t.kind == Kind::Allocate && t.auth_retries < 3 {
                     // The server still holds an allocation for our 5-tuple
                     // (we restarted): delete it, then allocate again.
@@ -535,6 +578,8 @@ impl Client {
     }
 
     fn on_success(&mut self, now: Instant, kind: Kind, msg: &Message<'_>) {
+        // The server took the current credentials.
+        self.previous = None;
         let lifetime = Duration::from_secs(msg.u32_attr(attr::LIFETIME).unwrap_or(600) as u64);
         match kind {
             Kind::Allocate => {

@@ -865,3 +865,39 @@ fn rest_quota_counts_the_user_not_the_name() {
     assert!(s.events(a).contains(&ClientEvent::Deallocated));
     s.allocate(b);
 }
+
+#[test]
+fn a_refused_new_username_keeps_the_allocation_on_the_old_credentials() {
+    // RFC 8656 servers (coturn) answer 441 when the username changes under a
+    // live allocation; ours does too for a different user.
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let c = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    let relayed = s.allocate(c);
+    let now = s.now;
+    s.clients[c].1.set_credentials(now, "bob", "builder");
+    s.settle();
+    let ev = s.events(c);
+    assert!(
+        ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 441, reason, .. } if reason.contains("next allocation"))),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, ClientEvent::Refreshed { .. })),
+        "re-sent with the old credentials: {ev:?}"
+    );
+    // An hour later the allocation is still alive and the same.
+    s.advance(Duration::from_secs(3600));
+    let ev = s.events(c);
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, ClientEvent::Lost { .. } | ClientEvent::Failed { .. })),
+        "{ev:?}"
+    );
+    assert_eq!(s.clients[c].1.relayed()[0], relayed);
+    // The next allocation uses the new credentials.
+    let now = s.now;
+    s.clients[c].1.deallocate(now);
+    s.settle();
+    s.allocate(c);
+}
