@@ -631,7 +631,6 @@ impl Server {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
         };
-        let limit = self.cfg.bandwidth_limit;
         let Some(&slot) = self.by_client.get(&client) else {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
@@ -646,6 +645,21 @@ impl Server {
             return None;
         };
         let peer = ch.peer;
+        self.forward_to_peer(now, slot, peer, payload)
+    }
+
+    /// The common tail of ChannelData and Send: the allocation needs a relayed
+    /// socket of the peer's family and a live permission, and the bandwidth
+    /// cap must allow the payload.
+    fn forward_to_peer<'a>(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        peer: SocketAddr,
+        payload: &'a [u8],
+    ) -> Option<PeerForward<'a>> {
+        let limit = self.cfg.bandwidth_limit;
+        let a = self.slots[slot].as_mut()?;
         let (Some(r), true) = (a.relay_for(peer.ip()), a.has_permission(peer.ip(), now)) else {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
@@ -670,7 +684,6 @@ impl Server {
         client: ClientSocket,
         msg: &Message<'a>,
     ) -> Option<PeerForward<'a>> {
-        let limit = self.cfg.bandwidth_limit;
         let slot = *self.by_client.get(&client)?;
         let peer = match msg.xor_address(attr::XOR_PEER_ADDRESS) {
             Some(Ok(p)) => p,
@@ -688,23 +701,7 @@ impl Server {
             inc(&self.metrics.denied_peers, 1);
             return None;
         }
-        let a = self.slots[slot].as_mut()?;
-        let (Some(r), true) = (a.relay_for(peer.ip()), a.has_permission(peer.ip(), now)) else {
-            inc(&self.metrics.dropped_invalid, 1);
-            return None;
-        };
-        let relay = r.token;
-        if !a.take_bandwidth(payload.len(), now, limit) {
-            inc(&self.metrics.dropped_bandwidth, 1);
-            return None;
-        }
-        inc(&self.metrics.packets_to_peer, 1);
-        inc(&self.metrics.bytes_to_peer, payload.len() as u64);
-        Some(PeerForward {
-            relay,
-            peer,
-            payload,
-        })
+        self.forward_to_peer(now, slot, peer, payload)
     }
 
     /// A datagram from `peer` on a relayed socket. The payload must sit at
