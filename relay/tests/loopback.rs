@@ -213,6 +213,21 @@ async fn relay_round_trip_via(
         .await;
         assert_eq!(data.pop(), Some((peer, payload.into_bytes())));
     }
+    if !reliable {
+        // An oversized datagram (jumbo, 3000 bytes) is dropped whole, never
+        // relayed truncated; the next packet still goes through.
+        out.clear();
+        client.encode_to(peer, &[7u8; 3000], &mut out);
+        conn.send(&out).await;
+        out.clear();
+        client.encode_to(peer, b"after jumbo", &mut out);
+        conn.send(&out).await;
+        drive(&mut client, &mut conn, &mut ev, &mut data, |_, d| {
+            !d.is_empty()
+        })
+        .await;
+        assert_eq!(data.pop(), Some((peer, b"after jumbo".to_vec())));
+    }
     client.deallocate(Instant::now());
     drive(&mut client, &mut conn, &mut ev, &mut data, |e, _| {
         e.contains(&ClientEvent::Deallocated)

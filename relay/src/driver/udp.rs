@@ -195,7 +195,14 @@ impl Batch {
             return 0;
         }
         for i in start..start + r as usize {
-            self.lens[i] = self.hdrs[i].msg_len as usize;
+            // A datagram larger than the buffer (jumbo, not an MTU-sized
+            // WireGuard packet) was cut: never relay a truncated packet.
+            let truncated = self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            self.lens[i] = if truncated {
+                0
+            } else {
+                self.hdrs[i].msg_len as usize
+            };
         }
         r as usize
     }
@@ -439,6 +446,9 @@ impl Worker {
                             continue;
                         };
                         let len = peer_rx.lens[i];
+                        if len == 0 {
+                            continue;
+                        }
                         let buf = &mut peer_rx.bufs[i];
                         if let Some(fwd) =
                             self.server
