@@ -227,6 +227,7 @@ async fn relay_round_trip_via(
         })
         .await;
         assert_eq!(data.pop(), Some((peer, b"after jumbo".to_vec())));
+        assert!(data.is_empty(), "nothing else came back: {data:?}");
     }
     client.deallocate(Instant::now());
     drive(&mut client, &mut conn, &mut ev, &mut data, |e, _| {
