@@ -476,7 +476,14 @@ impl Client {
             Transaction {
                 kind,
                 request: out,
-                next: now + RTO,
+                // Over TCP/TLS there are no retransmissions: wait Ti = 39.5 s
+                // (RFC 8489 §6.2.2) before giving up.
+                next: now
+                    + if self.cfg.reliable {
+                        Duration::from_millis(39_500)
+                    } else {
+                        RTO
+                    },
                 rto: RTO,
                 sent: 1,
                 auth_retries,

@@ -36,6 +36,12 @@ const DEFAULT_DENY: &[(&str, &str)] = &[
     ("fe80::/10", "link-local"),
     ("ff00::/8", "multicast"),
     ("64:ff9b::/96", "NAT64"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
+    ("2002::/16", "6to4 (embeds IPv4)"),
+    ("2001::/32", "Teredo (embeds IPv4)"),
+    ("::/96", "IPv4-compatible IPv6"),
+    ("fec0::/10", "site-local"),
+    ("100::/64", "discard-only"),
 ];
 
 /// Normalises `::ffff:a.b.c.d` to `a.b.c.d`.

@@ -140,6 +140,34 @@ pub struct Quotas {
     pub max_per_user: u32,
     total: AtomicUsize,
     per_user: Mutex<HashMap<String, u32>>,
+    /// Relayed ports bound right now, all shards (a bit per port): a peer on
+    /// the relay's own address must be one of these (relay-to-relay), never
+    /// another local socket that happens to sit in the range.
+    live_ports: LivePorts,
+}
+
+/// A shared bitset of the 65,536 port numbers.
+#[derive(Debug)]
+struct LivePorts(Box<[AtomicU64]>);
+
+impl Default for LivePorts {
+    fn default() -> Self {
+        LivePorts((0..1024).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+impl LivePorts {
+    fn set(&self, port: u16, on: bool) {
+        let (w, b) = (port as usize / 64, 1u64 << (port % 64));
+        if on {
+            self.0[w].fetch_or(b, Ordering::Relaxed);
+        } else {
+            self.0[w].fetch_and(!b, Ordering::Relaxed);
+        }
+    }
+    fn contains(&self, port: u16) -> bool {
+        self.0[port as usize / 64].load(Ordering::Relaxed) & (1u64 << (port % 64)) != 0
+    }
 }
 
 impl Quotas {
@@ -434,6 +462,10 @@ pub struct Server {
     events: VecDeque<Event>,
     scratch: Vec<u8>,
     next_sweep: Instant,
+    /// The request being handled: (milliseconds on the server clock, its
+    /// length). Unauthenticated error answers are rate-limited and, with
+    /// strict amplification, kept no larger than the request.
+    current: (u32, usize),
 }
 
 const PORT_ATTEMPTS: u8 = 16;
@@ -462,6 +494,7 @@ impl Server {
             events: VecDeque::new(),
             scratch: Vec::with_capacity(256),
             next_sweep: now + Duration::from_secs(1),
+            current: (0, 0),
         }
     }
 
@@ -559,6 +592,7 @@ impl Server {
             if let Some(r) = r {
                 if let Some(b) = r.bound {
                     ports.remove(&b.port());
+                    self.quotas.live_ports.set(b.port(), false);
                 }
                 self.events
                     .push_back(Event::ReleaseRelay { token: r.token });
@@ -594,6 +628,7 @@ impl Server {
         if channel_data::is_channel_data(data) {
             return self.channel_data_from_client(now, client, data);
         }
+        self.current = (self.now_ms(now), data.len());
         let msg = match Message::parse(data) {
             Ok(m) => m,
             Err(e) => {
@@ -791,6 +826,7 @@ impl Server {
         };
         match result {
             Ok(addr) => {
+                self.quotas.live_ports.set(addr.port(), true);
                 let Some(a) = self.slots[slot].as_mut() else {
                     return;
                 };
@@ -1197,6 +1233,11 @@ impl Server {
         fp: bool,
         extra: &[(u16, &[u8])],
     ) {
+        let (now_ms, request_len) = self.current;
+        if auth.is_none() && !self.limiter.allow(client.remote.ip(), now_ms) {
+            inc(&self.metrics.dropped_rate_limited, 1);
+            return;
+        }
         let mut out = Vec::with_capacity(96 + reason.len());
         {
             let mut b = MessageBuilder::new(&mut out, m, Class::Error, tid);
@@ -1210,6 +1251,10 @@ impl Server {
             if fp {
                 b.fingerprint();
             }
+        }
+        if auth.is_none() && self.cfg.strict_amplification && out.len() > request_len {
+            inc(&self.metrics.dropped_rate_limited, 1);
+            return;
         }
         self.transmits.push_back(Transmit::ToClient {
             client,
@@ -1565,8 +1610,10 @@ impl Server {
         );
     }
 
+    /// A port of another live allocation on this relay.
     fn is_relay_port(&self, port: u16) -> bool {
         (self.cfg.relay_ports.0..=self.cfg.relay_ports.1).contains(&port)
+            && self.quotas.live_ports.contains(port)
     }
 
     /// Checks a peer for an allocation: family and policy. `port_matters` is
@@ -1601,7 +1648,7 @@ impl Server {
                 return Err((
                     403,
                     format!(
-                        "Forbidden: peer {peer} is this relay outside its relayed ports {lo}-{hi}"
+                        "Forbidden: peer {peer} is this relay but not one of its live relayed ports ({lo}-{hi})"
                     ),
                 ));
             }
@@ -1813,8 +1860,30 @@ impl Server {
                 )
             }
         }
-        let perm_until = now + self.cfg.permission_lifetime;
-        self.add_permission(slot, peer.ip(), perm_until.max(until.min(perm_until)));
+        // A channel needs the permission too (RFC 8656 §12.2); without room
+        // for it the channel would silently carry nothing.
+        if !self.add_permission(slot, peer.ip(), now + self.cfg.permission_lifetime) {
+            if let Some(a) = self.slots[slot].as_mut() {
+                if let Some(i) = a
+                    .channels
+                    .iter()
+                    .position(|c| c.number == number && c.peer == peer)
+                {
+                    a.channels.remove(i);
+                    self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            return self.error_response(
+                client,
+                method::CHANNEL_BIND,
+                tid,
+                508,
+                "Insufficient Capacity: too many permissions on this allocation",
+                a_auth,
+                fp,
+                &[],
+            );
+        }
         self.update_credentials(slot, &auth);
         self.success(client, method::CHANNEL_BIND, tid, &auth, fp, &[]);
     }

@@ -362,14 +362,14 @@ impl<'a> Message<'a> {
             if a.value.len() < 16 || a.value.len() > 32 {
                 return None;
             }
-            let mac = integrity_mac(Integrity::Sha256, self.raw, a.offset, key);
+            let mac = integrity_mac(Integrity::Sha256, self.raw, a.offset, a.value.len(), key);
             return ct_eq(&mac[..a.value.len()], a.value).then_some(Integrity::Sha256);
         }
         if let Some(a) = self.get_attr(attr::MESSAGE_INTEGRITY) {
             if a.value.len() != 20 {
                 return None;
             }
-            let mac = integrity_mac(Integrity::Sha1, self.raw, a.offset, key);
+            let mac = integrity_mac(Integrity::Sha1, self.raw, a.offset, 20, key);
             return ct_eq(&mac[..20], a.value).then_some(Integrity::Sha1);
         }
         None
@@ -471,12 +471,16 @@ fn decode_address(v: &[u8], tid: Option<&TransactionId>) -> Result<SocketAddr, A
     }
 }
 
-fn integrity_mac(kind: Integrity, raw: &[u8], attr_offset: usize, key: &[u8]) -> [u8; 32] {
-    // The length field covers everything up to and including this attribute.
-    let vlen = match kind {
-        Integrity::Sha1 => 20,
-        Integrity::Sha256 => 32,
-    };
+/// The MAC over `raw[..attr_offset]` with the header length adjusted to end
+/// after this attribute, whose value is `vlen` bytes (MESSAGE-INTEGRITY-SHA256
+/// may be truncated to 16..=32 bytes, RFC 8489 §14.6).
+fn integrity_mac(
+    kind: Integrity,
+    raw: &[u8],
+    attr_offset: usize,
+    vlen: usize,
+    key: &[u8],
+) -> [u8; 32] {
     let fake_len = (attr_offset + 4 + vlen - HEADER_LEN) as u16;
     let mut out = [0u8; 32];
     match kind {
@@ -600,7 +604,7 @@ impl<'b> MessageBuilder<'b> {
             Integrity::Sha1 => (attr::MESSAGE_INTEGRITY, 20),
             Integrity::Sha256 => (attr::MESSAGE_INTEGRITY_SHA256, 32),
         };
-        let mac = integrity_mac(kind, self.buf, off, key);
+        let mac = integrity_mac(kind, self.buf, off, vlen, key);
         self.attr(typ, &mac[..vlen])
     }
 
@@ -860,6 +864,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn truncated_sha256_integrity_verifies() {
+        // RFC 8489 §14.6: MESSAGE-INTEGRITY-SHA256 may be 16..=32 bytes.
+        let key = long_term_key("u", "r", "p");
+        let mut buf = Vec::new();
+        MessageBuilder::new(&mut buf, method::REFRESH, Class::Request, [5; 12])
+            .attr(attr::USERNAME, b"u");
+        let off = buf.len();
+        let mac = integrity_mac(Integrity::Sha256, &buf, off, 16, &key);
+        let mut b = MessageBuilder {
+            buf: &mut buf,
+            tid: [5; 12],
+        };
+        b.attr(attr::MESSAGE_INTEGRITY_SHA256, &mac[..16]);
+        let m = Message::parse(&buf).expect("parse");
+        assert_eq!(m.verify_integrity(&key), Some(Integrity::Sha256));
+        assert_eq!(m.verify_integrity(b"other"), None);
     }
 
     #[test]

@@ -421,7 +421,7 @@ fn default_deny_list_answers_403_with_the_rule() {
     s.settle();
     let ev = s.events(c);
     assert!(
-        ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 403, reason, .. } if reason.contains("outside its relayed ports"))),
+        ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 403, reason, .. } if reason.contains("not one of its live relayed ports"))),
         "{ev:?}"
     );
 }
@@ -900,4 +900,22 @@ fn a_refused_new_username_keeps_the_allocation_on_the_old_credentials() {
     s.clients[c].1.deallocate(now);
     s.settle();
     s.allocate(c);
+}
+
+#[test]
+fn own_address_peers_must_be_live_relayed_ports() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let a = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    let ra = s.allocate(a);
+    // A port inside the relay range that no allocation holds (some other
+    // local socket could sit there): refused.
+    let idle = SocketAddr::new(ra.ip(), if ra.port() == 50099 { 50098 } else { 50099 });
+    let now = s.now;
+    s.clients[a].1.bind_channel(now, idle);
+    s.settle();
+    let ev = s.events(a);
+    assert!(
+        ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 403, reason, .. } if reason.contains("live relayed ports"))),
+        "{ev:?}"
+    );
 }

@@ -318,6 +318,10 @@ async fn relay_reader(sock: Arc<UdpSocket>, token: RelayToken, tx: mpsc::Sender<
         let Ok((n, peer)) = sock.recv_from(&mut buf[4..2048 - 3]).await else {
             return;
         };
+        if n == 2048 - 3 - 4 {
+            // Filled the buffer: possibly truncated; never relay that.
+            continue;
+        }
         let mut data = Vec::with_capacity(n + 7);
         data.extend_from_slice(&[0; 4]);
         data.extend_from_slice(&buf[4..4 + n]);
