@@ -26,6 +26,10 @@ const MAX_FRAME: usize = 4096;
 const CLIENT_QUEUE: usize = 128;
 /// Concurrent stream clients.
 const MAX_CONNECTIONS: usize = 20_000;
+/// Time a new stream client has to send its first bytes.
+const FIRST_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest silence from a stream client before it is closed.
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(610);
 
 enum Input {
     Connected(ClientSocket, mpsc::Sender<Vec<u8>>),
@@ -163,12 +167,21 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let _ = wr.shutdown().await;
     });
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 16 * 1024];
+    let mut chunk = vec![0u8; 4096];
+    // A client must speak within FIRST_FRAME_TIMEOUT of connecting, and then
+    // at least once per IDLE_TIMEOUT (a live allocation refreshes well
+    // within its 600 s lifetime): idle sockets cannot pin connection slots.
+    let mut timeout = FIRST_FRAME_TIMEOUT;
     'read: loop {
-        let n = match rd.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = match tokio::time::timeout(timeout, rd.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => n,
+            Err(_) => {
+                tracing::debug!(remote = %client.remote, ?timeout, "closing idle stream client");
+                break;
+            }
         };
+        timeout = IDLE_TIMEOUT;
         buf.extend_from_slice(&chunk[..n]);
         loop {
             match stun::stream_frame_len(&buf) {
