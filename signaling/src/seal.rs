@@ -11,12 +11,13 @@
 //! Replay protection lives in the receiver's [`Opener`]: envelopes outside a
 //! timestamp window are refused, and nonces seen inside the window are
 //! remembered in a bounded cache. When the cache is full the oldest entry is
-//! evicted and its timestamp becomes a floor: nothing at or below it is
-//! accepted again, so eviction never re-opens a replay.
+//! evicted and its timestamp becomes a floor for its sender: nothing from
+//! that sender at or below it is accepted again, so eviction never re-opens
+//! a replay, and a member flooding the cache only raises its own floor.
 //!
 //! No I/O and no clock: callers pass the current Unix time in milliseconds.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -187,9 +188,17 @@ pub struct Opener {
     window_ms: u64,
     capacity: usize,
     seen: HashSet<[u8; 24]>,
-    order: VecDeque<([u8; 24], u64)>,
-    floor: Option<u64>,
+    order: VecDeque<([u8; 24], u64, PublicKey)>,
+    /// Per sender: nothing at or below this timestamp is accepted any more
+    /// (set when one of the sender's nonces is evicted inside the window).
+    /// Per sender, so one member flooding the cache can only raise its own
+    /// floor, never block everyone else's messages.
+    floors: HashMap<PublicKey, u64>,
 }
+
+/// Most senders with a floor remembered; past it the oldest floors go
+/// (their entries left the window long ago in any realistic flood).
+const MAX_FLOORS: usize = 65_536;
 
 impl Opener {
     /// Default accepted clock difference between sender and receiver.
@@ -212,7 +221,7 @@ impl Opener {
             capacity: capacity.max(1),
             seen: HashSet::new(),
             order: VecDeque::new(),
-            floor: None,
+            floors: HashMap::new(),
         }
     }
 
@@ -230,7 +239,9 @@ impl Opener {
             ts: env.ts,
             now: now_ms,
         };
-        if env.ts.abs_diff(now_ms) > self.window_ms || self.floor.is_some_and(|f| env.ts <= f) {
+        if env.ts.abs_diff(now_ms) > self.window_ms
+            || self.floors.get(&env.from).is_some_and(|f| env.ts <= *f)
+        {
             return Err(stale);
         }
         let nonce: [u8; 24] = env
@@ -255,25 +266,30 @@ impl Opener {
             )
             .map_err(|_| OpenError::Forged)?;
         // Remember only authentic nonces, so forgeries cannot flush the cache.
-        self.remember(now_ms, nonce, env.ts);
+        self.remember(now_ms, nonce, env.ts, env.from);
         serde_json::from_slice(&plain).map_err(|e| OpenError::BadContent(e.to_string()))
     }
 
-    fn remember(&mut self, now_ms: u64, nonce: [u8; 24], ts: u64) {
-        while let Some(&(n, t)) = self.order.front() {
+    fn remember(&mut self, now_ms: u64, nonce: [u8; 24], ts: u64, from: PublicKey) {
+        while let Some(&(n, t, sender)) = self.order.front() {
             let expired = t.saturating_add(self.window_ms) < now_ms;
             if !expired && self.order.len() < self.capacity {
                 break;
             }
             if !expired {
-                // Evicted while still inside the window: raise the floor.
-                self.floor = Some(self.floor.map_or(t, |f| f.max(t)));
+                // Evicted while still inside the window: raise that sender's floor.
+                if self.floors.len() >= MAX_FLOORS && !self.floors.contains_key(&sender) {
+                    let cutoff = now_ms.saturating_sub(self.window_ms);
+                    self.floors.retain(|_, f| *f >= cutoff);
+                }
+                let f = self.floors.entry(sender).or_insert(t);
+                *f = (*f).max(t);
             }
             self.order.pop_front();
             self.seen.remove(&n);
         }
         self.seen.insert(nonce);
-        self.order.push_back((nonce, ts));
+        self.order.push_back((nonce, ts, from));
     }
 }
 
@@ -406,6 +422,26 @@ mod tests {
         // Fresh messages still pass.
         let fresh = seal(&a, &b.public_key(), 100_070, &offer()).unwrap();
         assert!(opener.open(100_070, &fresh).is_ok());
+    }
+
+    #[test]
+    fn a_member_flooding_future_dated_envelopes_blocks_only_itself() {
+        let mallory = PrivateKey::generate();
+        let alice = PrivateKey::generate();
+        let b = PrivateKey::generate();
+        let mut opener = Opener::with_limits(b.clone(), 60_000, 8);
+        let now = 1_000_000;
+        // Fill and overflow the cache with envelopes dated at the window's edge.
+        for i in 0..32 {
+            let e = seal(&mallory, &b.public_key(), now + 59_000 + i, &offer()).unwrap();
+            opener.open(now, &e).unwrap();
+        }
+        // Alice's ordinary messages still pass.
+        let fresh = seal(&alice, &b.public_key(), now + 10, &offer()).unwrap();
+        assert!(opener.open(now + 10, &fresh).is_ok());
+        // Mallory's own older-dated messages are the ones refused.
+        let old = seal(&mallory, &b.public_key(), now + 20, &offer()).unwrap();
+        assert!(opener.open(now + 20, &old).is_err());
     }
 
     #[test]

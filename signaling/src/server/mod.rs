@@ -515,6 +515,14 @@ impl Drop for LiveGuard {
 
 async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
+        // Stateless address validation (QUIC Retry): a spoofed Initial costs
+        // one small packet and no connection slot.
+        if !incoming.remote_address_validated() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
         let Some(guard) = LiveGuard::new(&shared) else {
             incoming.refuse();
             continue;
