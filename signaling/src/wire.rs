@@ -277,7 +277,9 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
                     }
                     return Ok(Some(frame));
                 }
-                self.buf.reserve(4 + len - self.buf.len());
+                // Grow with the bytes that actually arrive, not with the
+                // announced length: a header alone must not pin 64 KiB.
+                self.buf.reserve((4 + len - self.buf.len()).min(4096));
             } else {
                 self.buf.reserve(512);
             }
