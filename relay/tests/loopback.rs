@@ -475,3 +475,30 @@ async fn ipv6_clients_and_peers() {
     .await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_stream_slot() {
+    let relay = start_relay(&["--relay-ports", "47000-47999"], None).await;
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        held.push(TcpStream::connect(relay.tcp[0]).await.expect("connect"));
+    }
+    // The 257th from the same address is closed at once.
+    let mut extra = TcpStream::connect(relay.tcp[0]).await.expect("connect");
+    let mut b = [0u8; 4];
+    let r = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut b))
+        .await
+        .expect("closed in time");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    // Closing some gives the address room again.
+    held.truncate(200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = TcpStream::connect(relay.tcp[0]).await.expect("connect");
+    let r = tokio::time::timeout(Duration::from_millis(500), again.read(&mut b)).await;
+    assert!(
+        r.is_err(),
+        "a connection within the quota stays open (read timed out): {r:?}"
+    );
+    drop(held);
+    relay.stop().await;
+}

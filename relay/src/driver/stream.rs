@@ -26,6 +26,45 @@ const MAX_FRAME: usize = 4096;
 const CLIENT_QUEUE: usize = 128;
 /// Concurrent stream clients.
 const MAX_CONNECTIONS: usize = 20_000;
+/// Concurrent stream clients from one IP address (per listener): enough for
+/// a CGNAT'd office, too few for one host to take every slot.
+const MAX_PER_IP: u32 = 256;
+
+type PerIpCounts = Arc<std::sync::Mutex<HashMap<std::net::IpAddr, u32>>>;
+
+/// One connection's share of its address's quota, given back on drop.
+struct PerIpSlot {
+    counts: PerIpCounts,
+    ip: std::net::IpAddr,
+}
+
+impl PerIpSlot {
+    fn take(counts: &PerIpCounts, ip: std::net::IpAddr) -> Option<PerIpSlot> {
+        let mut m = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Time a new stream client has to send its first bytes.
 const FIRST_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Longest silence from a stream client before it is closed.
@@ -105,6 +144,7 @@ async fn accept_loop(
     let Ok(local) = listener.local_addr() else {
         return;
     };
+    let per_ip_counts: PerIpCounts = Arc::default();
     loop {
         let (sock, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -121,6 +161,10 @@ async fn accept_loop(
             tracing::warn!(%remote, "too many stream clients; closing");
             continue;
         };
+        let Some(per_ip) = PerIpSlot::take(&per_ip_counts, remote.ip()) else {
+            tracing::info!(%remote, "too many stream clients from one address ({MAX_PER_IP}); closing");
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let client = ClientSocket {
             transport,
@@ -131,6 +175,7 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _per_ip = per_ip;
             match tls {
                 Some(acc) => {
                     let hs =
