@@ -195,6 +195,11 @@ impl Shared {
                 Output::Send(c, frame) => {
                     let conns = conns.get_or_insert_with(|| lock(&self.conns));
                     if let Some(h) = conns.get(&c) {
+                        if h.tx.capacity() == 0 {
+                            // Full queue: drop before paying for the encoding.
+                            Metrics::inc(&self.metrics.dropped_queue_full);
+                            continue;
+                        }
                         let bytes = match &last {
                             Some((f, b)) if *f == frame => b.clone(),
                             _ => {
