@@ -208,15 +208,19 @@ mod tests {
     #[test]
     fn lists_this_namespace() {
         let all = interfaces().expect("getifaddrs");
-        // Every namespace has a loopback interface with 127.0.0.1 (when up) —
-        // and the filter never offers it as a candidate.
-        if let Some(lo) = all
+        // The test host's namespace has `lo` up with 127.0.0.1/8, and the
+        // filter never offers it as a candidate.
+        let lo = all
             .iter()
             .find(|a| a.net.addr() == IpAddr::from([127, 0, 0, 1]))
-        {
-            assert!(lo.loopback);
-            assert_eq!(lo.net.prefix_len(), 8);
-            assert_eq!(HostFilter::default().rejects(lo), Some("loopback"));
-        }
+            .unwrap_or_else(|| panic!("no 127.0.0.1 among {all:?}"));
+        assert!(lo.loopback && lo.up, "{lo:?}");
+        assert_eq!(lo.net.prefix_len(), 8);
+        assert_eq!(lo.name, "lo");
+        assert_eq!(HostFilter::default().rejects(lo), Some("loopback"));
+        assert!(HostFilter::default()
+            .candidates(&all)
+            .iter()
+            .all(|a| !a.net.addr().is_loopback()));
     }
 }
