@@ -9,11 +9,18 @@
 //! mode = "external"          # "external" (existing wg) or "embedded" (in-process)
 //! private_key_file = "/etc/wgice/private.key"   # or private_key = "<base64>"; omit to read it from the interface
 //! port = 51821               # the agent's ICE/relay UDP port (0: any)
+//! address = ["10.8.0.1/32"]  # overlay address(es) advertised to the mesh
 //!
 //! [signaling]
-//! url = "quic://signal.example.org:4433"
-//! pin_sha256 = "<hex SHA-256 of the server certificate>"   # optional with a CA-signed certificate
+//! url = "quic://signal.example.org:4433"     # or tls://HOST:PORT (TLS over TCP only)
+//! pin_sha256 = "<hex SHA-256 of the server certificate>"   # or ca_file = PATH for a CA-signed one
+//! mesh = "default"
 //! mesh_token = "<secret shared by the mesh>"
+//!
+//! [agent]                    # all optional
+//! control = "/run/wgice/wg0.sock"            # default /run/wgice/<interface>.sock
+//! metrics = "127.0.0.1:9586"                 # Prometheus /metrics
+//! exclude_interfaces = ["docker0"]           # never used for host candidates
 //!
 //! [[relays]]
 //! url = "turn:relay.example.org:3478"   # stun:, turn: (UDP), turn:…?transport=tcp, turns: (TLS)
@@ -171,6 +178,19 @@ pub struct AgentConfig {
     pub relays: Vec<Relay>,
     /// Peers.
     pub peers: Peers,
+    /// Mesh name at the signaling server.
+    pub mesh: String,
+    /// Overlay addresses this node advertises to the mesh (`peers = "auto"`
+    /// peers route them to us).
+    pub address: Vec<String>,
+    /// Unix control socket (`ice-agent status` talks to it).
+    pub control: PathBuf,
+    /// Prometheus listener, if any.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Interfaces never used for host candidates (besides WireGuard/overlay ones).
+    pub exclude_interfaces: Vec<String>,
+    /// CA file for a signaling server without a pinned certificate.
+    pub signaling_ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -181,6 +201,17 @@ struct File {
     #[serde(default)]
     relays: Vec<RelaySection>,
     peers: Option<PeersSection>,
+    #[serde(default)]
+    agent: AgentSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AgentSection {
+    control: Option<PathBuf>,
+    metrics: Option<String>,
+    #[serde(default)]
+    exclude_interfaces: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -193,6 +224,8 @@ struct WgSection {
     private_key_file: Option<PathBuf>,
     #[serde(default)]
     port: u16,
+    #[serde(default)]
+    address: Vec<String>,
 }
 
 fn default_mode() -> Mode {
@@ -204,7 +237,14 @@ fn default_mode() -> Mode {
 struct SignalingSection {
     url: String,
     pin_sha256: Option<String>,
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_mesh")]
+    mesh: String,
     mesh_token: String,
+}
+
+fn default_mesh() -> String {
+    "default".into()
 }
 
 #[derive(Deserialize)]
@@ -472,7 +512,44 @@ impl AgentConfig {
                 Peers::List(out)
             }
         };
+        let metrics = match &f.agent.metrics {
+            None => None,
+            Some(m) => Some(m.parse().map_err(|_| {
+                err(
+                    "agent.metrics",
+                    format!("{m:?} is not IP:PORT"),
+                    "e.g. metrics = \"127.0.0.1:9586\"",
+                )
+            })?),
+        };
+        for (i, a) in f.wireguard.address.iter().enumerate() {
+            if a.parse::<IpNet>().is_err() && a.parse::<std::net::IpAddr>().is_err() {
+                return Err(err(
+                    &format!("wireguard.address[{i}]"),
+                    format!("{a:?} is not an IP address or IP/prefix"),
+                    "the node's overlay address, e.g. \"10.8.0.1/32\"",
+                ));
+            }
+        }
+        if f.signaling.pin_sha256.is_none() && f.signaling.ca_file.is_none() {
+            return Err(err(
+                "signaling.pin_sha256",
+                "neither pin_sha256 nor ca_file is set".into(),
+                "copy the fingerprint `signaling` prints at start, or give ca_file = PATH",
+            ));
+        }
+        let control = f
+            .agent
+            .control
+            .clone()
+            .unwrap_or_else(|| default_control(&f.wireguard.interface));
         Ok(AgentConfig {
+            mesh: f.signaling.mesh,
+            address: f.wireguard.address,
+            control,
+            metrics,
+            exclude_interfaces: f.agent.exclude_interfaces,
+            signaling_ca: f.signaling.ca_file,
             interface: f.wireguard.interface,
             mode: f.wireguard.mode,
             private_key,
@@ -484,6 +561,11 @@ impl AgentConfig {
             peers,
         })
     }
+}
+
+/// Where the control socket lives unless `agent.control` says otherwise.
+pub fn default_control(interface: &str) -> PathBuf {
+    PathBuf::from(format!("/run/wgice/{interface}.sock"))
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {

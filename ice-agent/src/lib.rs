@@ -5,24 +5,30 @@
 //! Nothing in the session opens a socket, spawns a task or reads the clock:
 //! time comes in as `now`, datagrams come in through
 //! [`PeerSession::handle_stun`] and go out through
-//! [`PeerSession::poll_transmit`]. The daemon (a later layer) owns the UDP
-//! socket, the TURN client, signaling and WireGuard control.
+//! [`PeerSession::poll_transmit`]. The daemon owns the UDP socket, the
+//! signaling connection and WireGuard control.
 //!
 //! - [`PeerSession`], [`PathStatus`]: ICE per peer and the path policy.
 //! - [`demux`]: telling STUN, ChannelData and WireGuard apart on the one socket.
 //! - [`gather`]: host candidates from the node's interfaces.
 //! - [`config`]: the agent's TOML configuration.
 //! - [`status`]: what `ice-agent status` shows (table and JSON).
+//! - [`agent`]: the sans-IO core over all peers (sessions, TURN, signaling
+//!   exchange, routes); [`daemon`]: its tokio driver; [`wg`]: WireGuard
+//!   interface control (UAPI or the `wg` tool).
 //!
 //! See `docs/ice-agent.md` for the design.
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod config;
+pub mod daemon;
 pub mod demux;
 pub mod gather;
 mod path;
 mod session;
 pub mod status;
+pub mod wg;
 
 pub use path::{classify, Classification, PathKind, WgicePreference};
 pub use session::{

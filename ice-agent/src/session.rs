@@ -463,15 +463,17 @@ impl PeerSession {
         self.after_mutation(now);
     }
 
-    /// Adds a candidate the peer trickled as an SDP `candidate:` line.
+    /// Adds a candidate the peer trickled as an SDP `candidate:` line;
+    /// returns its address.
     pub fn add_remote_candidate_sdp(
         &mut self,
         now: Instant,
         line: &str,
-    ) -> Result<(), SessionError> {
+    ) -> Result<SocketAddr, SessionError> {
         let c = Candidate::from_sdp_string(line)?;
+        let addr = c.addr();
         self.add_remote_candidate(now, c);
-        Ok(())
+        Ok(addr)
     }
 
     /// Handles a STUN datagram received on `destination` (a local host
@@ -606,6 +608,12 @@ impl PeerSession {
     /// The current data path.
     pub fn path(&self) -> &PathStatus {
         &self.path
+    }
+
+    /// When anything authenticated (STUN from the peer, or WireGuard data on
+    /// a known pair) last arrived: `None` if nothing ever did.
+    pub fn last_heard(&self) -> Option<Instant> {
+        self.seen.values().filter_map(|s| s.last_rx).max()
     }
 
     /// Counters.

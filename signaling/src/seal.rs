@@ -45,6 +45,10 @@ pub enum PeerMessage {
         pwd: String,
         /// Candidates known when the offer was made (SDP `candidate:` form).
         candidates: Vec<String>,
+        /// The sender's WireGuard listen port, for a same-LAN path that
+        /// bypasses the agents (absent when unknown).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wg_port: Option<u16>,
     },
     /// Reply to an offer.
     Answer {
@@ -56,6 +60,9 @@ pub enum PeerMessage {
         pwd: String,
         /// Candidates known when answering.
         candidates: Vec<String>,
+        /// The sender's WireGuard listen port (see `Offer`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wg_port: Option<u16>,
     },
     /// One trickled candidate (RFC 8838).
     Candidate {
@@ -303,6 +310,7 @@ mod tests {
             ufrag: "uf".into(),
             pwd: "secretpassword".into(),
             candidates: vec!["candidate:1 1 udp 2130706431 192.0.2.1 51820 typ host".into()],
+            wg_port: None,
         }
     }
 
@@ -456,6 +464,7 @@ mod tests {
                 ufrag: "a".into(),
                 pwd: "b".into(),
                 candidates: vec![],
+                wg_port: None,
             },
             PeerMessage::Candidate {
                 session: 1,

@@ -58,6 +58,7 @@ async fn two_instances_route_and_share_presence_through_nats() {
         ufrag: "u".into(),
         pwd: "p".into(),
         candidates: vec![],
+        wg_port: None,
     };
     a.send(&kb.public_key(), &offer).await.unwrap();
     match wait_for(&mut b, "offer via NATS", |e| {

@@ -335,6 +335,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 "candidate:2 1 udp 1694498815 198.51.100.7 40000 typ srflx raddr 0.0.0.0 rport 0"
                     .into(),
             ],
+            wg_port: None,
         };
         let env = seal(&nodes[i].key, &keys[j], now_ms(), &offer)?;
         let frame = wire::encode(&ClientFrame::Send { envelope: env });

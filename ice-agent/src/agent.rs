@@ -1,0 +1,1285 @@
+//! The agent's core: every peer's [`PeerSession`], the TURN clients, the
+//! signaling exchange and the routes WireGuard traffic takes, without a
+//! socket or a clock (sans-IO, like the session it is built on).
+//!
+//! The driver (`daemon.rs`) feeds it datagrams from the agent's one UDP
+//! socket ([`Agent::handle_datagram`]), signaling events
+//! ([`Agent::handle_member`], [`Agent::handle_offline`],
+//! [`Agent::handle_message`]) and time ([`Agent::handle_timeout`]), and
+//! carries out what [`Agent::poll_output`] asks: datagrams to send, sealed
+//! messages to signal, and per-peer [`PeerRoute`]s (where the WireGuard
+//! endpoint points and how the per-peer proxy forwards).
+//!
+//! Offer/answer: each side names its ICE session with a random id. A peer
+//! that comes online gets an offer at once; both sides may offer at the same
+//! time, which is harmless (each answers the other with the same
+//! credentials). An offer carrying a new id means the peer restarted: the
+//! local session is rebuilt and answers.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use relay::client::{Client as TurnClient, ClientConfig as TurnConfig, ClientEvent};
+use relay::stun::{self, attr, method, Class, MessageBuilder};
+use signaling::seal::PeerMessage;
+
+use crate::demux::{self, Kind};
+use crate::session::{
+    is_controlling, PathReport, PeerSession, SessionConfig, SessionEvent, Transmit, Via,
+};
+use crate::status::PeerStatus;
+use crate::{Candidate, IceCreds, PathKind};
+
+/// A WireGuard public key.
+pub type PeerKey = [u8; 32];
+
+/// One configured relay, resolved.
+#[derive(Debug, Clone)]
+pub struct RelaySpec {
+    /// Its UDP address.
+    pub server: SocketAddr,
+    /// TURN credentials, or `None` for a STUN-only server.
+    pub turn: Option<TurnConfig>,
+}
+
+/// What the agent starts from.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Our WireGuard public key.
+    pub public_key: PeerKey,
+    /// Our WireGuard listen port (advertised for same-LAN paths).
+    pub wg_port: Option<u16>,
+    /// The agent socket's port.
+    pub port: u16,
+    /// Host addresses to offer (already filtered), with their networks.
+    pub host: Vec<IpNet>,
+    /// Relays.
+    pub relays: Vec<RelaySpec>,
+    /// `true`: every mesh member is a peer; `false`: only `peers`.
+    pub auto_peers: bool,
+    /// Explicit peers and their allowed IPs.
+    pub peers: Vec<(PeerKey, Vec<IpNet>)>,
+    /// A peer offline in signaling and silent this long is dropped.
+    pub vanish_after: Duration,
+}
+
+/// Where the WireGuard endpoint of a peer points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// At the peer's per-peer loopback proxy.
+    Proxy,
+    /// Straight at the peer's WireGuard port (same LAN).
+    Direct(SocketAddr),
+}
+
+/// How the proxy forwards WireGuard packets from the local interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// No path yet: hold a few packets (handshakes) until there is one.
+    Hold,
+    /// From the agent socket to this address.
+    Direct(SocketAddr),
+    /// Through a TURN allocation with a bound channel.
+    Channel {
+        /// The relay.
+        server: SocketAddr,
+        /// Channel number.
+        channel: u16,
+    },
+    /// Through a TURN allocation as Send indications (channel not bound yet).
+    Indication {
+        /// The relay.
+        server: SocketAddr,
+        /// The peer's address at the relay.
+        peer: SocketAddr,
+    },
+}
+
+impl Route {
+    /// Frames one WireGuard packet for this route into `out` (cleared
+    /// first); returns where to send it from the agent socket.
+    pub fn frame(&self, payload: &[u8], out: &mut Vec<u8>) -> Option<SocketAddr> {
+        out.clear();
+        match *self {
+            Route::Hold => None,
+            Route::Direct(to) => {
+                out.extend_from_slice(payload);
+                Some(to)
+            }
+            Route::Channel { server, channel } => {
+                stun::channel_data::encode(out, channel, payload, false);
+                Some(server)
+            }
+            Route::Indication { server, peer } => {
+                MessageBuilder::new(out, method::SEND, Class::Indication, rand::random())
+                    .xor_address(attr::XOR_PEER_ADDRESS, peer)
+                    .attr(attr::DATA, payload);
+                Some(server)
+            }
+        }
+    }
+}
+
+/// A peer's route as the driver applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerRoute {
+    /// WireGuard endpoint.
+    pub endpoint: Endpoint,
+    /// Proxy forwarding.
+    pub route: Route,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Send a datagram from the agent socket.
+    Send {
+        /// Destination.
+        to: SocketAddr,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+    /// Send a sealed signaling message.
+    Signal {
+        /// Recipient.
+        to: PeerKey,
+        /// Message.
+        message: PeerMessage,
+    },
+    /// The agent now manages this peer: make sure the WireGuard peer exists
+    /// with these allowed IPs (remember how it was), and give it a proxy.
+    PeerAdded {
+        /// Peer.
+        peer: PeerKey,
+        /// Allowed IPs (empty: leave the interface's as they are).
+        allowed_ips: Vec<IpNet>,
+    },
+    /// Point the peer's WireGuard endpoint and proxy here.
+    Route {
+        /// Peer.
+        peer: PeerKey,
+        /// Route.
+        route: PeerRoute,
+    },
+    /// The peer is no longer managed: restore it, drop its proxy.
+    PeerRemoved {
+        /// Peer.
+        peer: PeerKey,
+    },
+}
+
+/// Counters of dropped input (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    /// STUN no session accepted (wrong credentials, stale, garbage).
+    pub stun_unmatched: u64,
+    /// WireGuard packets from an address no peer uses.
+    pub wg_unknown_source: u64,
+    /// Datagrams that are neither STUN, ChannelData nor WireGuard.
+    pub malformed: u64,
+    /// Signaling messages from unmanaged peers or with bad candidates.
+    pub signal_rejected: u64,
+    /// Relay data (ChannelData / Data indications) for no known peer.
+    pub relay_unmatched: u64,
+}
+
+#[derive(Debug)]
+struct Sess {
+    ice: PeerSession,
+    local_id: u64,
+    remote_id: Option<u64>,
+    /// Candidates that arrived before the offer/answer that names their session.
+    pending: Vec<(u64, String)>,
+    offered_at: Instant,
+}
+
+#[derive(Debug)]
+struct Peer {
+    online: bool,
+    offline_since: Option<Instant>,
+    session: Option<Sess>,
+    remote_wg_port: Option<u16>,
+    route: Option<PeerRoute>,
+    rx_bytes: u64,
+    path_changes_before: u64,
+    created: Instant,
+}
+
+#[derive(Debug)]
+struct RelayState {
+    spec: RelaySpec,
+    turn: Option<TurnClient>,
+    /// Local address the relay's answers arrived on (base of srflx/relayed).
+    base: Option<IpAddr>,
+    relayed: Vec<SocketAddr>,
+    mapped: Option<SocketAddr>,
+    permitted: HashSet<IpAddr>,
+    /// When to (re)allocate, or send the next STUN Binding.
+    retry_at: Option<Instant>,
+    failures: u32,
+    binding_tid: Option<stun::TransactionId>,
+    /// Why the relay is not usable (for status).
+    problem: Option<String>,
+}
+
+/// The agent core. See the module docs.
+#[derive(Debug)]
+pub struct Agent {
+    opts: AgentOptions,
+    peers: HashMap<PeerKey, Peer>,
+    relays: Vec<RelayState>,
+    /// Local candidates currently offered.
+    local: Vec<Candidate>,
+    /// Which peer a remote address belongs to (signalled candidates and
+    /// addresses that passed an authenticated check).
+    owner: HashMap<SocketAddr, PeerKey>,
+    out: VecDeque<Output>,
+    drops: DropCounters,
+}
+
+const MAX_PENDING_CANDIDATES: usize = 64;
+const MAX_REMOTE_CANDIDATES: usize = 64;
+const REOFFER_AFTER: Duration = Duration::from_secs(5);
+const STUN_REFRESH: Duration = Duration::from_secs(25);
+
+impl Agent {
+    /// A new agent; call [`Agent::handle_timeout`] to start gathering.
+    pub fn new(opts: AgentOptions, now: Instant) -> Agent {
+        let relays = opts
+            .relays
+            .iter()
+            .map(|spec| RelayState {
+                spec: spec.clone(),
+                turn: None,
+                base: None,
+                relayed: Vec::new(),
+                mapped: None,
+                permitted: HashSet::new(),
+                retry_at: Some(now),
+                failures: 0,
+                binding_tid: None,
+                problem: None,
+            })
+            .collect();
+        let mut a = Agent {
+            peers: HashMap::new(),
+            relays,
+            local: Vec::new(),
+            owner: HashMap::new(),
+            out: VecDeque::new(),
+            drops: DropCounters::default(),
+            opts,
+        };
+        let hosts: Vec<IpNet> = a.opts.host.clone();
+        for net in hosts {
+            let addr = SocketAddr::new(net.addr(), a.opts.port);
+            if let Ok(c) = Candidate::host(addr, "udp") {
+                a.add_local(now, c);
+            }
+        }
+        for (key, ips) in a.opts.peers.clone() {
+            a.manage(now, key, ips);
+        }
+        a
+    }
+
+    /// Our public key.
+    pub fn public_key(&self) -> &PeerKey {
+        &self.opts.public_key
+    }
+
+    /// Next thing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Dropped-input counters.
+    pub fn drops(&self) -> DropCounters {
+        self.drops
+    }
+
+    /// Relay states for status: (server, relayed, mapped, problem).
+    pub fn relay_status(
+        &self,
+    ) -> Vec<(
+        SocketAddr,
+        Vec<SocketAddr>,
+        Option<SocketAddr>,
+        Option<String>,
+    )> {
+        self.relays
+            .iter()
+            .map(|r| {
+                (
+                    r.spec.server,
+                    r.relayed.clone(),
+                    r.mapped,
+                    r.problem.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// The earliest time [`Agent::handle_timeout`] must run.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let mut best: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                best = Some(best.map_or(t, |b| b.min(t)));
+            }
+        };
+        for p in self.peers.values_mut() {
+            if let Some(s) = p.session.as_mut() {
+                consider(s.ice.poll_timeout());
+            }
+        }
+        for r in &self.relays {
+            consider(r.retry_at);
+            consider(r.turn.as_ref().and_then(|t| t.poll_timeout()));
+        }
+        best
+    }
+
+    /// Advances every timer to `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..self.relays.len() {
+            if self.relays[i].retry_at.is_some_and(|t| t <= now) {
+                self.relays[i].retry_at = None;
+                self.start_relay(now, i);
+            }
+            if let Some(t) = self.relays[i].turn.as_mut() {
+                if t.poll_timeout().is_some_and(|d| d <= now) {
+                    t.handle_timeout(now);
+                }
+            }
+            self.drain_relay(now, i);
+        }
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            if let Some(s) = self.peers.get_mut(&k).and_then(|p| p.session.as_mut()) {
+                if s.ice.poll_timeout().is_some_and(|d| d <= now) {
+                    s.ice.handle_timeout(now);
+                }
+            }
+            self.drain_session(now, &k);
+            self.check_vanished(now, &k);
+        }
+    }
+
+    /// A datagram arrived on the agent socket from `source`, on local address
+    /// `local` (when known). Returns the WireGuard packet to hand to the
+    /// local interface for that peer, if it was one.
+    pub fn handle_datagram<'a>(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        local: Option<IpAddr>,
+        data: &'a [u8],
+    ) -> Option<(PeerKey, &'a [u8])> {
+        if let Some(i) = self.relays.iter().position(|r| r.spec.server == source) {
+            return self.handle_from_relay(now, i, local, data);
+        }
+        let local_ip = local
+            .or_else(|| self.opts.host.first().map(|n| n.addr()))
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let dst = SocketAddr::new(local_ip, self.opts.port);
+        self.handle_peer_datagram(now, source, dst, data)
+    }
+
+    fn handle_from_relay<'a>(
+        &mut self,
+        now: Instant,
+        i: usize,
+        local: Option<IpAddr>,
+        data: &'a [u8],
+    ) -> Option<(PeerKey, &'a [u8])> {
+        if local.is_some() {
+            self.relays[i].base = local;
+        }
+        let Some(turn) = self.relays[i].turn.as_mut() else {
+            self.handle_binding_response(now, i, data);
+            return None;
+        };
+        let relayed = turn.relayed().first().copied();
+        let up = turn.handle_input(now, data);
+        match (up, relayed) {
+            (Some((peer, payload)), Some(relayed)) => {
+                self.handle_peer_datagram(now, peer, relayed, payload)
+            }
+            (Some(_), None) => {
+                self.drops.relay_unmatched += 1;
+                None
+            }
+            (None, _) => {
+                self.drain_relay(now, i);
+                None
+            }
+        }
+    }
+
+    fn handle_peer_datagram<'a>(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        dst: SocketAddr,
+        data: &'a [u8],
+    ) -> Option<(PeerKey, &'a [u8])> {
+        match demux::classify(data) {
+            Kind::Stun => {
+                // Try the owner of the address first, then everyone (a
+                // peer-reflexive address is unknown until a check passes).
+                let first = self.owner.get(&source).copied();
+                let order: Vec<PeerKey> = first
+                    .into_iter()
+                    .chain(self.peers.keys().copied().filter(|k| Some(*k) != first))
+                    .collect();
+                for k in order {
+                    let Some(s) = self.peers.get_mut(&k).and_then(|p| p.session.as_mut()) else {
+                        continue;
+                    };
+                    if s.ice.handle_stun(now, source, dst, data) {
+                        if self.owner.len() < 16 * 1024 || self.owner.contains_key(&source) {
+                            self.owner.insert(source, k);
+                        }
+                        self.drain_session(now, &k);
+                        return None;
+                    }
+                }
+                self.drops.stun_unmatched += 1;
+                None
+            }
+            Kind::WireGuard(_) => {
+                let Some(k) = self.owner.get(&source).copied() else {
+                    self.drops.wg_unknown_source += 1;
+                    return None;
+                };
+                let p = self.peers.get_mut(&k)?;
+                p.rx_bytes += data.len() as u64;
+                if let Some(s) = p.session.as_mut() {
+                    s.ice.note_data_rx(now, source, dst);
+                    self.drain_session(now, &k);
+                }
+                Some((k, data))
+            }
+            _ => {
+                self.drops.malformed += 1;
+                None
+            }
+        }
+    }
+
+    /// A mesh member is online (or changed its overlay addresses).
+    pub fn handle_member(&mut self, now: Instant, key: PeerKey, overlay: &[String]) {
+        if key == self.opts.public_key {
+            return;
+        }
+        if !self.peers.contains_key(&key) {
+            if !self.opts.auto_peers {
+                return;
+            }
+            let ips = overlay
+                .iter()
+                .filter_map(|s| {
+                    s.parse::<IpNet>()
+                        .ok()
+                        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+                })
+                .collect();
+            self.manage(now, key, ips);
+        }
+        let p = self.peers.get_mut(&key).expect("managed above");
+        p.online = true;
+        p.offline_since = None;
+        let stale_offer = p
+            .session
+            .as_ref()
+            .is_some_and(|s| s.remote_id.is_none() && now >= s.offered_at + REOFFER_AFTER);
+        if p.session.is_none() {
+            self.new_session(now, key);
+            self.send_offer(now, key);
+        } else if stale_offer {
+            self.send_offer(now, key);
+        }
+    }
+
+    /// A member went offline in signaling. Its tunnel may still work (only its
+    /// signaling connection may be gone): it is dropped only once it is also
+    /// silent for `vanish_after`.
+    pub fn handle_offline(&mut self, now: Instant, key: PeerKey) {
+        if let Some(p) = self.peers.get_mut(&key) {
+            p.online = false;
+            p.offline_since.get_or_insert(now);
+        }
+    }
+
+    /// Our signaling connection is back: re-offer to peers still waiting for
+    /// an answer (the messages may have been lost).
+    pub fn handle_signaling_connected(&mut self, now: Instant) {
+        let waiting: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.session.as_ref().is_some_and(|s| s.remote_id.is_none()))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in waiting {
+            self.send_offer(now, k);
+        }
+    }
+
+    /// A sealed message from `from` (already authenticated by signaling).
+    pub fn handle_message(&mut self, now: Instant, from: PeerKey, message: PeerMessage) {
+        if !self.peers.contains_key(&from) {
+            if !self.opts.auto_peers || from == self.opts.public_key {
+                self.drops.signal_rejected += 1;
+                return;
+            }
+            self.manage(now, from, Vec::new());
+        }
+        match message {
+            PeerMessage::Offer {
+                session,
+                ufrag,
+                pwd,
+                candidates,
+                wg_port,
+            } => {
+                let p = self.peers.get_mut(&from).expect("managed");
+                p.online = true;
+                p.offline_since = None;
+                p.remote_wg_port = wg_port;
+                let known = p.session.as_ref().map(|s| s.remote_id);
+                match known {
+                    // Our offer crossed theirs, or this is their first: take it.
+                    Some(None) => {}
+                    Some(Some(id)) if id == session => {}
+                    // A new session on their side (restart) or none on ours.
+                    _ => self.new_session(now, from),
+                }
+                self.accept_remote(now, from, session, ufrag, pwd, candidates);
+                self.send_answer(from);
+            }
+            PeerMessage::Answer {
+                session,
+                ufrag,
+                pwd,
+                candidates,
+                wg_port,
+            } => {
+                let p = self.peers.get_mut(&from).expect("managed");
+                p.remote_wg_port = wg_port;
+                match p.session.as_ref().map(|s| s.remote_id) {
+                    Some(None) => self.accept_remote(now, from, session, ufrag, pwd, candidates),
+                    Some(Some(id)) if id == session => {
+                        self.accept_remote(now, from, session, ufrag, pwd, candidates)
+                    }
+                    // An answer from a session we do not know: start over.
+                    _ => {
+                        self.new_session(now, from);
+                        self.send_offer(now, from);
+                    }
+                }
+            }
+            PeerMessage::Candidate { session, candidate } => {
+                let Some(s) = self.peers.get_mut(&from).and_then(|p| p.session.as_mut()) else {
+                    return;
+                };
+                match s.remote_id {
+                    Some(id) if id == session => self.add_remote(now, from, &candidate),
+                    None if s.pending.len() < MAX_PENDING_CANDIDATES => {
+                        s.pending.push((session, candidate))
+                    }
+                    _ => self.drops.signal_rejected += 1,
+                }
+            }
+            PeerMessage::Restart { .. } => {
+                self.new_session(now, from);
+                self.send_offer(now, from);
+            }
+            PeerMessage::Bye { session } => {
+                let p = self.peers.get_mut(&from).expect("managed");
+                if p.session.as_ref().and_then(|s| s.remote_id) == Some(session) {
+                    self.drop_session(now, from);
+                    if self.opts.auto_peers {
+                        self.unmanage(from);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The host addresses changed (interfaces up/down, roaming): offer the
+    /// new ones, withdraw the gone ones and retry direct at once.
+    pub fn set_host_addrs(&mut self, now: Instant, host: Vec<IpNet>) {
+        if host == self.opts.host {
+            return;
+        }
+        let gone: Vec<Candidate> = self
+            .local
+            .iter()
+            .filter(|c| {
+                c.kind() == crate::CandidateKind::Host
+                    && !host.iter().any(|n| n.addr() == c.addr().ip())
+            })
+            .cloned()
+            .collect();
+        let new: Vec<IpNet> = host
+            .iter()
+            .filter(|n| !self.opts.host.iter().any(|o| o.addr() == n.addr()))
+            .copied()
+            .collect();
+        self.opts.host = host;
+        for c in gone {
+            self.remove_local(now, &c);
+        }
+        for n in new {
+            if let Ok(c) = Candidate::host(SocketAddr::new(n.addr(), self.opts.port), "udp") {
+                self.add_local(now, c);
+            }
+        }
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            if let Some(s) = self.peers.get_mut(&k).and_then(|p| p.session.as_mut()) {
+                s.ice.retry_direct_now(now);
+            }
+            self.drain_session(now, &k);
+        }
+    }
+
+    /// Tells every peer we are going away, and releases the allocations.
+    pub fn shutdown(&mut self, now: Instant) {
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            if let Some(s) = self.peers.get(&k).and_then(|p| p.session.as_ref()) {
+                let session = s.local_id;
+                self.out.push_back(Output::Signal {
+                    to: k,
+                    message: PeerMessage::Bye { session },
+                });
+            }
+        }
+        for i in 0..self.relays.len() {
+            if let Some(t) = self.relays[i].turn.as_mut() {
+                if t.is_allocated() {
+                    t.deallocate(now);
+                }
+            }
+            let server = self.relays[i].spec.server;
+            while let Some(d) = self.relays[i].turn.as_mut().and_then(|t| t.poll_transmit()) {
+                self.out.push_back(Output::Send {
+                    to: server,
+                    data: d,
+                });
+            }
+        }
+    }
+
+    /// Managed peers.
+    pub fn peer_keys(&self) -> Vec<PeerKey> {
+        self.peers.keys().copied().collect()
+    }
+
+    /// One status row per managed peer, sorted by key (byte counters are
+    /// what the agent forwarded; the driver may replace them with the
+    /// interface's).
+    pub fn status(&self, now: Instant) -> Vec<(PeerKey, PeerStatus, u64)> {
+        let mut rows: Vec<(PeerKey, PeerStatus, u64)> = self
+            .peers
+            .iter()
+            .map(|(k, p)| {
+                let (report, changes, failovers) = match &p.session {
+                    Some(s) => {
+                        let mut r = s.ice.path().report(now);
+                        if s.remote_id.is_none() && r.path == PathKind::Connecting {
+                            r.reason = if p.online {
+                                "connecting: offer sent, waiting for the peer's answer".into()
+                            } else {
+                                "connecting: peer is not online in signaling".into()
+                            };
+                        }
+                        (r, s.ice.stats().path_changes, s.ice.stats().failovers)
+                    }
+                    None => (
+                        PathReport {
+                            path: PathKind::Connecting,
+                            reason: if p.online {
+                                "connecting: starting a session".into()
+                            } else {
+                                "waiting: peer is not online in signaling".into()
+                            },
+                            local: None,
+                            remote: None,
+                            via_relay: false,
+                            rtt_ms: None,
+                            since_secs: now.saturating_duration_since(p.created).as_secs(),
+                        },
+                        0,
+                        0,
+                    ),
+                };
+                let row = PeerStatus::new(
+                    base64_key(k),
+                    report,
+                    p.rx_bytes,
+                    0,
+                    p.path_changes_before + changes,
+                );
+                (*k, row, failovers)
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    }
+
+    /// Session counters summed over live sessions: (direct retries,
+    /// failovers, STUN rejected).
+    pub fn totals(&self) -> (u64, u64, u64) {
+        let mut t = (0, 0, 0);
+        for s in self.peers.values().filter_map(|p| p.session.as_ref()) {
+            let st = s.ice.stats();
+            t.0 += st.direct_retries;
+            t.1 += st.failovers;
+            t.2 += st.stun_rejected;
+        }
+        t
+    }
+
+    // ---- peers and sessions -------------------------------------------------
+
+    fn manage(&mut self, now: Instant, key: PeerKey, allowed_ips: Vec<IpNet>) {
+        self.peers.insert(
+            key,
+            Peer {
+                online: false,
+                offline_since: None,
+                session: None,
+                remote_wg_port: None,
+                route: None,
+                rx_bytes: 0,
+                path_changes_before: 0,
+                created: now,
+            },
+        );
+        self.out.push_back(Output::PeerAdded {
+            peer: key,
+            allowed_ips,
+        });
+        self.set_route(
+            key,
+            PeerRoute {
+                endpoint: Endpoint::Proxy,
+                route: Route::Hold,
+            },
+        );
+    }
+
+    fn unmanage(&mut self, key: PeerKey) {
+        if self.peers.remove(&key).is_some() {
+            self.owner.retain(|_, k| *k != key);
+            self.out.push_back(Output::PeerRemoved { peer: key });
+        }
+    }
+
+    fn new_session(&mut self, now: Instant, key: PeerKey) {
+        self.drop_session(now, key);
+        let mut cfg =
+            SessionConfig::new(is_controlling(&self.opts.public_key, &key), rand::random());
+        cfg.local_networks = self.opts.host.iter().map(|n| n.trunc()).collect();
+        let mut ice = PeerSession::new(cfg, now);
+        for c in &self.local {
+            let _ = ice.add_local_candidate(now, c.clone());
+        }
+        let p = self.peers.get_mut(&key).expect("managed");
+        p.session = Some(Sess {
+            ice,
+            local_id: rand::random::<u64>() >> 11,
+            remote_id: None,
+            pending: Vec::new(),
+            offered_at: now,
+        });
+        self.drain_session(now, &key);
+    }
+
+    fn drop_session(&mut self, now: Instant, key: PeerKey) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if let Some(s) = p.session.take() {
+            p.path_changes_before += s.ice.stats().path_changes;
+            self.owner.retain(|_, k| *k != key);
+            self.set_route(
+                key,
+                PeerRoute {
+                    endpoint: Endpoint::Proxy,
+                    route: Route::Hold,
+                },
+            );
+        }
+        let _ = now;
+    }
+
+    fn check_vanished(&mut self, now: Instant, key: &PeerKey) {
+        let Some(p) = self.peers.get(key) else {
+            return;
+        };
+        let Some(since) = p.offline_since else {
+            return;
+        };
+        let heard = p
+            .session
+            .as_ref()
+            .and_then(|s| s.ice.last_heard())
+            .unwrap_or(since);
+        let quiet_since = heard.max(since);
+        if now.saturating_duration_since(quiet_since) >= self.opts.vanish_after {
+            tracing::info!(peer = %base64_key(key), "peer offline and silent: dropping its session");
+            self.drop_session(now, *key);
+            let p = self.peers.get_mut(key).expect("checked");
+            p.offline_since = None;
+            if self.opts.auto_peers {
+                self.unmanage(*key);
+            }
+        }
+    }
+
+    fn send_offer(&mut self, now: Instant, key: PeerKey) {
+        let wg_port = self.opts.wg_port;
+        let Some(s) = self.peers.get_mut(&key).and_then(|p| p.session.as_mut()) else {
+            return;
+        };
+        s.offered_at = now;
+        let creds = s.ice.local_credentials().clone();
+        let message = PeerMessage::Offer {
+            session: s.local_id,
+            ufrag: creds.ufrag,
+            pwd: creds.pass,
+            candidates: self.local.iter().map(|c| c.to_sdp_string()).collect(),
+            wg_port,
+        };
+        self.out.push_back(Output::Signal { to: key, message });
+    }
+
+    fn send_answer(&mut self, key: PeerKey) {
+        let wg_port = self.opts.wg_port;
+        let Some(s) = self.peers.get(&key).and_then(|p| p.session.as_ref()) else {
+            return;
+        };
+        let creds = s.ice.local_credentials().clone();
+        let message = PeerMessage::Answer {
+            session: s.local_id,
+            ufrag: creds.ufrag,
+            pwd: creds.pass,
+            candidates: self.local.iter().map(|c| c.to_sdp_string()).collect(),
+            wg_port,
+        };
+        self.out.push_back(Output::Signal { to: key, message });
+    }
+
+    fn accept_remote(
+        &mut self,
+        now: Instant,
+        key: PeerKey,
+        session: u64,
+        ufrag: String,
+        pass: String,
+        candidates: Vec<String>,
+    ) {
+        let Some(s) = self.peers.get_mut(&key).and_then(|p| p.session.as_mut()) else {
+            return;
+        };
+        let mut pending = Vec::new();
+        if s.remote_id.is_none() {
+            s.remote_id = Some(session);
+            s.ice.set_remote_credentials(now, IceCreds { ufrag, pass });
+            pending = std::mem::take(&mut s.pending);
+        }
+        for c in candidates.iter().take(MAX_REMOTE_CANDIDATES) {
+            self.add_remote(now, key, c);
+        }
+        for (id, c) in pending {
+            if id == session {
+                self.add_remote(now, key, &c);
+            }
+        }
+        self.drain_session(now, &key);
+    }
+
+    fn add_remote(&mut self, now: Instant, key: PeerKey, sdp: &str) {
+        let Some(s) = self.peers.get_mut(&key).and_then(|p| p.session.as_mut()) else {
+            return;
+        };
+        match s.ice.add_remote_candidate_sdp(now, sdp) {
+            Ok(addr) => {
+                if self.owner.len() < 16 * 1024 {
+                    self.owner.entry(addr).or_insert(key);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(peer = %base64_key(&key), "ignored candidate {sdp:?}: {e}");
+                self.drops.signal_rejected += 1;
+            }
+        }
+        self.drain_session(now, &key);
+    }
+
+    // ---- local candidates ---------------------------------------------------
+
+    fn add_local(&mut self, now: Instant, c: Candidate) {
+        if self
+            .local
+            .iter()
+            .any(|l| l.addr() == c.addr() && l.kind() == c.kind())
+        {
+            return;
+        }
+        self.local.push(c.clone());
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            let Some(s) = self.peers.get_mut(&k).and_then(|p| p.session.as_mut()) else {
+                continue;
+            };
+            if let Ok(added) = s.ice.add_local_candidate(now, c.clone()) {
+                let message = PeerMessage::Candidate {
+                    session: s.local_id,
+                    candidate: added.to_sdp_string(),
+                };
+                self.out.push_back(Output::Signal { to: k, message });
+            }
+            self.drain_session(now, &k);
+        }
+    }
+
+    fn remove_local(&mut self, now: Instant, c: &Candidate) {
+        self.local
+            .retain(|l| !(l.addr() == c.addr() && l.kind() == c.kind()));
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            if let Some(s) = self.peers.get_mut(&k).and_then(|p| p.session.as_mut()) {
+                s.ice.remove_local_candidate(now, c);
+            }
+            self.drain_session(now, &k);
+        }
+    }
+
+    // ---- relays -------------------------------------------------------------
+
+    fn start_relay(&mut self, now: Instant, i: usize) {
+        let r = &mut self.relays[i];
+        match &r.spec.turn {
+            Some(cfg) => {
+                let mut t = TurnClient::new(cfg.clone());
+                t.allocate(now);
+                r.turn = Some(t);
+                r.permitted.clear();
+            }
+            None => {
+                let tid: stun::TransactionId = rand::random();
+                let mut buf = Vec::new();
+                MessageBuilder::new(&mut buf, method::BINDING, Class::Request, tid).fingerprint();
+                r.binding_tid = Some(tid);
+                // Retry quickly until answered, then refresh the mapping.
+                r.retry_at = Some(now + Duration::from_secs(1 << r.failures.min(5)));
+                r.failures += 1;
+                let to = r.spec.server;
+                self.out.push_back(Output::Send { to, data: buf });
+            }
+        }
+    }
+
+    fn handle_binding_response(&mut self, now: Instant, i: usize, data: &[u8]) {
+        let Ok(msg) = stun::Message::parse(data) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let r = &mut self.relays[i];
+        if msg.class() != Class::Success || Some(msg.transaction_id()) != r.binding_tid {
+            return;
+        }
+        r.binding_tid = None;
+        r.failures = 0;
+        r.problem = None;
+        r.retry_at = Some(now + STUN_REFRESH);
+        let Some(Ok(mapped)) = msg.xor_address(attr::XOR_MAPPED_ADDRESS) else {
+            return;
+        };
+        self.set_mapped(now, i, Some(mapped));
+    }
+
+    fn set_mapped(&mut self, now: Instant, i: usize, mapped: Option<SocketAddr>) {
+        let old = self.relays[i].mapped;
+        if old == mapped {
+            return;
+        }
+        self.relays[i].mapped = mapped;
+        if let Some(old) = old {
+            let still = self.relays.iter().any(|r| r.mapped == Some(old));
+            if !still {
+                if let Some(c) = self
+                    .local
+                    .iter()
+                    .find(|c| c.addr() == old && c.kind() == crate::CandidateKind::ServerReflexive)
+                    .cloned()
+                {
+                    self.remove_local(now, &c);
+                }
+            }
+        }
+        if let Some(m) = mapped {
+            if let Some(base) = self.base_for(i, m.ip()) {
+                if base.ip() != m.ip() {
+                    if let Ok(c) = Candidate::server_reflexive(m, base, "udp") {
+                        self.add_local(now, c);
+                    }
+                }
+            }
+        }
+    }
+
+    fn base_for(&self, i: usize, family_of: IpAddr) -> Option<SocketAddr> {
+        let ip = self.relays[i]
+            .base
+            .filter(|b| !b.is_unspecified())
+            .or_else(|| {
+                self.opts
+                    .host
+                    .iter()
+                    .map(|n| n.addr())
+                    .find(|a| a.is_ipv4() == family_of.is_ipv4())
+            })?;
+        Some(SocketAddr::new(ip, self.opts.port))
+    }
+
+    fn drain_relay(&mut self, now: Instant, i: usize) {
+        let server = self.relays[i].spec.server;
+        loop {
+            let Some(t) = self.relays[i].turn.as_mut() else {
+                return;
+            };
+            if let Some(d) = t.poll_transmit() {
+                self.out.push_back(Output::Send {
+                    to: server,
+                    data: d,
+                });
+                continue;
+            }
+            let Some(ev) = t.poll_event() else { break };
+            match ev {
+                ClientEvent::Allocated {
+                    relayed, mapped, ..
+                } => {
+                    tracing::info!(%server, ?relayed, ?mapped, "TURN allocation ready");
+                    let r = &mut self.relays[i];
+                    r.failures = 0;
+                    r.problem = None;
+                    r.relayed = relayed.clone();
+                    self.set_mapped(now, i, mapped);
+                    for a in relayed {
+                        if let Some(base) = self.base_for(i, a.ip()) {
+                            if let Ok(c) = Candidate::relayed(a, base, "udp") {
+                                self.add_local(now, c);
+                            }
+                        }
+                    }
+                }
+                ClientEvent::ChannelBound { peer, channel } => {
+                    self.channel_ready(server, peer, channel);
+                }
+                ClientEvent::Failed {
+                    request,
+                    code,
+                    reason,
+                } if request == "Allocate" => {
+                    self.relay_down(now, i, format!("Allocate failed: {code} {reason}"));
+                }
+                ClientEvent::Failed {
+                    request,
+                    code,
+                    reason,
+                } => {
+                    tracing::debug!(%server, "TURN {request} failed: {code} {reason}");
+                }
+                ClientEvent::Lost { reason } => {
+                    self.relay_down(now, i, format!("allocation lost: {reason}"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn relay_down(&mut self, now: Instant, i: usize, why: String) {
+        let r = &mut self.relays[i];
+        r.failures += 1;
+        let wait = Duration::from_secs(2u64 << r.failures.min(5).saturating_sub(1))
+            .min(Duration::from_secs(60));
+        tracing::warn!(server = %r.spec.server, "relay unusable ({why}); retrying in {wait:?}");
+        r.problem = Some(why);
+        r.turn = None;
+        r.retry_at = Some(now + wait);
+        let relayed = std::mem::take(&mut r.relayed);
+        let gone: Vec<Candidate> = self
+            .local
+            .iter()
+            .filter(|c| relayed.contains(&c.addr()) && c.kind() == crate::CandidateKind::Relayed)
+            .cloned()
+            .collect();
+        for c in gone {
+            self.remove_local(now, &c);
+        }
+        self.set_mapped(now, i, None);
+    }
+
+    fn channel_ready(&mut self, server: SocketAddr, peer: SocketAddr, channel: u16) {
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            let r = self.peers[&k].route;
+            if let Some(PeerRoute {
+                endpoint,
+                route: Route::Indication { server: s, peer: p },
+            }) = r
+            {
+                if s == server && p == peer {
+                    self.set_route(
+                        k,
+                        PeerRoute {
+                            endpoint,
+                            route: Route::Channel { server, channel },
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    // ---- session output -----------------------------------------------------
+
+    fn drain_session(&mut self, now: Instant, key: &PeerKey) {
+        loop {
+            let Some(s) = self.peers.get_mut(key).and_then(|p| p.session.as_mut()) else {
+                return;
+            };
+            if let Some(t) = s.ice.poll_transmit() {
+                self.transmit(now, t);
+                continue;
+            }
+            match s.ice.poll_event() {
+                Some(SessionEvent::PathChanged(ps)) => {
+                    tracing::info!(
+                        peer = %base64_key(key),
+                        path = ?ps.kind,
+                        local = ?ps.local,
+                        remote = ?ps.remote,
+                        "{}",
+                        ps.reason
+                    );
+                    self.apply_path(now, *key);
+                }
+                Some(SessionEvent::DirectRetry { attempt, next_in }) => {
+                    tracing::debug!(peer = %base64_key(key), attempt, ?next_in, "retrying direct");
+                }
+                Some(SessionEvent::IceState(_)) => {}
+                None => return,
+            }
+        }
+    }
+
+    fn apply_path(&mut self, now: Instant, key: PeerKey) {
+        let p = &self.peers[&key];
+        let Some(s) = p.session.as_ref() else { return };
+        let ps = s.ice.path().clone();
+        let route = match (ps.kind, ps.remote, ps.via) {
+            (PathKind::Connecting, _, _) | (_, None, _) => PeerRoute {
+                endpoint: Endpoint::Proxy,
+                route: Route::Hold,
+            },
+            (kind, Some(remote), Via::Socket) => {
+                let endpoint = match (kind, p.remote_wg_port) {
+                    (PathKind::Lan, Some(port)) => {
+                        Endpoint::Direct(SocketAddr::new(remote.ip(), port))
+                    }
+                    _ => Endpoint::Proxy,
+                };
+                PeerRoute {
+                    endpoint,
+                    route: Route::Direct(remote),
+                }
+            }
+            (_, Some(remote), Via::Turn { relayed }) => {
+                let Some(i) = self
+                    .relays
+                    .iter()
+                    .position(|r| r.relayed.contains(&relayed))
+                else {
+                    return;
+                };
+                let server = self.relays[i].spec.server;
+                let r = &mut self.relays[i];
+                let Some(t) = r.turn.as_mut() else {
+                    return;
+                };
+                if r.permitted.insert(remote.ip()) {
+                    t.create_permission(now, remote.ip());
+                }
+                t.bind_channel(now, remote);
+                let route = match t.channel_for(remote) {
+                    Some(channel) => Route::Channel { server, channel },
+                    None => Route::Indication {
+                        server,
+                        peer: remote,
+                    },
+                };
+                self.drain_relay(now, i);
+                PeerRoute {
+                    endpoint: Endpoint::Proxy,
+                    route,
+                }
+            }
+        };
+        self.set_route(key, route);
+    }
+
+    fn set_route(&mut self, key: PeerKey, route: PeerRoute) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        if p.route != Some(route) {
+            p.route = Some(route);
+            self.out.push_back(Output::Route { peer: key, route });
+        }
+    }
+
+    fn transmit(&mut self, now: Instant, t: Transmit) {
+        match t.via {
+            Via::Socket => self.out.push_back(Output::Send {
+                to: t.destination,
+                data: t.contents,
+            }),
+            Via::Turn { relayed } => {
+                let Some(i) = self
+                    .relays
+                    .iter()
+                    .position(|r| r.relayed.contains(&relayed))
+                else {
+                    return;
+                };
+                let server = self.relays[i].spec.server;
+                let r = &mut self.relays[i];
+                let Some(turn) = r.turn.as_mut() else { return };
+                if r.permitted.len() < 4096 && r.permitted.insert(t.destination.ip()) {
+                    turn.create_permission(now, t.destination.ip());
+                }
+                let mut data = Vec::with_capacity(t.contents.len() + 40);
+                turn.encode_to(t.destination, &t.contents, &mut data);
+                self.out.push_back(Output::Send { to: server, data });
+                self.drain_relay(now, i);
+            }
+        }
+    }
+}
+
+/// A key as `wg` prints it.
+pub fn base64_key(k: &PeerKey) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(k)
+}

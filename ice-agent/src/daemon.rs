@@ -1,0 +1,1055 @@
+//! The daemon: a thin tokio driver around the sans-IO [`Agent`].
+//!
+//! It owns the agent's one UDP socket (ICE checks, TURN, and WireGuard
+//! packets on direct or relayed paths all share it), the signaling client,
+//! one loopback proxy socket per managed peer, a thread that talks to the
+//! WireGuard interface, the control socket and the metrics listener.
+//!
+//! Data path in `external` mode: the peer's WireGuard endpoint is its proxy
+//! (`127.0.0.1:<port>`); what WireGuard sends there is framed for the peer's
+//! current [`Route`] and leaves from the agent socket; WireGuard packets
+//! arriving on the agent socket (directly or through the relay) are handed
+//! to the interface from that peer's proxy socket, so WireGuard always sees
+//! the peer at one stable address. On a same-LAN path the endpoint points
+//! straight at the peer's WireGuard port and the agent is out of the way.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use signaling::client::{
+    Client as SigClient, ClientConfig as SigConfig, Event as SigEvent, TransportMode,
+};
+use signaling::keys::{PrivateKey, PublicKey};
+use signaling::tls::Trust;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::net::{TcpListener, UdpSocket, UnixListener};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::agent::{base64_key, Agent, AgentOptions, Endpoint, Output, PeerKey, RelaySpec, Route};
+use crate::config::{AgentConfig, Mode, RelayAuth, RelayTransport};
+use crate::gather::{self, HostFilter};
+use crate::status::{render_table, PeerStatus};
+use crate::wg::{Original, PeerUpdate, WgControl, WgError};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// WireGuard interface problem.
+    #[error(transparent)]
+    Wg(#[from] WgError),
+    /// Something else, with the fix in the text.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The status the control socket serves.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// WireGuard interface.
+    pub interface: String,
+    /// Our public key.
+    pub public_key: String,
+    /// The agent socket's port.
+    pub port: u16,
+    /// Whether signaling is connected.
+    pub signaling: bool,
+    /// Relays: server, relayed addresses, mapped address, problem.
+    pub relays: Vec<RelayStatus>,
+    /// Peers.
+    pub peers: Vec<PeerStatus>,
+    /// Dropped input.
+    pub dropped: Dropped,
+}
+
+/// One relay in [`Status`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RelayStatus {
+    /// Server address.
+    pub server: SocketAddr,
+    /// Our relayed addresses there.
+    pub relayed: Vec<SocketAddr>,
+    /// Our address as the relay sees it.
+    pub mapped: Option<SocketAddr>,
+    /// Why it is not usable, if it is not.
+    pub problem: Option<String>,
+}
+
+/// Dropped-input counters in [`Status`].
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Dropped {
+    /// STUN no session accepted.
+    pub stun_unmatched: u64,
+    /// WireGuard from unknown addresses.
+    pub wg_unknown_source: u64,
+    /// Neither STUN, ChannelData nor WireGuard.
+    pub malformed: u64,
+    /// Refused signaling messages.
+    pub signal_rejected: u64,
+    /// Relay data for no peer.
+    pub relay_unmatched: u64,
+}
+
+struct Snapshot {
+    status: Status,
+    failovers: HashMap<String, u64>,
+    totals: (u64, u64, u64),
+}
+
+enum WgCmd {
+    Add {
+        peer: PeerKey,
+        allowed_ips: Vec<IpNet>,
+        endpoint: SocketAddr,
+    },
+    Endpoint {
+        peer: PeerKey,
+        endpoint: SocketAddr,
+    },
+    Restore {
+        peer: PeerKey,
+    },
+    RestoreAll(oneshot::Sender<()>),
+    Counters(oneshot::Sender<HashMap<PeerKey, (u64, u64, u64)>>),
+}
+
+struct Proxy {
+    sock: Arc<UdpSocket>,
+    route: watch::Sender<Route>,
+    endpoint: Option<SocketAddr>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the agent until `shutdown` resolves; restores the WireGuard peers it
+/// changed before returning.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    if cfg.mode == Mode::Embedded {
+        return Err(DaemonError::Setup(
+            "wireguard.mode = \"embedded\" is not available yet: use mode = \"external\" beside \
+             a kernel, wireguard-go or boringtun-cli interface"
+                .into(),
+        ));
+    }
+    let wg = WgControl::open(&cfg.interface)?;
+    let dev = wg.device()?;
+    let private = match (cfg.private_key.as_ref(), dev.private_key) {
+        (Some(k), _) => k.0,
+        (None, Some(k)) => k,
+        (None, None) => {
+            return Err(DaemonError::Setup(format!(
+                "interface {:?} has no private key and the config names none: set \
+                 wireguard.private_key_file, or `wg set {} private-key FILE`",
+                cfg.interface, cfg.interface
+            )))
+        }
+    };
+    if let (Some(k), Some(d)) = (cfg.private_key.as_ref(), dev.private_key) {
+        if k.0 != d {
+            tracing::warn!(
+                "the configured private key differs from {:?}'s: peers will reach the \
+                 interface's key, not the one the agent signals",
+                cfg.interface
+            );
+        }
+    }
+    let private = PrivateKey::from_bytes(private);
+    let public = private.public_key();
+    let wg_port = (dev.listen_port != 0).then_some(dev.listen_port);
+    let wg_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dev.listen_port);
+    if wg_port.is_none() {
+        tracing::warn!(
+            "{:?} has no listen port: packets to it cannot be delivered",
+            cfg.interface
+        );
+    }
+
+    let std_sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, cfg.port)).map_err(|e| {
+        DaemonError::Setup(format!(
+            "cannot bind the agent socket 0.0.0.0:{}: {e} (wireguard.port: pick a free port, or 0)",
+            cfg.port
+        ))
+    })?;
+    set_pktinfo(&std_sock).map_err(|e| DaemonError::Setup(format!("IP_PKTINFO: {e}")))?;
+    std_sock
+        .set_nonblocking(true)
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let port = std_sock
+        .local_addr()
+        .map_err(|e| DaemonError::Setup(e.to_string()))?
+        .port();
+    let sock =
+        Arc::new(UdpSocket::from_std(std_sock).map_err(|e| DaemonError::Setup(e.to_string()))?);
+
+    let overlay_nets: Vec<IpNet> = cfg
+        .address
+        .iter()
+        .filter_map(|a| {
+            a.parse::<IpNet>()
+                .ok()
+                .or_else(|| a.parse::<IpAddr>().ok().map(IpNet::from))
+        })
+        .collect();
+    let mut filter = HostFilter {
+        exclude: vec![cfg.interface.clone()],
+        exclude_nets: overlay_nets,
+    };
+    filter
+        .exclude
+        .extend(cfg.exclude_interfaces.iter().cloned());
+    let host = host_nets(&filter);
+    tracing::info!(interface = %cfg.interface, backend = wg.backend_name(), port, ?host, "starting");
+
+    let mut relays = Vec::new();
+    for r in &cfg.relays {
+        if matches!(r.transport, RelayTransport::Tcp | RelayTransport::Tls) {
+            tracing::warn!(relay = %r.host, "TURN over TCP/TLS is not used by the agent yet; skipping");
+            continue;
+        }
+        let server = match resolve(&r.host, r.port).await {
+            Some(s) => s,
+            None => {
+                tracing::error!(relay = %r.host, "cannot resolve an IPv4 address for the relay; skipping it");
+                continue;
+            }
+        };
+        let turn = match &r.auth {
+            RelayAuth::None => None,
+            RelayAuth::Static { username, password } => {
+                Some(relay::client::ClientConfig::new(username, password))
+            }
+            RelayAuth::Rest { user, secret } => {
+                let expiry = unix_now() + 24 * 3600;
+                let username = relay::auth::rest_username(expiry, user);
+                let password = relay::auth::rest_password(secret, &username);
+                Some(relay::client::ClientConfig::new(&username, &password))
+            }
+        };
+        relays.push(RelaySpec { server, turn });
+    }
+    let (auto_peers, peers) = match &cfg.peers {
+        crate::config::Peers::Auto => (true, Vec::new()),
+        crate::config::Peers::List(l) => (
+            false,
+            l.iter()
+                .map(|p| (p.public_key.0, p.allowed_ips.clone()))
+                .collect(),
+        ),
+    };
+    let opts = AgentOptions {
+        public_key: public.0,
+        wg_port,
+        port,
+        host,
+        relays,
+        auto_peers,
+        peers,
+        vanish_after: Duration::from_secs(60),
+    };
+    let mut agent = Agent::new(opts, Instant::now());
+
+    // Signaling.
+    let (scheme, rest) = cfg
+        .signaling_url
+        .split_once("://")
+        .unwrap_or(("quic", &cfg.signaling_url));
+    let trust = match (cfg.signaling_pin, &cfg.signaling_ca) {
+        (Some(pin), _) => Trust::Fingerprint(pin),
+        (None, Some(ca)) => {
+            Trust::ca_file(ca).map_err(|e| DaemonError::Setup(format!("signaling.ca_file: {e}")))?
+        }
+        (None, None) => unreachable!("config requires pin_sha256 or ca_file"),
+    };
+    let mut sc = SigConfig::new(
+        rest,
+        trust,
+        cfg.mesh.clone(),
+        cfg.mesh_token.clone(),
+        private.clone(),
+    );
+    sc.server_name = rest
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+        .unwrap_or_default();
+    sc.overlay = cfg.address.clone();
+    sc.transport = if scheme == "tls" {
+        TransportMode::TcpOnly
+    } else {
+        TransportMode::Auto
+    };
+    let mut sig =
+        SigClient::start(sc).map_err(|e| DaemonError::Setup(format!("signaling: {e}")))?;
+
+    // WireGuard control thread.
+    let (wg_tx, wg_rx) = std::sync::mpsc::channel::<WgCmd>();
+    let wg_thread = {
+        let wg = wg.clone();
+        std::thread::Builder::new()
+            .name("wg-control".into())
+            .spawn(move || wg_worker(wg, wg_rx))
+            .map_err(|e| DaemonError::Setup(e.to_string()))?
+    };
+
+    // Control socket and metrics.
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<oneshot::Sender<Snapshot>>(16);
+    let control = bind_control(&cfg.control)?;
+    let ctl_task = tokio::spawn(control_loop(control, ctl_tx.clone(), wg_counters(&wg_tx)));
+    let metrics_task = match cfg.metrics {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|e| {
+                DaemonError::Setup(format!(
+                    "cannot listen for metrics on {addr}: {e} (agent.metrics)"
+                ))
+            })?;
+            Some(tokio::spawn(metrics_loop(
+                l,
+                ctl_tx.clone(),
+                wg_counters(&wg_tx),
+            )))
+        }
+        None => None,
+    };
+
+    let mut proxies: HashMap<PeerKey, Proxy> = HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    let mut iface_tick = tokio::time::interval(Duration::from_secs(5));
+    iface_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut signaling_up = false;
+    tokio::pin!(shutdown);
+    let far = Duration::from_secs(3600);
+
+    loop {
+        while let Some(o) = agent.poll_output() {
+            apply(o, &sock, &sig, &wg_tx, &mut proxies, wg_addr).await;
+        }
+        let deadline = agent
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + far);
+        tokio::select! {
+            r = sock.async_io(Interest::READABLE, || recv_pktinfo(sock.as_raw_fd(), &mut buf)) => {
+                let mut next = r;
+                for _ in 0..64 {
+                    match next {
+                        Ok(Some((n, from, local))) => {
+                            let now = Instant::now();
+                            if let Some((peer, pkt)) = agent.handle_datagram(now, from, local, &buf[..n]) {
+                                if let Some(p) = proxies.get(&peer) {
+                                    let _ = p.sock.try_send_to(pkt, wg_addr);
+                                }
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::debug!("agent socket: {e}");
+                            break;
+                        }
+                    }
+                    next = sock.try_io(Interest::READABLE, || recv_pktinfo(sock.as_raw_fd(), &mut buf));
+                }
+            }
+            ev = sig.recv() => {
+                let now = Instant::now();
+                match ev {
+                    None => {
+                        tracing::error!("signaling client stopped");
+                        break;
+                    }
+                    Some(SigEvent::Connected { transport }) => {
+                        tracing::info!(?transport, "signaling connected");
+                        signaling_up = true;
+                        agent.handle_signaling_connected(now);
+                    }
+                    Some(SigEvent::Disconnected { reason }) => {
+                        tracing::warn!("signaling disconnected ({reason}); reconnecting, tunnels stay up");
+                        signaling_up = false;
+                    }
+                    Some(SigEvent::Members(list)) => {
+                        for m in list {
+                            agent.handle_member(now, m.key.0, &m.overlay);
+                        }
+                    }
+                    Some(SigEvent::Online(m)) => agent.handle_member(now, m.key.0, &m.overlay),
+                    Some(SigEvent::Offline(k)) => agent.handle_offline(now, k.0),
+                    Some(SigEvent::Message { from, message }) => agent.handle_message(now, from.0, message),
+                    Some(SigEvent::Undeliverable { to, reason }) => {
+                        tracing::debug!(peer = %base64_key(&to.0), ?reason, "signaling message undeliverable");
+                    }
+                    Some(SigEvent::ServerError { code, message }) => {
+                        tracing::warn!(?code, "signaling server: {message}");
+                    }
+                    Some(_) => {}
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => agent.handle_timeout(Instant::now()),
+            Some(reply) = ctl_rx.recv() => {
+                let _ = reply.send(snapshot(&agent, &cfg.interface, port, signaling_up));
+            }
+            _ = iface_tick.tick() => {
+                let h = host_nets(&filter);
+                agent.set_host_addrs(Instant::now(), h);
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!(
+        "shutting down: telling peers, releasing allocations, restoring WireGuard peers"
+    );
+    agent.shutdown(Instant::now());
+    while let Some(o) = agent.poll_output() {
+        apply(o, &sock, &sig, &wg_tx, &mut proxies, wg_addr).await;
+    }
+    // Let the signaling client flush the goodbyes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (tx, rx) = oneshot::channel();
+    if wg_tx.send(WgCmd::RestoreAll(tx)).is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+    }
+    drop(wg_tx);
+    let _ = wg_thread.join();
+    for p in proxies.into_values() {
+        p.task.abort();
+    }
+    ctl_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&cfg.control);
+    Ok(())
+}
+
+async fn apply(
+    o: Output,
+    sock: &Arc<UdpSocket>,
+    sig: &SigClient,
+    wg_tx: &std::sync::mpsc::Sender<WgCmd>,
+    proxies: &mut HashMap<PeerKey, Proxy>,
+    wg_addr: SocketAddr,
+) {
+    match o {
+        Output::Send { to, data } => {
+            if let Err(e) = sock.try_send_to(&data, to) {
+                tracing::debug!(%to, "send: {e}");
+            }
+        }
+        Output::Signal { to, message } => {
+            if let Err(e) = sig.send(&PublicKey(to), &message).await {
+                tracing::debug!(peer = %base64_key(&to), "signal not sent: {e}");
+            }
+        }
+        Output::PeerAdded { peer, allowed_ips } => {
+            let psock = match std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|s| s.set_nonblocking(true).map(|_| s))
+                .and_then(UdpSocket::from_std)
+            {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::error!(peer = %base64_key(&peer), "cannot open a proxy socket: {e}");
+                    return;
+                }
+            };
+            let Ok(paddr) = psock.local_addr() else {
+                return;
+            };
+            let (route_tx, route_rx) = watch::channel(Route::Hold);
+            let task = tokio::spawn(proxy_loop(psock.clone(), sock.clone(), route_rx, wg_addr));
+            proxies.insert(
+                peer,
+                Proxy {
+                    sock: psock,
+                    route: route_tx,
+                    endpoint: Some(paddr),
+                    task,
+                },
+            );
+            let _ = wg_tx.send(WgCmd::Add {
+                peer,
+                allowed_ips,
+                endpoint: paddr,
+            });
+        }
+        Output::Route { peer, route } => {
+            let Some(p) = proxies.get_mut(&peer) else {
+                return;
+            };
+            p.route.send_replace(route.route);
+            let want = match route.endpoint {
+                Endpoint::Proxy => p.sock.local_addr().ok(),
+                Endpoint::Direct(a) => Some(a),
+            };
+            if let Some(endpoint) = want {
+                if p.endpoint != Some(endpoint) {
+                    p.endpoint = Some(endpoint);
+                    let _ = wg_tx.send(WgCmd::Endpoint { peer, endpoint });
+                }
+            }
+        }
+        Output::PeerRemoved { peer } => {
+            if let Some(p) = proxies.remove(&peer) {
+                p.task.abort();
+            }
+            let _ = wg_tx.send(WgCmd::Restore { peer });
+        }
+    }
+}
+
+/// Packets WireGuard sends to a peer's proxy leave on the peer's route;
+/// while there is none, the last few (handshake initiations) are held so
+/// the first handshake does not wait for WireGuard's 5 s retry.
+async fn proxy_loop(
+    psock: Arc<UdpSocket>,
+    sock: Arc<UdpSocket>,
+    mut route: watch::Receiver<Route>,
+    wg_addr: SocketAddr,
+) {
+    const HOLD: usize = 8;
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::with_capacity(2048);
+    let mut held: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
+    loop {
+        tokio::select! {
+            r = psock.recv_from(&mut buf) => {
+                let Ok((n, from)) = r else { continue };
+                if from != wg_addr && !from.ip().is_loopback() {
+                    continue;
+                }
+                let rt = *route.borrow();
+                if rt == Route::Hold {
+                    if held.len() == HOLD {
+                        held.pop_front();
+                    }
+                    held.push_back(buf[..n].to_vec());
+                } else if let Some(to) = rt.frame(&buf[..n], &mut out) {
+                    let _ = sock.send_to(&out, to).await;
+                }
+            }
+            c = route.changed() => {
+                if c.is_err() {
+                    return;
+                }
+                let rt = *route.borrow_and_update();
+                if rt != Route::Hold {
+                    for pkt in held.drain(..) {
+                        if let Some(to) = rt.frame(&pkt, &mut out) {
+                            let _ = sock.send_to(&out, to).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
+    let mut originals: HashMap<PeerKey, Original> = HashMap::new();
+    let log = |what: &str, r: Result<(), WgError>| {
+        if let Err(e) = r {
+            tracing::warn!("{what}: {e}");
+        }
+    };
+    while let Ok(cmd) = rx.recv() {
+        match cmd {
+            WgCmd::Add {
+                peer,
+                allowed_ips,
+                endpoint,
+            } => {
+                let existing = match wg.device() {
+                    Ok(d) => d.peers.into_iter().find(|p| p.public_key == peer),
+                    Err(e) => {
+                        tracing::warn!("reading the interface: {e}");
+                        continue;
+                    }
+                };
+                let keep_ips = allowed_ips.is_empty() && existing.is_some();
+                originals
+                    .entry(peer)
+                    .or_insert_with(|| existing.map_or(Original::Created, Original::Existed));
+                log(
+                    "adding peer",
+                    wg.set_peer(&PeerUpdate {
+                        public_key: peer,
+                        endpoint: Some(endpoint),
+                        allowed_ips: (!keep_ips).then_some(allowed_ips),
+                        ..PeerUpdate::default()
+                    }),
+                );
+            }
+            WgCmd::Endpoint { peer, endpoint } => {
+                tracing::info!(peer = %base64_key(&peer), %endpoint, "WireGuard endpoint");
+                log(
+                    "setting endpoint",
+                    wg.set_peer(&PeerUpdate {
+                        public_key: peer,
+                        endpoint: Some(endpoint),
+                        ..PeerUpdate::default()
+                    }),
+                );
+            }
+            WgCmd::Restore { peer } => {
+                if let Some(o) = originals.remove(&peer) {
+                    log("restoring peer", wg.restore(&peer, &o));
+                }
+            }
+            WgCmd::RestoreAll(done) => {
+                for (peer, o) in originals.drain() {
+                    log("restoring peer", wg.restore(&peer, &o));
+                }
+                let _ = done.send(());
+            }
+            WgCmd::Counters(reply) => {
+                let m = wg
+                    .device()
+                    .map(|d| {
+                        d.peers
+                            .into_iter()
+                            .map(|p| (p.public_key, (p.rx_bytes, p.tx_bytes, p.last_handshake)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let _ = reply.send(m);
+            }
+        }
+    }
+}
+
+type CountersFn =
+    Arc<dyn Fn() -> Option<oneshot::Receiver<HashMap<PeerKey, (u64, u64, u64)>>> + Send + Sync>;
+
+fn wg_counters(wg_tx: &std::sync::mpsc::Sender<WgCmd>) -> CountersFn {
+    let tx = std::sync::Mutex::new(wg_tx.clone());
+    Arc::new(move || {
+        let (r, rx) = oneshot::channel();
+        tx.lock().ok()?.send(WgCmd::Counters(r)).ok()?;
+        Some(rx)
+    })
+}
+
+fn snapshot(agent: &Agent, interface: &str, port: u16, signaling: bool) -> Snapshot {
+    let now = Instant::now();
+    let rows = agent.status(now);
+    let d = agent.drops();
+    let failovers = rows
+        .iter()
+        .map(|(_, r, f)| (r.public_key.clone(), *f))
+        .collect();
+    Snapshot {
+        status: Status {
+            interface: interface.to_owned(),
+            public_key: base64_key(agent.public_key()),
+            port,
+            signaling,
+            relays: agent
+                .relay_status()
+                .into_iter()
+                .map(|(server, relayed, mapped, problem)| RelayStatus {
+                    server,
+                    relayed,
+                    mapped,
+                    problem,
+                })
+                .collect(),
+            peers: rows.into_iter().map(|(_, r, _)| r).collect(),
+            dropped: Dropped {
+                stun_unmatched: d.stun_unmatched,
+                wg_unknown_source: d.wg_unknown_source,
+                malformed: d.malformed,
+                signal_rejected: d.signal_rejected,
+                relay_unmatched: d.relay_unmatched,
+            },
+        },
+        failovers,
+        totals: agent.totals(),
+    }
+}
+
+async fn full_snapshot(
+    ctl: &mpsc::Sender<oneshot::Sender<Snapshot>>,
+    counters: &CountersFn,
+) -> Option<Snapshot> {
+    let (tx, rx) = oneshot::channel();
+    ctl.send(tx).await.ok()?;
+    let mut snap = rx.await.ok()?;
+    if let Some(rx) = counters() {
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), rx).await {
+            for p in &mut snap.status.peers {
+                let key = crate::config::Key::from_base64(&p.public_key)
+                    .ok()
+                    .map(|k| k.0);
+                if let Some((rx_b, tx_b, _)) = key.and_then(|k| c.get(&k)) {
+                    p.rx_bytes = *rx_b;
+                    p.tx_bytes = *tx_b;
+                }
+            }
+        }
+    }
+    Some(snap)
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            DaemonError::Setup(format!(
+                "cannot create {} for the control socket: {e} (agent.control)",
+                dir.display()
+            ))
+        })?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Setup(format!(
+                "another agent is running on control socket {} (stop it, or set agent.control)",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| {
+        DaemonError::Setup(format!(
+            "cannot bind control socket {}: {e} (agent.control)",
+            path.display()
+        ))
+    })
+}
+
+async fn control_loop(
+    l: UnixListener,
+    ctl: mpsc::Sender<oneshot::Sender<Snapshot>>,
+    counters: CountersFn,
+) {
+    loop {
+        let Ok((stream, _)) = l.accept().await else {
+            continue;
+        };
+        let ctl = ctl.clone();
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut r = BufReader::new(r.take(256));
+            if tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let reply = match line.trim() {
+                "status" | "status json" => match full_snapshot(&ctl, &counters).await {
+                    Some(s) if line.trim() == "status json" => {
+                        serde_json::to_string_pretty(&s.status).unwrap_or_default() + "\n"
+                    }
+                    Some(s) => render_table(&s.status.peers),
+                    None => "error: the agent is shutting down\n".into(),
+                },
+                other => format!(
+                    "error: unknown command {other:?} (use \"status\" or \"status json\")\n"
+                ),
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+async fn metrics_loop(
+    l: TcpListener,
+    ctl: mpsc::Sender<oneshot::Sender<Snapshot>>,
+    counters: CountersFn,
+) {
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let ctl = ctl.clone();
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let mut req = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), s.read(&mut req)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let head = String::from_utf8_lossy(&req[..n]);
+            let (code, body) = if head.starts_with("GET /metrics") {
+                match full_snapshot(&ctl, &counters).await {
+                    Some(snap) => ("200 OK", render_metrics(&snap)),
+                    None => ("503 Service Unavailable", "shutting down\n".into()),
+                }
+            } else if head.starts_with("GET /healthz") {
+                ("200 OK", "ok\n".into())
+            } else {
+                ("404 Not Found", "try /metrics or /healthz\n".into())
+            };
+            let resp = format!(
+                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+fn render_metrics(snap: &Snapshot) -> String {
+    use std::fmt::Write as _;
+    let s = &snap.status;
+    let mut o = String::new();
+    let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    head(
+        &mut o,
+        "wgice_peer_path",
+        "gauge",
+        "1 for the path each peer is on (connecting, lan, direct, relay).",
+    );
+    for p in &s.peers {
+        for kind in ["connecting", "lan", "direct", "relay"] {
+            let on = serde_json::to_value(p.path)
+                .ok()
+                .and_then(|v| v.as_str().map(|x| x == kind))
+                .unwrap_or(false);
+            let _ = writeln!(
+                o,
+                "wgice_peer_path{{peer=\"{}\",path=\"{kind}\"}} {}",
+                p.public_key,
+                u8::from(on)
+            );
+        }
+    }
+    head(
+        &mut o,
+        "wgice_peer_rtt_seconds",
+        "gauge",
+        "Last STUN round trip on the peer's path.",
+    );
+    for p in &s.peers {
+        if let Some(r) = p.rtt_ms {
+            let _ = writeln!(
+                o,
+                "wgice_peer_rtt_seconds{{peer=\"{}\"}} {}",
+                p.public_key,
+                r / 1000.0
+            );
+        }
+    }
+    head(
+        &mut o,
+        "wgice_peer_rx_bytes_total",
+        "counter",
+        "Bytes received from the peer (WireGuard's counter).",
+    );
+    for p in &s.peers {
+        let _ = writeln!(
+            o,
+            "wgice_peer_rx_bytes_total{{peer=\"{}\"}} {}",
+            p.public_key, p.rx_bytes
+        );
+    }
+    head(
+        &mut o,
+        "wgice_peer_tx_bytes_total",
+        "counter",
+        "Bytes sent to the peer (WireGuard's counter).",
+    );
+    for p in &s.peers {
+        let _ = writeln!(
+            o,
+            "wgice_peer_tx_bytes_total{{peer=\"{}\"}} {}",
+            p.public_key, p.tx_bytes
+        );
+    }
+    head(
+        &mut o,
+        "wgice_peer_path_changes_total",
+        "counter",
+        "Path changes of the peer.",
+    );
+    for p in &s.peers {
+        let _ = writeln!(
+            o,
+            "wgice_peer_path_changes_total{{peer=\"{}\"}} {}",
+            p.public_key, p.path_changes
+        );
+    }
+    head(
+        &mut o,
+        "wgice_peer_failovers_total",
+        "counter",
+        "Direct paths that stopped answering (fell back to the relay).",
+    );
+    for p in &s.peers {
+        let f = snap.failovers.get(&p.public_key).copied().unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "wgice_peer_failovers_total{{peer=\"{}\"}} {f}",
+            p.public_key
+        );
+    }
+    let (retries, _failovers, rejected) = snap.totals;
+    head(
+        &mut o,
+        "wgice_direct_retries_total",
+        "counter",
+        "Times direct checks failed and were retried (ICE failures).",
+    );
+    let _ = writeln!(o, "wgice_direct_retries_total {retries}");
+    head(
+        &mut o,
+        "wgice_signaling_connected",
+        "gauge",
+        "1 while the signaling connection is up.",
+    );
+    let _ = writeln!(o, "wgice_signaling_connected {}", u8::from(s.signaling));
+    head(
+        &mut o,
+        "wgice_dropped_total",
+        "counter",
+        "Input dropped, by reason.",
+    );
+    let d = &s.dropped;
+    for (why, v) in [
+        ("stun_unmatched", d.stun_unmatched + rejected),
+        ("wg_unknown_source", d.wg_unknown_source),
+        ("malformed", d.malformed),
+        ("signal_rejected", d.signal_rejected),
+        ("relay_unmatched", d.relay_unmatched),
+    ] {
+        let _ = writeln!(o, "wgice_dropped_total{{reason=\"{why}\"}} {v}");
+    }
+    o
+}
+
+/// Asks a running agent for its status over the control socket.
+pub fn query_status(control: &Path, json: bool) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(control).map_err(|e| {
+        format!(
+            "cannot reach the agent at {}: {e} (is `ice-agent up` running? pass --control or --interface)",
+            control.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(if json { b"status json\n" } else { b"status\n" })
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// The control socket path for an interface when none is given.
+pub fn control_path(interface: &str) -> PathBuf {
+    crate::config::default_control(interface)
+}
+
+fn host_nets(filter: &HostFilter) -> Vec<IpNet> {
+    match gather::interfaces() {
+        Ok(all) => filter
+            .candidates(&all)
+            .into_iter()
+            .map(|a| a.net)
+            .filter(|n| n.addr().is_ipv4())
+            .collect(),
+        Err(e) => {
+            tracing::warn!("cannot list interfaces: {e}");
+            Vec::new()
+        }
+    }
+}
+
+async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return ip.is_ipv4().then_some(SocketAddr::new(ip, port));
+    }
+    for attempt in 0..3u32 {
+        if let Ok(it) = tokio::net::lookup_host((host, port)).await {
+            if let Some(a) = it.into_iter().find(|a| a.is_ipv4()) {
+                return Some(a);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+    }
+    None
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn set_pktinfo(s: &std::net::UdpSocket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and an int-sized option value.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            &on as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One datagram with the local address it arrived on. `Ok(None)`: a
+/// truncated datagram (larger than the buffer), dropped.
+fn recv_pktinfo(
+    fd: i32,
+    buf: &mut [u8],
+) -> io::Result<Option<(usize, SocketAddr, Option<IpAddr>)>> {
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 16];
+    // SAFETY: msghdr points at live, correctly sized buffers for the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut addr as *mut _ as *mut libc::c_void;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    // SAFETY: see above.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if msg.msg_flags & libc::MSG_TRUNC != 0 {
+        return Ok(None);
+    }
+    let from = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr))),
+        u16::from_be(addr.sin_port),
+    );
+    let mut local = None;
+    // SAFETY: walking the control messages the kernel wrote into `cbuf`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
+                local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    info.ipi_addr.s_addr,
+                ))));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Some((n as usize, from, local)))
+}
