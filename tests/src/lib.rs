@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod mesh;
+
 /// True when tests that need root (network namespaces, nftables) can run.
 /// Under `CI=true` not being able to run them is a failure, not a skip.
 pub fn can_run_netns() -> bool {

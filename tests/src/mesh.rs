@@ -1,0 +1,485 @@
+//! A netsim lab running the whole suite for real: the `relay` and
+//! `signaling` binaries on a public host, and per node a `wireguard-go`
+//! interface with an `ice-agent` beside it (external mode). Shared by the
+//! end-to-end tests and the agent benchmark.
+//!
+//! Names are unique per lab (the UAPI socket directory
+//! `/var/run/wireguard` is shared by every namespace), and everything a lab
+//! started is stopped when it is dropped.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use netsim::lab::Lab;
+use netsim::nat::{NatPreset, RouterConfig};
+use netsim::reflector::{BindingTransport, Change};
+use netsim::stun_client::StunClient;
+
+/// Binaries the lab runs.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    /// `relay`.
+    pub relay: PathBuf,
+    /// `signaling`.
+    pub signaling: PathBuf,
+    /// `ice-agent`.
+    pub agent: PathBuf,
+}
+
+impl Bins {
+    /// The workspace binaries next to the running test or example; `None`
+    /// when not built (a failure under `CI=true`).
+    pub fn find() -> Option<Bins> {
+        Some(Bins {
+            relay: crate::workspace_bin("relay")?,
+            signaling: crate::workspace_bin("signaling")?,
+            agent: crate::workspace_bin("ice-agent")?,
+        })
+    }
+}
+
+/// One node: a device with a WireGuard interface and (when started) an agent.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Device name in the lab.
+    pub name: String,
+    /// WireGuard interface (unique across labs).
+    pub ifname: String,
+    /// WireGuard public key (base64).
+    pub public_key: String,
+    /// Overlay address.
+    pub overlay: Ipv4Addr,
+    /// LAN address.
+    pub lan_ip: Ipv4Addr,
+    /// The agent's control socket.
+    pub control: PathBuf,
+    /// The agent's config file.
+    pub config: PathBuf,
+}
+
+/// The lab. See the module docs.
+#[allow(missing_debug_implementations)]
+pub struct MeshLab {
+    /// The netsim lab.
+    pub lab: Lab,
+    /// Files of this lab (configs, logs, keys).
+    pub dir: PathBuf,
+    bins: Bins,
+    tag: String,
+    public_ip: Ipv4Addr,
+    pin: String,
+    /// Nodes in the order they were added.
+    pub nodes: Vec<Node>,
+}
+
+const TOKEN: &str = "mesh-token-for-the-netsim-lab-0123456789";
+const WG_PORT: u16 = 51820;
+const AGENT_PORT: u16 = 51821;
+
+fn s(x: impl ToString) -> String {
+    x.to_string()
+}
+
+impl MeshLab {
+    /// A lab with a public host running the relay and signaling.
+    pub fn new(bins: &Bins) -> MeshLab {
+        let lab = Lab::new().expect("lab");
+        let dir = lab.work_dir().join("mesh");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        // Interface names must be unique across labs (shared UAPI directory)
+        // and at most 15 characters.
+        let tag = format!("{:06x}", fxhash(lab.prefix()) & 0xff_ffff);
+        let ips = lab.add_public_host("pub", 1).expect("public host");
+        let public_ip = ips[0];
+        let certs = dir.join("sig-cert");
+        let out = Command::new(&bins.signaling)
+            .args(["fingerprint", "--self-signed-dir"])
+            .arg(&certs)
+            .output()
+            .expect("signaling fingerprint");
+        let pin = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        assert_eq!(pin.len(), 64, "fingerprint: {out:?}");
+        let relay_addr = SocketAddr::from((public_ip, 3478));
+        lab.spawn(
+            "relay",
+            "pub",
+            &[
+                s(bins.relay.display()),
+                s("--listen"),
+                s(relay_addr),
+                s("--user"),
+                s("agent:agent-pass"),
+                s("--workers"),
+                s("1"),
+                // The lab's "public" addresses are documentation ranges,
+                // which the relay refuses as peers by default.
+                s("--allow-peer"),
+                s("203.0.113.0/24"),
+                s("--allow-peer"),
+                s("198.51.100.0/24"),
+            ],
+            &[],
+            &dir,
+        )
+        .expect("spawn relay");
+        lab.spawn(
+            "signaling",
+            "pub",
+            &[
+                s(bins.signaling.display()),
+                s("serve"),
+                s("--listen"),
+                s(SocketAddr::from((public_ip, 4443))),
+                s("--self-signed-dir"),
+                s(certs.display()),
+                s("--mesh"),
+                format!("lab={TOKEN}"),
+            ],
+            &[],
+            &dir,
+        )
+        .expect("spawn signaling");
+        // Both answer from inside the lab before anything else starts.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let sock = lab.udp_socket("pub", 0).expect("socket");
+        while StunClient
+            .binding(
+                &sock,
+                relay_addr,
+                Change::default(),
+                Duration::from_millis(200),
+            )
+            .expect("io")
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "relay did not start");
+        }
+        let sig = SocketAddr::from((public_ip, 4443));
+        loop {
+            let up = lab
+                .in_node("pub", move || {
+                    TcpStream::connect_timeout(&sig, Duration::from_millis(200)).is_ok()
+                })
+                .expect("in_node");
+            if up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "signaling did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        MeshLab {
+            lab,
+            dir,
+            bins: bins.clone(),
+            tag,
+            public_ip,
+            pin,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Adds a NAT router.
+    pub fn add_router(&self, name: &str, preset: NatPreset) {
+        self.lab
+            .add_router(name, RouterConfig::new(preset))
+            .expect("router");
+    }
+
+    /// Adds a device behind `router` with a wireguard-go interface (key,
+    /// port 51820, overlay 10.77.0.<n>/24) and writes its agent config. The
+    /// agent is not started.
+    pub fn add_node(&mut self, name: &str, router: &str) -> usize {
+        let lan_ip = self.lab.add_device(name, router).expect("device");
+        let idx = self.nodes.len();
+        let ifname = format!("wg{}{}", self.tag, idx);
+        let overlay = Ipv4Addr::new(10, 77, 0, 1 + idx as u8);
+        let key_file = self.dir.join(format!("{name}.key"));
+        let key = run("wg", &["genkey"]);
+        std::fs::write(&key_file, &key).expect("write key");
+        let public_key = pipe("wg", &["pubkey"], &key);
+        let uapi = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        let _ = std::fs::remove_file(&uapi);
+        self.lab
+            .spawn(
+                &format!("wg-{name}"),
+                name,
+                &[s("wireguard-go"), s("-f"), ifname.clone()],
+                &[("LOG_LEVEL".into(), "error".into())],
+                &self.dir,
+            )
+            .expect("spawn wireguard-go");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !uapi.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "wireguard-go did not create {uapi:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for argv in [
+            vec![
+                s("wg"),
+                s("set"),
+                ifname.clone(),
+                s("private-key"),
+                s(key_file.display()),
+                s("listen-port"),
+                s(WG_PORT),
+            ],
+            vec![
+                s("ip"),
+                s("addr"),
+                s("add"),
+                format!("{overlay}/24"),
+                s("dev"),
+                ifname.clone(),
+            ],
+            vec![s("ip"), s("link"), s("set"), ifname.clone(), s("up")],
+        ] {
+            let (ok, out) = self.lab.exec(name, &argv).expect("exec");
+            assert!(ok, "{argv:?}: {out}");
+        }
+        let control = self.dir.join(format!("{name}.ctl"));
+        let config = self.dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "peers = \"auto\"\n\n[wireguard]\ninterface = \"{ifname}\"\nport = {AGENT_PORT}\n\
+                 address = [\"{overlay}/32\"]\n\n[signaling]\nurl = \"quic://{ip}:4443\"\n\
+                 pin_sha256 = \"{pin}\"\nmesh = \"lab\"\nmesh_token = \"{TOKEN}\"\n\n\
+                 [[relays]]\nurl = \"turn:{ip}:3478\"\nusername = \"agent\"\npassword = \"agent-pass\"\n\n\
+                 [agent]\ncontrol = \"{control}\"\n",
+                ip = self.public_ip,
+                pin = self.pin,
+                control = control.display()
+            ),
+        )
+        .expect("write config");
+        self.nodes.push(Node {
+            name: name.into(),
+            ifname,
+            public_key,
+            overlay,
+            lan_ip,
+            control,
+            config,
+        });
+        idx
+    }
+
+    /// Starts node `i`'s agent.
+    pub fn start_agent(&self, i: usize) {
+        let n = &self.nodes[i];
+        self.lab
+            .spawn(
+                &format!("agent-{}", n.name),
+                &n.name,
+                &[
+                    s(self.bins.agent.display()),
+                    s("up"),
+                    s("--config"),
+                    s(n.config.display()),
+                    s("--log"),
+                    s("info,ice_agent=debug"),
+                ],
+                &[],
+                &self.dir,
+            )
+            .expect("spawn agent");
+    }
+
+    /// Stops node `i`'s agent with SIGTERM (then SIGKILL after 0.5 s).
+    pub fn stop_agent(&self, i: usize) {
+        self.lab
+            .kill_process(&format!("agent-{}", self.nodes[i].name))
+            .expect("kill agent");
+    }
+
+    /// `ice-agent status --json` of node `i`, if the agent answers.
+    pub fn status(&self, i: usize) -> Option<serde_json::Value> {
+        let out = Command::new(&self.bins.agent)
+            .args(["status", "--json", "--control"])
+            .arg(&self.nodes[i].control)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Node `i`'s status row for node `j`.
+    pub fn peer_status(&self, i: usize, j: usize) -> Option<serde_json::Value> {
+        let st = self.status(i)?;
+        st["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["public_key"] == self.nodes[j].public_key.as_str())
+            .cloned()
+    }
+
+    /// Waits until node `i` reports node `j` on `path`; returns the row and
+    /// how long it took, or the last row seen on timeout.
+    pub fn wait_path(
+        &self,
+        i: usize,
+        j: usize,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(serde_json::Value, Duration), String> {
+        let t0 = Instant::now();
+        let mut last = None;
+        while t0.elapsed() < timeout {
+            if let Some(row) = self.peer_status(i, j) {
+                if row["path"] == path {
+                    return Ok((row, t0.elapsed()));
+                }
+                last = Some(row);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!(
+            "{} never reported {} on {path:?} within {timeout:?}; last: {last:#?}\n{}",
+            self.nodes[i].name,
+            self.nodes[j].name,
+            self.logs()
+        ))
+    }
+
+    /// Pings node `j`'s overlay address from node `i` (`count` echoes, 1 s
+    /// wait each); true if any answer came back.
+    pub fn ping(&self, i: usize, j: usize, count: u32) -> bool {
+        let (ok, _) = self
+            .lab
+            .exec(
+                &self.nodes[i].name,
+                &[
+                    s("ping"),
+                    s("-c"),
+                    s(count),
+                    s("-i"),
+                    s("0.2"),
+                    s("-W"),
+                    s("1"),
+                    s(self.nodes[j].overlay),
+                ],
+            )
+            .expect("exec ping");
+        ok
+    }
+
+    /// Node `i`'s WireGuard peers as `wg show dump` prints them: (public
+    /// key, endpoint, latest handshake).
+    pub fn wg_peers(&self, i: usize) -> Vec<(String, String, u64)> {
+        let n = &self.nodes[i];
+        let (_, out) = self
+            .lab
+            .exec(&n.name, &[s("wg"), s("show"), n.ifname.clone(), s("dump")])
+            .expect("exec wg");
+        out.lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() >= 8)
+                    .then(|| (f[0].to_owned(), f[2].to_owned(), f[4].parse().unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    /// Drops UDP between router `a`'s WAN and router `b`'s WAN at `a`
+    /// (both directions): the direct path dies, the relay path stays.
+    pub fn cut_direct(&self, a: &str, b: &str) {
+        let wan_b = self.lab.router_wan_ip(b).expect("wan");
+        let script = format!(
+            "table inet wgicecut {{\n chain cut {{\n  type filter hook forward priority -5;\n  \
+             ip daddr {wan_b} drop\n  ip saddr {wan_b} drop\n }}\n}}\n"
+        );
+        let file = self.dir.join(format!("cut-{a}.nft"));
+        std::fs::write(&file, script).expect("write nft");
+        let (ok, out) = self
+            .lab
+            .exec(a, &[s("nft"), s("-f"), s(file.display())])
+            .expect("exec nft");
+        assert!(ok, "nft: {out}");
+    }
+
+    /// Undoes [`MeshLab::cut_direct`].
+    pub fn restore_direct(&self, a: &str) {
+        let (ok, out) = self
+            .lab
+            .exec(
+                a,
+                &[s("nft"), s("delete"), s("table"), s("inet"), s("wgicecut")],
+            )
+            .expect("exec nft");
+        assert!(ok, "nft: {out}");
+    }
+
+    /// The agents' logs (for failure messages).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let p = self.dir.join(format!("agent-{}.stderr", n.name));
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out += &format!("--- {} (last 40 lines) ---\n", p.display());
+            for l in tail.into_iter().rev() {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Where a file of this lab goes.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for MeshLab {
+    fn drop(&mut self) {
+        // Agents first (they restore their interfaces), then everything else.
+        for n in &self.nodes {
+            let _ = self.lab.kill_process(&format!("agent-{}", n.name));
+        }
+        self.lab.teardown();
+        for n in &self.nodes {
+            let _ =
+                std::fs::remove_file(Path::new(&format!("/var/run/wireguard/{}.sock", n.ifname)));
+        }
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect("run");
+    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn pipe(cmd: &str, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut c = Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    c.stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = c.wait_with_output().expect("wait");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn fxhash(x: &str) -> u64 {
+    x.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}

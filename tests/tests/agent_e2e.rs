@@ -1,0 +1,148 @@
+//! `ice-agent` end to end, for real: netsim namespaces with nftables NATs,
+//! the `relay` and `signaling` binaries on a public host, `wireguard-go`
+//! interfaces, and one agent per node in external mode. Each case checks
+//! the path both agents report (and why), where WireGuard's endpoint points,
+//! and that a ping crosses the overlay.
+
+use std::time::Duration;
+
+use netsim::nat::NatPreset;
+use wgice_tests::mesh::{Bins, MeshLab};
+
+fn setup() -> Option<Bins> {
+    if !wgice_tests::can_run_netns() {
+        return None;
+    }
+    Bins::find()
+}
+
+const CONNECT: Duration = Duration::from_secs(15);
+
+#[test]
+fn same_lan_goes_lan_with_the_endpoint_straight_at_the_peer() {
+    let Some(bins) = setup() else { return };
+    let mut m = MeshLab::new(&bins);
+    m.add_router("r", NatPreset::PortRestricted);
+    let a = m.add_node("a", "r");
+    let b = m.add_node("b", "r");
+    m.start_agent(a);
+    m.start_agent(b);
+    let (row, _) = m.wait_path(a, b, "lan", CONNECT).unwrap();
+    m.wait_path(b, a, "lan", CONNECT).unwrap();
+    let reason = row["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("LAN"), "reason {reason:?}");
+    // WireGuard talks to the peer's WireGuard port directly, not via the agent.
+    let want = format!("{}:51820", m.nodes[b].lan_ip);
+    let peers = m.wg_peers(a);
+    let ep = peers
+        .iter()
+        .find(|p| p.0 == m.nodes[b].public_key)
+        .map(|p| p.1.clone());
+    assert_eq!(ep.as_deref(), Some(want.as_str()), "peers: {peers:?}");
+    assert!(m.ping(a, b, 5), "no ping over the LAN path\n{}", m.logs());
+}
+
+#[test]
+fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
+    let Some(bins) = setup() else { return };
+    let mut m = MeshLab::new(&bins);
+    m.add_router("ra", NatPreset::PortRestricted);
+    m.add_router("rb", NatPreset::PortRestricted);
+    let a = m.add_node("a", "ra");
+    let b = m.add_node("b", "rb");
+    m.start_agent(a);
+    m.start_agent(b);
+    let (row, _) = m.wait_path(a, b, "direct", CONNECT).unwrap();
+    m.wait_path(b, a, "direct", CONNECT).unwrap();
+    assert!(
+        row["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("direct"),
+        "{row:#}"
+    );
+    assert!(row["rtt_ms"].as_f64().is_some(), "{row:#}");
+    assert!(
+        m.ping(a, b, 5),
+        "no ping over the direct path\n{}",
+        m.logs()
+    );
+    // Traffic shows up in the status counters (WireGuard's own).
+    let row = m.peer_status(a, b).unwrap();
+    assert!(row["rx_bytes"].as_u64().unwrap_or(0) > 0, "{row:#}");
+    assert!(row["tx_bytes"].as_u64().unwrap_or(0) > 0, "{row:#}");
+    // The endpoint is the agent's loopback proxy.
+    let peers = m.wg_peers(a);
+    assert!(
+        peers
+            .iter()
+            .any(|p| p.0 == m.nodes[b].public_key && p.1.starts_with("127.0.0.1:")),
+        "{peers:?}"
+    );
+    // SIGTERM: the agent removes the peer it created and exits.
+    m.stop_agent(a);
+    let peers = m.wg_peers(a);
+    assert!(
+        !peers.iter().any(|p| p.0 == m.nodes[b].public_key),
+        "agent left its peer behind: {peers:?}"
+    );
+}
+
+#[test]
+fn symmetric_to_port_restricted_is_relayed_and_says_why() {
+    let Some(bins) = setup() else { return };
+    let mut m = MeshLab::new(&bins);
+    m.add_router("ra", NatPreset::Symmetric);
+    m.add_router("rb", NatPreset::PortRestricted);
+    let a = m.add_node("a", "ra");
+    let b = m.add_node("b", "rb");
+    m.start_agent(a);
+    m.start_agent(b);
+    m.wait_path(a, b, "relay", CONNECT).unwrap();
+    m.wait_path(b, a, "relay", CONNECT).unwrap();
+    assert!(m.ping(a, b, 5), "no ping over the relay\n{}", m.logs());
+    // Once the first direct window is over, the reason names the cause.
+    let mut reason = String::new();
+    for _ in 0..200 {
+        let row = m.peer_status(a, b).unwrap();
+        assert_eq!(row["path"], "relay", "{row:#}");
+        reason = row["reason"].as_str().unwrap_or_default().to_owned();
+        if reason.contains("no direct pair answered") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        reason.contains("no direct pair answered") && reason.contains("symmetric"),
+        "reason {reason:?}\n{}",
+        m.logs()
+    );
+}
+
+#[test]
+fn direct_cut_falls_back_to_relay_within_3s_and_comes_back() {
+    let Some(bins) = setup() else { return };
+    let mut m = MeshLab::new(&bins);
+    m.add_router("ra", NatPreset::PortRestricted);
+    m.add_router("rb", NatPreset::PortRestricted);
+    let a = m.add_node("a", "ra");
+    let b = m.add_node("b", "rb");
+    m.start_agent(a);
+    m.start_agent(b);
+    m.wait_path(a, b, "direct", CONNECT).unwrap();
+    m.wait_path(b, a, "direct", CONNECT).unwrap();
+    assert!(m.ping(a, b, 3));
+    m.cut_direct("ra", "rb");
+    let (_, took_a) = m.wait_path(a, b, "relay", Duration::from_secs(10)).unwrap();
+    let (_, took_b) = m.wait_path(b, a, "relay", Duration::from_secs(10)).unwrap();
+    println!("failover: a {took_a:?}, b {took_b:?}");
+    assert!(took_a <= Duration::from_secs(3), "a took {took_a:?}");
+    assert!(took_b <= Duration::from_secs(3), "b took {took_b:?}");
+    assert!(m.ping(a, b, 5), "no ping after failover\n{}", m.logs());
+    m.restore_direct("ra");
+    let (_, back) = m
+        .wait_path(a, b, "direct", Duration::from_secs(40))
+        .unwrap();
+    println!("back to direct after {back:?}");
+    assert!(m.ping(a, b, 3), "no ping after coming back\n{}", m.logs());
+}
