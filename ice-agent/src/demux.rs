@@ -70,7 +70,10 @@ pub fn classify(d: &[u8]) -> Kind {
             (1, 148) => WgType::Initiation,
             (2, 92) => WgType::Response,
             (3, 64) => WgType::Cookie,
-            (4, n) if n >= 32 && n % 16 == 0 => WgType::Data,
+            // Plaintext is padded to 16 bytes but never beyond the
+            // interface MTU, so a full-size packet (e.g. 1420 + 32 bytes
+            // with wireguard-go's default MTU) is not a multiple of 16.
+            (4, n) if n >= 32 => WgType::Data,
             _ => return Kind::Unknown,
         };
         return Kind::WireGuard(t);
@@ -113,6 +116,11 @@ mod tests {
         assert_eq!(classify(&data), Kind::WireGuard(WgType::Data));
         data.extend_from_slice(&[0u8; 16]);
         assert_eq!(classify(&data), Kind::WireGuard(WgType::Data));
+        // A full-size packet at MTU 1420: padding stops at the MTU, so the
+        // length (1452) is not a multiple of 16.
+        let mut full = vec![0u8; 1420 + 32];
+        full[0] = 4;
+        assert_eq!(classify(&full), Kind::WireGuard(WgType::Data));
     }
 
     #[test]

@@ -353,6 +353,12 @@ impl MeshLab {
     /// Pings node `j`'s overlay address from node `i` (`count` echoes, 1 s
     /// wait each); true if any answer came back.
     pub fn ping(&self, i: usize, j: usize, count: u32) -> bool {
+        self.ping_sized(i, j, count, 56)
+    }
+
+    /// [`MeshLab::ping`] with `size` bytes of ICMP payload (1392 fills
+    /// wireguard-go's 1420-byte MTU exactly).
+    pub fn ping_sized(&self, i: usize, j: usize, count: u32, size: u32) -> bool {
         let (ok, _) = self
             .lab
             .exec(
@@ -365,6 +371,8 @@ impl MeshLab {
                     s("0.2"),
                     s("-W"),
                     s("1"),
+                    s("-s"),
+                    s(size),
                     s(self.nodes[j].overlay),
                 ],
             )
