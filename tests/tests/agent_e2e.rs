@@ -67,6 +67,12 @@ fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
         "no ping over the direct path\n{}",
         m.logs()
     );
+    // Full-size packets (WireGuard data of 1452 bytes) cross too.
+    assert!(
+        m.ping_sized(a, b, 3, 1392),
+        "no full-size ping\n{}",
+        m.logs()
+    );
     // Traffic shows up in the status counters (WireGuard's own).
     let row = m.peer_status(a, b).unwrap();
     assert!(row["rx_bytes"].as_u64().unwrap_or(0) > 0, "{row:#}");
@@ -101,6 +107,11 @@ fn symmetric_to_port_restricted_is_relayed_and_says_why() {
     m.wait_path(a, b, "relay", CONNECT).unwrap();
     m.wait_path(b, a, "relay", CONNECT).unwrap();
     assert!(m.ping(a, b, 5), "no ping over the relay\n{}", m.logs());
+    assert!(
+        m.ping_sized(a, b, 3, 1392),
+        "no full-size ping over the relay\n{}",
+        m.logs()
+    );
     // Once the first direct window is over, the reason names the cause.
     let mut reason = String::new();
     for _ in 0..200 {
