@@ -190,13 +190,14 @@ struct Sess {
     ice: PeerSession,
     local_id: u64,
     remote_id: Option<u64>,
-    /// Candidates that arrived before the offer/answer that names their session.
-    pending: Vec<(u64, String)>,
     offered_at: Instant,
 }
 
 #[derive(Debug)]
 struct Peer {
+    /// Candidates that arrived before the offer/answer naming their session
+    /// (signaling does not promise order across a cluster).
+    pending: Vec<(u64, String)>,
     online: bool,
     offline_since: Option<Instant>,
     session: Option<Sess>,
@@ -582,13 +583,13 @@ impl Agent {
                 }
             }
             PeerMessage::Candidate { session, candidate } => {
-                let Some(s) = self.peers.get_mut(&from).and_then(|p| p.session.as_mut()) else {
-                    return;
-                };
-                match s.remote_id {
+                let p = self.peers.get_mut(&from).expect("managed");
+                match p.session.as_ref().and_then(|s| s.remote_id) {
                     Some(id) if id == session => self.add_remote(now, from, &candidate),
-                    None if s.pending.len() < MAX_PENDING_CANDIDATES => {
-                        s.pending.push((session, candidate))
+                    // No session with them yet, or their offer is still on
+                    // its way: keep it (bounded) until it names this session.
+                    None if p.pending.len() < MAX_PENDING_CANDIDATES => {
+                        p.pending.push((session, candidate))
                     }
                     _ => self.drops.signal_rejected += 1,
                 }
@@ -752,6 +753,7 @@ impl Agent {
         self.peers.insert(
             key,
             Peer {
+                pending: Vec::new(),
                 online: false,
                 offline_since: None,
                 session: None,
@@ -796,7 +798,6 @@ impl Agent {
             ice,
             local_id: rand::random::<u64>() >> 11,
             remote_id: None,
-            pending: Vec::new(),
             offered_at: now,
         });
         self.drain_session(now, &key);
@@ -886,14 +887,17 @@ impl Agent {
         pass: String,
         candidates: Vec<String>,
     ) {
-        let Some(s) = self.peers.get_mut(&key).and_then(|p| p.session.as_mut()) else {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let Some(s) = p.session.as_mut() else {
             return;
         };
         let mut pending = Vec::new();
         if s.remote_id.is_none() {
             s.remote_id = Some(session);
             s.ice.set_remote_credentials(now, IceCreds { ufrag, pass });
-            pending = std::mem::take(&mut s.pending);
+            pending = std::mem::take(&mut p.pending);
         }
         for c in candidates.iter().take(MAX_REMOTE_CANDIDATES) {
             self.add_remote(now, key, c);

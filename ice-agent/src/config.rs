@@ -595,10 +595,53 @@ mod tests {
     use super::*;
 
     const KEY: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const PIN: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn agent_section_and_trust_are_checked() {
+        let text = base("peers = \"auto\"\n");
+        let c = AgentConfig::parse(&text, "a.toml", None).expect("valid");
+        assert_eq!(c.mesh, "default");
+        assert_eq!(c.control, default_control("wg0"));
+        assert_eq!(c.metrics, None);
+        let c = AgentConfig::parse(
+            &format!("{text}\n[agent]\nmetrics = \"127.0.0.1:9586\"\ncontrol = \"/tmp/x.sock\"\n"),
+            "a.toml",
+            None,
+        )
+        .expect("valid");
+        assert_eq!(c.metrics, Some("127.0.0.1:9586".parse().expect("addr")));
+        assert_eq!(c.control, std::path::PathBuf::from("/tmp/x.sock"));
+        let e = AgentConfig::parse(
+            &format!("{text}\n[agent]\nmetrics = \"9586\"\n"),
+            "a.toml",
+            None,
+        )
+        .expect_err("bad metrics");
+        assert_eq!(e.key, "agent.metrics");
+        let e = AgentConfig::parse(
+            &text.replace(&format!("pin_sha256 = \"{PIN}\"\n"), ""),
+            "a.toml",
+            None,
+        )
+        .expect_err("no trust");
+        assert_eq!(e.key, "signaling.pin_sha256");
+        assert!(e.fix.contains("ca_file"), "{e}");
+        let e = AgentConfig::parse(
+            &text.replace(
+                "interface = \"wg0\"\n",
+                "interface = \"wg0\"\naddress = [\"10.8.0.300\"]\n",
+            ),
+            "a.toml",
+            None,
+        )
+        .expect_err("bad address");
+        assert_eq!(e.key, "wireguard.address[0]");
+    }
 
     fn base(top: &str) -> String {
         format!(
-            "{top}[wireguard]\ninterface = \"wg0\"\nprivate_key = \"{KEY}\"\n\n[signaling]\nurl = \"quic://127.0.0.1:4433\"\nmesh_token = \"0123456789abcdef0123\"\n\n[[relays]]\nurl = \"turn:127.0.0.1:3478\"\nusername = \"u\"\npassword = \"p\"\n"
+            "{top}[wireguard]\ninterface = \"wg0\"\nprivate_key = \"{KEY}\"\n\n[signaling]\nurl = \"quic://127.0.0.1:4433\"\npin_sha256 = \"{PIN}\"\nmesh_token = \"0123456789abcdef0123\"\n\n[[relays]]\nurl = \"turn:127.0.0.1:3478\"\nusername = \"u\"\npassword = \"p\"\n"
         )
     }
 

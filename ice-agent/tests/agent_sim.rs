@@ -1,0 +1,308 @@
+//! The agent core (`ice_agent::agent::Agent`) driven deterministically: two
+//! agents, a virtual clock, a modelled network (datagrams between host
+//! addresses, 1 ms) and a modelled signaling service (sealed messages
+//! delivered in 20 ms). No relay here: the relay paths are covered by the
+//! session simulation and the netns tests.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ice_agent::agent::{Agent, AgentOptions, Endpoint, Output, PeerKey, PeerRoute, Route};
+use ice_agent::PathKind;
+use signaling::seal::PeerMessage;
+
+const KA: PeerKey = [0xAA; 32];
+const KB: PeerKey = [0xBB; 32];
+
+fn opts(key: PeerKey, host: &str, auto: bool, peers: Vec<PeerKey>) -> AgentOptions {
+    AgentOptions {
+        public_key: key,
+        wg_port: Some(51820),
+        port: 51821,
+        host: vec![host.parse().expect("net")],
+        relays: Vec::new(),
+        auto_peers: auto,
+        peers: peers.into_iter().map(|k| (k, Vec::new())).collect(),
+        vanish_after: Duration::from_secs(60),
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    routes: Vec<(PeerKey, PeerRoute)>,
+    added: Vec<PeerKey>,
+    removed: Vec<PeerKey>,
+    offers: usize,
+}
+
+struct World {
+    now: Instant,
+    agents: [Agent; 2],
+    ips: [IpAddr; 2],
+    keys: [PeerKey; 2],
+    /// (deliver at, to agent, from address, bytes)
+    net: VecDeque<(Instant, usize, SocketAddr, Vec<u8>)>,
+    /// (deliver at, to agent, from key, message)
+    sig: VecDeque<(Instant, usize, PeerKey, PeerMessage)>,
+    seen: [Seen; 2],
+    /// Drop every datagram (a dead network).
+    cut: bool,
+    /// Hold signaling messages and deliver them in reverse order once.
+    reverse_next_batch: bool,
+}
+
+impl World {
+    fn new(a: AgentOptions, b: AgentOptions) -> World {
+        let now = Instant::now();
+        let ips = [a.host[0].addr(), b.host[0].addr()];
+        let keys = [a.public_key, b.public_key];
+        World {
+            agents: [Agent::new(a, now), Agent::new(b, now)],
+            now,
+            ips,
+            keys,
+            net: VecDeque::new(),
+            sig: VecDeque::new(),
+            seen: [Seen::default(), Seen::default()],
+            cut: false,
+            reverse_next_batch: false,
+        }
+    }
+
+    fn drain(&mut self) {
+        for i in 0..2 {
+            while let Some(o) = self.agents[i].poll_output() {
+                match o {
+                    Output::Send { to, data } => {
+                        let j = if to.ip() == self.ips[0] { 0 } else { 1 };
+                        if !self.cut && to.ip() == self.ips[j] {
+                            let from = SocketAddr::new(self.ips[i], 51821);
+                            self.net.push_back((
+                                self.now + Duration::from_millis(1),
+                                j,
+                                from,
+                                data,
+                            ));
+                        }
+                    }
+                    Output::Signal { to, message } => {
+                        if matches!(message, PeerMessage::Offer { .. }) {
+                            self.seen[i].offers += 1;
+                        }
+                        let j = if to == self.keys[0] { 0 } else { 1 };
+                        let at = self.now + Duration::from_millis(20);
+                        self.sig.push_back((at, j, self.keys[i], message));
+                    }
+                    Output::Route { peer, route } => self.seen[i].routes.push((peer, route)),
+                    Output::PeerAdded { peer, .. } => self.seen[i].added.push(peer),
+                    Output::PeerRemoved { peer } => self.seen[i].removed.push(peer),
+                }
+            }
+        }
+    }
+
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.drain();
+            if self.reverse_next_batch && self.sig.len() >= 2 {
+                self.reverse_next_batch = false;
+                let v: Vec<_> = self.sig.drain(..).collect();
+                let at = self.now + Duration::from_millis(20);
+                for (_, j, from, m) in v.into_iter().rev() {
+                    self.sig.push_back((at, j, from, m));
+                }
+            }
+            while self.net.front().is_some_and(|p| p.0 <= self.now) {
+                let (_, j, from, data) = self.net.pop_front().expect("front");
+                let local = Some(self.ips[j]);
+                let _ = self.agents[j].handle_datagram(self.now, from, local, &data);
+            }
+            while self.sig.front().is_some_and(|m| m.0 <= self.now) {
+                let (_, j, from, m) = self.sig.pop_front().expect("front");
+                self.agents[j].handle_message(self.now, from, m);
+            }
+            if self
+                .agents
+                .iter_mut()
+                .any(|a| a.poll_timeout().is_some_and(|t| t <= self.now))
+            {
+                for a in &mut self.agents {
+                    a.handle_timeout(self.now);
+                }
+            }
+            self.drain();
+            self.now += Duration::from_millis(5);
+        }
+    }
+
+    fn path(&self, i: usize) -> (PathKind, String) {
+        let st = self.agents[i].status(self.now);
+        st.first()
+            .map(|(_, r, _)| (r.path, r.reason.clone()))
+            .unwrap_or((PathKind::Connecting, "no peer".into()))
+    }
+
+    fn last_route(&self, i: usize) -> Option<PeerRoute> {
+        self.seen[i].routes.last().map(|r| r.1)
+    }
+
+    fn online(&mut self) {
+        let (a, b) = (self.keys[0], self.keys[1]);
+        self.agents[0].handle_member(self.now, b, &["10.8.0.2/32".into()]);
+        self.agents[1].handle_member(self.now, a, &["10.8.0.1/32".into()]);
+    }
+}
+
+#[test]
+fn two_public_hosts_connect_direct_through_the_proxy_route() {
+    let mut w = World::new(
+        opts(KA, "198.51.100.1/24", true, vec![]),
+        opts(KB, "203.0.113.2/24", true, vec![]),
+    );
+    w.online();
+    w.run(Duration::from_secs(2));
+    for i in 0..2 {
+        assert_eq!(w.path(i).0, PathKind::Direct, "{:?}", w.path(i));
+        let r = w.last_route(i).expect("route");
+        assert_eq!(r.endpoint, Endpoint::Proxy);
+        let other = SocketAddr::new(w.ips[1 - i], 51821);
+        assert_eq!(r.route, Route::Direct(other));
+        assert_eq!(w.seen[i].added, vec![w.keys[1 - i]]);
+    }
+    // Both offered at once (presence on both sides): one session each, no
+    // restart loop: exactly one offer per side.
+    assert_eq!((w.seen[0].offers, w.seen[1].offers), (1, 1));
+}
+
+#[test]
+fn same_lan_points_wireguard_straight_at_the_peer() {
+    let mut w = World::new(
+        opts(KA, "10.0.1.10/24", true, vec![]),
+        opts(KB, "10.0.1.20/24", true, vec![]),
+    );
+    w.online();
+    w.run(Duration::from_secs(2));
+    assert_eq!(w.path(0).0, PathKind::Lan, "{:?}", w.path(0));
+    assert!(w.path(0).1.contains("LAN 10.0.1.0/24"), "{:?}", w.path(0));
+    let r = w.last_route(0).expect("route");
+    assert_eq!(
+        r.endpoint,
+        Endpoint::Direct("10.0.1.20:51820".parse().expect("addr"))
+    );
+}
+
+#[test]
+fn candidates_before_the_offer_are_kept_until_it_arrives() {
+    let mut w = World::new(
+        opts(KA, "198.51.100.1/24", true, vec![]),
+        opts(KB, "203.0.113.2/24", true, vec![]),
+    );
+    // Only A learns of B. A gains an address right after its offer, so a
+    // trickled candidate follows it; the two reach B in reverse order.
+    w.reverse_next_batch = true;
+    let b = w.keys[1];
+    w.agents[0].handle_member(w.now, b, &[]);
+    let two = vec![
+        "198.51.100.1/24".parse().expect("net"),
+        "198.51.100.7/24".parse().expect("net"),
+    ];
+    w.agents[0].set_host_addrs(w.now, two);
+    w.run(Duration::from_secs(2));
+    assert!(!w.reverse_next_batch, "the messages were not reordered");
+    assert_eq!(w.path(0).0, PathKind::Direct, "{:?}", w.path(0));
+    assert_eq!(w.path(1).0, PathKind::Direct, "{:?}", w.path(1));
+    // The early candidate was kept, not refused.
+    assert_eq!(w.agents[1].drops().signal_rejected, 0);
+}
+
+#[test]
+fn a_restarted_peer_is_reconnected_and_a_goodbye_cleans_up() {
+    let mut w = World::new(
+        opts(KA, "198.51.100.1/24", true, vec![]),
+        opts(KB, "203.0.113.2/24", true, vec![]),
+    );
+    w.online();
+    w.run(Duration::from_secs(2));
+    assert_eq!(w.path(0).0, PathKind::Direct);
+    // B restarts: new process, new ICE credentials, new session id.
+    w.agents[1] = Agent::new(opts(KB, "203.0.113.2/24", true, vec![]), w.now);
+    w.seen[1] = Seen::default();
+    let a = w.keys[0];
+    w.agents[1].handle_member(w.now, a, &[]);
+    w.run(Duration::from_secs(3));
+    assert_eq!(w.path(0).0, PathKind::Direct, "{:?}", w.path(0));
+    assert_eq!(w.path(1).0, PathKind::Direct, "{:?}", w.path(1));
+    // B says goodbye: A drops the session and, for an auto peer, the peer.
+    w.agents[1].shutdown(w.now);
+    w.run(Duration::from_millis(100));
+    assert_eq!(w.seen[0].removed, vec![w.keys[1]]);
+    assert!(w.agents[0].status(w.now).is_empty());
+}
+
+#[test]
+fn a_vanished_peer_is_dropped_and_others_are_untouched() {
+    let mut w = World::new(
+        opts(KA, "198.51.100.1/24", true, vec![]),
+        opts(KB, "203.0.113.2/24", true, vec![]),
+    );
+    w.online();
+    w.run(Duration::from_secs(2));
+    // A third member A knows of but never hears from.
+    let kc = [0xCC; 32];
+    w.agents[0].handle_member(w.now, kc, &[]);
+    w.run(Duration::from_millis(100));
+    assert_eq!(w.agents[0].status(w.now).len(), 2);
+    // B's signaling goes away, but its tunnel still answers: B stays.
+    let b = w.keys[1];
+    w.agents[0].handle_offline(w.now, b);
+    w.run(Duration::from_secs(70));
+    assert_eq!(w.path(0).0, PathKind::Direct, "B is alive; keep it");
+    // Now B is offline *and* silent: dropped after 60 s.
+    w.cut = true;
+    w.agents[0].handle_offline(w.now, kc);
+    w.run(Duration::from_secs(65));
+    assert!(w.seen[0].removed.contains(&b), "{:?}", w.seen[0].removed);
+    assert!(w.seen[0].removed.contains(&kc));
+}
+
+#[test]
+fn bad_input_is_counted_and_dropped() {
+    let mut w = World::new(
+        opts(KA, "198.51.100.1/24", false, vec![KB]),
+        opts(KB, "203.0.113.2/24", true, vec![]),
+    );
+    w.online();
+    w.run(Duration::from_secs(2));
+    assert_eq!(w.path(0).0, PathKind::Direct);
+    let now = w.now;
+    let stranger: SocketAddr = "192.0.2.66:4000".parse().expect("addr");
+    let a = &mut w.agents[0];
+    // Garbage, a STUN-looking header with no session, WireGuard from nowhere.
+    for len in 0..200 {
+        let junk: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+        assert!(a.handle_datagram(now, stranger, None, &junk).is_none());
+    }
+    let mut stun = vec![0u8; 20];
+    stun[1] = 1;
+    stun[4..8].copy_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+    assert!(a.handle_datagram(now, stranger, None, &stun).is_none());
+    let mut wg = vec![0u8; 64];
+    wg[0] = 4;
+    assert!(a.handle_datagram(now, stranger, None, &wg).is_none());
+    // A message from a key that is not in A's peer list.
+    a.handle_message(now, [0xDD; 32], PeerMessage::Bye { session: 1 });
+    let d = a.drops();
+    assert!(d.malformed > 100, "{d:?}");
+    assert!(d.stun_unmatched >= 1, "{d:?}");
+    assert!(d.wg_unknown_source >= 1, "{d:?}");
+    assert_eq!(d.signal_rejected, 1, "{d:?}");
+    // The real peer is unaffected.
+    w.run(Duration::from_secs(2));
+    assert_eq!(w.path(0).0, PathKind::Direct);
+    // WireGuard data from the peer's address is handed up for that peer.
+    let from = SocketAddr::new(w.ips[1], 51821);
+    let got = w.agents[0].handle_datagram(w.now, from, Some(w.ips[0]), &wg);
+    assert_eq!(got.map(|(k, p)| (k, p.len())), Some((w.keys[1], 64)));
+}
