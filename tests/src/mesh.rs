@@ -255,7 +255,7 @@ impl MeshLab {
                  address = [\"{overlay}/32\"]\n\n[signaling]\nurl = \"quic://{ip}:4443\"\n\
                  pin_sha256 = \"{pin}\"\nmesh = \"lab\"\nmesh_token = \"{TOKEN}\"\n\n\
                  [[relays]]\nurl = \"turn:{ip}:3478\"\nusername = \"agent\"\npassword = \"agent-pass\"\n\n\
-                 [agent]\ncontrol = \"{control}\"\n",
+                 [agent]\ncontrol = \"{control}\"\nmetrics = \"127.0.0.1:9586\"\n",
                 ip = self.public_ip,
                 pin = self.pin,
                 control = control.display()
@@ -310,6 +310,32 @@ impl MeshLab {
             .output()
             .ok()?;
         serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `ice-agent status` (the table) of node `i`.
+    pub fn status_table(&self, i: usize) -> String {
+        Command::new(&self.bins.agent)
+            .args(["status", "--control"])
+            .arg(&self.nodes[i].control)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Node `i`'s Prometheus metrics (from inside its namespace).
+    pub fn metrics(&self, i: usize) -> String {
+        self.lab
+            .in_node(&self.nodes[i].name, || {
+                use std::io::{Read, Write};
+                let mut out = String::new();
+                if let Ok(mut c) = TcpStream::connect("127.0.0.1:9586") {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    let _ = c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+                    let _ = c.read_to_string(&mut out);
+                }
+                out
+            })
+            .expect("in_node")
     }
 
     /// Node `i`'s status row for node `j`.

@@ -85,6 +85,30 @@ fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
             .any(|p| p.0 == m.nodes[b].public_key && p.1.starts_with("127.0.0.1:")),
         "{peers:?}"
     );
+    // Metrics name the peer's path.
+    let metrics = m.metrics(a);
+    let line = format!(
+        "wgice_peer_path{{peer=\"{}\",path=\"direct\"}} 1",
+        m.nodes[b].public_key
+    );
+    assert!(metrics.contains(&line), "{metrics}");
+    // Signaling goes away: the tunnel keeps working; it comes back: the
+    // agents reconnect on their own.
+    m.lab.kill_process("signaling").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(m.ping(a, b, 3), "tunnel died with signaling\n{}", m.logs());
+    assert_eq!(m.peer_status(a, b).unwrap()["path"], "direct");
+    assert_eq!(m.status(a).unwrap()["signaling"], false);
+    m.lab.restart_process("signaling").unwrap();
+    let mut back = false;
+    for _ in 0..200 {
+        if m.status(a).is_some_and(|s| s["signaling"] == true) {
+            back = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(back, "agent did not reconnect to signaling\n{}", m.logs());
     // SIGTERM: the agent removes the peer it created and exits.
     m.stop_agent(a);
     let peers = m.wg_peers(a);
@@ -127,6 +151,13 @@ fn symmetric_to_port_restricted_is_relayed_and_says_why() {
         reason.contains("no direct pair answered") && reason.contains("symmetric"),
         "reason {reason:?}\n{}",
         m.logs()
+    );
+    // The table says the same.
+    let table = m.status_table(a);
+    println!("{table}");
+    assert!(
+        table.contains("relay") && table.contains("symmetric"),
+        "{table}"
     );
 }
 
