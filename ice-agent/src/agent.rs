@@ -163,6 +163,14 @@ pub enum Output {
         /// Route.
         route: PeerRoute,
     },
+    /// An `auto` peer advertises other overlay addresses: replace its
+    /// allowed IPs.
+    AllowedIps {
+        /// Peer.
+        peer: PeerKey,
+        /// New allowed IPs.
+        allowed_ips: Vec<IpNet>,
+    },
     /// The peer is no longer managed: restore it, drop its proxy.
     PeerRemoved {
         /// Peer.
@@ -195,6 +203,8 @@ struct Sess {
 
 #[derive(Debug)]
 struct Peer {
+    /// Allowed IPs as last written (`auto` peers: their advertised overlay).
+    allowed_ips: Vec<IpNet>,
     /// Candidates that arrived before the offer/answer naming their session
     /// (signaling does not promise order across a cluster).
     pending: Vec<(u64, String)>,
@@ -476,19 +486,28 @@ impl Agent {
         if key == self.opts.public_key {
             return;
         }
+        let ips: Vec<IpNet> = overlay
+            .iter()
+            .filter_map(|s| {
+                s.parse::<IpNet>()
+                    .ok()
+                    .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+            })
+            .collect();
         if !self.peers.contains_key(&key) {
             if !self.opts.auto_peers {
                 return;
             }
-            let ips = overlay
-                .iter()
-                .filter_map(|s| {
-                    s.parse::<IpNet>()
-                        .ok()
-                        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
-                })
-                .collect();
             self.manage(now, key, ips);
+        } else if self.opts.auto_peers && !ips.is_empty() {
+            let p = self.peers.get_mut(&key).expect("checked");
+            if p.allowed_ips != ips {
+                p.allowed_ips = ips.clone();
+                self.out.push_back(Output::AllowedIps {
+                    peer: key,
+                    allowed_ips: ips,
+                });
+            }
         }
         let p = self.peers.get_mut(&key).expect("managed above");
         p.online = true;
@@ -649,6 +668,27 @@ impl Agent {
         }
     }
 
+    /// New credentials for the relay at `server` (TURN REST credentials
+    /// expire: the driver re-mints them well before). Used for the current
+    /// allocation's refreshes and for every later allocation.
+    pub fn set_relay_credentials(
+        &mut self,
+        now: Instant,
+        server: SocketAddr,
+        username: &str,
+        password: &str,
+    ) {
+        for r in self.relays.iter_mut().filter(|r| r.spec.server == server) {
+            if let Some(cfg) = r.spec.turn.as_mut() {
+                cfg.username = username.to_owned();
+                cfg.password = password.to_owned();
+            }
+            if let Some(t) = r.turn.as_mut() {
+                t.set_credentials(now, username, password);
+            }
+        }
+    }
+
     /// Tells every peer we are going away, and releases the allocations.
     pub fn shutdown(&mut self, now: Instant) {
         let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
@@ -753,6 +793,7 @@ impl Agent {
         self.peers.insert(
             key,
             Peer {
+                allowed_ips: allowed_ips.clone(),
                 pending: Vec::new(),
                 online: false,
                 offline_since: None,

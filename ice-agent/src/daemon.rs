@@ -111,6 +111,10 @@ enum WgCmd {
         peer: PeerKey,
         endpoint: SocketAddr,
     },
+    AllowedIps {
+        peer: PeerKey,
+        allowed_ips: Vec<IpNet>,
+    },
     Restore {
         peer: PeerKey,
     },
@@ -208,6 +212,7 @@ pub async fn run(
     tracing::info!(interface = %cfg.interface, backend = wg.backend_name(), port, ?host, "starting");
 
     let mut relays = Vec::new();
+    let mut rest_relays: Vec<(SocketAddr, String, String)> = Vec::new();
     for r in &cfg.relays {
         if matches!(r.transport, RelayTransport::Tcp | RelayTransport::Tls) {
             tracing::warn!(relay = %r.host, "TURN over TCP/TLS is not used by the agent yet; skipping");
@@ -226,9 +231,8 @@ pub async fn run(
                 Some(relay::client::ClientConfig::new(username, password))
             }
             RelayAuth::Rest { user, secret } => {
-                let expiry = unix_now() + 24 * 3600;
-                let username = relay::auth::rest_username(expiry, user);
-                let password = relay::auth::rest_password(secret, &username);
+                let (username, password) = mint_rest(user, secret);
+                rest_relays.push((server, user.clone(), secret.clone()));
                 Some(relay::client::ClientConfig::new(&username, &password))
             }
         };
@@ -322,6 +326,9 @@ pub async fn run(
     let mut iface_tick = tokio::time::interval(Duration::from_secs(5));
     iface_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut signaling_up = false;
+    // TURN REST credentials last 24 h: re-mint them every 6 h.
+    let mut rest_tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + REST_REMINT, REST_REMINT);
     tokio::pin!(shutdown);
     let far = Duration::from_secs(3600);
 
@@ -396,6 +403,12 @@ pub async fn run(
             _ = iface_tick.tick() => {
                 let h = host_nets(&filter);
                 agent.set_host_addrs(Instant::now(), h);
+            }
+            _ = rest_tick.tick() => {
+                for (server, user, secret) in &rest_relays {
+                    let (u, p) = mint_rest(user, secret);
+                    agent.set_relay_credentials(Instant::now(), *server, &u, &p);
+                }
             }
             _ = &mut shutdown => break,
         }
@@ -492,6 +505,9 @@ async fn apply(
                     let _ = wg_tx.send(WgCmd::Endpoint { peer, endpoint });
                 }
             }
+        }
+        Output::AllowedIps { peer, allowed_ips } => {
+            let _ = wg_tx.send(WgCmd::AllowedIps { peer, allowed_ips });
         }
         Output::PeerRemoved { peer } => {
             if let Some(p) = proxies.remove(&peer) {
@@ -591,6 +607,17 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                     wg.set_peer(&PeerUpdate {
                         public_key: peer,
                         endpoint: Some(endpoint),
+                        ..PeerUpdate::default()
+                    }),
+                );
+            }
+            WgCmd::AllowedIps { peer, allowed_ips } => {
+                tracing::info!(peer = %base64_key(&peer), ?allowed_ips, "WireGuard allowed IPs");
+                log(
+                    "setting allowed IPs",
+                    wg.set_peer(&PeerUpdate {
+                        public_key: peer,
+                        allowed_ips: Some(allowed_ips),
                         ..PeerUpdate::default()
                     }),
                 );
@@ -977,6 +1004,15 @@ async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
         tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
     }
     None
+}
+
+const REST_LIFETIME: u64 = 24 * 3600;
+const REST_REMINT: Duration = Duration::from_secs(6 * 3600);
+
+fn mint_rest(user: &str, secret: &str) -> (String, String) {
+    let username = relay::auth::rest_username(unix_now() + REST_LIFETIME, user);
+    let password = relay::auth::rest_password(secret, &username);
+    (username, password)
 }
 
 fn unix_now() -> u64 {

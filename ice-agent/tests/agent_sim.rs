@@ -33,6 +33,7 @@ struct Seen {
     routes: Vec<(PeerKey, PeerRoute)>,
     added: Vec<PeerKey>,
     removed: Vec<PeerKey>,
+    allowed: Vec<(PeerKey, Vec<ipnet::IpNet>)>,
     offers: usize,
 }
 
@@ -97,6 +98,9 @@ impl World {
                     Output::Route { peer, route } => self.seen[i].routes.push((peer, route)),
                     Output::PeerAdded { peer, .. } => self.seen[i].added.push(peer),
                     Output::PeerRemoved { peer } => self.seen[i].removed.push(peer),
+                    Output::AllowedIps { peer, allowed_ips } => {
+                        self.seen[i].allowed.push((peer, allowed_ips))
+                    }
                 }
             }
         }
@@ -174,6 +178,21 @@ fn two_public_hosts_connect_direct_through_the_proxy_route() {
     // Both offered at once (presence on both sides): one session each, no
     // restart loop: exactly one offer per side.
     assert_eq!((w.seen[0].offers, w.seen[1].offers), (1, 1));
+    // B advertises the same overlay again: nothing to write; a new one:
+    // its allowed IPs are replaced, and the session is left alone.
+    let b = w.keys[1];
+    w.agents[0].handle_member(w.now, b, &["10.8.0.2/32".into()]);
+    w.run(Duration::from_millis(50));
+    assert!(w.seen[0].allowed.is_empty());
+    w.agents[0].handle_member(w.now, b, &["10.8.0.2/32".into(), "fd00::2".into()]);
+    w.run(Duration::from_millis(50));
+    let want: Vec<ipnet::IpNet> = vec![
+        "10.8.0.2/32".parse().expect("net"),
+        "fd00::2/128".parse().expect("net"),
+    ];
+    assert_eq!(w.seen[0].allowed, vec![(b, want)]);
+    assert_eq!(w.path(0).0, PathKind::Direct);
+    assert_eq!(w.seen[0].offers, 1);
 }
 
 #[test]
