@@ -63,6 +63,9 @@ pub struct AgentOptions {
     pub peers: Vec<(PeerKey, Vec<IpNet>)>,
     /// A peer offline in signaling and silent this long is dropped.
     pub vanish_after: Duration,
+    /// First ICE session id (the driver passes the Unix time in ms, so a
+    /// restarted agent's sessions are newer than its previous ones).
+    pub session_epoch: u64,
 }
 
 /// Where the WireGuard endpoint of a peer points.
@@ -199,6 +202,8 @@ struct Sess {
     local_id: u64,
     remote_id: Option<u64>,
     offered_at: Instant,
+    /// Offers sent without an answer (the re-offer delay doubles).
+    unanswered: u32,
 }
 
 #[derive(Debug)]
@@ -215,6 +220,9 @@ struct Peer {
     route: Option<PeerRoute>,
     rx_bytes: u64,
     path_changes_before: u64,
+    failovers_before: u64,
+    /// Remote candidates added to the current session.
+    remote_candidates: usize,
     created: Instant,
 }
 
@@ -248,10 +256,22 @@ pub struct Agent {
     owner: HashMap<SocketAddr, PeerKey>,
     out: VecDeque<Output>,
     drops: DropCounters,
+    next_session_id: u64,
+    /// Candidates from members not (yet) peers: (sender, session, line).
+    early: VecDeque<(PeerKey, u64, String)>,
+    /// Counters of sessions already dropped, so totals never go down:
+    /// (direct retries, failovers).
+    retired: (u64, u64),
 }
 
 const MAX_PENDING_CANDIDATES: usize = 64;
+/// Candidates held for members that have not offered yet (all together).
+const MAX_EARLY_CANDIDATES: usize = 256;
+/// Remote candidates per session (all messages together).
 const MAX_REMOTE_CANDIDATES: usize = 64;
+/// Addresses remembered per peer / in total for WireGuard demultiplexing.
+const MAX_OWNED_PER_PEER: usize = 256;
+const MAX_OWNED: usize = 64 * 1024;
 const REOFFER_AFTER: Duration = Duration::from_secs(5);
 const STUN_REFRESH: Duration = Duration::from_secs(25);
 
@@ -281,6 +301,9 @@ impl Agent {
             owner: HashMap::new(),
             out: VecDeque::new(),
             drops: DropCounters::default(),
+            next_session_id: opts.session_epoch.max(1) << 12,
+            early: VecDeque::new(),
+            retired: (0, 0),
             opts,
         };
         let hosts: Vec<IpNet> = a.opts.host.clone();
@@ -344,6 +367,9 @@ impl Agent {
         for p in self.peers.values_mut() {
             if let Some(s) = p.session.as_mut() {
                 consider(s.ice.poll_timeout());
+                if p.online && s.remote_id.is_none() {
+                    consider(Some(reoffer_at(s)));
+                }
             }
         }
         for r in &self.relays {
@@ -373,6 +399,17 @@ impl Agent {
                 if s.ice.poll_timeout().is_some_and(|d| d <= now) {
                     s.ice.handle_timeout(now);
                 }
+            }
+            let reoffer = self.peers.get(&k).is_some_and(|p| {
+                p.online
+                    && p.session
+                        .as_ref()
+                        .is_some_and(|s| s.remote_id.is_none() && reoffer_at(s) <= now)
+            });
+            if reoffer {
+                // Lost in signaling (or the peer was not ready): again, with
+                // a doubling delay.
+                self.send_offer(now, k);
             }
             self.drain_session(now, &k);
             self.check_vanished(now, &k);
@@ -451,9 +488,7 @@ impl Agent {
                         continue;
                     };
                     if s.ice.handle_stun(now, source, dst, data) {
-                        if self.owner.len() < 16 * 1024 || self.owner.contains_key(&source) {
-                            self.owner.insert(source, k);
-                        }
+                        self.note_owner(source, k);
                         self.drain_session(now, &k);
                         return None;
                     }
@@ -486,14 +521,23 @@ impl Agent {
         if key == self.opts.public_key {
             return;
         }
-        let ips: Vec<IpNet> = overlay
+        // A member may claim single addresses only (`10.8.0.2/24` routes
+        // just 10.8.0.2 to it): a member advertising 0.0.0.0/0 must not pull
+        // the whole internet, or other peers' ranges, into its tunnel.
+        let mut ips: Vec<IpNet> = overlay
             .iter()
             .filter_map(|s| {
                 s.parse::<IpNet>()
+                    .map(|n| n.addr())
+                    .or_else(|_| s.parse::<IpAddr>())
                     .ok()
-                    .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
             })
+            .filter(|a| !a.is_unspecified() && !a.is_loopback() && !a.is_multicast())
+            .map(IpNet::from)
             .collect();
+        ips.sort();
+        ips.dedup();
+        ips.truncate(16);
         if !self.peers.contains_key(&key) {
             if !self.opts.auto_peers {
                 return;
@@ -549,14 +593,53 @@ impl Agent {
     }
 
     /// A sealed message from `from` (already authenticated by signaling).
+    ///
+    /// Session ids grow (the driver seeds them with the Unix time in ms), so
+    /// a late or duplicated message of an older session is ignored instead
+    /// of tearing down the current one; a higher id means the peer started a
+    /// new session (it restarted): ours is rebuilt to match.
     pub fn handle_message(&mut self, now: Instant, from: PeerKey, message: PeerMessage) {
         if !self.peers.contains_key(&from) {
+            // Only an offer makes an `auto` peer: a late candidate or goodbye
+            // from a peer already dropped must not bring it back. A
+            // candidate that overtook its offer waits in a small shared
+            // buffer (oldest evicted first).
             if !self.opts.auto_peers || from == self.opts.public_key {
                 self.drops.signal_rejected += 1;
                 return;
             }
-            self.manage(now, from, Vec::new());
+            match message {
+                PeerMessage::Offer { .. } => {
+                    self.manage(now, from, Vec::new());
+                    let early: Vec<(u64, String)> = self
+                        .early
+                        .iter()
+                        .filter(|e| e.0 == from)
+                        .map(|e| (e.1, e.2.clone()))
+                        .collect();
+                    self.early.retain(|e| e.0 != from);
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.pending = early;
+                    }
+                }
+                PeerMessage::Candidate { session, candidate } => {
+                    if self.early.len() == MAX_EARLY_CANDIDATES {
+                        self.early.pop_front();
+                        self.drops.signal_rejected += 1;
+                    }
+                    self.early.push_back((from, session, candidate));
+                    return;
+                }
+                _ => {
+                    self.drops.signal_rejected += 1;
+                    return;
+                }
+            }
         }
+        let Some(p) = self.peers.get_mut(&from) else {
+            return;
+        };
+        let known = p.session.as_ref().map(|s| s.remote_id);
         match message {
             PeerMessage::Offer {
                 session,
@@ -565,16 +648,18 @@ impl Agent {
                 candidates,
                 wg_port,
             } => {
-                let p = self.peers.get_mut(&from).expect("managed");
                 p.online = true;
                 p.offline_since = None;
                 p.remote_wg_port = wg_port;
-                let known = p.session.as_ref().map(|s| s.remote_id);
                 match known {
-                    // Our offer crossed theirs, or this is their first: take it.
+                    // Our offer crossed theirs, or this is a repeat: take it.
                     Some(None) => {}
                     Some(Some(id)) if id == session => {}
-                    // A new session on their side (restart) or none on ours.
+                    Some(Some(id)) if session < id => {
+                        self.drops.signal_rejected += 1;
+                        return;
+                    }
+                    // A new session on their side (restart), or none on ours.
                     _ => self.new_session(now, from),
                 }
                 self.accept_remote(now, from, session, ufrag, pwd, candidates);
@@ -587,39 +672,42 @@ impl Agent {
                 candidates,
                 wg_port,
             } => {
-                let p = self.peers.get_mut(&from).expect("managed");
                 p.remote_wg_port = wg_port;
-                match p.session.as_ref().map(|s| s.remote_id) {
+                match known {
                     Some(None) => self.accept_remote(now, from, session, ufrag, pwd, candidates),
                     Some(Some(id)) if id == session => {
                         self.accept_remote(now, from, session, ufrag, pwd, candidates)
                     }
-                    // An answer from a session we do not know: start over.
-                    _ => {
+                    // The peer moved to a newer session than the one our
+                    // session knows: start over with it.
+                    Some(Some(id)) if session > id => {
                         self.new_session(now, from);
                         self.send_offer(now, from);
                     }
+                    _ => self.drops.signal_rejected += 1,
                 }
             }
             PeerMessage::Candidate { session, candidate } => {
-                let p = self.peers.get_mut(&from).expect("managed");
-                match p.session.as_ref().and_then(|s| s.remote_id) {
+                match known.flatten() {
                     Some(id) if id == session => self.add_remote(now, from, &candidate),
-                    // No session with them yet, or their offer is still on
-                    // its way: keep it (bounded) until it names this session.
-                    None if p.pending.len() < MAX_PENDING_CANDIDATES => {
+                    Some(id) if session < id => self.drops.signal_rejected += 1,
+                    // Their offer for this session is still on its way (or
+                    // signaling reordered it): keep it, bounded, until an
+                    // offer or answer names this session.
+                    _ if p.pending.len() < MAX_PENDING_CANDIDATES => {
                         p.pending.push((session, candidate))
                     }
                     _ => self.drops.signal_rejected += 1,
                 }
             }
-            PeerMessage::Restart { .. } => {
-                self.new_session(now, from);
-                self.send_offer(now, from);
+            PeerMessage::Restart { session } => {
+                if known.flatten().is_some_and(|id| session >= id) {
+                    self.new_session(now, from);
+                    self.send_offer(now, from);
+                }
             }
             PeerMessage::Bye { session } => {
-                let p = self.peers.get_mut(&from).expect("managed");
-                if p.session.as_ref().and_then(|s| s.remote_id) == Some(session) {
+                if known.flatten() == Some(session) {
                     self.drop_session(now, from);
                     if self.opts.auto_peers {
                         self.unmanage(from);
@@ -627,6 +715,20 @@ impl Agent {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The full list of online members (after connecting): peers missing
+    /// from it went offline while we were not connected.
+    pub fn handle_members(&mut self, now: Instant, members: &[(PeerKey, Vec<String>)]) {
+        for (k, overlay) in members {
+            self.handle_member(now, *k, overlay);
+        }
+        for (k, p) in self.peers.iter_mut() {
+            if !members.iter().any(|(m, _)| m == k) {
+                p.online = false;
+                p.offline_since.get_or_insert(now);
+            }
         }
     }
 
@@ -717,6 +819,12 @@ impl Agent {
         }
     }
 
+    /// The ICE session ids with `peer`: (ours, theirs once known).
+    pub fn session_ids(&self, peer: &PeerKey) -> Option<(u64, Option<u64>)> {
+        let s = self.peers.get(peer)?.session.as_ref()?;
+        Some((s.local_id, s.remote_id))
+    }
+
     /// Managed peers.
     pub fn peer_keys(&self) -> Vec<PeerKey> {
         self.peers.keys().copied().collect()
@@ -767,7 +875,7 @@ impl Agent {
                     0,
                     p.path_changes_before + changes,
                 );
-                (*k, row, failovers)
+                (*k, row, p.failovers_before + failovers)
             })
             .collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
@@ -777,7 +885,7 @@ impl Agent {
     /// Session counters summed over live sessions: (direct retries,
     /// failovers, STUN rejected).
     pub fn totals(&self) -> (u64, u64, u64) {
-        let mut t = (0, 0, 0);
+        let mut t = (self.retired.0, self.retired.1, 0);
         for s in self.peers.values().filter_map(|p| p.session.as_ref()) {
             let st = s.ice.stats();
             t.0 += st.direct_retries;
@@ -796,12 +904,15 @@ impl Agent {
                 allowed_ips: allowed_ips.clone(),
                 pending: Vec::new(),
                 online: false,
-                offline_since: None,
+                // Until signaling says it is online (callers that know set it).
+                offline_since: Some(now),
                 session: None,
                 remote_wg_port: None,
                 route: None,
                 rx_bytes: 0,
                 path_changes_before: 0,
+                failovers_before: 0,
+                remote_candidates: 0,
                 created: now,
             },
         );
@@ -834,12 +945,15 @@ impl Agent {
         for c in &self.local {
             let _ = ice.add_local_candidate(now, c.clone());
         }
+        self.next_session_id += 1;
         let p = self.peers.get_mut(&key).expect("managed");
+        p.remote_candidates = 0;
         p.session = Some(Sess {
             ice,
-            local_id: rand::random::<u64>() >> 11,
+            local_id: self.next_session_id,
             remote_id: None,
             offered_at: now,
+            unanswered: 0,
         });
         self.drain_session(now, &key);
     }
@@ -849,7 +963,11 @@ impl Agent {
             return;
         };
         if let Some(s) = p.session.take() {
-            p.path_changes_before += s.ice.stats().path_changes;
+            let st = s.ice.stats();
+            p.path_changes_before += st.path_changes;
+            p.failovers_before += st.failovers;
+            self.retired.0 += st.direct_retries;
+            self.retired.1 += st.failovers;
             self.owner.retain(|_, k| *k != key);
             self.set_route(
                 key,
@@ -892,6 +1010,7 @@ impl Agent {
             return;
         };
         s.offered_at = now;
+        s.unanswered = s.unanswered.saturating_add(1);
         let creds = s.ice.local_credentials().clone();
         let message = PeerMessage::Offer {
             session: s.local_id,
@@ -940,26 +1059,39 @@ impl Agent {
             s.ice.set_remote_credentials(now, IceCreds { ufrag, pass });
             pending = std::mem::take(&mut p.pending);
         }
-        for c in candidates.iter().take(MAX_REMOTE_CANDIDATES) {
+        for c in &candidates {
             self.add_remote(now, key, c);
         }
         for (id, c) in pending {
             if id == session {
                 self.add_remote(now, key, &c);
+            } else if id > session {
+                // For a session newer than this one: keep waiting.
+                if let Some(p) = self.peers.get_mut(&key) {
+                    p.pending.push((id, c));
+                }
             }
         }
         self.drain_session(now, &key);
     }
 
     fn add_remote(&mut self, now: Instant, key: PeerKey, sdp: &str) {
-        let Some(s) = self.peers.get_mut(&key).and_then(|p| p.session.as_mut()) else {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        // A session has a handful of candidates; a peer sending more is
+        // buggy or hostile, and each one costs checks.
+        if p.remote_candidates >= MAX_REMOTE_CANDIDATES {
+            self.drops.signal_rejected += 1;
+            return;
+        }
+        let Some(s) = p.session.as_mut() else {
             return;
         };
         match s.ice.add_remote_candidate_sdp(now, sdp) {
             Ok(addr) => {
-                if self.owner.len() < 16 * 1024 {
-                    self.owner.entry(addr).or_insert(key);
-                }
+                p.remote_candidates += 1;
+                self.note_owner(addr, key);
             }
             Err(e) => {
                 tracing::debug!(peer = %base64_key(&key), "ignored candidate {sdp:?}: {e}");
@@ -967,6 +1099,18 @@ impl Agent {
             }
         }
         self.drain_session(now, &key);
+    }
+
+    /// Remembers that `addr` belongs to `key` (for WireGuard packets, which
+    /// carry no credentials). Bounded per peer and in total.
+    fn note_owner(&mut self, addr: SocketAddr, key: PeerKey) {
+        if self.owner.get(&addr) == Some(&key) {
+            return;
+        }
+        let mine = self.owner.values().filter(|k| **k == key).count();
+        if mine < MAX_OWNED_PER_PEER && self.owner.len() < MAX_OWNED {
+            self.owner.insert(addr, key);
+        }
     }
 
     // ---- local candidates ---------------------------------------------------
@@ -1027,8 +1171,18 @@ impl Agent {
                 // Retry quickly until answered, then refresh the mapping.
                 r.retry_at = Some(now + Duration::from_secs(1 << r.failures.min(5)));
                 r.failures += 1;
+                let stale = r.failures > 3;
+                if stale {
+                    r.problem = Some(format!(
+                        "no answer to {} STUN Binding requests",
+                        r.failures - 1
+                    ));
+                }
                 let to = r.spec.server;
                 self.out.push_back(Output::Send { to, data: buf });
+                if stale {
+                    self.set_mapped(now, i, None);
+                }
             }
         }
     }
@@ -1321,6 +1475,12 @@ impl Agent {
             }
         }
     }
+}
+
+/// When an unanswered offer is sent again: 5 s, 10 s, … at most 60 s.
+fn reoffer_at(s: &Sess) -> Instant {
+    let n = s.unanswered.saturating_sub(1).min(4);
+    s.offered_at + (REOFFER_AFTER * (1u32 << n)).min(Duration::from_secs(60))
 }
 
 /// A key as `wg` prints it.

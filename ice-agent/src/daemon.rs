@@ -256,6 +256,10 @@ pub async fn run(
         auto_peers,
         peers,
         vanish_after: Duration::from_secs(60),
+        session_epoch: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1),
     };
     let mut agent = Agent::new(opts, Instant::now());
 
@@ -334,7 +338,7 @@ pub async fn run(
 
     loop {
         while let Some(o) = agent.poll_output() {
-            apply(o, &sock, &sig, &wg_tx, &mut proxies, wg_addr).await;
+            apply(o, &sock, &sig, &wg_tx, &mut proxies, wg_addr);
         }
         let deadline = agent
             .poll_timeout()
@@ -380,9 +384,9 @@ pub async fn run(
                         signaling_up = false;
                     }
                     Some(SigEvent::Members(list)) => {
-                        for m in list {
-                            agent.handle_member(now, m.key.0, &m.overlay);
-                        }
+                        let list: Vec<(PeerKey, Vec<String>)> =
+                            list.into_iter().map(|m| (m.key.0, m.overlay)).collect();
+                        agent.handle_members(now, &list);
                     }
                     Some(SigEvent::Online(m)) => agent.handle_member(now, m.key.0, &m.overlay),
                     Some(SigEvent::Offline(k)) => agent.handle_offline(now, k.0),
@@ -419,7 +423,7 @@ pub async fn run(
     );
     agent.shutdown(Instant::now());
     while let Some(o) = agent.poll_output() {
-        apply(o, &sock, &sig, &wg_tx, &mut proxies, wg_addr).await;
+        apply(o, &sock, &sig, &wg_tx, &mut proxies, wg_addr);
     }
     // Let the signaling client flush the goodbyes.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -427,20 +431,24 @@ pub async fn run(
     if wg_tx.send(WgCmd::RestoreAll(tx)).is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
     }
-    drop(wg_tx);
-    let _ = wg_thread.join();
+    // The control and metrics tasks hold senders to the wg thread: stop them
+    // first, or the thread never sees its channel close.
+    ctl_task.abort();
+    let _ = ctl_task.await;
+    if let Some(t) = metrics_task {
+        t.abort();
+        let _ = t.await;
+    }
     for p in proxies.into_values() {
         p.task.abort();
     }
-    ctl_task.abort();
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
+    drop(wg_tx);
+    let _ = tokio::task::spawn_blocking(move || wg_thread.join()).await;
     let _ = std::fs::remove_file(&cfg.control);
     Ok(())
 }
 
-async fn apply(
+fn apply(
     o: Output,
     sock: &Arc<UdpSocket>,
     sig: &SigClient,
@@ -455,7 +463,8 @@ async fn apply(
             }
         }
         Output::Signal { to, message } => {
-            if let Err(e) = sig.send(&PublicKey(to), &message).await {
+            // Never wait on signaling here: this loop also carries packets.
+            if let Err(e) = sig.try_send(&PublicKey(to), &message) {
                 tracing::debug!(peer = %base64_key(&to), "signal not sent: {e}");
             }
         }
@@ -579,13 +588,17 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                 allowed_ips,
                 endpoint,
             } => {
-                let existing = match wg.device() {
-                    Ok(d) => d.peers.into_iter().find(|p| p.public_key == peer),
+                // Without knowing how the peer looked, the agent would not
+                // know how to restore it: leave the interface alone.
+                let dev = match wg.device() {
+                    Ok(d) => d,
                     Err(e) => {
-                        tracing::warn!("reading the interface: {e}");
+                        tracing::warn!("reading the interface, peer left alone: {e}");
                         continue;
                     }
                 };
+                let allowed_ips = unclaimed(&dev, &peer, allowed_ips);
+                let existing = dev.peers.into_iter().find(|p| p.public_key == peer);
                 let keep_ips = allowed_ips.is_empty() && existing.is_some();
                 originals
                     .entry(peer)
@@ -600,28 +613,40 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                     }),
                 );
             }
-            WgCmd::Endpoint { peer, endpoint } => {
+            // Only peers the agent took over (and knows how to restore);
+            // never re-create one that was removed behind its back.
+            WgCmd::Endpoint { peer, endpoint } if originals.contains_key(&peer) => {
                 tracing::info!(peer = %base64_key(&peer), %endpoint, "WireGuard endpoint");
                 log(
                     "setting endpoint",
                     wg.set_peer(&PeerUpdate {
                         public_key: peer,
                         endpoint: Some(endpoint),
+                        update_only: true,
                         ..PeerUpdate::default()
                     }),
                 );
             }
-            WgCmd::AllowedIps { peer, allowed_ips } => {
+            WgCmd::AllowedIps { peer, allowed_ips } if originals.contains_key(&peer) => {
+                let allowed_ips = match wg.device() {
+                    Ok(dev) => unclaimed(&dev, &peer, allowed_ips),
+                    Err(e) => {
+                        tracing::warn!("reading the interface: {e}");
+                        continue;
+                    }
+                };
                 tracing::info!(peer = %base64_key(&peer), ?allowed_ips, "WireGuard allowed IPs");
                 log(
                     "setting allowed IPs",
                     wg.set_peer(&PeerUpdate {
                         public_key: peer,
                         allowed_ips: Some(allowed_ips),
+                        update_only: true,
                         ..PeerUpdate::default()
                     }),
                 );
             }
+            WgCmd::Endpoint { .. } | WgCmd::AllowedIps { .. } => {}
             WgCmd::Restore { peer } => {
                 if let Some(o) = originals.remove(&peer) {
                     log("restoring peer", wg.restore(&peer, &o));
@@ -647,6 +672,32 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
             }
         }
     }
+}
+
+/// The requested allowed IPs minus any that overlap another peer's: a
+/// member cannot take over addresses routed to someone else.
+fn unclaimed(dev: &crate::wg::WgDevice, peer: &PeerKey, want: Vec<IpNet>) -> Vec<IpNet> {
+    want.into_iter()
+        .filter(|n| {
+            let taken = dev
+                .peers
+                .iter()
+                .filter(|p| p.public_key != *peer)
+                .find(|p| {
+                    p.allowed_ips
+                        .iter()
+                        .any(|o| o.contains(&n.network()) || n.contains(&o.network()))
+                });
+            if let Some(p) = taken {
+                tracing::warn!(
+                    peer = %base64_key(peer),
+                    "not routing {n} to it: already routed to {}",
+                    base64_key(&p.public_key)
+                );
+            }
+            taken.is_none()
+        })
+        .collect()
 }
 
 type CountersFn =
@@ -919,7 +970,7 @@ fn render_metrics(snap: &Snapshot) -> String {
             p.public_key
         );
     }
-    let (retries, _failovers, rejected) = snap.totals;
+    let (retries, _failovers, _rejected) = snap.totals;
     head(
         &mut o,
         "wgice_direct_retries_total",
@@ -942,7 +993,7 @@ fn render_metrics(snap: &Snapshot) -> String {
     );
     let d = &s.dropped;
     for (why, v) in [
-        ("stun_unmatched", d.stun_unmatched + rejected),
+        ("stun_unmatched", d.stun_unmatched),
         ("wg_unknown_source", d.wg_unknown_source),
         ("malformed", d.malformed),
         ("signal_rejected", d.signal_rejected),

@@ -39,6 +39,9 @@ pub struct WgPeer {
     pub preshared_key: Option<[u8; 32]>,
     /// Current endpoint.
     pub endpoint: Option<SocketAddr>,
+    /// The endpoint as the interface printed it (kept for restoring even
+    /// when it does not parse, e.g. an IPv6 scope id).
+    pub endpoint_raw: Option<String>,
     /// Allowed IPs.
     pub allowed_ips: Vec<IpNet>,
     /// Seconds since the epoch of the last handshake (0: never).
@@ -75,6 +78,8 @@ pub struct PeerUpdate {
     pub keepalive: Option<u16>,
     /// Preshared key to restore.
     pub preshared_key: Option<[u8; 32]>,
+    /// Only change the peer if it exists (never create it).
+    pub update_only: bool,
 }
 
 /// How a managed peer looked before the agent touched it.
@@ -177,6 +182,9 @@ impl WgControl {
         match &self.backend {
             Backend::Uapi(p) => {
                 let mut req = format!("set=1\npublic_key={}\n", hex(&u.public_key));
+                if u.update_only {
+                    req += "update_only=true\n";
+                }
                 if let Some(e) = u.endpoint {
                     req += &format!("endpoint={e}\n");
                 }
@@ -236,22 +244,65 @@ impl WgControl {
         }
     }
 
-    /// Puts a peer back as it was before the agent managed it.
+    /// Puts a peer back as it was before the agent managed it: endpoint,
+    /// allowed IPs, keepalive and preshared key. A peer that had no endpoint
+    /// is removed and re-created (no protocol can unset an endpoint) in one
+    /// UAPI transaction, so it is never briefly missing.
     pub fn restore(&self, public_key: &[u8; 32], original: &Original) -> Result<(), WgError> {
-        match original {
-            Original::Created => self.remove_peer(public_key),
-            Original::Existed(p) => {
-                if p.endpoint.is_none() {
-                    // No protocol can unset an endpoint: re-create the peer.
+        let p = match original {
+            Original::Created => return self.remove_peer(public_key),
+            Original::Existed(p) => p,
+        };
+        let endpoint = p
+            .endpoint_raw
+            .clone()
+            .or_else(|| p.endpoint.map(|e| e.to_string()));
+        match &self.backend {
+            Backend::Uapi(path) => {
+                let key = hex(public_key);
+                let mut req = String::from("set=1\n");
+                if endpoint.is_none() {
+                    req += &format!("public_key={key}\nremove=true\n");
+                }
+                req += &format!("public_key={key}\n");
+                if let Some(e) = &endpoint {
+                    req += &format!("endpoint={e}\n");
+                }
+                req += &format!(
+                    "persistent_keepalive_interval={}\npreshared_key={}\nreplace_allowed_ips=true\n",
+                    p.keepalive,
+                    hex(&p.preshared_key.unwrap_or([0; 32]))
+                );
+                for ip in &p.allowed_ips {
+                    req += &format!("allowed_ip={ip}\n");
+                }
+                req += "\n";
+                let text = self.uapi(path, &req)?;
+                check_errno(&text).map_err(|e| self.err(e))
+            }
+            Backend::Tool => {
+                if endpoint.is_none() {
                     self.remove_peer(public_key)?;
                 }
-                self.set_peer(&PeerUpdate {
-                    public_key: *public_key,
-                    endpoint: p.endpoint,
-                    allowed_ips: Some(p.allowed_ips.clone()),
-                    keepalive: Some(p.keepalive),
-                    preshared_key: p.preshared_key,
-                })
+                let psk = PskFile::new(p.preshared_key)
+                    .map_err(|e| self.err(format!("preshared key file: {e}")))?;
+                let ips: Vec<String> = p.allowed_ips.iter().map(|i| i.to_string()).collect();
+                let mut args = vec![
+                    "set".to_owned(),
+                    self.interface.clone(),
+                    "peer".into(),
+                    b64(public_key),
+                    "allowed-ips".into(),
+                    ips.join(","),
+                    "persistent-keepalive".into(),
+                    p.keepalive.to_string(),
+                    "preshared-key".into(),
+                    psk.path().display().to_string(),
+                ];
+                if let Some(e) = endpoint {
+                    args.extend(["endpoint".into(), e]);
+                }
+                self.tool(&args)
             }
         }
     }
@@ -296,6 +347,43 @@ impl WgControl {
                 args.join(" "),
                 String::from_utf8_lossy(&out.stderr).trim()
             )))
+        }
+    }
+}
+
+/// A preshared key in a 0600 file for `wg set … preshared-key FILE`
+/// (`/dev/null` clears it), removed when dropped.
+struct PskFile(Option<PathBuf>);
+
+impl PskFile {
+    fn new(key: Option<[u8; 32]>) -> std::io::Result<PskFile> {
+        let Some(k) = key else {
+            return Ok(PskFile(None));
+        };
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!(
+            "wgice-psk-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(b64(&k).as_bytes())?;
+        Ok(PskFile(Some(path)))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new("/dev/null"))
+    }
+}
+
+impl Drop for PskFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
@@ -366,7 +454,10 @@ pub fn parse_uapi(text: &str) -> Result<WgDevice, String> {
                     "preshared_key" => {
                         p.preshared_key = unhex(v).filter(|k| k != &[0; 32]);
                     }
-                    "endpoint" => p.endpoint = v.parse().ok(),
+                    "endpoint" => {
+                        p.endpoint = v.parse().ok();
+                        p.endpoint_raw = Some(v.to_owned());
+                    }
                     "allowed_ip" => p.allowed_ips.push(v.parse().map_err(|_| bad())?),
                     "last_handshake_time_sec" => p.last_handshake = v.parse().unwrap_or(0),
                     "rx_bytes" => p.rx_bytes = v.parse().unwrap_or(0),
@@ -409,6 +500,7 @@ pub fn parse_dump(text: &str) -> Result<WgDevice, String> {
             public_key,
             preshared_key: unb64(f[1]),
             endpoint: f[2].parse().ok(),
+            endpoint_raw: (f[2] != "(none)").then(|| f[2].to_owned()),
             allowed_ips: f[3].split(',').filter_map(|s| s.parse().ok()).collect(),
             last_handshake: f[4].parse().unwrap_or(0),
             rx_bytes: f[5].parse().unwrap_or(0),

@@ -25,6 +25,7 @@ fn opts(key: PeerKey, host: &str, auto: bool, peers: Vec<PeerKey>) -> AgentOptio
         auto_peers: auto,
         peers: peers.into_iter().map(|k| (k, Vec::new())).collect(),
         vanish_after: Duration::from_secs(60),
+        session_epoch: 1_700_000_000_000,
     }
 }
 
@@ -51,6 +52,8 @@ struct World {
     cut: bool,
     /// Hold signaling messages and deliver them in reverse order once.
     reverse_next_batch: bool,
+    /// Lose this many of the next signaling messages.
+    lose_signals: usize,
 }
 
 impl World {
@@ -68,6 +71,7 @@ impl World {
             seen: [Seen::default(), Seen::default()],
             cut: false,
             reverse_next_batch: false,
+            lose_signals: 0,
         }
     }
 
@@ -90,6 +94,10 @@ impl World {
                     Output::Signal { to, message } => {
                         if matches!(message, PeerMessage::Offer { .. }) {
                             self.seen[i].offers += 1;
+                        }
+                        if self.lose_signals > 0 {
+                            self.lose_signals -= 1;
+                            continue;
                         }
                         let j = if to == self.keys[0] { 0 } else { 1 };
                         let at = self.now + Duration::from_millis(20);
@@ -245,14 +253,35 @@ fn a_restarted_peer_is_reconnected_and_a_goodbye_cleans_up() {
     w.online();
     w.run(Duration::from_secs(2));
     assert_eq!(w.path(0).0, PathKind::Direct);
-    // B restarts: new process, new ICE credentials, new session id.
-    w.agents[1] = Agent::new(opts(KB, "203.0.113.2/24", true, vec![]), w.now);
+    let (a_before, b_before) = w.agents[0].session_ids(&KB).expect("session");
+    assert_eq!(b_before, w.agents[1].session_ids(&KA).map(|s| s.0));
+    // B restarts: new process (a later epoch), new ICE credentials, new
+    // session id.
+    let mut restarted = opts(KB, "203.0.113.2/24", true, vec![]);
+    restarted.session_epoch += 60_000;
+    w.agents[1] = Agent::new(restarted, w.now);
     w.seen[1] = Seen::default();
     let a = w.keys[0];
     w.agents[1].handle_member(w.now, a, &[]);
     w.run(Duration::from_secs(3));
     assert_eq!(w.path(0).0, PathKind::Direct, "{:?}", w.path(0));
     assert_eq!(w.path(1).0, PathKind::Direct, "{:?}", w.path(1));
+    // A rebuilt its session for B's new one.
+    let (a_after, b_seen) = w.agents[0].session_ids(&KB).expect("session");
+    let b_now = w.agents[1].session_ids(&KA).expect("session").0;
+    assert_ne!(a_after, a_before);
+    assert_eq!(b_seen, Some(b_now));
+    assert!(b_now > b_before.expect("known"));
+    // A late message of B's old session changes nothing.
+    w.agents[0].handle_message(
+        w.now,
+        KB,
+        PeerMessage::Bye {
+            session: b_before.expect("known"),
+        },
+    );
+    w.run(Duration::from_millis(100));
+    assert_eq!(w.agents[0].session_ids(&KB), Some((a_after, Some(b_now))));
     // B says goodbye: A drops the session and, for an auto peer, the peer.
     w.agents[1].shutdown(w.now);
     w.run(Duration::from_millis(100));
@@ -273,17 +302,31 @@ fn a_vanished_peer_is_dropped_and_others_are_untouched() {
     w.agents[0].handle_member(w.now, kc, &[]);
     w.run(Duration::from_millis(100));
     assert_eq!(w.agents[0].status(w.now).len(), 2);
+    // C goes offline and never answered: dropped after 60 s, B untouched.
+    w.agents[0].handle_offline(w.now, kc);
+    w.run(Duration::from_secs(65));
+    assert_eq!(w.seen[0].removed, vec![kc]);
+    assert_eq!(w.path(0).0, PathKind::Direct);
     // B's signaling goes away, but its tunnel still answers: B stays.
     let b = w.keys[1];
     w.agents[0].handle_offline(w.now, b);
     w.run(Duration::from_secs(70));
     assert_eq!(w.path(0).0, PathKind::Direct, "B is alive; keep it");
+    assert_eq!(w.seen[0].removed, vec![kc]);
     // Now B is offline *and* silent: dropped after 60 s.
     w.cut = true;
-    w.agents[0].handle_offline(w.now, kc);
     w.run(Duration::from_secs(65));
-    assert!(w.seen[0].removed.contains(&b), "{:?}", w.seen[0].removed);
-    assert!(w.seen[0].removed.contains(&kc));
+    assert_eq!(w.seen[0].removed, vec![kc, b]);
+    // A late candidate from B does not bring it back.
+    w.agents[0].handle_message(
+        w.now,
+        b,
+        PeerMessage::Candidate {
+            session: 1,
+            candidate: "candidate:1 1 udp 1 203.0.113.2 9 typ host".into(),
+        },
+    );
+    assert!(w.agents[0].status(w.now).is_empty());
 }
 
 #[test]
@@ -324,4 +367,22 @@ fn bad_input_is_counted_and_dropped() {
     let from = SocketAddr::new(w.ips[1], 51821);
     let got = w.agents[0].handle_datagram(w.now, from, Some(w.ips[0]), &wg);
     assert_eq!(got.map(|(k, p)| (k, p.len())), Some((w.keys[1], 64)));
+}
+
+#[test]
+fn a_lost_offer_is_sent_again() {
+    let mut w = World::new(
+        opts(KA, "198.51.100.1/24", true, vec![]),
+        opts(KB, "203.0.113.2/24", true, vec![]),
+    );
+    // Only A sees B online, and its offer is lost on the way.
+    w.lose_signals = 1;
+    let b = w.keys[1];
+    w.agents[0].handle_member(w.now, b, &[]);
+    w.run(Duration::from_secs(4));
+    assert_eq!(w.path(1).0, PathKind::Connecting, "B never heard of A yet");
+    w.run(Duration::from_secs(3));
+    assert_eq!(w.path(0).0, PathKind::Direct, "{:?}", w.path(0));
+    assert_eq!(w.path(1).0, PathKind::Direct, "{:?}", w.path(1));
+    assert_eq!(w.seen[0].offers, 2);
 }

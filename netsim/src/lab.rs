@@ -777,6 +777,32 @@ impl Lab {
         Ok(())
     }
 
+    /// Sends SIGTERM to process `name` (its group) and waits up to
+    /// `timeout` for it to exit by itself. Returns its exit code, or `None`
+    /// if it had to be killed (SIGKILL) after the timeout.
+    pub fn terminate_process(&self, name: &str, timeout: Duration) -> Result<Option<i32>, Error> {
+        let mut st = self.lock();
+        let p = st
+            .procs
+            .get_mut(name)
+            .ok_or_else(|| Error::Config(format!("no process {name:?}")))?;
+        let Some(mut c) = p.child.take() else {
+            return Ok(None);
+        };
+        sys::kill_group(c.id(), libc::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                sys::kill_group(c.id(), libc::SIGKILL);
+                return Ok(status.code());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sys::kill_group(c.id(), libc::SIGKILL);
+        let _ = c.wait();
+        Ok(None)
+    }
+
     /// Kills (if running) and starts process `name` again with the same
     /// command.
     pub fn restart_process(&self, name: &str) -> Result<(), Error> {

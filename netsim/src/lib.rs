@@ -14,6 +14,7 @@
 pub mod impair;
 pub mod lab;
 pub mod matrix;
+pub mod mesh;
 pub mod nat;
 pub mod probe;
 pub mod punch;

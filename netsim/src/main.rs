@@ -77,7 +77,9 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Run the built-in demo scenario (two NATed devices punching through).
+    /// Run the built-in demo: NATed devices punching through, then the whole
+    /// wgice suite (relay, signaling, wireguard-go + ice-agent per device)
+    /// across the same NATs. Needs the workspace binaries built.
     Demo {
         /// Leave the lab up after the checks until Ctrl-C.
         #[arg(long)]
@@ -224,6 +226,22 @@ fn main() -> Result<()> {
             let sc = Scenario::parse(DEMO)?;
             println!("{}\n", sc.description.trim());
             run_scenario(&sc, keep, None)?;
+            // Then the product itself, with the binaries built beside netsim.
+            let dir = std::env::current_exe()?
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            println!("\n== wgice across the same NATs ==");
+            match netsim::mesh::Bins::in_dir(&dir) {
+                Ok(bins) => {
+                    if !netsim::mesh::demo(&bins) {
+                        bail!(
+                            "the wgice demo failed a check (agent logs are in the lab's work dir)"
+                        );
+                    }
+                }
+                Err(e) => bail!("{e}"),
+            }
         }
         Cmd::Exec { lab, node, cmd } => exec(lab, &node, &cmd)?,
         Cmd::Sweep => {

@@ -187,6 +187,9 @@ pub enum ClientError {
     /// The client task has stopped.
     #[error("signaling client stopped")]
     Stopped,
+    /// The outgoing queue is full (the connection is not draining).
+    #[error("signaling send queue is full")]
+    QueueFull,
     /// TLS configuration problem.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -504,6 +507,22 @@ impl Client {
             .send(wire::encode(&ClientFrame::Send { envelope }))
             .await
             .map_err(|_| ClientError::Stopped)
+    }
+
+    /// Like [`Client::send`] but never waits: fails with
+    /// [`ClientError::QueueFull`] when the connection is not draining (a
+    /// caller with a data path to serve must not block on signaling).
+    pub fn try_send(&self, to: &PublicKey, message: &PeerMessage) -> Result<(), ClientError> {
+        if !self.is_connected() {
+            return Err(ClientError::NotConnected);
+        }
+        let envelope = seal(&self.key, to, now_ms(), message)?;
+        self.frames
+            .try_send(wire::encode(&ClientFrame::Send { envelope }))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => ClientError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => ClientError::Stopped,
+            })
     }
 
     /// Asks for the member list again (answered by [`Event::Members`]).

@@ -255,7 +255,7 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(5);
     assert!(wgice_tests::can_run_netns(), "needs root");
-    let bins = Bins::find().expect("build the workspace binaries first");
+    let bins = wgice_tests::bins().expect("build the workspace binaries first");
     let cores = Command::new("nproc")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-pub mod mesh;
+pub use netsim::mesh;
 
 /// True when tests that need root (network namespaces, nftables) can run.
 /// Under `CI=true` not being able to run them is a failure, not a skip.
@@ -45,4 +45,14 @@ pub fn workspace_bin(name: &str) -> Option<PathBuf> {
         path.display()
     );
     None
+}
+
+/// The `relay`, `signaling` and `ice-agent` binaries for a
+/// [`mesh::MeshLab`]; like [`workspace_bin`], a failure under `CI=true`.
+pub fn bins() -> Option<mesh::Bins> {
+    Some(mesh::Bins {
+        relay: workspace_bin("relay")?,
+        signaling: workspace_bin("signaling")?,
+        agent: workspace_bin("ice-agent")?,
+    })
 }

@@ -13,10 +13,33 @@ fn setup() -> Option<Bins> {
     if !wgice_tests::can_run_netns() {
         return None;
     }
-    Bins::find()
+    wgice_tests::bins()
 }
 
 const CONNECT: Duration = Duration::from_secs(15);
+
+fn s(x: impl ToString) -> String {
+    x.to_string()
+}
+
+fn cmd(c: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(c).args(args).output().unwrap();
+    assert!(out.status.success(), "{c} {args:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn cmd_in(c: &str, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut p = std::process::Command::new(c)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
 
 #[test]
 fn same_lan_goes_lan_with_the_endpoint_straight_at_the_peer() {
@@ -40,6 +63,18 @@ fn same_lan_goes_lan_with_the_endpoint_straight_at_the_peer() {
         .map(|p| p.1.clone());
     assert_eq!(ep.as_deref(), Some(want.as_str()), "peers: {peers:?}");
     assert!(m.ping(a, b, 5), "no ping over the LAN path\n{}", m.logs());
+    // SIGTERM: the agent exits by itself and removes the peer it created.
+    assert_eq!(
+        m.stop_agent(a),
+        Some(0),
+        "a did not exit cleanly\n{}",
+        m.logs()
+    );
+    let peers = m.wg_peers(a);
+    assert!(
+        !peers.iter().any(|p| p.0 == m.nodes[b].public_key),
+        "agent left its peer behind: {peers:?}"
+    );
 }
 
 #[test]
@@ -50,6 +85,61 @@ fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
     m.add_router("rb", NatPreset::PortRestricted);
     let a = m.add_node("a", "ra");
     let b = m.add_node("b", "rb");
+    // On a, B already exists (endpoint, allowed IPs, preshared key set by
+    // hand; b has A with the same key), and a has one more peer the agent
+    // must never touch.
+    let psk_file = m.path("psk");
+    let psk = cmd("wg", &["genpsk"]);
+    std::fs::write(&psk_file, &psk).unwrap();
+    let other = cmd_in("wg", &["pubkey"], &cmd("wg", &["genkey"]));
+    let ifa = m.nodes[a].ifname.clone();
+    let b_key = m.nodes[b].public_key.clone();
+    let old_ep = format!("{}:9", m.nodes[b].lan_ip);
+    m.wg(
+        a,
+        &[
+            s("set"),
+            ifa.clone(),
+            s("peer"),
+            b_key.clone(),
+            s("endpoint"),
+            old_ep.clone(),
+            s("allowed-ips"),
+            s("10.77.0.2/32"),
+            s("preshared-key"),
+            s(psk_file.display()),
+        ],
+    );
+    let ifb = m.nodes[b].ifname.clone();
+    let a_key = m.nodes[a].public_key.clone();
+    m.wg(
+        b,
+        &[
+            s("set"),
+            ifb,
+            s("peer"),
+            a_key,
+            s("allowed-ips"),
+            s("10.77.0.1/32"),
+            s("preshared-key"),
+            s(psk_file.display()),
+        ],
+    );
+    let other_ep = format!("{}:10", m.nodes[b].lan_ip);
+    m.wg(
+        a,
+        &[
+            s("set"),
+            ifa,
+            s("peer"),
+            other.clone(),
+            s("endpoint"),
+            other_ep,
+            s("allowed-ips"),
+            s("10.99.0.0/24"),
+        ],
+    );
+    let other_before = m.wg_peer_fields(a, &other).unwrap();
     m.start_agent(a);
     m.start_agent(b);
     let (row, _) = m.wait_path(a, b, "direct", CONNECT).unwrap();
@@ -109,13 +199,35 @@ fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(back, "agent did not reconnect to signaling\n{}", m.logs());
-    // SIGTERM: the agent removes the peer it created and exits.
-    m.stop_agent(a);
-    let peers = m.wg_peers(a);
-    assert!(
-        !peers.iter().any(|p| p.0 == m.nodes[b].public_key),
-        "agent left its peer behind: {peers:?}"
+    // The unmanaged peer is as it was.
+    assert_eq!(m.wg_peer_fields(a, &other).unwrap()[..4], other_before[..4]);
+    // SIGTERM: each agent exits by itself and restores its peer exactly as
+    // it was (a: endpoint, allowed IPs, preshared key; b: no endpoint).
+    assert_eq!(
+        m.stop_agent(a),
+        Some(0),
+        "a did not exit cleanly\n{}",
+        m.logs()
     );
+    assert_eq!(
+        m.stop_agent(b),
+        Some(0),
+        "b did not exit cleanly\n{}",
+        m.logs()
+    );
+    let restored = m
+        .wg_peer_fields(a, &b_key)
+        .expect("B's peer is gone from a");
+    assert_eq!(restored[1], psk, "preshared key");
+    assert_eq!(restored[2], old_ep, "endpoint");
+    assert_eq!(restored[3], "10.77.0.2/32", "allowed IPs");
+    assert_eq!(m.wg_peer_fields(a, &other).unwrap()[..4], other_before[..4]);
+    let restored = m
+        .wg_peer_fields(b, &m.nodes[a].public_key)
+        .expect("A's peer is gone from b");
+    assert_eq!(restored[1], psk, "preshared key");
+    assert_eq!(restored[2], "(none)", "endpoint");
+    assert_eq!(restored[3], "10.77.0.1/32", "allowed IPs");
 }
 
 #[test]

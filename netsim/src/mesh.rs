@@ -1,7 +1,7 @@
 //! A netsim lab running the whole suite for real: the `relay` and
 //! `signaling` binaries on a public host, and per node a `wireguard-go`
-//! interface with an `ice-agent` beside it (external mode). Shared by the
-//! end-to-end tests and the agent benchmark.
+//! interface with an `ice-agent` beside it (external mode). Used by
+//! `netsim demo`, the end-to-end tests and the agent benchmark.
 //!
 //! Names are unique per lab (the UAPI socket directory
 //! `/var/run/wireguard` is shared by every namespace), and everything a lab
@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netsim::lab::Lab;
-use netsim::nat::{NatPreset, RouterConfig};
-use netsim::reflector::{BindingTransport, Change};
-use netsim::stun_client::StunClient;
+use crate::lab::Lab;
+use crate::nat::{NatPreset, RouterConfig};
+use crate::reflector::{BindingTransport, Change};
+use crate::stun_client::StunClient;
 
 /// Binaries the lab runs.
 #[derive(Debug, Clone)]
@@ -29,13 +29,25 @@ pub struct Bins {
 }
 
 impl Bins {
-    /// The workspace binaries next to the running test or example; `None`
-    /// when not built (a failure under `CI=true`).
-    pub fn find() -> Option<Bins> {
-        Some(Bins {
-            relay: crate::workspace_bin("relay")?,
-            signaling: crate::workspace_bin("signaling")?,
-            agent: crate::workspace_bin("ice-agent")?,
+    /// The workspace binaries in `dir` (e.g. `target/release`); the error
+    /// names what is missing and how to build it.
+    pub fn in_dir(dir: &Path) -> Result<Bins, String> {
+        let find = |name: &str| {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(format!(
+                    "{} is missing: build the workspace binaries first \
+                     (cargo build --release --workspace --bins)",
+                    p.display()
+                ))
+            }
+        };
+        Ok(Bins {
+            relay: find("relay")?,
+            signaling: find("signaling")?,
+            agent: find("ice-agent")?,
         })
     }
 }
@@ -295,11 +307,15 @@ impl MeshLab {
             .expect("spawn agent");
     }
 
-    /// Stops node `i`'s agent with SIGTERM (then SIGKILL after 0.5 s).
-    pub fn stop_agent(&self, i: usize) {
+    /// Stops node `i`'s agent with SIGTERM; returns its exit code, or
+    /// `None` if it did not exit by itself within 10 s (then it is killed).
+    pub fn stop_agent(&self, i: usize) -> Option<i32> {
         self.lab
-            .kill_process(&format!("agent-{}", self.nodes[i].name))
-            .expect("kill agent");
+            .terminate_process(
+                &format!("agent-{}", self.nodes[i].name),
+                Duration::from_secs(10),
+            )
+            .expect("stop agent")
     }
 
     /// `ice-agent status --json` of node `i`, if the agent answers.
@@ -424,10 +440,39 @@ impl MeshLab {
             .collect()
     }
 
+    /// Node `i`'s WireGuard peer `public_key` as `wg show dump` prints it:
+    /// [public key, preshared key, endpoint, allowed ips, handshake, rx, tx,
+    /// keepalive].
+    pub fn wg_peer_fields(&self, i: usize, public_key: &str) -> Option<Vec<String>> {
+        let n = &self.nodes[i];
+        let (_, out) = self
+            .lab
+            .exec(&n.name, &[s("wg"), s("show"), n.ifname.clone(), s("dump")])
+            .expect("exec wg");
+        out.lines()
+            .skip(1)
+            .map(|l| l.split('\t').map(str::to_owned).collect::<Vec<_>>())
+            .find(|f| f.first().map(String::as_str) == Some(public_key))
+    }
+
+    /// Runs `wg` with `args` in node `i` (e.g. to set up peers by hand).
+    pub fn wg(&self, i: usize, args: &[String]) {
+        let mut argv = vec![s("wg")];
+        argv.extend_from_slice(args);
+        let (ok, out) = self.lab.exec(&self.nodes[i].name, &argv).expect("exec wg");
+        assert!(ok, "{argv:?}: {out}");
+    }
+
     /// Drops UDP between router `a`'s WAN and router `b`'s WAN at `a`
     /// (both directions): the direct path dies, the relay path stays.
     pub fn cut_direct(&self, a: &str, b: &str) {
         let wan_b = self.lab.router_wan_ip(b).expect("wan");
+        self.cut_at(a, wan_b);
+    }
+
+    /// Drops everything between router `a` and address `wan_b` at `a` (for a
+    /// carrier-grade NAT, the outer address a peer is seen from).
+    pub fn cut_at(&self, a: &str, wan_b: Ipv4Addr) {
         let script = format!(
             "table inet wgicecut {{\n chain cut {{\n  type filter hook forward priority -5;\n  \
              ip daddr {wan_b} drop\n  ip saddr {wan_b} drop\n }}\n}}\n"
@@ -516,4 +561,112 @@ fn fxhash(x: &str) -> u64 {
     x.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     })
+}
+
+/// The whole suite in one lab, as `netsim demo` shows it: alice and dave on
+/// one home LAN (port-restricted NAT), bob behind a carrier-grade NAT, carol
+/// behind a symmetric NAT; relay and signaling on the internet. Prints each
+/// step and returns whether every check held.
+pub fn demo(bins: &Bins) -> bool {
+    let t0 = Instant::now();
+    let mut m = MeshLab::new(bins);
+    m.add_router("home", NatPreset::PortRestricted);
+    m.add_router("carrier", NatPreset::Cgnat);
+    m.add_router("mobile", NatPreset::Symmetric);
+    let alice = m.add_node("alice", "home");
+    let bob = m.add_node("bob", "carrier");
+    let carol = m.add_node("carol", "mobile");
+    let dave = m.add_node("dave", "home");
+    println!(
+        "lab ready in {:.1} s: relay + signaling on the internet; per device wireguard-go \
+         and ice-agent (peers = \"auto\")",
+        t0.elapsed().as_secs_f64()
+    );
+    for (n, r) in [
+        (alice, "home, port-restricted NAT"),
+        (dave, "home, same LAN as alice"),
+        (bob, "carrier-grade NAT (two layers)"),
+        (carol, "symmetric NAT"),
+    ] {
+        let n = &m.nodes[n];
+        println!("  {:<6} {:<32} overlay {}", n.name, r, n.overlay);
+    }
+    let started = Instant::now();
+    for i in 0..m.nodes.len() {
+        m.start_agent(i);
+    }
+    let mut ok = true;
+    let mut check = |ok_now: bool, what: String| {
+        println!("  {} {what}", if ok_now { "✓" } else { "✗" });
+        ok &= ok_now;
+    };
+    println!("\nagents started; alice's peers:");
+    for (peer, want) in [(dave, "lan"), (bob, "direct"), (carol, "relay")] {
+        let name = m.nodes[peer].name.clone();
+        match m.wait_path(alice, peer, want, Duration::from_secs(15)) {
+            Ok((row, _)) => {
+                let ping = m.ping(alice, peer, 3);
+                check(
+                    ping,
+                    format!(
+                        "alice ↔ {name}: {want} after {:.2} s, ping {} — {}",
+                        started.elapsed().as_secs_f64(),
+                        if ping { "ok" } else { "FAILED" },
+                        row["reason"].as_str().unwrap_or_default()
+                    ),
+                );
+            }
+            Err(e) => check(false, format!("alice ↔ {name}: not {want}: {e}")),
+        }
+    }
+    // Let the symmetric side's first direct window (5 s) end so the reason
+    // says why.
+    std::thread::sleep(Duration::from_millis(6500).saturating_sub(started.elapsed()));
+    println!(
+        "\n$ ice-agent status   (on alice)\n{}",
+        m.status_table(alice)
+    );
+    println!("drill: the path between home and the carrier dies (nftables drop at home)");
+    let bob_seen_at = m
+        .peer_status(alice, bob)
+        .and_then(|r| {
+            r["remote"]
+                .as_str()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+        })
+        .and_then(|a| match a.ip() {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        });
+    let Some(bob_seen_at) = bob_seen_at else {
+        check(false, "alice has no direct address for bob to cut".into());
+        return false;
+    };
+    m.cut_at("home", bob_seen_at);
+    match m.wait_path(alice, bob, "relay", Duration::from_secs(10)) {
+        Ok((_, took)) => {
+            let ping = m.ping(alice, bob, 3);
+            check(
+                took <= Duration::from_secs(3) && ping,
+                format!(
+                    "alice ↔ bob fell back to the relay in {:.2} s (≤ 3 s), ping {}",
+                    took.as_secs_f64(),
+                    if ping { "ok" } else { "FAILED" }
+                ),
+            );
+        }
+        Err(e) => check(false, format!("no failover: {e}")),
+    }
+    m.restore_direct("home");
+    match m.wait_path(alice, bob, "direct", Duration::from_secs(40)) {
+        Ok((_, took)) => check(
+            true,
+            format!(
+                "path restored: alice ↔ bob direct again {:.2} s later (retries back off 2 s → 60 s)",
+                took.as_secs_f64()
+            ),
+        ),
+        Err(e) => check(false, format!("not direct again: {e}")),
+    }
+    ok
 }
