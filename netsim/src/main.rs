@@ -1,7 +1,8 @@
 //! `netsim`: build network-namespace labs with real NATs.
 //!
 //! `netsim matrix` punches between every pair of NAT presets, `netsim run`
-//! runs a scenario file, `netsim demo` runs the built-in demo scenario,
+//! runs a scenario file, `netsim demo` runs the built-in demo scenario and
+//! then the whole wgice suite across the same NATs ([`netsim::mesh::demo`]),
 //! `netsim classify` checks that each preset behaves as named,
 //! `netsim exec` runs a command in a node of a lab kept up with `--keep`.
 

@@ -1,0 +1,38 @@
+//! The README's main job, `netsim demo`, run as a user runs it: the punching
+//! scenario, then the whole suite (relay, signaling, wireguard-go and
+//! ice-agent on four devices). It must pass every check it prints.
+
+use std::process::Command;
+
+#[test]
+fn netsim_demo_passes_every_check() {
+    if !wgice_tests::can_run_netns() {
+        return;
+    }
+    let Some(netsim) = wgice_tests::workspace_bin("netsim") else {
+        return;
+    };
+    if wgice_tests::bins().is_none() {
+        return;
+    }
+    let out = Command::new(&netsim)
+        .arg("demo")
+        .output()
+        .expect("run netsim demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "netsim demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "alice ↔ dave: lan",
+        "alice ↔ bob: direct",
+        "alice ↔ carol: relay",
+        "fell back to the relay",
+        "direct again",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    assert!(!text.contains('✗'), "a check failed:\n{text}");
+}
