@@ -234,7 +234,10 @@ struct RelayState {
     base: Option<IpAddr>,
     relayed: Vec<SocketAddr>,
     mapped: Option<SocketAddr>,
-    permitted: HashSet<IpAddr>,
+    /// Permissions asked for, and which peers' sessions use each.
+    permitted: HashMap<IpAddr, HashSet<PeerKey>>,
+    /// Channels bound, and whose they are.
+    channels: HashMap<SocketAddr, PeerKey>,
     /// When to (re)allocate, or send the next STUN Binding.
     retry_at: Option<Instant>,
     failures: u32,
@@ -287,7 +290,8 @@ impl Agent {
                 base: None,
                 relayed: Vec::new(),
                 mapped: None,
-                permitted: HashSet::new(),
+                permitted: HashMap::new(),
+                channels: HashMap::new(),
                 retry_at: Some(now),
                 failures: 0,
                 binding_tid: None,
@@ -963,6 +967,24 @@ impl Agent {
             return;
         };
         if let Some(s) = p.session.take() {
+            // Stop keeping this session's relay state alive (permissions
+            // other peers still use stay).
+            for r in self.relays.iter_mut() {
+                let Some(t) = r.turn.as_mut() else { continue };
+                r.permitted.retain(|ip, users| {
+                    users.remove(&key);
+                    if users.is_empty() {
+                        t.release_permission(*ip);
+                    }
+                    !users.is_empty()
+                });
+                r.channels.retain(|peer, owner| {
+                    if *owner == key {
+                        t.release_channel(now, *peer);
+                    }
+                    *owner != key
+                });
+            }
             let st = s.ice.stats();
             p.path_changes_before += st.path_changes;
             p.failovers_before += st.failovers;
@@ -977,7 +999,6 @@ impl Agent {
                 },
             );
         }
-        let _ = now;
     }
 
     fn check_vanished(&mut self, now: Instant, key: &PeerKey) {
@@ -1162,6 +1183,7 @@ impl Agent {
                 t.allocate(now);
                 r.turn = Some(t);
                 r.permitted.clear();
+                r.channels.clear();
             }
             None => {
                 let tid: stun::TransactionId = rand::random();
@@ -1359,7 +1381,7 @@ impl Agent {
                 return;
             };
             if let Some(t) = s.ice.poll_transmit() {
-                self.transmit(now, t);
+                self.transmit(now, *key, t);
                 continue;
             }
             match s.ice.poll_event() {
@@ -1417,10 +1439,14 @@ impl Agent {
                 let Some(t) = r.turn.as_mut() else {
                     return;
                 };
-                if r.permitted.insert(remote.ip()) {
+                let users = r.permitted.entry(remote.ip()).or_default();
+                if users.is_empty() {
                     t.create_permission(now, remote.ip());
                 }
-                t.bind_channel(now, remote);
+                users.insert(key);
+                if t.bind_channel(now, remote).is_some() {
+                    r.channels.insert(remote, key);
+                }
                 let route = match t.channel_for(remote) {
                     Some(channel) => Route::Channel { server, channel },
                     None => Route::Indication {
@@ -1448,7 +1474,7 @@ impl Agent {
         }
     }
 
-    fn transmit(&mut self, now: Instant, t: Transmit) {
+    fn transmit(&mut self, now: Instant, key: PeerKey, t: Transmit) {
         match t.via {
             Via::Socket => self.out.push_back(Output::Send {
                 to: t.destination,
@@ -1465,8 +1491,13 @@ impl Agent {
                 let server = self.relays[i].spec.server;
                 let r = &mut self.relays[i];
                 let Some(turn) = r.turn.as_mut() else { return };
-                if r.permitted.len() < 4096 && r.permitted.insert(t.destination.ip()) {
-                    turn.create_permission(now, t.destination.ip());
+                let ip = t.destination.ip();
+                if r.permitted.len() < 4096 || r.permitted.contains_key(&ip) {
+                    let users = r.permitted.entry(ip).or_default();
+                    if users.is_empty() {
+                        turn.create_permission(now, ip);
+                    }
+                    users.insert(key);
                 }
                 let mut data = Vec::with_capacity(t.contents.len() + 40);
                 turn.encode_to(t.destination, &t.contents, &mut data);

@@ -152,6 +152,9 @@ pub struct Client {
     channels: HashMap<SocketAddr, (u16, Instant, bool)>,
     by_channel: HashMap<u16, SocketAddr>,
     next_channel: u16,
+    /// Channel numbers given up recently: the server may hold them for up
+    /// to 10 minutes, so they are not reused before that.
+    released: HashMap<u16, Instant>,
     /// Credentials the live allocation was using before `set_credentials`,
     /// kept until the server accepts the new ones.
     previous: Option<(String, String)>,
@@ -165,6 +168,9 @@ const RTO: Duration = Duration::from_millis(500);
 const MAX_SENDS: u8 = 7;
 const PERMISSION_REFRESH: Duration = Duration::from_secs(240);
 const CHANNEL_REFRESH: Duration = Duration::from_secs(480);
+/// A released channel number waits this long (the server's 10-minute
+/// binding lifetime plus margin) before it is used for another peer.
+const CHANNEL_QUARANTINE: Duration = Duration::from_secs(660);
 
 impl Client {
     /// A client that has not allocated yet.
@@ -185,6 +191,7 @@ impl Client {
             channels: HashMap::new(),
             by_channel: HashMap::new(),
             next_channel: channel_data::MIN_CHANNEL,
+            released: HashMap::new(),
             previous: None,
             deferred: None,
         }
@@ -268,23 +275,43 @@ impl Client {
         }
     }
 
-    /// Binds a channel to `peer` (and its permission); returns the channel number.
-    pub fn bind_channel(&mut self, now: Instant, peer: SocketAddr) -> u16 {
+    /// Binds a channel to `peer` (and its permission); returns the channel
+    /// number, or `None` when all 4096 numbers are bound or recently
+    /// released (use Send indications for that peer meanwhile).
+    pub fn bind_channel(&mut self, now: Instant, peer: SocketAddr) -> Option<u16> {
         if let Some((n, _, _)) = self.channels.get(&peer) {
-            return *n;
+            return Some(*n);
         }
-        let n = self.next_channel;
-        self.next_channel = if n >= channel_data::MAX_CHANNEL_RFC8656 {
-            channel_data::MIN_CHANNEL
-        } else {
-            n + 1
-        };
+        self.released
+            .retain(|_, at| now.saturating_duration_since(*at) < CHANNEL_QUARANTINE);
+        let min = channel_data::MIN_CHANNEL;
+        let span = channel_data::MAX_CHANNEL_RFC8656 - min + 1;
+        let start = self.next_channel.saturating_sub(min) % span;
+        let n = (0..span)
+            .map(|i| min + (start + i) % span)
+            .find(|n| !self.by_channel.contains_key(n) && !self.released.contains_key(n))?;
+        self.next_channel = min + (n - min + 1) % span;
         self.channels.insert(peer, (n, now, false));
         self.by_channel.insert(n, peer);
         if self.state == State::Allocated {
             self.start(now, Kind::Channel(peer, n), 0);
         }
-        n
+        Some(n)
+    }
+
+    /// Stops keeping `peer`'s channel alive (the server lets it expire);
+    /// its number is reused only after the server has forgotten it.
+    pub fn release_channel(&mut self, now: Instant, peer: SocketAddr) {
+        if let Some((n, _, _)) = self.channels.remove(&peer) {
+            self.by_channel.remove(&n);
+            self.released.insert(n, now);
+        }
+    }
+
+    /// Stops refreshing the permission for `ip` (it expires at the server
+    /// within 5 minutes). Channels to that IP keep their own permission.
+    pub fn release_permission(&mut self, ip: IpAddr) {
+        self.permissions.remove(&ip);
     }
 
     /// Frames `payload` for `peer`: ChannelData when a channel is confirmed,
@@ -632,13 +659,20 @@ impl Client {
                 self.events.push_back(ClientEvent::Deallocated);
             }
             Kind::Permission(ip) => {
-                self.permissions.insert(ip, now);
+                // (Unless it was released while the request was out.)
+                if let Some(at) = self.permissions.get_mut(&ip) {
+                    *at = now;
+                }
                 self.events.push_back(ClientEvent::PermissionCreated(ip));
             }
             Kind::Channel(peer, n) => {
-                if let Some(c) = self.channels.get_mut(&peer) {
-                    c.1 = now;
-                    c.2 = true;
+                match self.channels.get_mut(&peer) {
+                    Some(c) if c.0 == n => {
+                        c.1 = now;
+                        c.2 = true;
+                    }
+                    // Released while the request was out.
+                    _ => return,
                 }
                 self.events
                     .push_back(ClientEvent::ChannelBound { peer, channel: n });
@@ -653,5 +687,39 @@ fn refresh_margin(lifetime: Duration) -> Duration {
         lifetime - Duration::from_secs(60)
     } else {
         lifetime / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_numbers_are_never_shared_and_wait_after_release() {
+        let mut c = Client::new(ClientConfig::new("u", "p"));
+        let t0 = Instant::now();
+        let peer = |i: u32| SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 9));
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..4096 {
+            let n = c.bind_channel(t0, peer(i)).expect("free number");
+            assert!((0x4000..=0x4FFF).contains(&n));
+            assert!(seen.insert(n), "channel {n:#x} handed out twice");
+        }
+        // All taken: no number rather than someone else's.
+        assert_eq!(c.bind_channel(t0, peer(5000)), None);
+        // The same peer keeps its number.
+        assert_eq!(
+            c.bind_channel(t0, peer(7)),
+            c.channel_for(peer(7)).or(Some(0x4007))
+        );
+        let n = c.bind_channel(t0, peer(3)).expect("bound");
+        c.release_channel(t0, peer(3));
+        // The server may still hold it for 10 minutes.
+        assert_eq!(
+            c.bind_channel(t0 + Duration::from_secs(300), peer(5000)),
+            None
+        );
+        let later = t0 + Duration::from_secs(700);
+        assert_eq!(c.bind_channel(later, peer(5000)), Some(n));
     }
 }

@@ -855,7 +855,10 @@ fn permission_channel_data(d: &mut Driver, relayed: SocketAddr) {
     });
     // Send/Data indications first, then ChannelData once bound.
     exchange(d, &peer, relayed, "indication", 10, false);
-    let ch = d.client.bind_channel(Instant::now(), peer.addr());
+    let ch = d
+        .client
+        .bind_channel(Instant::now(), peer.addr())
+        .expect("a free channel");
     let bound = d.wait_event("ChannelBound", |e| {
         matches!(e, ClientEvent::ChannelBound { .. })
     });

@@ -203,7 +203,10 @@ fn allocate_channel_and_relay_both_ways() {
 
     let peer = sa("203.0.113.5:51820");
     let now = s.now;
-    let ch = s.clients[c].1.bind_channel(now, peer);
+    let ch = s.clients[c]
+        .1
+        .bind_channel(now, peer)
+        .expect("a free channel");
     s.settle();
     assert!(s
         .events(c)
