@@ -542,19 +542,29 @@ async fn proxy_loop(
     let mut held: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
     loop {
         tokio::select! {
-            r = psock.recv_from(&mut buf) => {
-                let Ok((n, from)) = r else { continue };
-                if from != wg_addr && !from.ip().is_loopback() {
+            r = psock.readable() => {
+                if r.is_err() {
                     continue;
                 }
-                let rt = *route.borrow();
-                if rt == Route::Hold {
-                    if held.len() == HOLD {
-                        held.pop_front();
+                // Drain what is queued (one wake-up for a burst).
+                for _ in 0..64 {
+                    let (n, from) = match psock.try_recv_from(&mut buf) {
+                        Ok(x) => x,
+                        Err(_) => break,
+                    };
+                    // Only the local WireGuard interface speaks here.
+                    if from != wg_addr {
+                        continue;
                     }
-                    held.push_back(buf[..n].to_vec());
-                } else if let Some(to) = rt.frame(&buf[..n], &mut out) {
-                    let _ = sock.send_to(&out, to).await;
+                    let rt = *route.borrow();
+                    if rt == Route::Hold {
+                        if held.len() == HOLD {
+                            held.pop_front();
+                        }
+                        held.push_back(buf[..n].to_vec());
+                    } else if let Some(to) = rt.frame(&buf[..n], &mut out) {
+                        send(&sock, &out, to).await;
+                    }
                 }
             }
             c = route.changed() => {
@@ -565,12 +575,22 @@ async fn proxy_loop(
                 if rt != Route::Hold {
                     for pkt in held.drain(..) {
                         if let Some(to) = rt.frame(&pkt, &mut out) {
-                            let _ = sock.send_to(&out, to).await;
+                            send(&sock, &out, to).await;
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// Sends without a trip through the scheduler unless the socket is full.
+async fn send(sock: &UdpSocket, data: &[u8], to: SocketAddr) {
+    match sock.try_send_to(data, to) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            let _ = sock.send_to(data, to).await;
+        }
+        _ => {}
     }
 }
 

@@ -254,6 +254,7 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(5);
+    let only_iperf = std::env::args().any(|a| a == "--iperf-only");
     assert!(wgice_tests::can_run_netns(), "needs root");
     let bins = wgice_tests::bins().expect("build the workspace binaries first");
     let cores = Command::new("nproc")
@@ -262,6 +263,14 @@ fn main() {
         .unwrap_or_default();
     println!("ice-agent benchmark, {rounds} rounds, {cores} cores");
 
+    if only_iperf {
+        let (plain, agent) = overhead(&wgice_tests::bins().expect("bins"), 10);
+        println!(
+            "plain {plain:.0} Mbit/s, agent {agent:.0} Mbit/s, ratio {:.2}",
+            agent / plain
+        );
+        return;
+    }
     let mut relayed = Vec::new();
     let mut direct_first = Vec::new();
     let mut direct_path = Vec::new();
