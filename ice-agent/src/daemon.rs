@@ -811,12 +811,17 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|e| {
+    let l = UnixListener::bind(path).map_err(|e| {
         DaemonError::Setup(format!(
             "cannot bind control socket {}: {e} (agent.control)",
             path.display()
         ))
-    })
+    })?;
+    // Status names peers and addresses: owner only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| DaemonError::Setup(format!("chmod {}: {e}", path.display())))?;
+    Ok(l)
 }
 
 async fn control_loop(

@@ -286,6 +286,25 @@ impl MeshLab {
         idx
     }
 
+    /// Rewrites node `i`'s config to list the other nodes as `[[peers]]`
+    /// (public key, overlay /32, and a site range 10.88.<j>.0/24 behind each,
+    /// which `auto` could never give) instead of `peers = "auto"`.
+    pub fn use_explicit_peers(&self, i: usize) {
+        let n = &self.nodes[i];
+        let text = std::fs::read_to_string(&n.config).expect("config");
+        let mut peers = String::new();
+        for (j, o) in self.nodes.iter().enumerate() {
+            if j != i {
+                peers += &format!(
+                    "\n[[peers]]\npublic_key = \"{}\"\nallowed_ips = [\"{}/32\", \"10.88.{j}.0/24\"]\n",
+                    o.public_key, o.overlay
+                );
+            }
+        }
+        let text = text.replacen("peers = \"auto\"\n", "", 1) + &peers;
+        std::fs::write(&n.config, text).expect("write config");
+    }
+
     /// Starts node `i`'s agent.
     pub fn start_agent(&self, i: usize) {
         let n = &self.nodes[i];

@@ -231,6 +231,34 @@ fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
 }
 
 #[test]
+fn explicit_peers_get_the_configured_allowed_ips() {
+    let Some(bins) = setup() else { return };
+    let mut m = MeshLab::new(&bins);
+    m.add_router("ra", NatPreset::RestrictedCone);
+    m.add_router("rb", NatPreset::FullCone);
+    let a = m.add_node("a", "ra");
+    let b = m.add_node("b", "rb");
+    m.use_explicit_peers(a);
+    m.use_explicit_peers(b);
+    m.start_agent(a);
+    m.start_agent(b);
+    m.wait_path(a, b, "direct", CONNECT).unwrap();
+    assert!(m.ping(a, b, 3), "no ping\n{}", m.logs());
+    let row = m.wg_peer_fields(a, &m.nodes[b].public_key).unwrap();
+    let mut ips: Vec<&str> = row[3].split(',').collect();
+    ips.sort();
+    let want = format!("{}/32", m.nodes[b].overlay);
+    assert_eq!(ips, vec![want.as_str(), "10.88.1.0/24"]);
+    // The control socket is the owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&m.nodes[a].control)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
 fn symmetric_to_port_restricted_is_relayed_and_says_why() {
     let Some(bins) = setup() else { return };
     let mut m = MeshLab::new(&bins);
