@@ -175,16 +175,14 @@ pub async fn run(
         );
     }
 
-    let std_sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, cfg.port)).map_err(|e| {
+    let bound = crate::udp::bind(cfg.port).map_err(|e| {
         DaemonError::Setup(format!(
-            "cannot bind the agent socket 0.0.0.0:{}: {e} (wireguard.port: pick a free port, or 0)",
+            "cannot bind the agent socket on port {}: {e} (wireguard.port: pick a free port, or 0)",
             cfg.port
         ))
     })?;
-    set_pktinfo(&std_sock).map_err(|e| DaemonError::Setup(format!("IP_PKTINFO: {e}")))?;
-    std_sock
-        .set_nonblocking(true)
-        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let dual = bound.dual;
+    let std_sock = bound.socket;
     let port = std_sock
         .local_addr()
         .map_err(|e| DaemonError::Setup(e.to_string()))?
@@ -208,7 +206,7 @@ pub async fn run(
     filter
         .exclude
         .extend(cfg.exclude_interfaces.iter().cloned());
-    let host = host_nets(&filter);
+    let host = host_nets(&filter, dual);
     tracing::info!(interface = %cfg.interface, backend = wg.backend_name(), port, ?host, "starting");
 
     let mut relays = Vec::new();
@@ -338,14 +336,14 @@ pub async fn run(
 
     loop {
         while let Some(o) = agent.poll_output() {
-            apply(o, &sock, &sig, &wg_tx, &mut proxies, wg_addr);
+            apply(o, &sock, dual, &sig, &wg_tx, &mut proxies, wg_addr);
         }
         let deadline = agent
             .poll_timeout()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + far);
         tokio::select! {
-            r = sock.async_io(Interest::READABLE, || recv_pktinfo(sock.as_raw_fd(), &mut buf)) => {
+            r = sock.async_io(Interest::READABLE, || crate::udp::recv(sock.as_raw_fd(), &mut buf)) => {
                 let mut next = r;
                 for _ in 0..64 {
                     match next {
@@ -364,7 +362,7 @@ pub async fn run(
                             break;
                         }
                     }
-                    next = sock.try_io(Interest::READABLE, || recv_pktinfo(sock.as_raw_fd(), &mut buf));
+                    next = sock.try_io(Interest::READABLE, || crate::udp::recv(sock.as_raw_fd(), &mut buf));
                 }
             }
             ev = sig.recv() => {
@@ -405,7 +403,7 @@ pub async fn run(
                 let _ = reply.send(snapshot(&agent, &cfg.interface, port, signaling_up));
             }
             _ = iface_tick.tick() => {
-                let h = host_nets(&filter);
+                let h = host_nets(&filter, dual);
                 agent.set_host_addrs(Instant::now(), h);
             }
             _ = rest_tick.tick() => {
@@ -423,7 +421,7 @@ pub async fn run(
     );
     agent.shutdown(Instant::now());
     while let Some(o) = agent.poll_output() {
-        apply(o, &sock, &sig, &wg_tx, &mut proxies, wg_addr);
+        apply(o, &sock, dual, &sig, &wg_tx, &mut proxies, wg_addr);
     }
     // Let the signaling client flush the goodbyes.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -451,6 +449,7 @@ pub async fn run(
 fn apply(
     o: Output,
     sock: &Arc<UdpSocket>,
+    dual: bool,
     sig: &SigClient,
     wg_tx: &std::sync::mpsc::Sender<WgCmd>,
     proxies: &mut HashMap<PeerKey, Proxy>,
@@ -458,7 +457,7 @@ fn apply(
 ) {
     match o {
         Output::Send { to, data } => {
-            if let Err(e) = sock.try_send_to(&data, to) {
+            if let Err(e) = sock.try_send_to(&data, crate::udp::outward(to, dual)) {
                 tracing::debug!(%to, "send: {e}");
             }
         }
@@ -483,7 +482,13 @@ fn apply(
                 return;
             };
             let (route_tx, route_rx) = watch::channel(Route::Hold);
-            let task = tokio::spawn(proxy_loop(psock.clone(), sock.clone(), route_rx, wg_addr));
+            let task = tokio::spawn(proxy_loop(
+                psock.clone(),
+                sock.clone(),
+                dual,
+                route_rx,
+                wg_addr,
+            ));
             proxies.insert(
                 peer,
                 Proxy {
@@ -533,6 +538,7 @@ fn apply(
 async fn proxy_loop(
     psock: Arc<UdpSocket>,
     sock: Arc<UdpSocket>,
+    dual: bool,
     mut route: watch::Receiver<Route>,
     wg_addr: SocketAddr,
 ) {
@@ -563,7 +569,7 @@ async fn proxy_loop(
                         }
                         held.push_back(buf[..n].to_vec());
                     } else if let Some(to) = rt.frame(&buf[..n], &mut out) {
-                        send(&sock, &out, to).await;
+                        send(&sock, &out, crate::udp::outward(to, dual)).await;
                     }
                 }
             }
@@ -575,7 +581,7 @@ async fn proxy_loop(
                 if rt != Route::Hold {
                     for pkt in held.drain(..) {
                         if let Some(to) = rt.frame(&pkt, &mut out) {
-                            send(&sock, &out, to).await;
+                            send(&sock, &out, crate::udp::outward(to, dual)).await;
                         }
                     }
                 }
@@ -1052,13 +1058,13 @@ pub fn control_path(interface: &str) -> PathBuf {
     crate::config::default_control(interface)
 }
 
-fn host_nets(filter: &HostFilter) -> Vec<IpNet> {
+fn host_nets(filter: &HostFilter, dual: bool) -> Vec<IpNet> {
     match gather::interfaces() {
         Ok(all) => filter
             .candidates(&all)
             .into_iter()
             .map(|a| a.net)
-            .filter(|n| n.addr().is_ipv4())
+            .filter(|n| dual || n.addr().is_ipv4())
             .collect(),
         Err(e) => {
             tracing::warn!("cannot list interfaces: {e}");
@@ -1096,72 +1102,4 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn set_pktinfo(s: &std::net::UdpSocket) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid fd and an int-sized option value.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_PKTINFO,
-            &on as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// One datagram with the local address it arrived on. `Ok(None)`: a
-/// truncated datagram (larger than the buffer), dropped.
-fn recv_pktinfo(
-    fd: i32,
-    buf: &mut [u8],
-) -> io::Result<Option<(usize, SocketAddr, Option<IpAddr>)>> {
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    let mut cbuf = [0u64; 16];
-    // SAFETY: msghdr points at live, correctly sized buffers for the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = &mut addr as *mut _ as *mut libc::c_void;
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    // SAFETY: see above.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if msg.msg_flags & libc::MSG_TRUNC != 0 {
-        return Ok(None);
-    }
-    let from = SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr))),
-        u16::from_be(addr.sin_port),
-    );
-    let mut local = None;
-    // SAFETY: walking the control messages the kernel wrote into `cbuf`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
-                let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
-                local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                    info.ipi_addr.s_addr,
-                ))));
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok(Some((n as usize, from, local)))
 }

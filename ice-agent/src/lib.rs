@@ -28,6 +28,7 @@ pub mod gather;
 mod path;
 mod session;
 pub mod status;
+pub mod udp;
 pub mod wg;
 
 pub use path::{classify, Classification, PathKind, WgicePreference};

@@ -78,6 +78,54 @@ fn same_lan_goes_lan_with_the_endpoint_straight_at_the_peer() {
 }
 
 #[test]
+fn dual_stack_lan_prefers_ipv6() {
+    let Some(bins) = setup() else { return };
+    let mut m = MeshLab::new(&bins);
+    m.add_router("r", NatPreset::PortRestricted);
+    let a = m.add_node("a", "r");
+    let b = m.add_node("b", "r");
+    for (i, ip) in [(a, "fd77::a/64"), (b, "fd77::b/64")] {
+        let (ok, out) = m
+            .lab
+            .exec(
+                &m.nodes[i].name,
+                &[
+                    s("ip"),
+                    s("-6"),
+                    s("addr"),
+                    s("add"),
+                    s(ip),
+                    s("dev"),
+                    s("eth0"),
+                    s("nodad"),
+                ],
+            )
+            .unwrap();
+        assert!(ok, "{out}");
+    }
+    m.start_agent(a);
+    m.start_agent(b);
+    let (row, _) = m.wait_path(a, b, "lan", CONNECT).unwrap();
+    // The IPv6 pair wins (slightly preferred), and WireGuard goes straight
+    // to the peer's IPv6 address.
+    let mut remote = row["remote"].as_str().unwrap_or_default().to_owned();
+    for _ in 0..100 {
+        if remote.starts_with("[fd77::b]") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        remote = m.peer_status(a, b).unwrap()["remote"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    }
+    assert_eq!(remote, "[fd77::b]:51821", "{}", m.logs());
+    let ep = m.wg_peer_fields(a, &m.nodes[b].public_key).unwrap()[2].clone();
+    assert_eq!(ep, "[fd77::b]:51820");
+    assert!(m.ping(a, b, 3), "no ping over IPv6\n{}", m.logs());
+}
+
+#[test]
 fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
     let Some(bins) = setup() else { return };
     let mut m = MeshLab::new(&bins);

@@ -1,0 +1,237 @@
+//! The agent's one UDP socket: dual-stack when the host has IPv6 (IPv4
+//! peers appear as themselves, not as `::ffff:a.b.c.d`), and every datagram
+//! comes with the local address it arrived on (`IP_PKTINFO` /
+//! `IPV6_PKTINFO`), which ICE needs to know which host candidate a check
+//! reached.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// The bound socket and whether it is dual-stack (IPv6 with IPv4-mapped).
+#[derive(Debug)]
+pub struct Bound {
+    /// The socket (non-blocking).
+    pub socket: std::net::UdpSocket,
+    /// `true`: AF_INET6 accepting IPv4 too; IPv4 destinations must be mapped
+    /// with [`outward`].
+    pub dual: bool,
+}
+
+fn setopt(fd: i32, level: i32, name: i32, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt with a valid fd and an int-sized option value.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &v as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Binds `[::]:port` dual-stack, or `0.0.0.0:port` when the host has no
+/// IPv6; both with packet-info on and non-blocking.
+pub fn bind(port: u16) -> io::Result<Bound> {
+    match bind6(port) {
+        Ok(s) => Ok(Bound {
+            socket: s,
+            dual: true,
+        }),
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            setopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+            s.set_nonblocking(true)?;
+            Ok(Bound {
+                socket: s,
+                dual: false,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn bind6(port: u16) -> io::Result<std::net::UdpSocket> {
+    // SAFETY: plain socket(2); the fd is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    setopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    setopt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+    setopt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+    // SAFETY: a zeroed sockaddr_in6 is valid; we set family and port.
+    let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    sa.sin6_port = port.to_be();
+    // SAFETY: bind with a correctly sized sockaddr_in6.
+    let r = unsafe {
+        libc::bind(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(std::net::UdpSocket::from(owned))
+}
+
+/// The address to pass to `send_to` on this socket.
+pub fn outward(to: SocketAddr, dual: bool) -> SocketAddr {
+    match to {
+        SocketAddr::V4(v4) if dual => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        other => other,
+    }
+}
+
+/// An IPv4-mapped address as the IPv4 address it is.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+/// One datagram with its source and the local address it arrived on.
+/// `Ok(None)`: truncated (larger than `buf`), dropped.
+pub fn recv(fd: i32, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr, Option<IpAddr>)>> {
+    // SAFETY: zeroed sockaddr_storage / msghdr are valid initial values.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 16];
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut addr as *mut _ as *mut libc::c_void;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    // SAFETY: msghdr points at live, correctly sized buffers for the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if msg.msg_flags & libc::MSG_TRUNC != 0 {
+        return Ok(None);
+    }
+    let from = match addr.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (family says so).
+            let a = unsafe { *(&addr as *const _ as *const libc::sockaddr_in) };
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))),
+                u16::from_be(a.sin_port),
+            )
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6 (family says so).
+            let a = unsafe { *(&addr as *const _ as *const libc::sockaddr_in6) };
+            canonical(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)),
+                u16::from_be(a.sin6_port),
+            ))
+        }
+        _ => return Ok(None),
+    };
+    let mut local = None;
+    // SAFETY: walking the control messages the kernel wrote into `cbuf`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let (level, typ) = ((*c).cmsg_level, (*c).cmsg_type);
+            if level == libc::IPPROTO_IP && typ == libc::IP_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
+                local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    info.ipi_addr.s_addr,
+                ))));
+            } else if level == libc::IPPROTO_IPV6 && typ == libc::IPV6_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in6_pktinfo);
+                let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                local = Some(match ip.to_ipv4_mapped() {
+                    Some(v4) => IpAddr::V4(v4),
+                    None => IpAddr::V6(ip),
+                });
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Some((n as usize, from, local)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn recv_wait(fd: i32, buf: &mut [u8]) -> (usize, SocketAddr, Option<IpAddr>) {
+        for _ in 0..200 {
+            if let Ok(Some(x)) = recv(fd, buf) {
+                return x;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("nothing received");
+    }
+
+    #[test]
+    fn dual_stack_socket_reports_families_and_local_addresses() {
+        let b = bind(0).expect("bind");
+        let port = b.socket.local_addr().expect("addr").port();
+        let fd = b.socket.as_raw_fd();
+        let mut buf = [0u8; 64];
+        let v4 = std::net::UdpSocket::bind("127.0.0.1:0").expect("v4");
+        v4.send_to(b"four", ("127.0.0.1", port)).expect("send");
+        let (n, from, local) = recv_wait(fd, &mut buf);
+        assert_eq!(&buf[..n], b"four");
+        assert_eq!(from, v4.local_addr().expect("addr"), "IPv4 peers stay IPv4");
+        assert_eq!(local, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        // Answering an IPv4 peer works through the mapping.
+        b.socket
+            .send_to(b"back", outward(from, b.dual))
+            .expect("send back");
+        v4.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut r = [0u8; 8];
+        let (m, src) = v4.recv_from(&mut r).expect("reply");
+        assert_eq!(&r[..m], b"back");
+        assert_eq!(src.port(), port);
+        if b.dual {
+            if let Ok(v6) = std::net::UdpSocket::bind("[::1]:0") {
+                v6.send_to(b"six", ("::1", port)).expect("send");
+                let (n, from, local) = recv_wait(fd, &mut buf);
+                assert_eq!(&buf[..n], b"six");
+                assert_eq!(from, v6.local_addr().expect("addr"));
+                assert_eq!(local, Some(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+            }
+        }
+        // Too large for the buffer: dropped, not cut.
+        v4.send_to(&[7u8; 100], ("127.0.0.1", port)).expect("send");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(matches!(recv(fd, &mut buf), Ok(None)));
+    }
+}
