@@ -326,6 +326,13 @@ impl MeshLab {
             .expect("spawn agent");
     }
 
+    /// Starts node `i`'s agent again after [`MeshLab::stop_agent`].
+    pub fn restart_agent(&self, i: usize) {
+        self.lab
+            .restart_process(&format!("agent-{}", self.nodes[i].name))
+            .expect("restart agent");
+    }
+
     /// Stops node `i`'s agent with SIGTERM; returns its exit code, or
     /// `None` if it did not exit by itself within 10 s (then it is killed).
     pub fn stop_agent(&self, i: usize) -> Option<i32> {

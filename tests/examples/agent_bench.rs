@@ -177,7 +177,9 @@ fn iperf(m: &MeshLab, from: usize, to: usize, secs: u32) -> f64 {
         / 1e6
 }
 
-fn overhead(bins: &Bins, secs: u32) -> (f64, f64) {
+/// iperf3 over plain WireGuard and through the agents, alternating in one
+/// lab (`rounds` pairs), so both see the same link and the same load.
+fn overhead(bins: &Bins, secs: u32, rounds: usize) -> (Vec<f64>, Vec<f64>) {
     let mut m = MeshLab::new(bins);
     m.add_router("ra", NatPreset::None);
     m.add_router("rb", NatPreset::None);
@@ -192,14 +194,13 @@ fn overhead(bins: &Bins, secs: u32) -> (f64, f64) {
             &m.dir,
         )
         .expect("iperf3 -s");
-    // Plain WireGuard: endpoints and allowed IPs by hand.
-    for (x, y) in [(a, b), (b, a)] {
-        let (ok, out) = m
-            .lab
-            .exec(
-                &m.nodes[x].name,
+    let (mut plain, mut agent) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Plain WireGuard: endpoints and allowed IPs by hand.
+        for (x, y) in [(a, b), (b, a)] {
+            m.wg(
+                x,
                 &[
-                    s("wg"),
                     s("set"),
                     m.nodes[x].ifname.clone(),
                     s("peer"),
@@ -209,33 +210,43 @@ fn overhead(bins: &Bins, secs: u32) -> (f64, f64) {
                     s("allowed-ips"),
                     format!("{}/32", m.nodes[y].overlay),
                 ],
-            )
-            .expect("wg set");
-        assert!(ok, "{out}");
-    }
-    assert!(m.ping(a, b, 3), "plain WireGuard does not work");
-    let plain = iperf(&m, a, b, secs);
-    for (x, y) in [(a, b), (b, a)] {
-        let _ = m.lab.exec(
-            &m.nodes[x].name,
-            &[
-                s("wg"),
-                s("set"),
-                m.nodes[x].ifname.clone(),
-                s("peer"),
-                m.nodes[y].public_key.clone(),
-                s("remove"),
-            ],
+            );
+        }
+        assert!(m.ping(a, b, 3), "plain WireGuard does not work");
+        plain.push(iperf(&m, a, b, secs));
+        for (x, y) in [(a, b), (b, a)] {
+            m.wg(
+                x,
+                &[
+                    s("set"),
+                    m.nodes[x].ifname.clone(),
+                    s("peer"),
+                    m.nodes[y].public_key.clone(),
+                    s("remove"),
+                ],
+            );
+        }
+        // Through the agents (they create the peers and remove them on exit).
+        if round == 0 {
+            m.start_agent(a);
+            m.start_agent(b);
+        } else {
+            m.restart_agent(a);
+            m.restart_agent(b);
+        }
+        m.wait_path(a, b, "direct", Duration::from_secs(15))
+            .expect("direct");
+        m.wait_path(b, a, "direct", Duration::from_secs(15))
+            .expect("direct");
+        assert!(m.ping(a, b, 3), "overlay through the agents does not work");
+        agent.push(iperf(&m, a, b, secs));
+        assert_eq!(m.stop_agent(a), Some(0));
+        assert_eq!(m.stop_agent(b), Some(0));
+        println!(
+            "iperf round {round}: plain {:.0} Mbit/s, through the agents {:.0} Mbit/s",
+            plain[round], agent[round]
         );
     }
-    m.start_agent(a);
-    m.start_agent(b);
-    m.wait_path(a, b, "direct", Duration::from_secs(15))
-        .expect("direct");
-    m.wait_path(b, a, "direct", Duration::from_secs(15))
-        .expect("direct");
-    assert!(m.ping(a, b, 3), "overlay through the agents does not work");
-    let agent = iperf(&m, a, b, secs);
     (plain, agent)
 }
 
@@ -264,10 +275,11 @@ fn main() {
     println!("ice-agent benchmark, {rounds} rounds, {cores} cores");
 
     if only_iperf {
-        let (plain, agent) = overhead(&wgice_tests::bins().expect("bins"), 10);
+        let (plain, agent) = overhead(&wgice_tests::bins().expect("bins"), 5, rounds);
+        let (p, a) = (median(plain), median(agent));
         println!(
-            "plain {plain:.0} Mbit/s, agent {agent:.0} Mbit/s, ratio {:.2}",
-            agent / plain
+            "median plain {p:.0} Mbit/s, agents {a:.0} Mbit/s, ratio {:.2}",
+            a / p
         );
         return;
     }
@@ -311,7 +323,9 @@ fn main() {
         fo_status.push(f.status);
         fo_gap.push(f.gap);
     }
-    let (plain, agent) = overhead(&bins, 5);
+    let (plain_v, agent_v) = overhead(&bins, 5, 3);
+    let ratios: Vec<f64> = plain_v.iter().zip(&agent_v).map(|(p, a)| a / p).collect();
+    let (plain, agent) = (median(plain_v), median(agent_v));
     let max = |v: &[f64]| {
         v.iter()
             .copied()
@@ -346,10 +360,12 @@ fn main() {
         median(fo_gap.clone()),
         max(&fo_gap)
     );
+    let rmin = ratios.iter().copied().fold(f64::NAN, f64::min);
+    let rmax = ratios.iter().copied().fold(f64::NAN, f64::max);
     println!(
-        "| iperf3 plain WireGuard (wireguard-go) | {plain:.0} Mbit/s | | |\n\
-         | iperf3 through the agents (external mode, proxy) | {agent:.0} Mbit/s | | |\n\
-         | ratio agent / plain | {:.2} | | |",
-        agent / plain
+        "| iperf3 plain WireGuard (wireguard-go), median of 3 | {plain:.0} Mbit/s | | |\n\
+         | iperf3 through the agents (external mode, proxy), median of 3 | {agent:.0} Mbit/s | | |\n\
+         | ratio agent / plain per round | {:.2} (median) | {rmin:.2}–{rmax:.2} | |",
+        median(ratios.clone())
     );
 }
