@@ -22,6 +22,7 @@
 //! [limits]
 //! queue_len = 256
 //! max_connections = 100000
+//! max_pending_per_ip = 64          # unregistered connections per address
 //! rate_per_sec = 50.0
 //! rate_burst = 200.0
 //! max_mesh_members = 10000
@@ -121,6 +122,8 @@ pub struct LimitsSection {
     pub queue_len: Option<usize>,
     /// Simultaneous connections.
     pub max_connections: Option<usize>,
+    /// Unregistered connections per source address.
+    pub max_pending_per_ip: Option<usize>,
     /// Sustained frames/s per node.
     pub rate_per_sec: Option<f64>,
     /// Burst frames per node.
@@ -280,6 +283,9 @@ impl FileConfig {
         }
         if let Some(v) = l.max_connections {
             cfg.max_connections = positive("max_connections", v)?;
+        }
+        if let Some(v) = l.max_pending_per_ip {
+            cfg.max_pending_per_ip = positive("max_pending_per_ip", v)?;
         }
         if let Some(v) = l.max_mesh_members {
             cfg.router.max_mesh_members = positive("max_mesh_members", v)?;

@@ -585,3 +585,43 @@ async fn auto_mode_falls_back_to_tls_over_tcp_when_udp_is_blocked() {
     front_task.abort();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn one_address_cannot_hold_the_server_with_unregistered_connections() {
+    use tokio::io::AsyncReadExt;
+    let mut cfg = signaling::server::ServerConfig::new(
+        loopback(),
+        Identity::self_signed(&["x".into()]).unwrap(),
+        common::mesh_auth(),
+    );
+    cfg.max_pending_per_ip = 4;
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = TestServer::with_config(cfg).await;
+    // Four connections that never speak hold this address's pending slots.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A fifth from the same address is closed at once, not after the
+    // 10 s registration timeout.
+    let mut fifth = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(3), fifth.read(&mut b))
+        .await
+        .expect("the fifth connection was not closed promptly");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let m = server.metrics_text().await;
+    assert!(m.contains("wgice_signaling_refused_pending_total 1"), "{m}");
+    // Once they are gone, a node from that address registers as usual.
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut a = server.client(
+        "red",
+        "red-token",
+        PrivateKey::generate(),
+        TransportMode::TcpOnly,
+    );
+    connected(&mut a).await;
+    server.stop().await;
+}

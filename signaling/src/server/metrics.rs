@@ -19,6 +19,8 @@ pub struct Metrics {
     pub accepted_quic: AtomicU64,
     /// Connections accepted over TLS/TCP, total.
     pub accepted_tcp: AtomicU64,
+    /// Connections refused: their address already had too many unregistered ones.
+    pub refused_pending: AtomicU64,
     /// Registrations refused: bad proof of key possession.
     pub auth_failures: AtomicU64,
     /// Registrations refused: bad mesh token or name.
@@ -79,6 +81,12 @@ impl Metrics {
             "counter",
             "Connections accepted over TLS/TCP.",
             self.accepted_tcp.load(Relaxed),
+        );
+        m(
+            "refused_pending_total",
+            "counter",
+            "Connections refused: too many unregistered ones from that address.",
+            self.refused_pending.load(Relaxed),
         );
         m(
             "messages_routed_total",

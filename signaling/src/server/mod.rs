@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub queue_len: usize,
     /// Most simultaneous connections.
     pub max_connections: usize,
+    /// Most connections from one IP address that have not registered yet
+    /// (one address cannot hold the server's slots with idle handshakes).
+    pub max_pending_per_ip: usize,
     /// Time allowed between connect and registration.
     pub register_timeout: Duration,
     /// A connection that sends nothing for this long is closed (clients ping).
@@ -70,6 +73,7 @@ impl ServerConfig {
             router: RouterConfig::default(),
             queue_len: 256,
             max_connections: 100_000,
+            max_pending_per_ip: 64,
             register_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             nats: None,
@@ -166,6 +170,8 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     live: AtomicUsize,
     live_zero: Notify,
+    /// Connections not registered yet, per source IP.
+    pending: Mutex<HashMap<std::net::IpAddr, usize>>,
     shutting_down: AtomicBool,
     cfg: ServerConfig,
 }
@@ -374,6 +380,7 @@ impl Server {
             next_conn: AtomicU64::new(1),
             live: AtomicUsize::new(0),
             live_zero: Notify::new(),
+            pending: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             cfg,
         });
@@ -495,6 +502,33 @@ async fn timer(shared: Arc<Shared>) {
     }
 }
 
+/// A connection that has not registered yet, counted against its source IP.
+struct PendingGuard(Arc<Shared>, std::net::IpAddr);
+
+impl PendingGuard {
+    fn new(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<Self> {
+        let mut m = lock(&shared.pending);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= shared.cfg.max_pending_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(PendingGuard(shared.clone(), ip))
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut m = lock(&self.0.pending);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 struct LiveGuard(Arc<Shared>);
 
 impl LiveGuard {
@@ -528,12 +562,17 @@ async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             }
             continue;
         }
+        let remote = incoming.remote_address();
+        let Some(pending) = PendingGuard::new(&shared, remote.ip()) else {
+            Metrics::inc(&shared.metrics.refused_pending);
+            incoming.refuse();
+            continue;
+        };
         let Some(guard) = LiveGuard::new(&shared) else {
             incoming.refuse();
             continue;
         };
         Metrics::inc(&shared.metrics.accepted_quic);
-        let remote = incoming.remote_address();
         let shared = shared.clone();
         tokio::spawn(
             async move {
@@ -560,7 +599,7 @@ async fn accept_quic(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
                 {
                     return;
                 }
-                serve_conn(&shared, recv, send, binding).await;
+                serve_conn(&shared, recv, send, binding, pending).await;
                 // Let the peer read our last frame and close first.
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                 conn.close(0u32.into(), b"bye");
@@ -588,6 +627,10 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
+        let Some(pending) = PendingGuard::new(&shared, remote.ip()) else {
+            Metrics::inc(&shared.metrics.refused_pending);
+            continue;
+        };
         let Some(guard) = LiveGuard::new(&shared) else {
             continue;
         };
@@ -598,14 +641,19 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener) {
         tokio::spawn(
             async move {
                 let _guard = guard;
-                serve_tcp(&shared, acceptor, sock).await;
+                serve_tcp(&shared, acceptor, sock, pending).await;
             }
             .instrument(info_span!("tcp", %remote)),
         );
     }
 }
 
-async fn serve_tcp(shared: &Arc<Shared>, acceptor: tokio_rustls::TlsAcceptor, sock: TcpStream) {
+async fn serve_tcp(
+    shared: &Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    sock: TcpStream,
+    pending: PendingGuard,
+) {
     let tls = match tokio::time::timeout(shared.cfg.register_timeout, acceptor.accept(sock)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
@@ -623,7 +671,7 @@ async fn serve_tcp(shared: &Arc<Shared>, acceptor: tokio_rustls::TlsAcceptor, so
         Err(_) => return,
     };
     let (rd, wr) = tokio::io::split(tls);
-    serve_conn(shared, rd, wr, binding).await;
+    serve_conn(shared, rd, wr, binding, pending).await;
 }
 
 fn fatal(code: ErrorCode, message: impl Into<String>) -> Arc<[u8]> {
@@ -682,8 +730,13 @@ async fn writer<W: AsyncWrite + Unpin>(
 }
 
 /// One connection, from challenge to close.
-async fn serve_conn<R, W>(shared: &Arc<Shared>, rd: R, wr: W, binding: [u8; 32])
-where
+async fn serve_conn<R, W>(
+    shared: &Arc<Shared>,
+    rd: R,
+    wr: W,
+    binding: [u8; 32],
+    pending: PendingGuard,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -718,6 +771,8 @@ where
         )),
         Ok(Ok(Some(bytes))) => check_register(shared, &challenge, &binding, &bytes),
     };
+    // Registered or refused: no longer a pending connection of its address.
+    drop(pending);
     let (mesh, key, overlay) = match registered {
         Ok(x) => x,
         Err(last) => {
