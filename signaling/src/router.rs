@@ -442,6 +442,29 @@ impl Router {
             return;
         }
         c.tokens -= 1.0;
+        // A member list costs one token per frame it takes (a node asking
+        // for 10,000 members over and over must not get 40 frames for 1).
+        if matches!(frame, ClientFrame::ListMembers) {
+            let n = self.meshes.get(&c.mesh).map_or(0, |m| m.len());
+            let extra = (n.saturating_sub(1) / MEMBERS_PER_FRAME) as f64;
+            if c.tokens < extra {
+                self.stats.rate_limited += 1;
+                self.out.push_back(Output::Send(
+                    conn,
+                    error(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "member list of {n} needs {} frames of the {} frames/s rate; ask less often",
+                            extra + 1.0,
+                            self.cfg.rate_per_sec
+                        ),
+                        false,
+                    ),
+                ));
+                return;
+            }
+            c.tokens -= extra;
+        }
         let (mesh, key) = (c.mesh.clone(), c.key);
         match frame {
             ClientFrame::Send { envelope } => self.route(conn, &mesh, key, envelope),
@@ -827,6 +850,44 @@ mod tests {
                     done: true
                 }
             )]
+        );
+    }
+
+    #[test]
+    fn member_lists_cost_a_token_per_frame() {
+        let now = Instant::now();
+        let cfg = RouterConfig {
+            rate_per_sec: 1.0,
+            rate_burst: 5.0,
+            ..RouterConfig::default()
+        };
+        let mut r = Router::new(cfg, InstanceId(1));
+        // 1,000 members: a list is 4 frames.
+        for i in 0..1000u64 {
+            let (_, k) = key();
+            r.register(now, ConnId(i + 1), "m", k, vec![]);
+        }
+        drain(&mut r);
+        r.handle_client(now, ConnId(1), ClientFrame::ListMembers);
+        let out = drain(&mut r);
+        assert_eq!(out.len(), 4, "{:?}", out.len());
+        // 5 - 4 = 1 token left: the next list is refused, not sent.
+        r.handle_client(now, ConnId(1), ClientFrame::ListMembers);
+        let out = drain(&mut r);
+        assert_eq!(out.len(), 1);
+        assert!(
+            matches!(
+                &out[0],
+                Output::Send(
+                    _,
+                    ServerFrame::Error {
+                        code: ErrorCode::RateLimited,
+                        ..
+                    }
+                )
+            ),
+            "{:?}",
+            out[0]
         );
     }
 
