@@ -276,6 +276,9 @@ const MAX_REMOTE_CANDIDATES: usize = 64;
 const MAX_OWNED_PER_PEER: usize = 256;
 const MAX_OWNED: usize = 64 * 1024;
 const REOFFER_AFTER: Duration = Duration::from_secs(5);
+/// A session that heard nothing this long yields to an offer with an older
+/// id (the peer restarted with its clock behind).
+const STALE_SESSION: Duration = Duration::from_secs(15);
 const STUN_REFRESH: Duration = Duration::from_secs(25);
 
 impl Agent {
@@ -492,7 +495,7 @@ impl Agent {
                         continue;
                     };
                     if s.ice.handle_stun(now, source, dst, data) {
-                        self.note_owner(source, k);
+                        self.note_owner(source, k, true);
                         self.drain_session(now, &k);
                         return None;
                     }
@@ -582,16 +585,19 @@ impl Agent {
         }
     }
 
-    /// Our signaling connection is back: re-offer to peers still waiting for
-    /// an answer (the messages may have been lost).
+    /// Our signaling connection is back: messages sent meanwhile were
+    /// dropped, so every session offers again.
     pub fn handle_signaling_connected(&mut self, now: Instant) {
-        let waiting: Vec<PeerKey> = self
+        // Every session, answered or not: an offer with the same session id
+        // is idempotent for the peer and carries our current candidates,
+        // including any trickled while signaling was down.
+        let with_session: Vec<PeerKey> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.session.as_ref().is_some_and(|s| s.remote_id.is_none()))
+            .filter(|(_, p)| p.session.is_some())
             .map(|(k, _)| *k)
             .collect();
-        for k in waiting {
+        for k in with_session {
             self.send_offer(now, k);
         }
     }
@@ -613,19 +619,7 @@ impl Agent {
                 return;
             }
             match message {
-                PeerMessage::Offer { .. } => {
-                    self.manage(now, from, Vec::new());
-                    let early: Vec<(u64, String)> = self
-                        .early
-                        .iter()
-                        .filter(|e| e.0 == from)
-                        .map(|e| (e.1, e.2.clone()))
-                        .collect();
-                    self.early.retain(|e| e.0 != from);
-                    if let Some(p) = self.peers.get_mut(&from) {
-                        p.pending = early;
-                    }
-                }
+                PeerMessage::Offer { .. } => self.manage(now, from, Vec::new()),
                 PeerMessage::Candidate { session, candidate } => {
                     if self.early.len() == MAX_EARLY_CANDIDATES {
                         self.early.pop_front();
@@ -652,20 +646,32 @@ impl Agent {
                 candidates,
                 wg_port,
             } => {
-                p.online = true;
-                p.offline_since = None;
-                p.remote_wg_port = wg_port;
+                // An older id is a late copy, unless our session with them
+                // has gone quiet: then it is a restart with a clock that
+                // went backwards (no RTC before NTP), and refusing it would
+                // lock the peer out.
+                let quiet = p.session.as_ref().is_none_or(|s| {
+                    s.ice
+                        .last_heard()
+                        .is_none_or(|t| now.saturating_duration_since(t) > STALE_SESSION)
+                });
                 match known {
                     // Our offer crossed theirs, or this is a repeat: take it.
                     Some(None) => {}
                     Some(Some(id)) if id == session => {}
-                    Some(Some(id)) if session < id => {
+                    Some(Some(id)) if session < id && !quiet => {
                         self.drops.signal_rejected += 1;
                         return;
                     }
                     // A new session on their side (restart), or none on ours.
                     _ => self.new_session(now, from),
                 }
+                let Some(p) = self.peers.get_mut(&from) else {
+                    return;
+                };
+                p.online = true;
+                p.offline_since = None;
+                p.remote_wg_port = wg_port;
                 self.accept_remote(now, from, session, ufrag, pwd, candidates);
                 self.send_answer(from);
             }
@@ -676,7 +682,9 @@ impl Agent {
                 candidates,
                 wg_port,
             } => {
-                p.remote_wg_port = wg_port;
+                if known == Some(None) || known == Some(Some(session)) {
+                    p.remote_wg_port = wg_port;
+                }
                 match known {
                     Some(None) => self.accept_remote(now, from, session, ufrag, pwd, candidates),
                     Some(Some(id)) if id == session => {
@@ -823,6 +831,11 @@ impl Agent {
         }
     }
 
+    /// Remote candidates the current session with `peer` has taken.
+    pub fn remote_candidate_count(&self, peer: &PeerKey) -> usize {
+        self.peers.get(peer).map_or(0, |p| p.remote_candidates)
+    }
+
     /// The ICE session ids with `peer`: (ours, theirs once known).
     pub fn session_ids(&self, peer: &PeerKey) -> Option<(u64, Option<u64>)> {
         let s = self.peers.get(peer)?.session.as_ref()?;
@@ -902,11 +915,19 @@ impl Agent {
     // ---- peers and sessions -------------------------------------------------
 
     fn manage(&mut self, now: Instant, key: PeerKey, allowed_ips: Vec<IpNet>) {
+        // Candidates this member sent before it was a peer.
+        let early: Vec<(u64, String)> = self
+            .early
+            .iter()
+            .filter(|e| e.0 == key)
+            .map(|e| (e.1, e.2.clone()))
+            .collect();
+        self.early.retain(|e| e.0 != key);
         self.peers.insert(
             key,
             Peer {
                 allowed_ips: allowed_ips.clone(),
-                pending: Vec::new(),
+                pending: early,
                 online: false,
                 // Until signaling says it is online (callers that know set it).
                 offline_since: Some(now),
@@ -1110,9 +1131,12 @@ impl Agent {
             return;
         };
         match s.ice.add_remote_candidate_sdp(now, sdp) {
-            Ok(addr) => {
-                p.remote_candidates += 1;
-                self.note_owner(addr, key);
+            Ok((addr, new)) => {
+                // Repeats (re-offers after a reconnect) cost nothing.
+                if new {
+                    p.remote_candidates += 1;
+                }
+                self.note_owner(addr, key, false);
             }
             Err(e) => {
                 tracing::debug!(peer = %base64_key(&key), "ignored candidate {sdp:?}: {e}");
@@ -1123,10 +1147,16 @@ impl Agent {
     }
 
     /// Remembers that `addr` belongs to `key` (for WireGuard packets, which
-    /// carry no credentials). Bounded per peer and in total.
-    fn note_owner(&mut self, addr: SocketAddr, key: PeerKey) {
-        if self.owner.get(&addr) == Some(&key) {
-            return;
+    /// carry no credentials). Bounded per peer and in total. `proven`: the
+    /// address answered an authenticated check for this peer's session, so
+    /// it may take the address over; a candidate a peer merely *signalled*
+    /// never displaces another peer's address (a member naming a victim's
+    /// address must not capture its packets).
+    fn note_owner(&mut self, addr: SocketAddr, key: PeerKey, proven: bool) {
+        match self.owner.get(&addr) {
+            Some(k) if *k == key => return,
+            Some(_) if !proven => return,
+            _ => {}
         }
         let mine = self.owner.values().filter(|k| **k == key).count();
         if mine < MAX_OWNED_PER_PEER && self.owner.len() < MAX_OWNED {

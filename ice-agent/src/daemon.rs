@@ -416,6 +416,9 @@ pub async fn run(
         }
     }
 
+    // No more status answers: queued and later queries fail at once instead
+    // of holding the wg thread's channel open.
+    drop(ctl_rx);
     tracing::info!(
         "shutting down: telling peers, releasing allocations, restoring WireGuard peers"
     );
@@ -549,14 +552,22 @@ async fn proxy_loop(
     loop {
         tokio::select! {
             r = psock.readable() => {
-                if r.is_err() {
+                if let Err(e) = r {
+                    tracing::debug!("proxy socket: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
                 // Drain what is queued (one wake-up for a burst).
                 for _ in 0..64 {
                     let (n, from) = match psock.try_recv_from(&mut buf) {
                         Ok(x) => x,
-                        Err(_) => break,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            // Not "nothing queued": do not spin on it.
+                            tracing::debug!("proxy socket: {e}");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            break;
+                        }
                     };
                     // Only the local WireGuard interface speaks here.
                     if from != wg_addr {
@@ -602,6 +613,10 @@ async fn send(sock: &UdpSocket, data: &[u8], to: SocketAddr) {
 
 fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
     let mut originals: HashMap<PeerKey, Original> = HashMap::new();
+    // Allowed IPs each managed peer should have, and what was written (a
+    // member's address another peer holds is withheld until it is free).
+    let mut wanted: HashMap<PeerKey, Vec<IpNet>> = HashMap::new();
+    let mut written: HashMap<PeerKey, Vec<IpNet>> = HashMap::new();
     let log = |what: &str, r: Result<(), WgError>| {
         if let Err(e) = r {
             tracing::warn!("{what}: {e}");
@@ -623,7 +638,13 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                         continue;
                     }
                 };
+                if !allowed_ips.is_empty() {
+                    wanted.insert(peer, allowed_ips.clone());
+                }
                 let allowed_ips = unclaimed(&dev, &peer, allowed_ips);
+                if !allowed_ips.is_empty() {
+                    written.insert(peer, allowed_ips.clone());
+                }
                 let existing = dev.peers.into_iter().find(|p| p.public_key == peer);
                 let keep_ips = allowed_ips.is_empty() && existing.is_some();
                 originals
@@ -642,47 +663,53 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
             // Only peers the agent took over (and knows how to restore);
             // never re-create one that was removed behind its back.
             WgCmd::Endpoint { peer, endpoint } if originals.contains_key(&peer) => {
+                // Never re-create a peer removed behind the agent's back
+                // (`update_only` is not understood by every implementation).
+                match wg.device() {
+                    Ok(d) if d.peers.iter().any(|p| p.public_key == peer) => {}
+                    Ok(_) => {
+                        tracing::warn!(
+                            peer = %base64_key(&peer),
+                            "peer was removed from the interface; not re-creating it"
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!("reading the interface: {e}");
+                        continue;
+                    }
+                }
                 tracing::info!(peer = %base64_key(&peer), %endpoint, "WireGuard endpoint");
                 log(
                     "setting endpoint",
                     wg.set_peer(&PeerUpdate {
                         public_key: peer,
                         endpoint: Some(endpoint),
-                        update_only: true,
                         ..PeerUpdate::default()
                     }),
                 );
             }
             WgCmd::AllowedIps { peer, allowed_ips } if originals.contains_key(&peer) => {
-                let allowed_ips = match wg.device() {
-                    Ok(dev) => unclaimed(&dev, &peer, allowed_ips),
-                    Err(e) => {
-                        tracing::warn!("reading the interface: {e}");
-                        continue;
-                    }
-                };
-                tracing::info!(peer = %base64_key(&peer), ?allowed_ips, "WireGuard allowed IPs");
-                log(
-                    "setting allowed IPs",
-                    wg.set_peer(&PeerUpdate {
-                        public_key: peer,
-                        allowed_ips: Some(allowed_ips),
-                        update_only: true,
-                        ..PeerUpdate::default()
-                    }),
-                );
+                wanted.insert(peer, allowed_ips);
+                apply_wanted(&wg, &wanted, &mut written, Some(peer));
             }
             WgCmd::Endpoint { .. } | WgCmd::AllowedIps { .. } => {}
             WgCmd::Restore { peer } => {
                 if let Some(o) = originals.remove(&peer) {
                     log("restoring peer", wg.restore(&peer, &o));
                 }
+                wanted.remove(&peer);
+                written.remove(&peer);
+                // Addresses that peer held may now be free for another.
+                apply_wanted(&wg, &wanted, &mut written, None);
             }
             WgCmd::RestoreAll(done) => {
                 for (peer, o) in originals.drain() {
                     log("restoring peer", wg.restore(&peer, &o));
                 }
                 let _ = done.send(());
+                // Nothing may change the interface after the restore.
+                return;
             }
             WgCmd::Counters(reply) => {
                 let m = wg
@@ -696,6 +723,44 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                     .unwrap_or_default();
                 let _ = reply.send(m);
             }
+        }
+    }
+}
+
+/// Writes the allowed IPs of `only` (or of every managed peer) that are
+/// wanted, free, and not yet written.
+fn apply_wanted(
+    wg: &WgControl,
+    wanted: &HashMap<PeerKey, Vec<IpNet>>,
+    written: &mut HashMap<PeerKey, Vec<IpNet>>,
+    only: Option<PeerKey>,
+) {
+    let dev = match wg.device() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!("reading the interface: {e}");
+            return;
+        }
+    };
+    for (peer, want) in wanted {
+        if only.is_some_and(|o| o != *peer) || !dev.peers.iter().any(|p| p.public_key == *peer) {
+            continue;
+        }
+        let ips = unclaimed(&dev, peer, want.clone());
+        if written.get(peer) == Some(&ips) {
+            continue;
+        }
+        tracing::info!(peer = %base64_key(peer), allowed_ips = ?ips, "WireGuard allowed IPs");
+        let r = wg.set_peer(&PeerUpdate {
+            public_key: *peer,
+            allowed_ips: Some(ips.clone()),
+            ..PeerUpdate::default()
+        });
+        match r {
+            Ok(()) => {
+                written.insert(*peer, ips);
+            }
+            Err(e) => tracing::warn!("setting allowed IPs: {e}"),
         }
     }
 }
@@ -817,7 +882,13 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    let l = UnixListener::bind(path).map_err(|e| {
+    // Created owner-only from the start (no window with looser rights).
+    // SAFETY: umask has no preconditions; restored right after the bind.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let l = bound.map_err(|e| {
         DaemonError::Setup(format!(
             "cannot bind control socket {}: {e} (agent.control)",
             path.display()

@@ -447,33 +447,36 @@ impl PeerSession {
         self.retry_direct(now);
     }
 
-    /// Adds a candidate the peer trickled.
-    pub fn add_remote_candidate(&mut self, now: Instant, candidate: Candidate) {
+    /// Adds a candidate the peer trickled; `false` if it was known already
+    /// (a repeated offer), in which case nothing changes.
+    pub fn add_remote_candidate(&mut self, now: Instant, candidate: Candidate) -> bool {
         if self.first_remote_at.is_none() {
             self.first_remote_at = Some(now);
         }
-        if !self
+        if self
             .remote
             .iter()
             .any(|c| c.addr() == candidate.addr() && c.kind() == candidate.kind())
         {
-            self.remote.push(candidate.clone());
+            return false;
         }
+        self.remote.push(candidate.clone());
         self.ice.add_remote_candidate(candidate);
         self.after_mutation(now);
+        true
     }
 
     /// Adds a candidate the peer trickled as an SDP `candidate:` line;
-    /// returns its address.
+    /// returns its address and whether it was new.
     pub fn add_remote_candidate_sdp(
         &mut self,
         now: Instant,
         line: &str,
-    ) -> Result<SocketAddr, SessionError> {
+    ) -> Result<(SocketAddr, bool), SessionError> {
         let c = Candidate::from_sdp_string(line)?;
         let addr = c.addr();
-        self.add_remote_candidate(now, c);
-        Ok(addr)
+        let new = self.add_remote_candidate(now, c);
+        Ok((addr, new))
     }
 
     /// Handles a STUN datagram received on `destination` (a local host

@@ -78,8 +78,6 @@ pub struct PeerUpdate {
     pub keepalive: Option<u16>,
     /// Preshared key to restore.
     pub preshared_key: Option<[u8; 32]>,
-    /// Only change the peer if it exists (never create it).
-    pub update_only: bool,
 }
 
 /// How a managed peer looked before the agent touched it.
@@ -182,9 +180,6 @@ impl WgControl {
         match &self.backend {
             Backend::Uapi(p) => {
                 let mut req = format!("set=1\npublic_key={}\n", hex(&u.public_key));
-                if u.update_only {
-                    req += "update_only=true\n";
-                }
                 if let Some(e) = u.endpoint {
                     req += &format!("endpoint={e}\n");
                 }
@@ -246,8 +241,9 @@ impl WgControl {
 
     /// Puts a peer back as it was before the agent managed it: endpoint,
     /// allowed IPs, keepalive and preshared key. A peer that had no endpoint
-    /// is removed and re-created (no protocol can unset an endpoint) in one
-    /// UAPI transaction, so it is never briefly missing.
+    /// is removed and re-created (no protocol can unset an endpoint); that
+    /// takes two transactions, since boringtun keeps `remove` set for the
+    /// rest of a transaction.
     pub fn restore(&self, public_key: &[u8; 32], original: &Original) -> Result<(), WgError> {
         let p = match original {
             Original::Created => return self.remove_peer(public_key),
@@ -260,11 +256,10 @@ impl WgControl {
         match &self.backend {
             Backend::Uapi(path) => {
                 let key = hex(public_key);
-                let mut req = String::from("set=1\n");
                 if endpoint.is_none() {
-                    req += &format!("public_key={key}\nremove=true\n");
+                    self.remove_peer(public_key)?;
                 }
-                req += &format!("public_key={key}\n");
+                let mut req = format!("set=1\npublic_key={key}\n");
                 if let Some(e) = &endpoint {
                     req += &format!("endpoint={e}\n");
                 }

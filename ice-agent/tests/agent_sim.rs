@@ -201,6 +201,15 @@ fn two_public_hosts_connect_direct_through_the_proxy_route() {
     assert_eq!(w.seen[0].allowed, vec![(b, want)]);
     assert_eq!(w.path(0).0, PathKind::Direct);
     assert_eq!(w.seen[0].offers, 1);
+    // Signaling reconnects re-offer everything: harmless for the session,
+    // and repeats never use up the peer's candidate budget.
+    for _ in 0..100 {
+        w.agents[0].handle_signaling_connected(w.now);
+        w.run(Duration::from_millis(30));
+    }
+    assert_eq!(w.agents[1].remote_candidate_count(&KA), 1);
+    assert_eq!(w.path(1).0, PathKind::Direct);
+    assert_eq!(w.seen[0].offers, 101);
 }
 
 #[test]
@@ -240,8 +249,9 @@ fn candidates_before_the_offer_are_kept_until_it_arrives() {
     assert!(!w.reverse_next_batch, "the messages were not reordered");
     assert_eq!(w.path(0).0, PathKind::Direct, "{:?}", w.path(0));
     assert_eq!(w.path(1).0, PathKind::Direct, "{:?}", w.path(1));
-    // The early candidate was kept, not refused.
+    // The early candidate was kept and used, not refused.
     assert_eq!(w.agents[1].drops().signal_rejected, 0);
+    assert_eq!(w.agents[1].remote_candidate_count(&KA), 2);
 }
 
 #[test]
@@ -385,4 +395,57 @@ fn a_lost_offer_is_sent_again() {
     assert_eq!(w.path(0).0, PathKind::Direct, "{:?}", w.path(0));
     assert_eq!(w.path(1).0, PathKind::Direct, "{:?}", w.path(1));
     assert_eq!(w.seen[0].offers, 2);
+}
+
+#[test]
+fn early_candidates_survive_when_presence_creates_the_peer() {
+    let mut w = World::new(
+        opts(KA, "198.51.100.1/24", true, vec![]),
+        opts(KB, "203.0.113.2/24", true, vec![]),
+    );
+    let (a, b) = (w.keys[0], w.keys[1]);
+    w.agents[0].handle_member(w.now, b, &[]);
+    let a_id = w.agents[0].session_ids(&b).expect("session").0;
+    // A candidate of A's reaches B before B knows A at all...
+    w.agents[1].handle_message(
+        w.now,
+        a,
+        PeerMessage::Candidate {
+            session: a_id,
+            candidate: "candidate:9 1 udp 2130706431 198.51.100.9 51821 typ host".into(),
+        },
+    );
+    // ...then presence makes A a peer, then A's offer arrives.
+    w.agents[1].handle_member(w.now, a, &[]);
+    w.run(Duration::from_secs(2));
+    assert_eq!(w.path(1).0, PathKind::Direct, "{:?}", w.path(1));
+    assert_eq!(w.agents[1].remote_candidate_count(&a), 2);
+    assert_eq!(w.agents[1].drops().signal_rejected, 0);
+}
+
+#[test]
+fn a_late_offer_of_an_older_session_is_ignored() {
+    let mut w = World::new(
+        opts(KA, "198.51.100.1/24", true, vec![]),
+        opts(KB, "203.0.113.2/24", true, vec![]),
+    );
+    w.online();
+    w.run(Duration::from_secs(2));
+    let before = w.agents[0].session_ids(&KB).expect("session");
+    let b_id = before.1.expect("answered");
+    w.agents[0].handle_message(
+        w.now,
+        KB,
+        PeerMessage::Offer {
+            session: b_id - 1,
+            ufrag: "old1".into(),
+            pwd: "an-old-password-of-22ch".into(),
+            candidates: vec![],
+            wg_port: Some(1),
+        },
+    );
+    w.run(Duration::from_millis(200));
+    assert_eq!(w.agents[0].session_ids(&KB), Some(before));
+    assert_eq!(w.agents[0].drops().signal_rejected, 1);
+    assert_eq!(w.path(0).0, PathKind::Direct);
 }

@@ -154,7 +154,7 @@ pub struct Client {
     next_channel: u16,
     /// Channel numbers given up recently: the server may hold them for up
     /// to 10 minutes, so they are not reused before that.
-    released: HashMap<u16, Instant>,
+    released: HashMap<u16, (SocketAddr, Instant)>,
     /// Credentials the live allocation was using before `set_credentials`,
     /// kept until the server accepts the new ones.
     previous: Option<(String, String)>,
@@ -283,7 +283,23 @@ impl Client {
             return Some(*n);
         }
         self.released
-            .retain(|_, at| now.saturating_duration_since(*at) < CHANNEL_QUARANTINE);
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < CHANNEL_QUARANTINE);
+        // The server may still hold this peer's old binding: only that
+        // number is accepted for it (a different one is a 400).
+        let old = self
+            .released
+            .iter()
+            .find(|(_, (p, _))| *p == peer)
+            .map(|(n, _)| *n);
+        if let Some(n) = old {
+            self.released.remove(&n);
+            self.channels.insert(peer, (n, now, false));
+            self.by_channel.insert(n, peer);
+            if self.state == State::Allocated {
+                self.start(now, Kind::Channel(peer, n), 0);
+            }
+            return Some(n);
+        }
         let min = channel_data::MIN_CHANNEL;
         let span = channel_data::MAX_CHANNEL_RFC8656 - min + 1;
         let start = self.next_channel.saturating_sub(min) % span;
@@ -304,7 +320,7 @@ impl Client {
     pub fn release_channel(&mut self, now: Instant, peer: SocketAddr) {
         if let Some((n, _, _)) = self.channels.remove(&peer) {
             self.by_channel.remove(&n);
-            self.released.insert(n, now);
+            self.released.insert(n, (peer, now));
         }
     }
 
@@ -598,7 +614,9 @@ impl Client {
                     self.state = State::Allocating;
                 } else {
                     if let Kind::Channel(peer, n) = t.kind {
-                        if code != 437 {
+                        // Only if the failed request was for the binding
+                        // still held (not one released and re-made since).
+                        if code != 437 && self.channels.get(&peer).is_some_and(|c| c.0 == n) {
                             self.channels.remove(&peer);
                             self.by_channel.remove(&n);
                         }
@@ -719,7 +737,12 @@ mod tests {
             c.bind_channel(t0 + Duration::from_secs(300), peer(5000)),
             None
         );
-        let later = t0 + Duration::from_secs(700);
+        // The same peer gets its old number back at once (the server would
+        // refuse another one for it while the old binding lives).
+        let t1 = t0 + Duration::from_secs(60);
+        assert_eq!(c.bind_channel(t1, peer(3)), Some(n));
+        c.release_channel(t1, peer(3));
+        let later = t1 + Duration::from_secs(700);
         assert_eq!(c.bind_channel(later, peer(5000)), Some(n));
     }
 }
