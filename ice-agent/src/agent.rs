@@ -244,6 +244,8 @@ struct RelayState {
     binding_tid: Option<stun::TransactionId>,
     /// Why the relay is not usable (for status).
     problem: Option<String>,
+    /// When the server last sent us anything (answers, relayed data).
+    last_rx: Option<Instant>,
 }
 
 /// The agent core. See the module docs.
@@ -276,6 +278,8 @@ const MAX_REMOTE_CANDIDATES: usize = 64;
 const MAX_OWNED_PER_PEER: usize = 256;
 const MAX_OWNED: usize = 64 * 1024;
 const REOFFER_AFTER: Duration = Duration::from_secs(5);
+/// A relay silent this long gets a Refresh to prove it still has us.
+const RELAY_PROBE_AFTER: Duration = Duration::from_secs(5);
 /// A session that heard nothing this long yields to an offer with an older
 /// id (the peer restarted with its clock behind).
 const STALE_SESSION: Duration = Duration::from_secs(15);
@@ -299,6 +303,7 @@ impl Agent {
                 failures: 0,
                 binding_tid: None,
                 problem: None,
+                last_rx: None,
             })
             .collect();
         let mut a = Agent {
@@ -382,6 +387,7 @@ impl Agent {
         for r in &self.relays {
             consider(r.retry_at);
             consider(r.turn.as_ref().and_then(|t| t.poll_timeout()));
+            consider(relay_probe_at(r));
         }
         best
     }
@@ -392,6 +398,15 @@ impl Agent {
             if self.relays[i].retry_at.is_some_and(|t| t <= now) {
                 self.relays[i].retry_at = None;
                 self.start_relay(now, i);
+            }
+            if relay_probe_at(&self.relays[i]).is_some_and(|t| t <= now) {
+                // Silent for a while: make sure the allocation still exists
+                // (a restarted relay forgot it; without this the loss shows
+                // only at the next permission refresh, minutes later).
+                self.relays[i].last_rx = Some(now);
+                if let Some(t) = self.relays[i].turn.as_mut() {
+                    t.refresh_now(now);
+                }
             }
             if let Some(t) = self.relays[i].turn.as_mut() {
                 if t.poll_timeout().is_some_and(|d| d <= now) {
@@ -453,6 +468,7 @@ impl Agent {
         if local.is_some() {
             self.relays[i].base = local;
         }
+        self.relays[i].last_rx = Some(now);
         let Some(turn) = self.relays[i].turn.as_mut() else {
             self.handle_binding_response(now, i, data);
             return None;
@@ -1342,7 +1358,7 @@ impl Agent {
                     code,
                     reason,
                 } if request == "Allocate" => {
-                    self.relay_down(now, i, format!("Allocate failed: {code} {reason}"));
+                    self.relay_down(now, i, format!("Allocate failed: {code} {reason}"), false);
                 }
                 ClientEvent::Failed {
                     request,
@@ -1351,19 +1367,26 @@ impl Agent {
                 } => {
                     tracing::debug!(%server, "TURN {request} failed: {code} {reason}");
                 }
-                ClientEvent::Lost { reason } => {
-                    self.relay_down(now, i, format!("allocation lost: {reason}"));
+                ClientEvent::Lost { reason, answered } => {
+                    // A live server that forgot us (restart): retry at once.
+                    self.relay_down(now, i, format!("allocation lost: {reason}"), answered);
                 }
                 _ => {}
             }
         }
     }
 
-    fn relay_down(&mut self, now: Instant, i: usize, why: String) {
+    /// `alive`: the server answered (it lost our allocation, e.g. it
+    /// restarted), so the first retry goes out at once.
+    fn relay_down(&mut self, now: Instant, i: usize, why: String, alive: bool) {
         let r = &mut self.relays[i];
         r.failures += 1;
-        let wait = Duration::from_secs(2u64 << r.failures.min(5).saturating_sub(1))
-            .min(Duration::from_secs(60));
+        let wait = if alive && r.failures == 1 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(2u64 << r.failures.min(5).saturating_sub(1))
+                .min(Duration::from_secs(60))
+        };
         tracing::warn!(server = %r.spec.server, "relay unusable ({why}); retrying in {wait:?}");
         r.problem = Some(why);
         r.turn = None;
@@ -1378,7 +1401,9 @@ impl Agent {
         for c in gone {
             self.remove_local(now, &c);
         }
-        self.set_mapped(now, i, None);
+        // The server-reflexive candidate stays: it describes our NAT, not
+        // the relay, and direct paths may stand on it. A new allocation
+        // replaces it if the mapping changed.
     }
 
     fn channel_ready(&mut self, server: SocketAddr, peer: SocketAddr, channel: u16) {
@@ -1536,6 +1561,15 @@ impl Agent {
             }
         }
     }
+}
+
+/// When to check that a silent relay still holds our allocation.
+fn relay_probe_at(r: &RelayState) -> Option<Instant> {
+    let t = r.turn.as_ref()?;
+    if !t.is_allocated() {
+        return None;
+    }
+    Some(r.last_rx? + RELAY_PROBE_AFTER)
 }
 
 /// When an unanswered offer is sent again: 5 s, 10 s, … at most 60 s.

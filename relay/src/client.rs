@@ -91,6 +91,9 @@ pub enum ClientEvent {
     Lost {
         /// Why.
         reason: String,
+        /// The server answered (it no longer knows the allocation, e.g. it
+        /// restarted); `false` when it stopped answering.
+        answered: bool,
     },
     /// The allocation was deleted on request.
     Deallocated,
@@ -228,6 +231,19 @@ impl Client {
         self.previous = None;
         self.state = State::Allocating;
         self.start(now, Kind::Allocate, 0);
+    }
+
+    /// Refreshes the allocation now (unless a refresh is already out): a
+    /// liveness probe. A server that lost the allocation (it restarted)
+    /// answers 437 and a `Lost` event follows; one that is gone times out.
+    pub fn refresh_now(&mut self, now: Instant) {
+        let pending = self
+            .transactions
+            .values()
+            .any(|t| matches!(t.kind, Kind::Refresh | Kind::Allocate));
+        if self.state == State::Allocated && !pending {
+            self.start(now, Kind::Refresh, 0);
+        }
     }
 
     /// Deletes the allocation (Refresh with LIFETIME 0).
@@ -441,8 +457,8 @@ impl Client {
                     reason,
                 });
             }
-            Kind::Refresh if code == 437 || code == 0 => self.lost(reason),
-            _ if code == 437 => self.lost(reason),
+            Kind::Refresh if code == 437 || code == 0 => self.lost(reason, code != 0),
+            _ if code == 437 => self.lost(reason, true),
             _ => self.events.push_back(ClientEvent::Failed {
                 request: kind.name(),
                 code,
@@ -451,7 +467,7 @@ impl Client {
         }
     }
 
-    fn lost(&mut self, reason: String) {
+    fn lost(&mut self, reason: String, answered: bool) {
         if self.state == State::Idle {
             return;
         }
@@ -462,7 +478,8 @@ impl Client {
         for c in self.channels.values_mut() {
             c.2 = false;
         }
-        self.events.push_back(ClientEvent::Lost { reason });
+        self.events
+            .push_back(ClientEvent::Lost { reason, answered });
     }
 
     fn start(&mut self, now: Instant, kind: Kind, auth_retries: u8) {

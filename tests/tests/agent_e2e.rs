@@ -376,3 +376,33 @@ fn direct_cut_falls_back_to_relay_within_3s_and_comes_back() {
     println!("back to direct after {back:?}");
     assert!(m.ping(a, b, 3), "no ping after coming back\n{}", m.logs());
 }
+
+#[test]
+fn a_restarted_relay_is_noticed_and_relayed_peers_recover() {
+    let Some(bins) = setup() else { return };
+    let mut m = MeshLab::new(&bins);
+    m.add_router("ra", NatPreset::Symmetric);
+    m.add_router("rb", NatPreset::PortRestricted);
+    let a = m.add_node("a", "ra");
+    let b = m.add_node("b", "rb");
+    m.start_agent(a);
+    m.start_agent(b);
+    m.wait_path(a, b, "relay", CONNECT).unwrap();
+    assert!(m.ping(a, b, 3), "no ping over the relay\n{}", m.logs());
+    let before = m.status(a).unwrap()["relays"][0]["relayed"].clone();
+    // The relay restarts and forgets every allocation.
+    m.lab.restart_process("relay").unwrap();
+    let t0 = std::time::Instant::now();
+    let mut back = None;
+    while t0.elapsed() < Duration::from_secs(45) {
+        if m.ping(a, b, 1) {
+            back = Some(t0.elapsed());
+            break;
+        }
+    }
+    let back = back.unwrap_or_else(|| panic!("relayed peers never recovered\n{}", m.logs()));
+    println!("relay restart → pings again after {back:?}");
+    let after = m.status(a).unwrap()["relays"][0]["relayed"].clone();
+    assert_ne!(before, after, "a new allocation was expected");
+    assert!(back <= Duration::from_secs(30), "took {back:?}");
+}
