@@ -288,27 +288,10 @@ const STUN_REFRESH: Duration = Duration::from_secs(25);
 impl Agent {
     /// A new agent; call [`Agent::handle_timeout`] to start gathering.
     pub fn new(opts: AgentOptions, now: Instant) -> Agent {
-        let relays = opts
-            .relays
-            .iter()
-            .map(|spec| RelayState {
-                spec: spec.clone(),
-                turn: None,
-                base: None,
-                relayed: Vec::new(),
-                mapped: None,
-                permitted: HashMap::new(),
-                channels: HashMap::new(),
-                retry_at: Some(now),
-                failures: 0,
-                binding_tid: None,
-                problem: None,
-                last_rx: None,
-            })
-            .collect();
+        let specs = opts.relays.clone();
         let mut a = Agent {
             peers: HashMap::new(),
-            relays,
+            relays: Vec::new(),
             local: Vec::new(),
             owner: HashMap::new(),
             out: VecDeque::new(),
@@ -318,6 +301,9 @@ impl Agent {
             retired: (0, 0),
             opts,
         };
+        for spec in specs {
+            a.add_relay(now, spec);
+        }
         let hosts: Vec<IpNet> = a.opts.host.clone();
         for net in hosts {
             let addr = SocketAddr::new(net.addr(), a.opts.port);
@@ -796,6 +782,27 @@ impl Agent {
             }
             self.drain_session(now, &k);
         }
+    }
+
+    /// A relay that became usable later (its name resolved): allocate now.
+    pub fn add_relay(&mut self, now: Instant, spec: RelaySpec) {
+        if self.relays.iter().any(|r| r.spec.server == spec.server) {
+            return;
+        }
+        self.relays.push(RelayState {
+            spec,
+            turn: None,
+            base: None,
+            relayed: Vec::new(),
+            mapped: None,
+            permitted: HashMap::new(),
+            channels: HashMap::new(),
+            retry_at: Some(now),
+            failures: 0,
+            binding_tid: None,
+            problem: None,
+            last_rx: None,
+        });
     }
 
     /// New credentials for the relay at `server` (TURN REST credentials

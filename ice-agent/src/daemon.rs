@@ -211,31 +211,49 @@ pub async fn run(
 
     let mut relays = Vec::new();
     let mut rest_relays: Vec<(SocketAddr, String, String)> = Vec::new();
+    // Relays whose name does not resolve yet (booted before DNS): a task
+    // keeps trying and hands them to the main loop when they do.
+    let (late_tx, mut late_rx) = mpsc::channel::<(RelaySpec, Option<(String, String)>)>(16);
+    let mut unresolved = Vec::new();
     for r in &cfg.relays {
         if matches!(r.transport, RelayTransport::Tcp | RelayTransport::Tls) {
             tracing::warn!(relay = %r.host, "TURN over TCP/TLS is not used by the agent yet; skipping");
             continue;
         }
-        let server = match resolve(&r.host, r.port).await {
-            Some(s) => s,
+        match resolve(&r.host, r.port).await {
+            Some(server) => {
+                let (spec, rest) = relay_spec(server, &r.auth);
+                if let Some((user, secret)) = rest {
+                    rest_relays.push((server, user, secret));
+                }
+                relays.push(spec);
+            }
             None => {
-                tracing::error!(relay = %r.host, "cannot resolve an IPv4 address for the relay; skipping it");
-                continue;
+                tracing::warn!(relay = %r.host, "cannot resolve an IPv4 address for the relay yet; retrying every 30 s");
+                unresolved.push(r.clone());
             }
-        };
-        let turn = match &r.auth {
-            RelayAuth::None => None,
-            RelayAuth::Static { username, password } => {
-                Some(relay::client::ClientConfig::new(username, password))
-            }
-            RelayAuth::Rest { user, secret } => {
-                let (username, password) = mint_rest(user, secret);
-                rest_relays.push((server, user.clone(), secret.clone()));
-                Some(relay::client::ClientConfig::new(&username, &password))
-            }
-        };
-        relays.push(RelaySpec { server, turn });
+        }
     }
+    let resolver_task = (!unresolved.is_empty()).then(|| {
+        tokio::spawn(async move {
+            while !unresolved.is_empty() {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                let mut left = Vec::new();
+                for r in unresolved {
+                    match resolve(&r.host, r.port).await {
+                        Some(server) => {
+                            tracing::info!(relay = %r.host, %server, "relay resolved");
+                            if late_tx.send(relay_spec(server, &r.auth)).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => left.push(r),
+                    }
+                }
+                unresolved = left;
+            }
+        })
+    });
     let (auto_peers, peers) = match &cfg.peers {
         crate::config::Peers::Auto => (true, Vec::new()),
         crate::config::Peers::List(l) => (
@@ -406,6 +424,12 @@ pub async fn run(
                 let h = host_nets(&filter, dual);
                 agent.set_host_addrs(Instant::now(), h);
             }
+            Some((spec, rest)) = late_rx.recv() => {
+                if let Some((user, secret)) = rest {
+                    rest_relays.push((spec.server, user, secret));
+                }
+                agent.add_relay(Instant::now(), spec);
+            }
             _ = rest_tick.tick() => {
                 for (server, user, secret) in &rest_relays {
                     let (u, p) = mint_rest(user, secret);
@@ -434,6 +458,9 @@ pub async fn run(
     }
     // The control and metrics tasks hold senders to the wg thread: stop them
     // first, or the thread never sees its channel close.
+    if let Some(t) = resolver_task {
+        t.abort();
+    }
     ctl_task.abort();
     let _ = ctl_task.await;
     if let Some(t) = metrics_task {
@@ -864,6 +891,42 @@ async fn full_snapshot(
     Some(snap)
 }
 
+/// The lines above the peer table: who we are, signaling, relays.
+fn summary(s: &Status) -> String {
+    let mut out = format!(
+        "interface {}  public key {}  agent port {}\nsignaling: {}\n",
+        s.interface,
+        s.public_key,
+        s.port,
+        if s.signaling {
+            "connected"
+        } else {
+            "not connected (reconnecting; tunnels stay up)"
+        }
+    );
+    for r in &s.relays {
+        let state = match (&r.problem, r.relayed.is_empty()) {
+            (Some(p), _) => format!("unusable: {p}"),
+            (None, false) => format!(
+                "relayed {}",
+                r.relayed
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            (None, true) => "allocating".to_owned(),
+        };
+        let mapped = r
+            .mapped
+            .map(|m| format!(", we appear as {m}"))
+            .unwrap_or_default();
+        out += &format!("relay {}: {state}{mapped}\n", r.server);
+    }
+    out.push('\n');
+    out
+}
+
 fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| {
@@ -927,7 +990,7 @@ async fn control_loop(
                     Some(s) if line.trim() == "status json" => {
                         serde_json::to_string_pretty(&s.status).unwrap_or_default() + "\n"
                     }
-                    Some(s) => render_table(&s.status.peers),
+                    Some(s) => summary(&s.status) + &render_table(&s.status.peers),
                     None => "error: the agent is shutting down\n".into(),
                 },
                 other => format!(
@@ -1148,7 +1211,7 @@ async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return ip.is_ipv4().then_some(SocketAddr::new(ip, port));
     }
-    for attempt in 0..3u32 {
+    for attempt in 0..2u32 {
         if let Ok(it) = tokio::net::lookup_host((host, port)).await {
             if let Some(a) = it.into_iter().find(|a| a.is_ipv4()) {
                 return Some(a);
@@ -1157,6 +1220,30 @@ async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
         tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
     }
     None
+}
+
+/// A relay's spec at `server`, and its REST user and secret if it has them.
+fn relay_spec(server: SocketAddr, auth: &RelayAuth) -> (RelaySpec, Option<(String, String)>) {
+    match auth {
+        RelayAuth::None => (RelaySpec { server, turn: None }, None),
+        RelayAuth::Static { username, password } => (
+            RelaySpec {
+                server,
+                turn: Some(relay::client::ClientConfig::new(username, password)),
+            },
+            None,
+        ),
+        RelayAuth::Rest { user, secret } => {
+            let (username, password) = mint_rest(user, secret);
+            (
+                RelaySpec {
+                    server,
+                    turn: Some(relay::client::ClientConfig::new(&username, &password)),
+                },
+                Some((user.clone(), secret.clone())),
+            )
+        }
+    }
 }
 
 const REST_LIFETIME: u64 = 24 * 3600;

@@ -449,3 +449,28 @@ fn a_late_offer_of_an_older_session_is_ignored() {
     assert_eq!(w.agents[0].drops().signal_rejected, 1);
     assert_eq!(w.path(0).0, PathKind::Direct);
 }
+
+#[test]
+fn a_relay_added_later_is_allocated_at_once() {
+    let now = Instant::now();
+    let mut a = Agent::new(opts(KA, "198.51.100.1/24", true, vec![]), now);
+    while a.poll_output().is_some() {}
+    let server: SocketAddr = "192.0.2.10:3478".parse().expect("addr");
+    let spec = ice_agent::agent::RelaySpec {
+        server,
+        turn: Some(relay::client::ClientConfig::new("u", "p")),
+    };
+    a.add_relay(now, spec.clone());
+    a.add_relay(now, spec);
+    assert!(a.poll_timeout().is_some_and(|t| t <= now));
+    a.handle_timeout(now);
+    let sent: Vec<SocketAddr> = std::iter::from_fn(|| a.poll_output())
+        .filter_map(|o| match o {
+            Output::Send { to, .. } => Some(to),
+            _ => None,
+        })
+        .collect();
+    // One Allocate to it (the second add was the same relay).
+    assert_eq!(sent, vec![server]);
+    assert_eq!(a.relay_status().len(), 1);
+}

@@ -347,6 +347,8 @@ fn symmetric_to_port_restricted_is_relayed_and_says_why() {
         table.contains("relay") && table.contains("symmetric"),
         "{table}"
     );
+    assert!(table.contains("signaling: connected"), "{table}");
+    assert!(table.contains("relayed 198.51.100."), "{table}");
 }
 
 #[test]
