@@ -1070,37 +1070,51 @@ impl Agent {
     }
 
     fn send_offer(&mut self, now: Instant, key: PeerKey) {
-        let wg_port = self.opts.wg_port;
         let Some(s) = self.peers.get_mut(&key).and_then(|p| p.session.as_mut()) else {
             return;
         };
         s.offered_at = now;
         s.unanswered = s.unanswered.saturating_add(1);
-        let creds = s.ice.local_credentials().clone();
-        let message = PeerMessage::Offer {
-            session: s.local_id,
-            ufrag: creds.ufrag,
-            pwd: creds.pass,
-            candidates: self.local.iter().map(|c| c.to_sdp_string()).collect(),
-            wg_port,
-        };
-        self.out.push_back(Output::Signal { to: key, message });
+        if let Some((session, ufrag, pwd, candidates, wg_port)) = self.description(&key) {
+            let message = PeerMessage::Offer {
+                session,
+                ufrag,
+                pwd,
+                candidates,
+                wg_port,
+            };
+            self.out.push_back(Output::Signal { to: key, message });
+        }
     }
 
     fn send_answer(&mut self, key: PeerKey) {
-        let wg_port = self.opts.wg_port;
-        let Some(s) = self.peers.get(&key).and_then(|p| p.session.as_ref()) else {
-            return;
-        };
+        if let Some((session, ufrag, pwd, candidates, wg_port)) = self.description(&key) {
+            let message = PeerMessage::Answer {
+                session,
+                ufrag,
+                pwd,
+                candidates,
+                wg_port,
+            };
+            self.out.push_back(Output::Signal { to: key, message });
+        }
+    }
+
+    /// What an offer or answer to `key` carries: session id, ICE
+    /// credentials, our candidates, our WireGuard port.
+    fn description(
+        &self,
+        key: &PeerKey,
+    ) -> Option<(u64, String, String, Vec<String>, Option<u16>)> {
+        let s = self.peers.get(key)?.session.as_ref()?;
         let creds = s.ice.local_credentials().clone();
-        let message = PeerMessage::Answer {
-            session: s.local_id,
-            ufrag: creds.ufrag,
-            pwd: creds.pass,
-            candidates: self.local.iter().map(|c| c.to_sdp_string()).collect(),
-            wg_port,
-        };
-        self.out.push_back(Output::Signal { to: key, message });
+        Some((
+            s.local_id,
+            creds.ufrag,
+            creds.pass,
+            self.local.iter().map(|c| c.to_sdp_string()).collect(),
+            self.opts.wg_port,
+        ))
     }
 
     fn accept_remote(

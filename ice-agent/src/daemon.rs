@@ -1046,6 +1046,19 @@ fn render_metrics(snap: &Snapshot) -> String {
     let head = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
+    // One labelled sample per peer (skipping peers without a value).
+    let per_peer = |o: &mut String,
+                    name: &str,
+                    kind: &str,
+                    help: &str,
+                    value: &dyn Fn(&PeerStatus) -> Option<f64>| {
+        head(o, name, kind, help);
+        for p in &s.peers {
+            if let Some(v) = value(p) {
+                let _ = writeln!(o, "{name}{{peer=\"{}\"}} {v}", p.public_key);
+            }
+        }
+    };
     head(
         &mut o,
         "wgice_peer_path",
@@ -1066,75 +1079,41 @@ fn render_metrics(snap: &Snapshot) -> String {
             );
         }
     }
-    head(
+    per_peer(
         &mut o,
         "wgice_peer_rtt_seconds",
         "gauge",
         "Last STUN round trip on the peer's path.",
+        &|p| p.rtt_ms.map(|r| r / 1000.0),
     );
-    for p in &s.peers {
-        if let Some(r) = p.rtt_ms {
-            let _ = writeln!(
-                o,
-                "wgice_peer_rtt_seconds{{peer=\"{}\"}} {}",
-                p.public_key,
-                r / 1000.0
-            );
-        }
-    }
-    head(
+    per_peer(
         &mut o,
         "wgice_peer_rx_bytes_total",
         "counter",
         "Bytes received from the peer (WireGuard's counter).",
+        &|p| Some(p.rx_bytes as f64),
     );
-    for p in &s.peers {
-        let _ = writeln!(
-            o,
-            "wgice_peer_rx_bytes_total{{peer=\"{}\"}} {}",
-            p.public_key, p.rx_bytes
-        );
-    }
-    head(
+    per_peer(
         &mut o,
         "wgice_peer_tx_bytes_total",
         "counter",
         "Bytes sent to the peer (WireGuard's counter).",
+        &|p| Some(p.tx_bytes as f64),
     );
-    for p in &s.peers {
-        let _ = writeln!(
-            o,
-            "wgice_peer_tx_bytes_total{{peer=\"{}\"}} {}",
-            p.public_key, p.tx_bytes
-        );
-    }
-    head(
+    per_peer(
         &mut o,
         "wgice_peer_path_changes_total",
         "counter",
         "Path changes of the peer.",
+        &|p| Some(p.path_changes as f64),
     );
-    for p in &s.peers {
-        let _ = writeln!(
-            o,
-            "wgice_peer_path_changes_total{{peer=\"{}\"}} {}",
-            p.public_key, p.path_changes
-        );
-    }
-    head(
+    per_peer(
         &mut o,
         "wgice_peer_failovers_total",
         "counter",
         "Direct paths that stopped answering (fell back to the relay).",
+        &|p| Some(snap.failovers.get(&p.public_key).copied().unwrap_or(0) as f64),
     );
-    for p in &s.peers {
-        let f = snap.failovers.get(&p.public_key).copied().unwrap_or(0);
-        let _ = writeln!(
-            o,
-            "wgice_peer_failovers_total{{peer=\"{}\"}} {f}",
-            p.public_key
-        );
-    }
     let (retries, _failovers, _rejected) = snap.totals;
     head(
         &mut o,

@@ -197,6 +197,39 @@ impl MeshLab {
         }
     }
 
+    /// Two nodes `a` and `b`, each behind its own router (`ra`, `rb`) with
+    /// these presets; agents not started. Returns their indices.
+    pub fn pair(&mut self, pa: NatPreset, pb: NatPreset) -> (usize, usize) {
+        self.add_router("ra", pa);
+        self.add_router("rb", pb);
+        (self.add_node("a", "ra"), self.add_node("b", "rb"))
+    }
+
+    /// Starts the agents of `nodes` and waits until each reports every other
+    /// one on `path`.
+    pub fn start_and_wait(&self, nodes: &[usize], path: &str) {
+        for &i in nodes {
+            self.start_agent(i);
+        }
+        for &i in nodes {
+            for &j in nodes {
+                if i != j {
+                    if let Err(e) = self.wait_path(i, j, path, Duration::from_secs(15)) {
+                        panic!("{e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `argv` in node `i` and returns its output; panics with the
+    /// output if it fails.
+    pub fn exec(&self, i: usize, argv: &[String]) -> String {
+        let (ok, out) = self.lab.exec(&self.nodes[i].name, argv).expect("exec");
+        assert!(ok, "{argv:?}: {out}");
+        out
+    }
+
     /// Adds a NAT router.
     pub fn add_router(&self, name: &str, preset: NatPreset) {
         self.lab
@@ -448,28 +481,10 @@ impl MeshLab {
         ok
     }
 
-    /// Node `i`'s WireGuard peers as `wg show dump` prints them: (public
-    /// key, endpoint, latest handshake).
-    pub fn wg_peers(&self, i: usize) -> Vec<(String, String, u64)> {
-        let n = &self.nodes[i];
-        let (_, out) = self
-            .lab
-            .exec(&n.name, &[s("wg"), s("show"), n.ifname.clone(), s("dump")])
-            .expect("exec wg");
-        out.lines()
-            .skip(1)
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                (f.len() >= 8)
-                    .then(|| (f[0].to_owned(), f[2].to_owned(), f[4].parse().unwrap_or(0)))
-            })
-            .collect()
-    }
-
-    /// Node `i`'s WireGuard peer `public_key` as `wg show dump` prints it:
-    /// [public key, preshared key, endpoint, allowed ips, handshake, rx, tx,
-    /// keepalive].
-    pub fn wg_peer_fields(&self, i: usize, public_key: &str) -> Option<Vec<String>> {
+    /// Node `i`'s WireGuard peers as `wg show dump` prints them, one row
+    /// each: [public key, preshared key, endpoint, allowed ips, handshake,
+    /// rx, tx, keepalive].
+    pub fn wg_dump(&self, i: usize) -> Vec<Vec<String>> {
         let n = &self.nodes[i];
         let (_, out) = self
             .lab
@@ -478,15 +493,28 @@ impl MeshLab {
         out.lines()
             .skip(1)
             .map(|l| l.split('\t').map(str::to_owned).collect::<Vec<_>>())
-            .find(|f| f.first().map(String::as_str) == Some(public_key))
+            .filter(|f| f.len() >= 8)
+            .collect()
+    }
+
+    /// Node `i`'s WireGuard peers: (public key, endpoint, latest handshake).
+    pub fn wg_peers(&self, i: usize) -> Vec<(String, String, u64)> {
+        self.wg_dump(i)
+            .into_iter()
+            .map(|f| (f[0].clone(), f[2].clone(), f[4].parse().unwrap_or(0)))
+            .collect()
+    }
+
+    /// Node `i`'s row (see [`MeshLab::wg_dump`]) for peer `public_key`.
+    pub fn wg_peer_fields(&self, i: usize, public_key: &str) -> Option<Vec<String>> {
+        self.wg_dump(i).into_iter().find(|f| f[0] == public_key)
     }
 
     /// Runs `wg` with `args` in node `i` (e.g. to set up peers by hand).
     pub fn wg(&self, i: usize, args: &[String]) {
         let mut argv = vec![s("wg")];
         argv.extend_from_slice(args);
-        let (ok, out) = self.lab.exec(&self.nodes[i].name, &argv).expect("exec wg");
-        assert!(ok, "{argv:?}: {out}");
+        self.exec(i, &argv);
     }
 
     /// Drops UDP between router `a`'s WAN and router `b`'s WAN at `a`

@@ -77,10 +77,7 @@ struct Connect {
 
 fn connect_time(bins: &Bins, pa: NatPreset, pb: NatPreset, want: &str) -> Connect {
     let mut m = MeshLab::new(bins);
-    m.add_router("ra", pa);
-    m.add_router("rb", pb);
-    let a = m.add_node("a", "ra");
-    let b = m.add_node("b", "rb");
+    let (a, b) = m.pair(pa, pb);
     let t0 = unix_now();
     let start = Instant::now();
     m.start_agent(a);
@@ -115,10 +112,7 @@ struct Failover {
 
 fn failover(bins: &Bins) -> Failover {
     let mut m = MeshLab::new(bins);
-    m.add_router("ra", NatPreset::PortRestricted);
-    m.add_router("rb", NatPreset::PortRestricted);
-    let a = m.add_node("a", "ra");
-    let b = m.add_node("b", "rb");
+    let (a, b) = m.pair(NatPreset::PortRestricted, NatPreset::PortRestricted);
     m.start_agent(a);
     m.start_agent(b);
     m.wait_path(a, b, "direct", Duration::from_secs(15))
@@ -181,10 +175,7 @@ fn iperf(m: &MeshLab, from: usize, to: usize, secs: u32) -> f64 {
 /// lab (`rounds` pairs), so both see the same link and the same load.
 fn overhead(bins: &Bins, secs: u32, rounds: usize) -> (Vec<f64>, Vec<f64>) {
     let mut m = MeshLab::new(bins);
-    m.add_router("ra", NatPreset::None);
-    m.add_router("rb", NatPreset::None);
-    let a = m.add_node("a", "ra");
-    let b = m.add_node("b", "rb");
+    let (a, b) = m.pair(NatPreset::None, NatPreset::None);
     m.lab
         .spawn(
             "iperf-server",
@@ -335,31 +326,26 @@ fn main() {
     println!();
     println!("| measure | median | worst | target |");
     println!("|---|---|---|---|");
-    println!(
-        "| agents started → first ping answered, relayed | {:.3} s | {:.3} s | ≤ 1 s |",
-        median(relayed.clone()),
-        max(&relayed)
+    let row = |what: &str, v: &[f64], target: &str| {
+        println!(
+            "| {what} | {:.3} s | {:.3} s | {target} |",
+            median(v.to_vec()),
+            max(v)
+        );
+    };
+    row(
+        "agents started → first ping answered, relayed",
+        &relayed,
+        "≤ 1 s",
     );
-    println!(
-        "| agents started → first ping answered, direct NATs | {:.3} s | {:.3} s | ≤ 1.5 s |",
-        median(direct_first.clone()),
-        max(&direct_first)
+    row(
+        "agents started → first ping answered, direct NATs",
+        &direct_first,
+        "≤ 1.5 s",
     );
-    println!(
-        "| agents started → status `direct` | {:.3} s | {:.3} s | ≤ 1.5 s |",
-        median(direct_path.clone()),
-        max(&direct_path)
-    );
-    println!(
-        "| direct cut → status `relay` | {:.3} s | {:.3} s | ≤ 3 s |",
-        median(fo_status.clone()),
-        max(&fo_status)
-    );
-    println!(
-        "| direct cut → ping answered again | {:.3} s | {:.3} s | ≤ 3 s |",
-        median(fo_gap.clone()),
-        max(&fo_gap)
-    );
+    row("agents started → status `direct`", &direct_path, "≤ 1.5 s");
+    row("direct cut → status `relay`", &fo_status, "≤ 3 s");
+    row("direct cut → ping answered again", &fo_gap, "≤ 3 s");
     let rmin = ratios.iter().copied().fold(f64::NAN, f64::min);
     let rmax = ratios.iter().copied().fold(f64::NAN, f64::max);
     println!(

@@ -85,23 +85,19 @@ fn dual_stack_lan_prefers_ipv6() {
     let a = m.add_node("a", "r");
     let b = m.add_node("b", "r");
     for (i, ip) in [(a, "fd77::a/64"), (b, "fd77::b/64")] {
-        let (ok, out) = m
-            .lab
-            .exec(
-                &m.nodes[i].name,
-                &[
-                    s("ip"),
-                    s("-6"),
-                    s("addr"),
-                    s("add"),
-                    s(ip),
-                    s("dev"),
-                    s("eth0"),
-                    s("nodad"),
-                ],
-            )
-            .unwrap();
-        assert!(ok, "{out}");
+        m.exec(
+            i,
+            &[
+                s("ip"),
+                s("-6"),
+                s("addr"),
+                s("add"),
+                s(ip),
+                s("dev"),
+                s("eth0"),
+                s("nodad"),
+            ],
+        );
     }
     m.start_agent(a);
     m.start_agent(b);
@@ -129,10 +125,7 @@ fn dual_stack_lan_prefers_ipv6() {
 fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
     let Some(bins) = setup() else { return };
     let mut m = MeshLab::new(&bins);
-    m.add_router("ra", NatPreset::PortRestricted);
-    m.add_router("rb", NatPreset::PortRestricted);
-    let a = m.add_node("a", "ra");
-    let b = m.add_node("b", "rb");
+    let (a, b) = m.pair(NatPreset::PortRestricted, NatPreset::PortRestricted);
     // On a, B already exists (endpoint, allowed IPs, preshared key set by
     // hand; b has A with the same key), and a has one more peer the agent
     // must never touch.
@@ -282,10 +275,7 @@ fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
 fn explicit_peers_get_the_configured_allowed_ips() {
     let Some(bins) = setup() else { return };
     let mut m = MeshLab::new(&bins);
-    m.add_router("ra", NatPreset::RestrictedCone);
-    m.add_router("rb", NatPreset::FullCone);
-    let a = m.add_node("a", "ra");
-    let b = m.add_node("b", "rb");
+    let (a, b) = m.pair(NatPreset::RestrictedCone, NatPreset::FullCone);
     m.use_explicit_peers(a);
     m.use_explicit_peers(b);
     m.start_agent(a);
@@ -310,14 +300,8 @@ fn explicit_peers_get_the_configured_allowed_ips() {
 fn symmetric_to_port_restricted_is_relayed_and_says_why() {
     let Some(bins) = setup() else { return };
     let mut m = MeshLab::new(&bins);
-    m.add_router("ra", NatPreset::Symmetric);
-    m.add_router("rb", NatPreset::PortRestricted);
-    let a = m.add_node("a", "ra");
-    let b = m.add_node("b", "rb");
-    m.start_agent(a);
-    m.start_agent(b);
-    m.wait_path(a, b, "relay", CONNECT).unwrap();
-    m.wait_path(b, a, "relay", CONNECT).unwrap();
+    let (a, b) = m.pair(NatPreset::Symmetric, NatPreset::PortRestricted);
+    m.start_and_wait(&[a, b], "relay");
     assert!(m.ping(a, b, 5), "no ping over the relay\n{}", m.logs());
     assert!(
         m.ping_sized(a, b, 3, 1392),
@@ -355,14 +339,8 @@ fn symmetric_to_port_restricted_is_relayed_and_says_why() {
 fn direct_cut_falls_back_to_relay_within_3s_and_comes_back() {
     let Some(bins) = setup() else { return };
     let mut m = MeshLab::new(&bins);
-    m.add_router("ra", NatPreset::PortRestricted);
-    m.add_router("rb", NatPreset::PortRestricted);
-    let a = m.add_node("a", "ra");
-    let b = m.add_node("b", "rb");
-    m.start_agent(a);
-    m.start_agent(b);
-    m.wait_path(a, b, "direct", CONNECT).unwrap();
-    m.wait_path(b, a, "direct", CONNECT).unwrap();
+    let (a, b) = m.pair(NatPreset::PortRestricted, NatPreset::PortRestricted);
+    m.start_and_wait(&[a, b], "direct");
     assert!(m.ping(a, b, 3));
     m.cut_direct("ra", "rb");
     let (_, took_a) = m.wait_path(a, b, "relay", Duration::from_secs(10)).unwrap();
@@ -383,10 +361,7 @@ fn direct_cut_falls_back_to_relay_within_3s_and_comes_back() {
 fn a_restarted_relay_is_noticed_and_relayed_peers_recover() {
     let Some(bins) = setup() else { return };
     let mut m = MeshLab::new(&bins);
-    m.add_router("ra", NatPreset::Symmetric);
-    m.add_router("rb", NatPreset::PortRestricted);
-    let a = m.add_node("a", "ra");
-    let b = m.add_node("b", "rb");
+    let (a, b) = m.pair(NatPreset::Symmetric, NatPreset::PortRestricted);
     m.start_agent(a);
     m.start_agent(b);
     m.wait_path(a, b, "relay", CONNECT).unwrap();
