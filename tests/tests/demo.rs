@@ -15,10 +15,15 @@ fn netsim_demo_passes_every_check() {
     if wgice_tests::bins().is_none() {
         return;
     }
+    // The demo writes its scenario report under ./out: keep it out of the tree.
+    let dir = std::env::temp_dir().join(format!("wgice-demo-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
     let out = Command::new(&netsim)
         .arg("demo")
+        .current_dir(&dir)
         .output()
         .expect("run netsim demo");
+    let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
