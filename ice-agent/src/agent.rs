@@ -908,13 +908,14 @@ impl Agent {
                         0,
                     ),
                 };
-                let row = PeerStatus::new(
+                let mut row = PeerStatus::new(
                     base64_key(k),
                     report,
                     p.rx_bytes,
                     0,
                     p.path_changes_before + changes,
                 );
+                row.allowed_ips = p.allowed_ips.iter().map(|n| n.to_string()).collect();
                 (*k, row, p.failovers_before + failovers)
             })
             .collect();

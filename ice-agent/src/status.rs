@@ -32,6 +32,9 @@ pub struct PeerStatus {
     pub since_secs: u64,
     /// Path changes since the agent started.
     pub path_changes: u64,
+    /// Addresses routed to the peer (its overlay).
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
 }
 
 impl PeerStatus {
@@ -54,6 +57,7 @@ impl PeerStatus {
             tx_bytes,
             since_secs: report.since_secs,
             path_changes,
+            allowed_ips: Vec::new(),
         }
     }
 }
@@ -109,7 +113,16 @@ pub fn render_table(peers: &[PeerStatus]) -> String {
             bytes(p.rx_bytes),
             bytes(p.tx_bytes)
         );
-        let _ = writeln!(out, "             └ {} (for {} s)", p.reason, p.since_secs);
+        let ips = if p.allowed_ips.is_empty() {
+            String::new()
+        } else {
+            format!("{} · ", p.allowed_ips.join(", "))
+        };
+        let _ = writeln!(
+            out,
+            "             └ {ips}{} (for {} s)",
+            p.reason, p.since_secs
+        );
     }
     if peers.is_empty() {
         out.push_str("(no peers yet)\n");
@@ -133,6 +146,7 @@ mod tests {
             tx_bytes: 42,
             since_secs: 17,
             path_changes: 2,
+            allowed_ips: vec!["10.8.0.2/32".into()],
         }
     }
 
@@ -163,7 +177,8 @@ mod tests {
     fn table_shows_path_and_reason() {
         let t = render_table(&[row(PathKind::Relay, "relayed: no direct pair answered")]);
         assert!(
-            t.contains("relay") && t.contains("└ relayed: no direct pair answered (for 17 s)"),
+            t.contains("relay")
+                && t.contains("└ 10.8.0.2/32 · relayed: no direct pair answered (for 17 s)"),
             "{t}"
         );
         assert!(t.contains("120.6 KiB"), "{t}");

@@ -332,6 +332,7 @@ fn symmetric_to_port_restricted_is_relayed_and_says_why() {
         "{table}"
     );
     assert!(table.contains("signaling: connected"), "{table}");
+    assert!(table.contains("└ 10.77.0.2/32 · relayed"), "{table}");
     assert!(table.contains("relayed 198.51.100."), "{table}");
 }
 
