@@ -369,7 +369,7 @@ pub async fn run(
                             let now = Instant::now();
                             if let Some((peer, pkt)) = agent.handle_datagram(now, from, local, &buf[..n]) {
                                 if let Some(p) = proxies.get(&peer) {
-                                    let _ = p.sock.try_send_to(pkt, wg_addr);
+                                    let _ = p.sock.try_send(pkt);
                                 }
                             }
                         }
@@ -498,7 +498,10 @@ fn apply(
             }
         }
         Output::PeerAdded { peer, allowed_ips } => {
+            // Connected to the WireGuard port: the kernel drops datagrams
+            // from anyone else, and sends need no per-packet address.
             let psock = match std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|s| s.connect(wg_addr).map(|_| s))
                 .and_then(|s| s.set_nonblocking(true).map(|_| s))
                 .and_then(UdpSocket::from_std)
             {
