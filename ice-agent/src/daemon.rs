@@ -641,58 +641,119 @@ async fn send(sock: &UdpSocket, data: &[u8], to: SocketAddr) {
     }
 }
 
-fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
-    let mut originals: HashMap<PeerKey, Original> = HashMap::new();
+/// What the wg thread knows about the peers it manages.
+#[derive(Default)]
+struct WgState {
+    originals: HashMap<PeerKey, Original>,
     // Allowed IPs each managed peer should have, and what was written (a
     // member's address another peer holds is withheld until it is free).
-    let mut wanted: HashMap<PeerKey, Vec<IpNet>> = HashMap::new();
-    let mut written: HashMap<PeerKey, Vec<IpNet>> = HashMap::new();
-    let log = |what: &str, r: Result<(), WgError>| {
-        if let Err(e) = r {
-            tracing::warn!("{what}: {e}");
+    wanted: HashMap<PeerKey, Vec<IpNet>>,
+    written: HashMap<PeerKey, Vec<IpNet>>,
+    /// The endpoint last written per peer.
+    endpoints: HashMap<PeerKey, SocketAddr>,
+}
+
+fn wg_log(what: &str, r: Result<(), WgError>) {
+    if let Err(e) = r {
+        tracing::warn!("{what}: {e}");
+    }
+}
+
+/// Takes a peer over: remembers how it looked (or that it did not exist),
+/// then writes endpoint and allowed IPs.
+fn take_over(
+    wg: &WgControl,
+    st: &mut WgState,
+    peer: PeerKey,
+    allowed_ips: Vec<IpNet>,
+    endpoint: SocketAddr,
+) {
+    // Without knowing how the peer looked, the agent would not know how to
+    // restore it: leave the interface alone.
+    let dev = match wg.device() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!("reading the interface, peer left alone: {e}");
+            return;
         }
     };
-    while let Ok(cmd) = rx.recv() {
+    if !allowed_ips.is_empty() {
+        st.wanted.insert(peer, allowed_ips.clone());
+    }
+    let allowed_ips = unclaimed(&dev, &peer, allowed_ips);
+    if !allowed_ips.is_empty() {
+        st.written.insert(peer, allowed_ips.clone());
+    }
+    let existing = dev.peers.into_iter().find(|p| p.public_key == peer);
+    let keep_ips = allowed_ips.is_empty() && existing.is_some();
+    st.originals
+        .entry(peer)
+        .or_insert_with(|| existing.map_or(Original::Created, Original::Existed));
+    st.endpoints.insert(peer, endpoint);
+    wg_log(
+        "adding peer",
+        wg.set_peer(&PeerUpdate {
+            public_key: peer,
+            endpoint: Some(endpoint),
+            allowed_ips: (!keep_ips).then_some(allowed_ips),
+            ..PeerUpdate::default()
+        }),
+    );
+}
+
+fn ifindex(name: &str) -> u32 {
+    match std::ffi::CString::new(name) {
+        // SAFETY: a valid NUL-terminated name; returns 0 when unknown.
+        Ok(c) => unsafe { libc::if_nametoindex(c.as_ptr()) },
+        Err(_) => 0,
+    }
+}
+
+fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
+    let mut st = WgState::default();
+    let log = wg_log;
+    let mut index = ifindex(wg.interface());
+    let mut checked = Instant::now();
+    loop {
+        let next = rx.recv_timeout(Duration::from_secs(2));
+        if checked.elapsed() >= Duration::from_secs(2) {
+            checked = Instant::now();
+            // The interface was deleted and created again (wg-quick or the
+            // userspace WireGuard restarted): the peers the agent managed
+            // are gone. Take them over again, as they are now.
+            let now = ifindex(wg.interface());
+            if now != 0 && index != 0 && now != index {
+                tracing::warn!(
+                    interface = wg.interface(),
+                    "the interface was re-created; re-adding the peers the agent manages"
+                );
+                let peers: Vec<(PeerKey, SocketAddr)> =
+                    st.endpoints.iter().map(|(k, e)| (*k, *e)).collect();
+                st.originals.clear();
+                st.written.clear();
+                for (peer, endpoint) in peers {
+                    let ips = st.wanted.get(&peer).cloned().unwrap_or_default();
+                    take_over(&wg, &mut st, peer, ips, endpoint);
+                }
+            }
+            if now != 0 {
+                index = now;
+            }
+        }
+        let cmd = match next {
+            Ok(c) => c,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+        };
         match cmd {
             WgCmd::Add {
                 peer,
                 allowed_ips,
                 endpoint,
-            } => {
-                // Without knowing how the peer looked, the agent would not
-                // know how to restore it: leave the interface alone.
-                let dev = match wg.device() {
-                    Ok(d) => d,
-                    Err(e) => {
-                        tracing::warn!("reading the interface, peer left alone: {e}");
-                        continue;
-                    }
-                };
-                if !allowed_ips.is_empty() {
-                    wanted.insert(peer, allowed_ips.clone());
-                }
-                let allowed_ips = unclaimed(&dev, &peer, allowed_ips);
-                if !allowed_ips.is_empty() {
-                    written.insert(peer, allowed_ips.clone());
-                }
-                let existing = dev.peers.into_iter().find(|p| p.public_key == peer);
-                let keep_ips = allowed_ips.is_empty() && existing.is_some();
-                originals
-                    .entry(peer)
-                    .or_insert_with(|| existing.map_or(Original::Created, Original::Existed));
-                log(
-                    "adding peer",
-                    wg.set_peer(&PeerUpdate {
-                        public_key: peer,
-                        endpoint: Some(endpoint),
-                        allowed_ips: (!keep_ips).then_some(allowed_ips),
-                        ..PeerUpdate::default()
-                    }),
-                );
-            }
+            } => take_over(&wg, &mut st, peer, allowed_ips, endpoint),
             // Only peers the agent took over (and knows how to restore);
             // never re-create one that was removed behind its back.
-            WgCmd::Endpoint { peer, endpoint } if originals.contains_key(&peer) => {
+            WgCmd::Endpoint { peer, endpoint } if st.originals.contains_key(&peer) => {
                 // Never re-create a peer removed behind the agent's back
                 // (`update_only` is not understood by every implementation).
                 match wg.device() {
@@ -710,6 +771,7 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                     }
                 }
                 tracing::info!(peer = %base64_key(&peer), %endpoint, "WireGuard endpoint");
+                st.endpoints.insert(peer, endpoint);
                 log(
                     "setting endpoint",
                     wg.set_peer(&PeerUpdate {
@@ -719,22 +781,23 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                     }),
                 );
             }
-            WgCmd::AllowedIps { peer, allowed_ips } if originals.contains_key(&peer) => {
-                wanted.insert(peer, allowed_ips);
-                apply_wanted(&wg, &wanted, &mut written, Some(peer));
+            WgCmd::AllowedIps { peer, allowed_ips } if st.originals.contains_key(&peer) => {
+                st.wanted.insert(peer, allowed_ips);
+                apply_wanted(&wg, &st.wanted, &mut st.written, Some(peer));
             }
             WgCmd::Endpoint { .. } | WgCmd::AllowedIps { .. } => {}
             WgCmd::Restore { peer } => {
-                if let Some(o) = originals.remove(&peer) {
+                if let Some(o) = st.originals.remove(&peer) {
                     log("restoring peer", wg.restore(&peer, &o));
                 }
-                wanted.remove(&peer);
-                written.remove(&peer);
+                st.wanted.remove(&peer);
+                st.written.remove(&peer);
+                st.endpoints.remove(&peer);
                 // Addresses that peer held may now be free for another.
-                apply_wanted(&wg, &wanted, &mut written, None);
+                apply_wanted(&wg, &st.wanted, &mut st.written, None);
             }
             WgCmd::RestoreAll(done) => {
-                for (peer, o) in originals.drain() {
+                for (peer, o) in st.originals.drain() {
                     log("restoring peer", wg.restore(&peer, &o));
                 }
                 let _ = done.send(());

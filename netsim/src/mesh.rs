@@ -268,29 +268,6 @@ impl MeshLab {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        for argv in [
-            vec![
-                s("wg"),
-                s("set"),
-                ifname.clone(),
-                s("private-key"),
-                s(key_file.display()),
-                s("listen-port"),
-                s(WG_PORT),
-            ],
-            vec![
-                s("ip"),
-                s("addr"),
-                s("add"),
-                format!("{overlay}/24"),
-                s("dev"),
-                ifname.clone(),
-            ],
-            vec![s("ip"), s("link"), s("set"), ifname.clone(), s("up")],
-        ] {
-            let (ok, out) = self.lab.exec(name, &argv).expect("exec");
-            assert!(ok, "{argv:?}: {out}");
-        }
         let control = self.dir.join(format!("{name}.ctl"));
         let config = self.dir.join(format!("{name}.toml"));
         std::fs::write(
@@ -316,6 +293,7 @@ impl MeshLab {
             control,
             config,
         });
+        self.configure_wg(idx);
         idx
     }
 
@@ -357,6 +335,58 @@ impl MeshLab {
                 &self.dir,
             )
             .expect("spawn agent");
+    }
+
+    /// Gives node `i`'s interface its key, listen port 51820, overlay
+    /// address, and brings it up (what wg-quick would do).
+    fn configure_wg(&self, i: usize) {
+        let n = &self.nodes[i];
+        let key_file = self.dir.join(format!("{}.key", n.name));
+        let (name, ifname, overlay) = (n.name.clone(), n.ifname.clone(), n.overlay);
+        for argv in [
+            vec![
+                s("wg"),
+                s("set"),
+                ifname.clone(),
+                s("private-key"),
+                s(key_file.display()),
+                s("listen-port"),
+                s(WG_PORT),
+            ],
+            vec![
+                s("ip"),
+                s("addr"),
+                s("add"),
+                format!("{overlay}/24"),
+                s("dev"),
+                ifname.clone(),
+            ],
+            vec![s("ip"), s("link"), s("set"), ifname.clone(), s("up")],
+        ] {
+            let (ok, out) = self.lab.exec(&name, &argv).expect("exec");
+            assert!(ok, "{argv:?}: {out}");
+        }
+    }
+
+    /// Restarts node `i`'s wireguard-go (the interface is deleted and
+    /// created again, empty) and configures it as at the start, as a restart
+    /// of wg-quick would.
+    pub fn restart_wireguard(&self, i: usize) {
+        let n = &self.nodes[i];
+        let uapi = PathBuf::from(format!("/var/run/wireguard/{}.sock", n.ifname));
+        self.lab
+            .kill_process(&format!("wg-{}", n.name))
+            .expect("stop wireguard-go");
+        let _ = std::fs::remove_file(&uapi);
+        self.lab
+            .restart_process(&format!("wg-{}", n.name))
+            .expect("start wireguard-go");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !uapi.exists() {
+            assert!(Instant::now() < deadline, "wireguard-go did not come back");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.configure_wg(i);
     }
 
     /// Starts node `i`'s agent again after [`MeshLab::stop_agent`].

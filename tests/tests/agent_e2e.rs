@@ -384,3 +384,32 @@ fn a_restarted_relay_is_noticed_and_relayed_peers_recover() {
     assert_ne!(before, after, "a new allocation was expected");
     assert!(back <= Duration::from_secs(30), "took {back:?}");
 }
+
+#[test]
+fn a_recreated_interface_gets_its_peers_back() {
+    let Some(bins) = setup() else { return };
+    let mut m = MeshLab::new(&bins);
+    let (a, b) = m.pair(NatPreset::PortRestricted, NatPreset::PortRestricted);
+    m.start_and_wait(&[a, b], "direct");
+    assert!(m.ping(a, b, 3));
+    // wireguard-go on a restarts: the interface comes back empty and is
+    // configured again (key, port, address), as wg-quick would.
+    m.restart_wireguard(a);
+    assert!(m.wg_peers(a).is_empty());
+    let t0 = std::time::Instant::now();
+    let mut back = None;
+    while t0.elapsed() < Duration::from_secs(20) {
+        if m.wg_peers(a).iter().any(|p| p.0 == m.nodes[b].public_key) && m.ping(a, b, 1) {
+            back = Some(t0.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let back = back.unwrap_or_else(|| panic!("peer not re-added\n{}", m.logs()));
+    println!("interface re-created → peer back and pinging after {back:?}");
+    assert_eq!(m.stop_agent(a), Some(0));
+    assert!(
+        m.wg_peers(a).is_empty(),
+        "the re-added peer was created by the agent"
+    );
+}
