@@ -264,9 +264,8 @@ pub struct Agent {
     next_session_id: u64,
     /// Candidates from members not (yet) peers: (sender, session, line).
     early: VecDeque<(PeerKey, u64, String)>,
-    /// Counters of sessions already dropped, so totals never go down:
-    /// (direct retries, failovers).
-    retired: (u64, u64),
+    /// Direct retries of sessions already dropped (the total never goes down).
+    retired_retries: u64,
 }
 
 const MAX_PENDING_CANDIDATES: usize = 64;
@@ -298,7 +297,7 @@ impl Agent {
             drops: DropCounters::default(),
             next_session_id: opts.session_epoch.max(1) << 12,
             early: VecDeque::new(),
-            retired: (0, 0),
+            retired_retries: 0,
             opts,
         };
         for spec in specs {
@@ -488,21 +487,25 @@ impl Agent {
                 // Try the owner of the address first, then everyone (a
                 // peer-reflexive address is unknown until a check passes).
                 let first = self.owner.get(&source).copied();
-                let order: Vec<PeerKey> = first
-                    .into_iter()
-                    .chain(self.peers.keys().copied().filter(|k| Some(*k) != first))
-                    .collect();
-                for k in order {
-                    let Some(s) = self.peers.get_mut(&k).and_then(|p| p.session.as_mut()) else {
-                        continue;
-                    };
-                    if s.ice.handle_stun(now, source, dst, data) {
+                let take = |p: &mut Peer| {
+                    p.session
+                        .as_mut()
+                        .is_some_and(|s| s.ice.handle_stun(now, source, dst, data))
+                };
+                let owner_took = first.filter(|k| self.peers.get_mut(k).is_some_and(take));
+                let taker = owner_took.or_else(|| {
+                    self.peers
+                        .iter_mut()
+                        .filter(|(k, _)| Some(**k) != first)
+                        .find_map(|(k, p)| take(p).then_some(*k))
+                });
+                match taker {
+                    Some(k) => {
                         self.note_owner(source, k, true);
                         self.drain_session(now, &k);
-                        return None;
                     }
+                    None => self.drops.stun_unmatched += 1,
                 }
-                self.drops.stun_unmatched += 1;
                 None
             }
             Kind::WireGuard(_) => {
@@ -865,11 +868,6 @@ impl Agent {
         Some((s.local_id, s.remote_id))
     }
 
-    /// Managed peers.
-    pub fn peer_keys(&self) -> Vec<PeerKey> {
-        self.peers.keys().copied().collect()
-    }
-
     /// One status row per managed peer, sorted by key (byte counters are
     /// what the agent forwarded; the driver may replace them with the
     /// interface's).
@@ -923,17 +921,16 @@ impl Agent {
         rows
     }
 
-    /// Session counters summed over live sessions: (direct retries,
-    /// failovers, STUN rejected).
-    pub fn totals(&self) -> (u64, u64, u64) {
-        let mut t = (self.retired.0, self.retired.1, 0);
-        for s in self.peers.values().filter_map(|p| p.session.as_ref()) {
-            let st = s.ice.stats();
-            t.0 += st.direct_retries;
-            t.1 += st.failovers;
-            t.2 += st.stun_rejected;
-        }
-        t
+    /// Direct attempts that failed and were retried, over all sessions
+    /// (dropped ones included, so the count never goes down).
+    pub fn direct_retries(&self) -> u64 {
+        self.retired_retries
+            + self
+                .peers
+                .values()
+                .filter_map(|p| p.session.as_ref())
+                .map(|s| s.ice.stats().direct_retries)
+                .sum::<u64>()
     }
 
     // ---- peers and sessions -------------------------------------------------
@@ -1033,8 +1030,7 @@ impl Agent {
             let st = s.ice.stats();
             p.path_changes_before += st.path_changes;
             p.failovers_before += st.failovers;
-            self.retired.0 += st.direct_retries;
-            self.retired.1 += st.failovers;
+            self.retired_retries += st.direct_retries;
             self.owner.retain(|_, k| *k != key);
             self.set_route(
                 key,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -98,7 +98,7 @@ pub struct Dropped {
 struct Snapshot {
     status: Status,
     failovers: HashMap<String, u64>,
-    totals: (u64, u64, u64),
+    direct_retries: u64,
 }
 
 enum WgCmd {
@@ -609,6 +609,9 @@ async fn proxy_loop(
                             held.pop_front();
                         }
                         held.push_back(buf[..n].to_vec());
+                    } else if let Route::Direct(to) = rt {
+                        // Plain forwarding: no framing, no copy.
+                        send(&sock, &buf[..n], crate::udp::outward(to, dual)).await;
                     } else if let Some(to) = rt.frame(&buf[..n], &mut out) {
                         send(&sock, &out, crate::udp::outward(to, dual)).await;
                     }
@@ -930,7 +933,7 @@ fn snapshot(agent: &Agent, interface: &str, port: u16, signaling: bool) -> Snaps
             },
         },
         failovers,
-        totals: agent.totals(),
+        direct_retries: agent.direct_retries(),
     }
 }
 
@@ -1180,7 +1183,7 @@ fn render_metrics(snap: &Snapshot) -> String {
         "Direct paths that stopped answering (fell back to the relay).",
         &|p| Some(snap.failovers.get(&p.public_key).copied().unwrap_or(0) as f64),
     );
-    let (retries, _failovers, _rejected) = snap.totals;
+    let retries = snap.direct_retries;
     head(
         &mut o,
         "wgice_direct_retries_total",
@@ -1230,11 +1233,6 @@ pub fn query_status(control: &Path, json: bool) -> Result<String, String> {
     let mut out = String::new();
     s.read_to_string(&mut out).map_err(|e| e.to_string())?;
     Ok(out)
-}
-
-/// The control socket path for an interface when none is given.
-pub fn control_path(interface: &str) -> PathBuf {
-    crate::config::default_control(interface)
 }
 
 fn host_nets(filter: &HostFilter, dual: bool) -> Vec<IpNet> {

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
             control,
             interface,
         } => {
-            let path = control.unwrap_or_else(|| daemon::control_path(&interface));
+            let path = control.unwrap_or_else(|| ice_agent::config::default_control(&interface));
             match daemon::query_status(&path, json) {
                 Ok(s) => {
                     print!("{s}");

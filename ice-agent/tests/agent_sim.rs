@@ -474,3 +474,33 @@ fn a_relay_added_later_is_allocated_at_once() {
     assert_eq!(sent, vec![server]);
     assert_eq!(a.relay_status().len(), 1);
 }
+
+#[test]
+fn a_member_naming_another_peers_address_does_not_capture_its_packets() {
+    let mut w = World::new(
+        opts(KA, "198.51.100.1/24", true, vec![]),
+        opts(KB, "203.0.113.2/24", true, vec![]),
+    );
+    w.online();
+    w.run(Duration::from_secs(2));
+    // C offers B's address as its own candidate.
+    let kc = [0xCC; 32];
+    w.agents[0].handle_message(
+        w.now,
+        kc,
+        PeerMessage::Offer {
+            session: 7,
+            ufrag: "cccc".into(),
+            pwd: "cccccccccccccccccccccc".into(),
+            candidates: vec!["candidate:1 1 udp 2130706431 203.0.113.2 51821 typ host".into()],
+            wg_port: None,
+        },
+    );
+    // At once: B's next authenticated check would win its address back, so
+    // look before one arrives.
+    let mut wg = vec![0u8; 64];
+    wg[0] = 4;
+    let from = SocketAddr::new(w.ips[1], 51821);
+    let got = w.agents[0].handle_datagram(w.now, from, Some(w.ips[0]), &wg);
+    assert_eq!(got.map(|(k, _)| k), Some(KB));
+}

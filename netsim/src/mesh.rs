@@ -90,7 +90,8 @@ const TOKEN: &str = "mesh-token-for-the-netsim-lab-0123456789";
 const WG_PORT: u16 = 51820;
 const AGENT_PORT: u16 = 51821;
 
-fn s(x: impl ToString) -> String {
+/// One argv element (`s("ip")`, `s(addr)`).
+pub fn s(x: impl ToString) -> String {
     x.to_string()
 }
 
@@ -618,13 +619,15 @@ impl Drop for MeshLab {
     }
 }
 
-fn run(cmd: &str, args: &[&str]) -> String {
+/// Runs `cmd` on the host and returns its trimmed stdout; panics if it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().expect("run");
     assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn pipe(cmd: &str, args: &[&str], input: &str) -> String {
+/// Like [`run`], with `input` on stdin (`wg pubkey`).
+pub fn pipe(cmd: &str, args: &[&str], input: &str) -> String {
     use std::io::Write;
     let mut c = Command::new(cmd)
         .args(args)

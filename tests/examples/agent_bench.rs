@@ -19,17 +19,13 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use netsim::nat::NatPreset;
-use wgice_tests::mesh::{Bins, MeshLab};
+use wgice_tests::mesh::{s, Bins, MeshLab};
 
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-fn s(x: impl ToString) -> String {
-    x.to_string()
 }
 
 /// Timestamps (`ping -D`) of the answers in a ping log.

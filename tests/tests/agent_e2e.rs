@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use netsim::nat::NatPreset;
-use wgice_tests::mesh::{Bins, MeshLab};
+use wgice_tests::mesh::{pipe, run, s, Bins, MeshLab};
 
 fn setup() -> Option<Bins> {
     if !wgice_tests::can_run_netns() {
@@ -17,29 +17,6 @@ fn setup() -> Option<Bins> {
 }
 
 const CONNECT: Duration = Duration::from_secs(15);
-
-fn s(x: impl ToString) -> String {
-    x.to_string()
-}
-
-fn cmd(c: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(c).args(args).output().unwrap();
-    assert!(out.status.success(), "{c} {args:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn cmd_in(c: &str, args: &[&str], input: &str) -> String {
-    use std::io::Write;
-    let mut p = std::process::Command::new(c)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    p.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let out = p.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 #[test]
 fn same_lan_goes_lan_with_the_endpoint_straight_at_the_peer() {
@@ -130,9 +107,9 @@ fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
     // hand; b has A with the same key), and a has one more peer the agent
     // must never touch.
     let psk_file = m.path("psk");
-    let psk = cmd("wg", &["genpsk"]);
+    let psk = run("wg", &["genpsk"]);
     std::fs::write(&psk_file, &psk).unwrap();
-    let other = cmd_in("wg", &["pubkey"], &cmd("wg", &["genkey"]));
+    let other = pipe("wg", &["pubkey"], &run("wg", &["genkey"]));
     let ifa = m.nodes[a].ifname.clone();
     let b_key = m.nodes[b].public_key.clone();
     let old_ep = format!("{}:9", m.nodes[b].lan_ip);
