@@ -25,11 +25,13 @@ use relay::client::{Client as TurnClient, ClientConfig as TurnConfig, ClientEven
 use relay::stun::{self, attr, method, Class, MessageBuilder};
 use signaling::seal::PeerMessage;
 
+use crate::cert::{self, Membership};
 use crate::demux::{self, Kind};
 use crate::session::{
     is_controlling, PathReport, PeerSession, SessionConfig, SessionEvent, Transmit, Via,
 };
 use crate::status::PeerStatus;
+use crate::validate::{self, OwnAddrs, Refusal};
 use crate::{Candidate, IceCreds, PathKind};
 
 /// A WireGuard public key.
@@ -66,6 +68,46 @@ pub struct AgentOptions {
     /// First ICE session id (the driver passes the Unix time in ms, so a
     /// restarted agent's sessions are newer than its previous ones).
     pub session_epoch: u64,
+    /// Most peers managed at once; members beyond it are refused (counted
+    /// as `peer_limit`). Explicitly listed peers always count.
+    pub max_peers: usize,
+    /// Pinned membership CA keys (Ed25519). Empty: the mesh is
+    /// unauthenticated and `auto` peers route the single addresses they
+    /// advertise, first come first served.
+    pub cas: Vec<[u8; 32]>,
+    /// Our own membership certificate, sent with every offer and answer.
+    pub certificate: Option<String>,
+    /// Unix time (seconds) at the `now` given to [`Agent::new`]: certificate
+    /// validity is wall-clock time.
+    pub unix_time: u64,
+    /// Without a CA, a vanished member's addresses are given to no other key
+    /// for this long.
+    pub address_quarantine: Duration,
+    /// Other ports of this node's services (metrics) that no remote
+    /// candidate may name (WireGuard's and the agent's are added).
+    pub own_ports: Vec<u16>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            public_key: [0; 32],
+            wg_port: None,
+            port: 0,
+            host: Vec::new(),
+            relays: Vec::new(),
+            auto_peers: false,
+            peers: Vec::new(),
+            vanish_after: Duration::from_secs(60),
+            session_epoch: 1,
+            max_peers: 1024,
+            cas: Vec::new(),
+            certificate: None,
+            unix_time: 0,
+            address_quarantine: Duration::from_secs(600),
+            own_ports: Vec::new(),
+        }
+    }
 }
 
 /// Where the WireGuard endpoint of a peer points.
@@ -181,8 +223,9 @@ pub enum Output {
     },
 }
 
-/// Counters of dropped input (for metrics).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters of dropped input, by reason (`wgice_dropped_total{reason}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct DropCounters {
     /// STUN no session accepted (wrong credentials, stale, garbage).
     pub stun_unmatched: u64,
@@ -194,6 +237,51 @@ pub struct DropCounters {
     pub signal_rejected: u64,
     /// Relay data (ChannelData / Data indications) for no known peer.
     pub relay_unmatched: u64,
+    /// Offers/answers whose ICE credentials break RFC 8445 §5.3.
+    pub bad_credentials: u64,
+    /// Candidate lines too long, unparsable or not UDP.
+    pub bad_candidate: u64,
+    /// Candidates at addresses never checked (loopback, multicast, ours, …).
+    pub candidate_refused: u64,
+    /// Messages with an out-of-range field (session id 0, port 0).
+    pub bad_field: u64,
+    /// Members refused because `max_peers` peers are managed.
+    pub peer_limit: u64,
+    /// Membership certificates that did not verify.
+    pub bad_certificate: u64,
+    /// Overlay claims withheld (held by another peer, quarantined, or not
+    /// in the member's certificate).
+    pub address_refused: u64,
+}
+
+impl DropCounters {
+    /// Every counter with its `reason` label.
+    pub fn by_reason(&self) -> [(&'static str, u64); 12] {
+        [
+            ("stun_unmatched", self.stun_unmatched),
+            ("wg_unknown_source", self.wg_unknown_source),
+            ("malformed", self.malformed),
+            ("signal_rejected", self.signal_rejected),
+            ("relay_unmatched", self.relay_unmatched),
+            ("bad_credentials", self.bad_credentials),
+            ("bad_candidate", self.bad_candidate),
+            ("candidate_refused", self.candidate_refused),
+            ("bad_field", self.bad_field),
+            ("peer_limit", self.peer_limit),
+            ("bad_certificate", self.bad_certificate),
+            ("address_refused", self.address_refused),
+        ]
+    }
+
+    fn count(&mut self, r: &Refusal) {
+        let c = match r {
+            Refusal::BadCredentials(_) => &mut self.bad_credentials,
+            Refusal::BadCandidate(_) => &mut self.bad_candidate,
+            Refusal::CandidateRefused { .. } => &mut self.candidate_refused,
+            _ => &mut self.bad_field,
+        };
+        *c += 1;
+    }
 }
 
 #[derive(Debug)]
@@ -224,6 +312,17 @@ struct Peer {
     /// Remote candidates added to the current session.
     remote_candidates: usize,
     created: Instant,
+    /// `auto` peers: the single addresses the member advertises in
+    /// signaling (used when no CA is configured).
+    claimed: Vec<IpNet>,
+    /// A verified membership certificate.
+    membership: Option<Membership>,
+    /// Why the peer's certificate is missing or refused (with a CA).
+    cert_problem: Option<String>,
+    /// Addresses it asked for but did not get, and why.
+    withheld: Option<String>,
+    /// Listed in the config (its allowed IPs are the operator's).
+    listed: bool,
 }
 
 #[derive(Debug)]
@@ -266,9 +365,18 @@ pub struct Agent {
     early: VecDeque<(PeerKey, u64, String)>,
     /// Direct retries of sessions already dropped (the total never goes down).
     retired_retries: u64,
+    /// Addresses of vanished members, held back from other keys until then.
+    quarantine: HashMap<IpNet, (PeerKey, Instant)>,
+    /// When `opts.unix_time` was true.
+    started: Instant,
+    /// Refusal log lines left in the current 10 s window (a flooding member
+    /// must not flood the log too).
+    log_budget: (Instant, u32),
 }
 
 const MAX_PENDING_CANDIDATES: usize = 64;
+/// Refusals logged at warn level per 10 s (the rest at debug).
+const REFUSAL_LOGS: u32 = 20;
 /// Candidates held for members that have not offered yet (all together).
 const MAX_EARLY_CANDIDATES: usize = 256;
 /// Remote candidates per session (all messages together).
@@ -276,6 +384,8 @@ const MAX_REMOTE_CANDIDATES: usize = 64;
 /// Addresses remembered per peer / in total for WireGuard demultiplexing.
 const MAX_OWNED_PER_PEER: usize = 256;
 const MAX_OWNED: usize = 64 * 1024;
+/// Quarantined addresses remembered at once.
+const MAX_QUARANTINE: usize = 16 * 1024;
 const REOFFER_AFTER: Duration = Duration::from_secs(5);
 /// A relay silent this long gets a Refresh to prove it still has us.
 const RELAY_PROBE_AFTER: Duration = Duration::from_secs(5);
@@ -298,6 +408,9 @@ impl Agent {
             next_session_id: opts.session_epoch.max(1) << 12,
             early: VecDeque::new(),
             retired_retries: 0,
+            quarantine: HashMap::new(),
+            started: now,
+            log_budget: (now, REFUSAL_LOGS),
             opts,
         };
         for spec in specs {
@@ -312,6 +425,9 @@ impl Agent {
         }
         for (key, ips) in a.opts.peers.clone() {
             a.manage(now, key, ips);
+            if let Some(p) = a.peers.get_mut(&key) {
+                p.listed = true;
+            }
         }
         a
     }
@@ -329,6 +445,16 @@ impl Agent {
     /// Dropped-input counters.
     pub fn drops(&self) -> DropCounters {
         self.drops
+    }
+
+    /// Most peers managed at once.
+    pub fn max_peers(&self) -> usize {
+        self.opts.max_peers
+    }
+
+    /// Whether members need a verified certificate to route anything.
+    pub fn certificates_required(&self) -> bool {
+        !self.opts.cas.is_empty()
     }
 
     /// Relay states for status: (server, relayed, mapped, problem).
@@ -374,11 +500,23 @@ impl Agent {
             consider(r.turn.as_ref().and_then(|t| t.poll_timeout()));
             consider(relay_probe_at(r));
         }
+        for (_, until) in self.quarantine.values() {
+            consider(Some(*until));
+        }
+        let started = self.started;
+        let unix0 = self.opts.unix_time;
+        for p in self.peers.values() {
+            if let Some(m) = &p.membership {
+                let secs = m.not_after.saturating_sub(unix0);
+                consider(Some(started + Duration::from_secs(secs)));
+            }
+        }
         best
     }
 
     /// Advances every timer to `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire_memberships(now);
         for i in 0..self.relays.len() {
             if self.relays[i].retry_at.is_some_and(|t| t <= now) {
                 self.relays[i].retry_at = None;
@@ -499,9 +637,13 @@ impl Agent {
                         .filter(|(k, _)| Some(**k) != first)
                         .find_map(|(k, p)| take(p).then_some(*k))
                 });
+                // Only a success response to a check we sent proves the
+                // address is the peer's: a request (even authenticated) can
+                // come from a spoofed source.
+                let proven = data.len() >= 2 && data[0] == 0x01 && data[1] == 0x01;
                 match taker {
                     Some(k) => {
-                        self.note_owner(source, k, true);
+                        self.note_owner(source, k, proven);
                         self.drain_session(now, &k);
                     }
                     None => self.drops.stun_unmatched += 1,
@@ -551,21 +693,29 @@ impl Agent {
         ips.dedup();
         ips.truncate(16);
         if !self.peers.contains_key(&key) {
-            if !self.opts.auto_peers {
+            if !self.opts.auto_peers || !self.admit(now, &key) {
                 return;
             }
-            self.manage(now, key, ips);
-        } else if self.opts.auto_peers && !ips.is_empty() {
-            let p = self.peers.get_mut(&key).expect("checked");
-            if p.allowed_ips != ips {
-                p.allowed_ips = ips.clone();
-                self.out.push_back(Output::AllowedIps {
-                    peer: key,
-                    allowed_ips: ips,
-                });
+            let want = if self.opts.cas.is_empty() {
+                ips.clone()
+            } else {
+                Vec::new()
+            };
+            let (granted, withheld) = self.compute_grant(now, &key, want);
+            self.manage(now, key, granted);
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.claimed = ips;
+                p.withheld = withheld;
             }
+        } else if self.peers.get(&key).is_some_and(|p| !p.listed) && !ips.is_empty() {
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.claimed = ips;
+            }
+            self.grant(now, key);
         }
-        let p = self.peers.get_mut(&key).expect("managed above");
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
         p.online = true;
         p.offline_since = None;
         let stale_offer = p
@@ -614,6 +764,34 @@ impl Agent {
     /// of tearing down the current one; a higher id means the peer started a
     /// new session (it restarted): ours is rebuilt to match.
     pub fn handle_message(&mut self, now: Instant, from: PeerKey, message: PeerMessage) {
+        // Every member-controlled field is checked before anything is
+        // created for it or handed to the ICE agent.
+        let checked = match &message {
+            PeerMessage::Offer {
+                session,
+                ufrag,
+                pwd,
+                wg_port,
+                ..
+            }
+            | PeerMessage::Answer {
+                session,
+                ufrag,
+                pwd,
+                wg_port,
+                ..
+            } => validate::session_fields(*session, *wg_port)
+                .and_then(|_| validate::ice_credentials(ufrag, pwd)),
+            PeerMessage::Candidate { session, candidate } => {
+                validate::session_fields(*session, None)
+                    .and_then(|_| validate::candidate_line(candidate))
+            }
+            _ => Ok(()),
+        };
+        if let Err(r) = checked {
+            self.refuse(now, &from, r);
+            return;
+        }
         if !self.peers.contains_key(&from) {
             // Only an offer makes an `auto` peer: a late candidate or goodbye
             // from a peer already dropped must not bring it back. A
@@ -624,7 +802,12 @@ impl Agent {
                 return;
             }
             match message {
-                PeerMessage::Offer { .. } => self.manage(now, from, Vec::new()),
+                PeerMessage::Offer { .. } => {
+                    if !self.admit(now, &from) {
+                        return;
+                    }
+                    self.manage(now, from, Vec::new())
+                }
                 PeerMessage::Candidate { session, candidate } => {
                     if self.early.len() == MAX_EARLY_CANDIDATES {
                         self.early.pop_front();
@@ -650,6 +833,7 @@ impl Agent {
                 pwd,
                 candidates,
                 wg_port,
+                cert,
             } => {
                 // An older id is a late copy, unless our session with them
                 // has gone quiet: then it is a restart with a clock that
@@ -677,6 +861,7 @@ impl Agent {
                 p.online = true;
                 p.offline_since = None;
                 p.remote_wg_port = wg_port;
+                self.present(now, from, cert.as_deref());
                 self.accept_remote(now, from, session, ufrag, pwd, candidates);
                 self.send_answer(from);
             }
@@ -686,9 +871,11 @@ impl Agent {
                 pwd,
                 candidates,
                 wg_port,
+                cert,
             } => {
                 if known == Some(None) || known == Some(Some(session)) {
                     p.remote_wg_port = wg_port;
+                    self.present(now, from, cert.as_deref());
                 }
                 match known {
                     Some(None) => self.accept_remote(now, from, session, ufrag, pwd, candidates),
@@ -727,7 +914,7 @@ impl Agent {
                 if known.flatten() == Some(session) {
                     self.drop_session(now, from);
                     if self.opts.auto_peers {
-                        self.unmanage(from);
+                        self.unmanage(now, from);
                     }
                 }
             }
@@ -914,6 +1101,8 @@ impl Agent {
                     p.path_changes_before + changes,
                 );
                 row.allowed_ips = p.allowed_ips.iter().map(|n| n.to_string()).collect();
+                row.name = p.membership.as_ref().map(|m| m.name.clone());
+                row.membership = p.cert_problem.clone().or_else(|| p.withheld.clone());
                 (*k, row, p.failovers_before + failovers)
             })
             .collect();
@@ -931,6 +1120,228 @@ impl Agent {
                 .filter_map(|p| p.session.as_ref())
                 .map(|s| s.ice.stats().direct_retries)
                 .sum::<u64>()
+    }
+
+    // ---- membership: admission, certificates, addresses ---------------------
+
+    /// Counts a refused input and logs it naming the member (at most
+    /// [`REFUSAL_LOGS`] warnings per 10 s; the rest at debug level).
+    fn refuse(&mut self, now: Instant, from: &PeerKey, r: Refusal) {
+        self.drops.count(&r);
+        self.log_refusal(now, from, r.reason(), &r);
+    }
+
+    fn log_refusal(
+        &mut self,
+        now: Instant,
+        from: &PeerKey,
+        reason: &str,
+        what: &dyn std::fmt::Display,
+    ) {
+        if now.saturating_duration_since(self.log_budget.0) >= Duration::from_secs(10) {
+            self.log_budget = (now, REFUSAL_LOGS);
+        }
+        let peer = self.label(from);
+        if self.log_budget.1 > 0 {
+            self.log_budget.1 -= 1;
+            tracing::warn!(%peer, reason, "refused input from a member: {what}");
+        } else {
+            tracing::debug!(%peer, reason, "refused input from a member: {what}");
+        }
+    }
+
+    /// A peer's name when its certificate gave one, else its key.
+    pub fn label(&self, key: &PeerKey) -> String {
+        self.peers
+            .get(key)
+            .and_then(|p| p.membership.as_ref())
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| base64_key(key))
+    }
+
+    /// Whether one more `auto` member may become a peer (`max_peers`).
+    fn admit(&mut self, now: Instant, key: &PeerKey) -> bool {
+        if self.peers.len() < self.opts.max_peers {
+            return true;
+        }
+        self.drops.peer_limit += 1;
+        let why = format!(
+            "{} peers managed already (agent.max_peers = {})",
+            self.peers.len(),
+            self.opts.max_peers
+        );
+        self.log_refusal(now, key, "peer_limit", &why);
+        false
+    }
+
+    fn unix_now(&self, now: Instant) -> u64 {
+        self.opts.unix_time + now.saturating_duration_since(self.started).as_secs()
+    }
+
+    /// The addresses and ports no remote candidate may name.
+    fn own_addrs(&self) -> OwnAddrs {
+        let mut ports = self.opts.own_ports.clone();
+        ports.push(self.opts.port);
+        ports.extend(self.opts.wg_port);
+        OwnAddrs {
+            host: self.opts.host.clone(),
+            ports,
+            candidates: self
+                .local
+                .iter()
+                .filter(|c| c.kind() != is::CandidateKind::Host)
+                .map(|c| c.addr())
+                .collect(),
+        }
+    }
+
+    /// The peer presented `cert` (or none) with its offer or answer.
+    fn present(&mut self, now: Instant, key: PeerKey, cert: Option<&str>) {
+        if self.opts.cas.is_empty() {
+            return;
+        }
+        let unix = self.unix_now(now);
+        let result = match cert {
+            None => Err("no membership certificate presented: routes nothing".to_owned()),
+            Some(text) => cert::verify(text, &self.opts.cas, &key, unix)
+                .map_err(|e| format!("membership certificate refused ({e}): routes nothing")),
+        };
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        match result {
+            Ok(m) => {
+                if p.membership.as_ref() != Some(&m) {
+                    tracing::info!(peer = %base64_key(&key), name = %m.name, "membership certificate verified");
+                }
+                p.membership = Some(m);
+                p.cert_problem = None;
+            }
+            Err(why) => {
+                let changed = p.cert_problem.as_ref() != Some(&why);
+                p.membership = None;
+                p.cert_problem = Some(why.clone());
+                if cert.is_some() && changed {
+                    self.drops.bad_certificate += 1;
+                    self.log_refusal(now, &key, "bad_certificate", &why);
+                }
+            }
+        }
+        self.grant(now, key);
+    }
+
+    /// Certificates that expired since the last look stop routing.
+    fn expire_memberships(&mut self, now: Instant) {
+        let unix = self.unix_now(now);
+        let expired: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.membership.as_ref().is_some_and(|m| m.not_after <= unix))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            if let Some(p) = self.peers.get_mut(&k) {
+                let at = p.membership.take().map_or(0, |m| m.not_after);
+                p.cert_problem = Some(format!(
+                    "membership certificate expired at {at} (Unix time): routes nothing"
+                ));
+                tracing::warn!(peer = %base64_key(&k), "membership certificate expired: routing nothing to it");
+            }
+            self.grant(now, k);
+        }
+        let before = self.quarantine.len();
+        self.quarantine.retain(|_, (_, until)| *until > now);
+        if self.quarantine.len() != before {
+            self.regrant_all(now);
+        }
+    }
+
+    /// Works out what an `auto` peer may route and tells the driver when it
+    /// changes. With a CA: what its verified certificate lists, nothing
+    /// without one. Without a CA: the single addresses it advertises. Either
+    /// way never an address another peer holds (first come), nor one
+    /// quarantined for another key.
+    fn grant(&mut self, now: Instant, key: PeerKey) {
+        let Some(p) = self.peers.get(&key) else {
+            return;
+        };
+        if p.listed {
+            return;
+        }
+        let want: Vec<IpNet> = if self.opts.cas.is_empty() {
+            p.claimed.clone()
+        } else {
+            p.membership
+                .as_ref()
+                .map(|m| m.allowed_ips())
+                .unwrap_or_default()
+        };
+        let (granted, note) = self.compute_grant(now, &key, want);
+        let refused_now = note.is_some();
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let new_note = note != p.withheld;
+        p.withheld = note;
+        if p.allowed_ips != granted {
+            p.allowed_ips = granted.clone();
+            self.out.push_back(Output::AllowedIps {
+                peer: key,
+                allowed_ips: granted,
+            });
+        }
+        if refused_now && new_note {
+            self.drops.address_refused += 1;
+            let why = self
+                .peers
+                .get(&key)
+                .and_then(|p| p.withheld.clone())
+                .unwrap_or_default();
+            self.log_refusal(now, &key, "address_refused", &why);
+        }
+    }
+
+    /// What `key` may route of `want`, and a note on what it may not.
+    fn compute_grant(
+        &self,
+        now: Instant,
+        key: &PeerKey,
+        want: Vec<IpNet>,
+    ) -> (Vec<IpNet>, Option<String>) {
+        let mut granted = Vec::new();
+        let mut withheld = Vec::new();
+        for n in want {
+            let held = self
+                .peers
+                .iter()
+                .find(|(k, q)| *k != key && q.allowed_ips.iter().any(|o| cert::overlaps(o, &n)));
+            let quarantined = self
+                .quarantine
+                .iter()
+                .any(|(q, (owner, until))| owner != key && *until > now && cert::overlaps(q, &n));
+            match held {
+                Some((k, _)) => withheld.push(format!("{n} (routed to {})", self.label(k))),
+                None if quarantined => {
+                    withheld.push(format!("{n} (quarantined: the node that had it vanished)"))
+                }
+                None => granted.push(n),
+            }
+        }
+        let note = (!withheld.is_empty()).then(|| format!("withheld {}", withheld.join(", ")));
+        (granted, note)
+    }
+
+    /// Grants again every peer that is waiting for an address.
+    fn regrant_all(&mut self, now: Instant) {
+        let waiting: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.withheld.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in waiting {
+            self.grant(now, k);
+        }
     }
 
     // ---- peers and sessions -------------------------------------------------
@@ -960,6 +1371,12 @@ impl Agent {
                 failovers_before: 0,
                 remote_candidates: 0,
                 created: now,
+                claimed: Vec::new(),
+                membership: None,
+                cert_problem: (!self.opts.cas.is_empty())
+                    .then(|| "no membership certificate presented yet: routes nothing".into()),
+                withheld: None,
+                listed: false,
             },
         );
         self.out.push_back(Output::PeerAdded {
@@ -975,10 +1392,23 @@ impl Agent {
         );
     }
 
-    fn unmanage(&mut self, key: PeerKey) {
-        if self.peers.remove(&key).is_some() {
+    fn unmanage(&mut self, now: Instant, key: PeerKey) {
+        if let Some(p) = self.peers.remove(&key) {
             self.owner.retain(|_, k| *k != key);
             self.out.push_back(Output::PeerRemoved { peer: key });
+            // Without a CA nothing binds an address to a key: a vanished
+            // member's addresses go to no other key for a while, so a
+            // member cannot take over a node that merely rebooted.
+            if self.opts.cas.is_empty() && !p.listed {
+                let until = now + self.opts.address_quarantine;
+                for n in p.allowed_ips {
+                    if self.quarantine.len() < MAX_QUARANTINE {
+                        self.quarantine.insert(n, (key, until));
+                    }
+                }
+            }
+            // Addresses it held may now be free for a waiting member.
+            self.regrant_all(now);
         }
     }
 
@@ -1061,7 +1491,7 @@ impl Agent {
             let p = self.peers.get_mut(key).expect("checked");
             p.offline_since = None;
             if self.opts.auto_peers {
-                self.unmanage(*key);
+                self.unmanage(now, *key);
             }
         }
     }
@@ -1079,6 +1509,7 @@ impl Agent {
                 pwd,
                 candidates,
                 wg_port,
+                cert: self.opts.certificate.clone(),
             };
             self.out.push_back(Output::Signal { to: key, message });
         }
@@ -1092,6 +1523,7 @@ impl Agent {
                 pwd,
                 candidates,
                 wg_port,
+                cert: self.opts.certificate.clone(),
             };
             self.out.push_back(Output::Signal { to: key, message });
         }
@@ -1161,22 +1593,35 @@ impl Agent {
             self.drops.signal_rejected += 1;
             return;
         }
+        if p.session.is_none() {
+            return;
+        }
+        let c = match validate::candidate_line(sdp).and_then(|_| {
+            Candidate::from_sdp_string(sdp)
+                .map_err(|e| Refusal::BadCandidate(format!("candidate does not parse: {e}")))
+        }) {
+            Ok(c) if c.proto() != is::Protocol::Udp => {
+                let r = Refusal::BadCandidate(format!("candidate {} is not UDP", c.addr()));
+                return self.refuse(now, &key, r);
+            }
+            Ok(c) => c,
+            Err(r) => return self.refuse(now, &key, r),
+        };
+        let addr = c.addr();
+        if let Err(r) = validate::candidate_addr(addr, &self.own_addrs()) {
+            return self.refuse(now, &key, r);
+        }
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
         let Some(s) = p.session.as_mut() else {
             return;
         };
-        match s.ice.add_remote_candidate_sdp(now, sdp) {
-            Ok((addr, new)) => {
-                // Repeats (re-offers after a reconnect) cost nothing.
-                if new {
-                    p.remote_candidates += 1;
-                }
-                self.note_owner(addr, key, false);
-            }
-            Err(e) => {
-                tracing::debug!(peer = %base64_key(&key), "ignored candidate {sdp:?}: {e}");
-                self.drops.signal_rejected += 1;
-            }
+        // Repeats (re-offers after a reconnect) cost nothing.
+        if s.ice.add_remote_candidate(now, c) {
+            p.remote_candidates += 1;
         }
+        self.note_owner(addr, key, false);
         self.drain_session(now, &key);
     }
 

@@ -21,6 +21,12 @@
 //! control = "/run/wgice/wg0.sock"            # default /run/wgice/<interface>.sock
 //! metrics = "127.0.0.1:9586"                 # Prometheus /metrics
 //! exclude_interfaces = ["docker0"]           # never used for host candidates
+//! max_peers = 1000                           # default: from the open-file limit
+//!
+//! [membership]               # optional: an operator CA binds names and addresses to keys
+//! ca = ["<base64 CA public key>"]            # pinned CA keys (several while rotating)
+//! certificate_file = "/etc/wgice/node.cert"  # this node's certificate (`ice-agent ca sign`)
+//! address_quarantine_secs = 600              # without a CA: a vanished node's addresses wait this long
 //!
 //! [[relays]]
 //! url = "turn:relay.example.org:3478"   # stun:, turn: (UDP), turn:…?transport=tcp, turns: (TLS)
@@ -191,6 +197,14 @@ pub struct AgentConfig {
     pub exclude_interfaces: Vec<String>,
     /// CA file for a signaling server without a pinned certificate.
     pub signaling_ca: Option<PathBuf>,
+    /// Most peers managed at once (`None`: derived from the fd limit).
+    pub max_peers: Option<usize>,
+    /// Pinned membership CA keys (Ed25519 public keys).
+    pub membership_ca: Vec<[u8; 32]>,
+    /// This node's membership certificate (its text).
+    pub certificate: Option<String>,
+    /// Without a CA: how long a vanished member's addresses wait.
+    pub address_quarantine: std::time::Duration,
 }
 
 #[derive(Deserialize)]
@@ -203,6 +217,17 @@ struct File {
     peers: Option<PeersSection>,
     #[serde(default)]
     agent: AgentSection,
+    #[serde(default)]
+    membership: MembershipSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MembershipSection {
+    #[serde(default)]
+    ca: Vec<String>,
+    certificate_file: Option<PathBuf>,
+    address_quarantine_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -212,6 +237,7 @@ struct AgentSection {
     metrics: Option<String>,
     #[serde(default)]
     exclude_interfaces: Vec<String>,
+    max_peers: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -538,6 +564,50 @@ impl AgentConfig {
                 "copy the fingerprint `signaling` prints at start, or give ca_file = PATH",
             ));
         }
+        if f.agent.max_peers == Some(0) {
+            return Err(err(
+                "agent.max_peers",
+                "0 would refuse every peer".into(),
+                "omit it (derived from the open-file limit) or give a positive number",
+            ));
+        }
+        let mut membership_ca = Vec::new();
+        for (i, k) in f.membership.ca.iter().enumerate() {
+            let k = Key::from_base64(k).map_err(|p| {
+                err(
+                    &format!("membership.ca[{i}]"),
+                    p,
+                    "paste the public key `ice-agent ca init` printed",
+                )
+            })?;
+            membership_ca.push(k.0);
+        }
+        let certificate = match &f.membership.certificate_file {
+            None => None,
+            Some(p) => {
+                let p = if p.is_relative() {
+                    dir.map(|d| d.join(p)).unwrap_or_else(|| p.clone())
+                } else {
+                    p.clone()
+                };
+                let text = std::fs::read_to_string(&p).map_err(|e| {
+                    err(
+                        "membership.certificate_file",
+                        format!("cannot read {}: {e}", p.display()),
+                        "create it with `ice-agent ca sign … > FILE`",
+                    )
+                })?;
+                let text = text.trim().to_owned();
+                if text.len() > crate::cert::MAX_CERT_LEN || !text.starts_with("wgice-cert-v1.") {
+                    return Err(err(
+                        "membership.certificate_file",
+                        format!("{} does not hold a wgice certificate", p.display()),
+                        "the file must hold the one line `ice-agent ca sign` prints",
+                    ));
+                }
+                Some(text)
+            }
+        };
         let control = f
             .agent
             .control
@@ -550,6 +620,12 @@ impl AgentConfig {
             metrics,
             exclude_interfaces: f.agent.exclude_interfaces,
             signaling_ca: f.signaling.ca_file,
+            max_peers: f.agent.max_peers,
+            membership_ca,
+            certificate,
+            address_quarantine: std::time::Duration::from_secs(
+                f.membership.address_quarantine_secs.unwrap_or(600),
+            ),
             interface: f.wireguard.interface,
             mode: f.wireguard.mode,
             private_key,

@@ -31,7 +31,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interes
 use tokio::net::{TcpListener, UdpSocket, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::agent::{base64_key, Agent, AgentOptions, Endpoint, Output, PeerKey, RelaySpec, Route};
+use crate::agent::{
+    base64_key, Agent, AgentOptions, DropCounters, Endpoint, Output, PeerKey, RelaySpec, Route,
+};
 use crate::config::{AgentConfig, Mode, RelayAuth, RelayTransport};
 use crate::gather::{self, HostFilter};
 use crate::status::{render_table, PeerStatus};
@@ -63,8 +65,14 @@ pub struct Status {
     pub relays: Vec<RelayStatus>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
-    /// Dropped input.
-    pub dropped: Dropped,
+    /// Dropped input, by reason.
+    pub dropped: DropCounters,
+    /// Most peers the agent manages (`agent.max_peers`).
+    #[serde(default)]
+    pub max_peers: usize,
+    /// Whether membership certificates are required (a CA is pinned).
+    #[serde(default)]
+    pub certificates: bool,
 }
 
 /// One relay in [`Status`].
@@ -78,21 +86,6 @@ pub struct RelayStatus {
     pub mapped: Option<SocketAddr>,
     /// Why it is not usable, if it is not.
     pub problem: Option<String>,
-}
-
-/// Dropped-input counters in [`Status`].
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct Dropped {
-    /// STUN no session accepted.
-    pub stun_unmatched: u64,
-    /// WireGuard from unknown addresses.
-    pub wg_unknown_source: u64,
-    /// Neither STUN, ChannelData nor WireGuard.
-    pub malformed: u64,
-    /// Refused signaling messages.
-    pub signal_rejected: u64,
-    /// Relay data for no peer.
-    pub relay_unmatched: u64,
 }
 
 struct Snapshot {
@@ -276,7 +269,20 @@ pub async fn run(
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(1),
+        max_peers: cfg.max_peers.unwrap_or_else(default_max_peers),
+        cas: cfg.membership_ca.clone(),
+        certificate: cfg.certificate.clone(),
+        unix_time: unix_now(),
+        address_quarantine: cfg.address_quarantine,
+        own_ports: cfg.metrics.map(|m| m.port()).into_iter().collect(),
     };
+    if let Some(text) = &cfg.certificate {
+        if !cfg.membership_ca.is_empty() {
+            if let Err(e) = crate::cert::verify(text, &cfg.membership_ca, &public.0, unix_now()) {
+                tracing::warn!("this node's own certificate does not verify against membership.ca: {e}; peers will route nothing to it");
+            }
+        }
+    }
     let mut agent = Agent::new(opts, Instant::now());
 
     // Signaling.
@@ -924,13 +930,9 @@ fn snapshot(agent: &Agent, interface: &str, port: u16, signaling: bool) -> Snaps
                 })
                 .collect(),
             peers: rows.into_iter().map(|(_, r, _)| r).collect(),
-            dropped: Dropped {
-                stun_unmatched: d.stun_unmatched,
-                wg_unknown_source: d.wg_unknown_source,
-                malformed: d.malformed,
-                signal_rejected: d.signal_rejected,
-                relay_unmatched: d.relay_unmatched,
-            },
+            dropped: d,
+            max_peers: agent.max_peers(),
+            certificates: agent.certificates_required(),
         },
         failovers,
         direct_retries: agent.direct_retries(),
@@ -971,6 +973,20 @@ fn summary(s: &Status) -> String {
             "connected"
         } else {
             "not connected (reconnecting; tunnels stay up)"
+        }
+    );
+    out += &format!(
+        "membership: {}; {} peers (at most {}){}\n",
+        if s.certificates {
+            "certificates required (CA pinned)"
+        } else {
+            "unauthenticated (no CA pinned: first come, first served)"
+        },
+        s.peers.len(),
+        s.max_peers,
+        match s.dropped.peer_limit {
+            0 => String::new(),
+            n => format!(", {n} members refused at the limit"),
         }
     );
     for r in &s.relays {
@@ -1108,6 +1124,15 @@ async fn metrics_loop(
     }
 }
 
+/// A peer's labels: `peer` is its certificate name when it has one (names
+/// are checked to be label-safe), with the key beside it; else its key.
+fn peer_labels(p: &PeerStatus) -> String {
+    match &p.name {
+        Some(n) => format!("peer=\"{n}\",key=\"{}\"", p.public_key),
+        None => format!("peer=\"{}\"", p.public_key),
+    }
+}
+
 fn render_metrics(snap: &Snapshot) -> String {
     use std::fmt::Write as _;
     let s = &snap.status;
@@ -1124,7 +1149,7 @@ fn render_metrics(snap: &Snapshot) -> String {
         head(o, name, kind, help);
         for p in &s.peers {
             if let Some(v) = value(p) {
-                let _ = writeln!(o, "{name}{{peer=\"{}\"}} {v}", p.public_key);
+                let _ = writeln!(o, "{name}{{{}}} {v}", peer_labels(p));
             }
         }
     };
@@ -1142,8 +1167,8 @@ fn render_metrics(snap: &Snapshot) -> String {
                 .unwrap_or(false);
             let _ = writeln!(
                 o,
-                "wgice_peer_path{{peer=\"{}\",path=\"{kind}\"}} {}",
-                p.public_key,
+                "wgice_peer_path{{{},path=\"{kind}\"}} {}",
+                peer_labels(p),
                 u8::from(on)
             );
         }
@@ -1204,14 +1229,7 @@ fn render_metrics(snap: &Snapshot) -> String {
         "counter",
         "Input dropped, by reason.",
     );
-    let d = &s.dropped;
-    for (why, v) in [
-        ("stun_unmatched", d.stun_unmatched),
-        ("wg_unknown_source", d.wg_unknown_source),
-        ("malformed", d.malformed),
-        ("signal_rejected", d.signal_rejected),
-        ("relay_unmatched", d.relay_unmatched),
-    ] {
+    for (why, v) in s.dropped.by_reason() {
         let _ = writeln!(o, "wgice_dropped_total{{reason=\"{why}\"}} {v}");
     }
     o
@@ -1296,6 +1314,23 @@ fn mint_rest(user: &str, secret: &str) -> (String, String) {
     let username = relay::auth::rest_username(unix_now() + REST_LIFETIME, user);
     let password = relay::auth::rest_password(secret, &username);
     (username, password)
+}
+
+/// Peers the agent manages unless `agent.max_peers` says otherwise: each
+/// external-mode peer holds one proxy socket, so the open-file limit (less
+/// room for the agent's own sockets) bounds it.
+pub fn default_max_peers() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    soft.saturating_sub(128).clamp(16, 4096)
 }
 
 fn unix_now() -> u64 {

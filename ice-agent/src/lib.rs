@@ -12,6 +12,9 @@
 //! - [`demux`]: telling STUN, ChannelData and WireGuard apart on the one socket.
 //! - [`gather`]: host candidates from the node's interfaces.
 //! - [`config`]: the agent's TOML configuration.
+//! - [`validate`]: checks on every field another mesh member controls;
+//!   [`cert`]: membership certificates (an operator CA binds names and
+//!   overlay addresses to WireGuard keys).
 //! - [`status`]: what `ice-agent status` shows (table and JSON).
 //! - [`agent`]: the sans-IO core over all peers (sessions, TURN, signaling
 //!   exchange, routes); [`daemon`]: its tokio driver; [`wg`]: WireGuard
@@ -21,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod cert;
 pub mod config;
 pub mod daemon;
 pub mod demux;
@@ -29,6 +33,7 @@ mod path;
 mod session;
 pub mod status;
 pub mod udp;
+pub mod validate;
 pub mod wg;
 
 pub use path::{classify, Classification, PathKind, WgicePreference};

@@ -4,6 +4,10 @@
 //! ice-agent up --config /etc/wgice/agent.toml     # run (foreground; SIGTERM stops it cleanly)
 //! ice-agent status [--json] [--interface wg0]     # ask the running agent
 //! ice-agent check --config agent.toml             # validate a config and exit
+//! ice-agent ca init --dir /etc/wgice/ca           # operator CA (Ed25519)
+//! ice-agent ca sign --ca-key /etc/wgice/ca/ca.key --key PUB --name db-1 \
+//!     --address 10.8.0.5/32 [--route 10.244.3.0/24] --expires 90d > db-1.cert
+//! ice-agent ca show db-1.cert                     # what a certificate says
 //! ```
 
 use std::path::PathBuf;
@@ -71,13 +75,74 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Membership certificates: an operator CA binds each node's name,
+    /// overlay addresses and routed ranges to its WireGuard key.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a CA key (DIR/ca.key, mode 0600) and print its public key
+    /// (pin it in every agent's `membership.ca`).
+    Init {
+        /// Directory for ca.key and ca.pub.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Sign a node's certificate and print it (one line).
+    Sign {
+        /// The CA key (`ca init` wrote it).
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// The node's WireGuard public key (`wg pubkey`).
+        #[arg(long)]
+        key: String,
+        /// The node's name (status, logs, metrics labels).
+        #[arg(long)]
+        name: String,
+        /// An overlay address of the node (/32 or /128); repeatable.
+        #[arg(long = "address")]
+        addresses: Vec<ipnet::IpNet>,
+        /// A range routed through the node (a site, a pod CIDR); repeatable.
+        #[arg(long = "route")]
+        routes: Vec<ipnet::IpNet>,
+        /// Lifetime: e.g. 90d, 12h, 3600s.
+        #[arg(long, default_value = "90d")]
+        expires: String,
+    },
+    /// Print what a certificate says (and check it against a CA key).
+    Show {
+        /// The certificate file.
+        cert: PathBuf,
+        /// A CA public key to check the signature against.
+        #[arg(long)]
+        ca: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Ca { cmd } => match ca(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ice-agent ca: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Check { config } => match AgentConfig::load(&config) {
-            Ok(_) => {
+            Ok(c) => {
+                if c.membership_ca.is_empty() && c.peers == ice_agent::config::Peers::Auto {
+                    eprintln!(
+                        "warning: {}: the mesh is unauthenticated: any holder of the mesh token \
+                         can join and claim free overlay addresses (pin an operator CA in \
+                         membership.ca; see `ice-agent ca init` and docs/ice-agent.md)",
+                        config.display()
+                    );
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -195,4 +260,122 @@ fn init_logs(json: bool, filter: &str) {
     } else {
         b.init();
     }
+}
+
+fn ca(cmd: CaCmd) -> Result<(), String> {
+    use base64::Engine;
+    use ice_agent::cert::{self, Ca, CertBody};
+    let std_b64 = base64::engine::general_purpose::STANDARD;
+    match cmd {
+        CaCmd::Init { dir } => {
+            let key_path = dir.join("ca.key");
+            if key_path.exists() {
+                return Err(format!(
+                    "{} exists: refusing to replace a CA key (move it away first)",
+                    key_path.display()
+                ));
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let (ca, doc) = Ca::generate()?;
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_path)
+                .map_err(|e| format!("{}: {e}", key_path.display()))?;
+            writeln!(f, "{}", std_b64.encode(&doc)).map_err(|e| e.to_string())?;
+            let public = std_b64.encode(ca.public_key());
+            std::fs::write(dir.join("ca.pub"), format!("{public}\n"))
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            println!("{public}");
+            eprintln!(
+                "CA key in {} (keep it offline); pin the public key above in every agent's \
+                 membership.ca",
+                key_path.display()
+            );
+            Ok(())
+        }
+        CaCmd::Sign {
+            ca_key,
+            key,
+            name,
+            addresses,
+            routes,
+            expires,
+        } => {
+            let text = std::fs::read_to_string(&ca_key)
+                .map_err(|e| format!("{}: {e}", ca_key.display()))?;
+            let doc = std_b64
+                .decode(text.trim())
+                .map_err(|e| format!("{}: not a CA key ({e})", ca_key.display()))?;
+            let ca = Ca::from_pkcs8(&doc).map_err(|e| format!("{}: {e}", ca_key.display()))?;
+            let k = ice_agent::config::Key::from_base64(&key).map_err(|e| format!("--key: {e}"))?;
+            let secs = parse_duration(&expires)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|e| e.to_string())?
+                .as_secs();
+            let body = CertBody {
+                key: k.to_base64(),
+                name,
+                addresses,
+                routes,
+                // A little slack for clocks behind the signer's.
+                not_before: now.saturating_sub(300),
+                not_after: now.saturating_add(secs),
+            };
+            println!("{}", ca.sign(&body)?);
+            Ok(())
+        }
+        CaCmd::Show { cert: path, ca } => {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text = text.trim();
+            let body_b64 = text
+                .strip_prefix("wgice-cert-v1.")
+                .and_then(|r| r.split_once('.'))
+                .map(|(b, _)| b)
+                .ok_or("not a wgice certificate")?;
+            let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(body_b64)
+                .map_err(|e| format!("not a wgice certificate: {e}"))?;
+            let b: CertBody = serde_json::from_slice(&body)
+                .map_err(|e| format!("not a wgice certificate: {e}"))?;
+            println!(
+                "name {}\nkey {}\naddresses {:?}\nroutes {:?}\nvalid {} .. {} (Unix time)",
+                b.name, b.key, b.addresses, b.routes, b.not_before, b.not_after
+            );
+            if let Some(ca) = ca {
+                let ca =
+                    ice_agent::config::Key::from_base64(&ca).map_err(|e| format!("--ca: {e}"))?;
+                let k = ice_agent::config::Key::from_base64(&b.key).map_err(|e| e.to_string())?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|e| e.to_string())?
+                    .as_secs();
+                cert::verify(text, &[ca.0], &k.0, now).map_err(|e| e.to_string())?;
+                println!("signature: valid, signed by this CA, not expired");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (n, unit) = s.split_at(s.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len());
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("--expires {s:?}: a number with d, h, m or s (e.g. 90d)"))?;
+    let mul = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" | "" => 1,
+        _ => return Err(format!("--expires {s:?}: unit d, h, m or s")),
+    };
+    n.checked_mul(mul)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("--expires {s:?}: out of range"))
 }

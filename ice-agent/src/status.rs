@@ -35,6 +35,13 @@ pub struct PeerStatus {
     /// Addresses routed to the peer (its overlay).
     #[serde(default)]
     pub allowed_ips: Vec<String>,
+    /// The peer's name, from its verified membership certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Why the peer routes less than it asks for (no or a refused
+    /// certificate, addresses held by another peer or quarantined).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<String>,
 }
 
 impl PeerStatus {
@@ -58,6 +65,8 @@ impl PeerStatus {
             since_secs: report.since_secs,
             path_changes,
             allowed_ips: Vec::new(),
+            name: None,
+            membership: None,
         }
     }
 }
@@ -97,7 +106,11 @@ pub fn render_table(peers: &[PeerStatus]) -> String {
     );
     let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     for p in peers {
-        let key: String = p.public_key.chars().take(10).collect();
+        let key: String = match &p.name {
+            Some(n) if n.chars().count() <= 11 => n.clone(),
+            Some(n) => n.chars().take(10).collect::<String>() + "…",
+            None => p.public_key.chars().take(10).collect::<String>() + "…",
+        };
         let rtt = p
             .rtt_ms
             .map(|r| format!("{r:.1}ms"))
@@ -105,7 +118,7 @@ pub fn render_table(peers: &[PeerStatus]) -> String {
         let _ = writeln!(
             out,
             "{:<12} {:<10} {:<23} {:<23} {:>8} {:>10} {:>10}",
-            format!("{key}…"),
+            key,
             path_name(p.path),
             addr(p.local),
             addr(p.remote),
@@ -123,6 +136,9 @@ pub fn render_table(peers: &[PeerStatus]) -> String {
             "             └ {ips}{} (for {} s)",
             p.reason, p.since_secs
         );
+        if let Some(m) = &p.membership {
+            let _ = writeln!(out, "             └ {m}");
+        }
     }
     if peers.is_empty() {
         out.push_str("(no peers yet)\n");
@@ -147,6 +163,8 @@ mod tests {
             since_secs: 17,
             path_changes: 2,
             allowed_ips: vec!["10.8.0.2/32".into()],
+            name: None,
+            membership: None,
         }
     }
 

@@ -26,6 +26,7 @@ fn opts(key: PeerKey, host: &str, auto: bool, peers: Vec<PeerKey>) -> AgentOptio
         peers: peers.into_iter().map(|k| (k, Vec::new())).collect(),
         vanish_after: Duration::from_secs(60),
         session_epoch: 1_700_000_000_000,
+        ..AgentOptions::default()
     }
 }
 
@@ -439,9 +440,10 @@ fn a_late_offer_of_an_older_session_is_ignored() {
         PeerMessage::Offer {
             session: b_id - 1,
             ufrag: "old1".into(),
-            pwd: "an-old-password-of-22ch".into(),
+            pwd: "anOldPasswordOf22chars".into(),
             candidates: vec![],
             wg_port: Some(1),
+            cert: None,
         },
     );
     w.run(Duration::from_millis(200));
@@ -494,6 +496,7 @@ fn a_member_naming_another_peers_address_does_not_capture_its_packets() {
             pwd: "cccccccccccccccccccccc".into(),
             candidates: vec!["candidate:1 1 udp 2130706431 203.0.113.2 51821 typ host".into()],
             wg_port: None,
+            cert: None,
         },
     );
     // At once: B's next authenticated check would win its address back, so

@@ -17,7 +17,7 @@
 //!     match event {
 //!         Event::Online(member) => {
 //!             let offer = PeerMessage::Offer { session: 1, ufrag: "u".into(),
-//!                                              pwd: "p".into(), candidates: vec![], wg_port: None, };
+//!                                              pwd: "p".into(), candidates: vec![], wg_port: None, cert: None };
 //!             client.send(&member.key, &offer).await?;
 //!         }
 //!         Event::Message { from, message } => { /* feed ICE */ let _ = (from, message); }

@@ -49,6 +49,10 @@ pub enum PeerMessage {
         /// bypasses the agents (absent when unknown).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         wg_port: Option<u16>,
+        /// The sender's membership certificate (`wgice-cert-v1.…`), which
+        /// binds its name and overlay addresses to its WireGuard key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert: Option<String>,
     },
     /// Reply to an offer.
     Answer {
@@ -63,6 +67,9 @@ pub enum PeerMessage {
         /// The sender's WireGuard listen port (see `Offer`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         wg_port: Option<u16>,
+        /// The sender's membership certificate (see `Offer`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert: Option<String>,
     },
     /// One trickled candidate (RFC 8838).
     Candidate {
@@ -311,6 +318,7 @@ mod tests {
             pwd: "secretpassword".into(),
             candidates: vec!["candidate:1 1 udp 2130706431 192.0.2.1 51820 typ host".into()],
             wg_port: None,
+            cert: None,
         }
     }
 
@@ -465,6 +473,7 @@ mod tests {
                 pwd: "b".into(),
                 candidates: vec![],
                 wg_port: None,
+                cert: None,
             },
             PeerMessage::Candidate {
                 session: 1,

@@ -59,6 +59,7 @@ async fn two_instances_route_and_share_presence_through_nats() {
         pwd: "p".into(),
         candidates: vec![],
         wg_port: None,
+        cert: None,
     };
     a.send(&kb.public_key(), &offer).await.unwrap();
     match wait_for(&mut b, "offer via NATS", |e| {

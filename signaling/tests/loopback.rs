@@ -92,6 +92,7 @@ fn offer(session: u64) -> PeerMessage {
         pwd: "pwd-pwd-pwd".into(),
         candidates: vec!["candidate:1 1 udp 2130706431 192.0.2.7 51820 typ host".into()],
         wg_port: None,
+        cert: None,
     }
 }
 
@@ -151,6 +152,7 @@ async fn quic_and_tcp_clients_exchange_sealed_messages_and_presence() {
         pwd: "p2".into(),
         candidates: vec![],
         wg_port: None,
+        cert: None,
     };
     b.send(&ka.public_key(), &answer).await.unwrap();
     match wait_for(&mut a, "answer", |e| matches!(e, Event::Message { .. })).await {
@@ -492,6 +494,7 @@ async fn a_client_that_stops_reading_blocks_nobody() {
         pwd: "p".into(),
         candidates: vec!["candidate:1 1 udp 1 192.0.2.1 1 typ host".repeat(20); 10],
         wg_port: None,
+        cert: None,
     };
     for _ in 0..3000 {
         a.send(&kb.public_key(), &big).await.unwrap();

@@ -336,6 +336,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                     .into(),
             ],
             wg_port: None,
+            cert: None,
         };
         let env = seal(&nodes[i].key, &keys[j], now_ms(), &offer)?;
         let frame = wire::encode(&ClientFrame::Send { envelope: env });
