@@ -703,6 +703,10 @@ impl Agent {
             };
             let (granted, withheld) = self.compute_grant(now, &key, want);
             self.manage(now, key, granted);
+            if let Some(why) = &withheld {
+                self.drops.address_refused += 1;
+                self.log_refusal(now, &key, "address_refused", why);
+            }
             if let Some(p) = self.peers.get_mut(&key) {
                 p.claimed = ips;
                 p.withheld = withheld;

@@ -111,7 +111,9 @@ enum WgCmd {
     Restore {
         peer: PeerKey,
     },
-    RestoreAll(oneshot::Sender<()>),
+    /// Restore every managed peer, then call the closure (the
+    /// acknowledgement) and change nothing any more.
+    RestoreAll(Box<dyn FnOnce() + Send>),
     Counters(oneshot::Sender<HashMap<PeerKey, (u64, u64, u64)>>),
 }
 
@@ -327,6 +329,8 @@ pub async fn run(
             .map_err(|e| DaemonError::Setup(e.to_string()))?
     };
 
+    restore_on_panic(wg_tx.clone());
+
     // Control socket and metrics.
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<oneshot::Sender<Snapshot>>(16);
     let control = bind_control(&cfg.control)?;
@@ -459,9 +463,14 @@ pub async fn run(
     // Let the signaling client flush the goodbyes.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (tx, rx) = oneshot::channel();
-    if wg_tx.send(WgCmd::RestoreAll(tx)).is_ok() {
+    let ack = Box::new(move || {
+        let _ = tx.send(());
+    });
+    if wg_tx.send(WgCmd::RestoreAll(ack)).is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
     }
+    // The normal exit restored WireGuard: the panic hook's job is over.
+    drop(std::panic::take_hook());
     // The control and metrics tasks hold senders to the wg thread: stop them
     // first, or the thread never sees its channel close.
     if let Some(t) = resolver_task {
@@ -650,6 +659,39 @@ async fn send(sock: &UdpSocket, data: &[u8], to: SocketAddr) {
     }
 }
 
+/// Defence in depth: a panic anywhere in the agent (a bug reached by input
+/// the validation missed, inside a dependency) restores the WireGuard peers
+/// the agent changed before the process ends, instead of leaving them
+/// pointed at proxies that died with it. (The wg thread catches its own
+/// panics and restores from its state directly.)
+fn restore_on_panic(wg_tx: std::sync::mpsc::Sender<WgCmd>) {
+    let wg_tx = std::sync::Mutex::new(wg_tx);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        if std::thread::current().name() == Some("wg-control") {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let ack = Box::new(move || {
+            let _ = tx.try_send(());
+        });
+        if let Ok(s) = wg_tx.lock() {
+            let _ = s.send(WgCmd::RestoreAll(ack));
+        }
+        let restored = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+        eprintln!(
+            "ice-agent: internal error (panic); WireGuard peers {}; exiting",
+            if restored {
+                "restored"
+            } else {
+                "could not be restored"
+            }
+        );
+        std::process::exit(70);
+    }));
+}
+
 /// What the wg thread knows about the peers it manages.
 #[derive(Default)]
 struct WgState {
@@ -660,6 +702,46 @@ struct WgState {
     written: HashMap<PeerKey, Vec<IpNet>>,
     /// The endpoint last written per peer.
     endpoints: HashMap<PeerKey, SocketAddr>,
+    /// The interface as last read, kept up to date with our own writes:
+    /// adding or removing a peer costs one write, not a read of every peer
+    /// (re-read every [`MODEL_MAX_AGE`], and when the interface changes).
+    model: HashMap<PeerKey, crate::wg::WgPeer>,
+    model_read: Option<Instant>,
+}
+
+/// How old the interface model may get before it is read again (changes an
+/// operator makes by hand are seen within this time).
+const MODEL_MAX_AGE: Duration = Duration::from_secs(30);
+
+impl WgState {
+    /// The interface's peers, read again when the model is too old.
+    fn model(&mut self, wg: &WgControl) -> Result<&HashMap<PeerKey, crate::wg::WgPeer>, WgError> {
+        if self.model_read.is_none_or(|t| t.elapsed() >= MODEL_MAX_AGE) {
+            let dev = wg.device()?;
+            self.model = dev.peers.into_iter().map(|p| (p.public_key, p)).collect();
+            self.model_read = Some(Instant::now());
+        }
+        Ok(&self.model)
+    }
+
+    /// Records a write the agent made.
+    fn wrote(
+        &mut self,
+        peer: PeerKey,
+        endpoint: Option<SocketAddr>,
+        allowed_ips: Option<&[IpNet]>,
+    ) {
+        let p = self.model.entry(peer).or_insert_with(|| crate::wg::WgPeer {
+            public_key: peer,
+            ..Default::default()
+        });
+        if let Some(e) = endpoint {
+            p.endpoint = Some(e);
+        }
+        if let Some(ips) = allowed_ips {
+            p.allowed_ips = ips.to_vec();
+        }
+    }
 }
 
 fn wg_log(what: &str, r: Result<(), WgError>) {
@@ -679,35 +761,38 @@ fn take_over(
 ) {
     // Without knowing how the peer looked, the agent would not know how to
     // restore it: leave the interface alone.
-    let dev = match wg.device() {
-        Ok(d) => d,
+    let model = match st.model(wg) {
+        Ok(m) => m,
         Err(e) => {
             tracing::warn!("reading the interface, peer left alone: {e}");
             return;
         }
     };
+    let existing = model.get(&peer).cloned();
+    let allowed_ips_free = unclaimed(model, &peer, allowed_ips.clone());
     if !allowed_ips.is_empty() {
-        st.wanted.insert(peer, allowed_ips.clone());
+        st.wanted.insert(peer, allowed_ips);
     }
-    let allowed_ips = unclaimed(&dev, &peer, allowed_ips);
+    let allowed_ips = allowed_ips_free;
     if !allowed_ips.is_empty() {
         st.written.insert(peer, allowed_ips.clone());
     }
-    let existing = dev.peers.into_iter().find(|p| p.public_key == peer);
     let keep_ips = allowed_ips.is_empty() && existing.is_some();
     st.originals
         .entry(peer)
         .or_insert_with(|| existing.map_or(Original::Created, Original::Existed));
     st.endpoints.insert(peer, endpoint);
-    wg_log(
-        "adding peer",
-        wg.set_peer(&PeerUpdate {
-            public_key: peer,
-            endpoint: Some(endpoint),
-            allowed_ips: (!keep_ips).then_some(allowed_ips),
-            ..PeerUpdate::default()
-        }),
-    );
+    let ips = (!keep_ips).then_some(allowed_ips);
+    let r = wg.set_peer(&PeerUpdate {
+        public_key: peer,
+        endpoint: Some(endpoint),
+        allowed_ips: ips.clone(),
+        ..PeerUpdate::default()
+    });
+    if r.is_ok() {
+        st.wrote(peer, Some(endpoint), ips.as_deref());
+    }
+    wg_log("adding peer", r);
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -718,13 +803,33 @@ fn ifindex(name: &str) -> u32 {
     }
 }
 
+/// The wg thread: carries out [`WgCmd`]s. A panic while handling one
+/// restores every peer the agent changed and ends the process (defence in
+/// depth: a bug must not leave WireGuard pointing at dead proxies).
 fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
-    let mut st = WgState::default();
+    let st = std::sync::Mutex::new(WgState::default());
+    let run = std::panic::AssertUnwindSafe(|| wg_loop(&wg, &rx, &st));
+    if std::panic::catch_unwind(run).is_err() {
+        let mut st = st.lock().unwrap_or_else(|p| p.into_inner());
+        for (peer, o) in st.originals.drain() {
+            wg_log("restoring peer", wg.restore(&peer, &o));
+        }
+        eprintln!(
+            "ice-agent: internal error in the WireGuard control thread; peers restored, exiting"
+        );
+        std::process::exit(70);
+    }
+}
+
+fn wg_loop(wg: &WgControl, rx: &std::sync::mpsc::Receiver<WgCmd>, st: &std::sync::Mutex<WgState>) {
+    let wg = wg.clone();
     let log = wg_log;
     let mut index = ifindex(wg.interface());
     let mut checked = Instant::now();
     loop {
         let next = rx.recv_timeout(Duration::from_secs(2));
+        let mut guard = st.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *guard;
         if checked.elapsed() >= Duration::from_secs(2) {
             checked = Instant::now();
             // The interface was deleted and created again (wg-quick or the
@@ -740,9 +845,10 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                     st.endpoints.iter().map(|(k, e)| (*k, *e)).collect();
                 st.originals.clear();
                 st.written.clear();
+                st.model_read = None;
                 for (peer, endpoint) in peers {
                     let ips = st.wanted.get(&peer).cloned().unwrap_or_default();
-                    take_over(&wg, &mut st, peer, ips, endpoint);
+                    take_over(&wg, st, peer, ips, endpoint);
                 }
             }
             if now != 0 {
@@ -759,14 +865,19 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                 peer,
                 allowed_ips,
                 endpoint,
-            } => take_over(&wg, &mut st, peer, allowed_ips, endpoint),
+            } => take_over(&wg, st, peer, allowed_ips, endpoint),
             // Only peers the agent took over (and knows how to restore);
             // never re-create one that was removed behind its back.
             WgCmd::Endpoint { peer, endpoint } if st.originals.contains_key(&peer) => {
                 // Never re-create a peer removed behind the agent's back
                 // (`update_only` is not understood by every implementation).
+                // An endpoint changes with the path, not per peer added: one
+                // read here is fine, and refreshes the model for free.
                 match wg.device() {
-                    Ok(d) if d.peers.iter().any(|p| p.public_key == peer) => {}
+                    Ok(d) if d.peers.iter().any(|p| p.public_key == peer) => {
+                        st.model = d.peers.into_iter().map(|p| (p.public_key, p)).collect();
+                        st.model_read = Some(Instant::now());
+                    }
                     Ok(_) => {
                         tracing::warn!(
                             peer = %base64_key(&peer),
@@ -781,35 +892,47 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
                 }
                 tracing::info!(peer = %base64_key(&peer), %endpoint, "WireGuard endpoint");
                 st.endpoints.insert(peer, endpoint);
-                log(
-                    "setting endpoint",
-                    wg.set_peer(&PeerUpdate {
-                        public_key: peer,
-                        endpoint: Some(endpoint),
-                        ..PeerUpdate::default()
-                    }),
-                );
+                let r = wg.set_peer(&PeerUpdate {
+                    public_key: peer,
+                    endpoint: Some(endpoint),
+                    ..PeerUpdate::default()
+                });
+                if r.is_ok() {
+                    st.wrote(peer, Some(endpoint), None);
+                }
+                log("setting endpoint", r);
             }
             WgCmd::AllowedIps { peer, allowed_ips } if st.originals.contains_key(&peer) => {
                 st.wanted.insert(peer, allowed_ips);
-                apply_wanted(&wg, &st.wanted, &mut st.written, Some(peer));
+                apply_wanted(&wg, st, Some(peer));
             }
             WgCmd::Endpoint { .. } | WgCmd::AllowedIps { .. } => {}
             WgCmd::Restore { peer } => {
                 if let Some(o) = st.originals.remove(&peer) {
-                    log("restoring peer", wg.restore(&peer, &o));
+                    let r = wg.restore(&peer, &o);
+                    match (&r, o) {
+                        (Ok(()), Original::Created) => {
+                            st.model.remove(&peer);
+                        }
+                        (Ok(()), Original::Existed(p)) => {
+                            st.model.insert(peer, p);
+                        }
+                        (Err(_), _) => st.model_read = None,
+                    }
+                    log("restoring peer", r);
                 }
                 st.wanted.remove(&peer);
                 st.written.remove(&peer);
                 st.endpoints.remove(&peer);
-                // Addresses that peer held may now be free for another.
-                apply_wanted(&wg, &st.wanted, &mut st.written, None);
+                // Addresses that peer held may now be free for another
+                // (the model, not a read: removing a peer stays O(1) reads).
+                apply_wanted(&wg, st, None);
             }
             WgCmd::RestoreAll(done) => {
                 for (peer, o) in st.originals.drain() {
                     log("restoring peer", wg.restore(&peer, &o));
                 }
-                let _ = done.send(());
+                done();
                 // Nothing may change the interface after the restore.
                 return;
             }
@@ -831,27 +954,30 @@ fn wg_worker(wg: WgControl, rx: std::sync::mpsc::Receiver<WgCmd>) {
 
 /// Writes the allowed IPs of `only` (or of every managed peer) that are
 /// wanted, free, and not yet written.
-fn apply_wanted(
-    wg: &WgControl,
-    wanted: &HashMap<PeerKey, Vec<IpNet>>,
-    written: &mut HashMap<PeerKey, Vec<IpNet>>,
-    only: Option<PeerKey>,
-) {
-    let dev = match wg.device() {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::warn!("reading the interface: {e}");
-            return;
-        }
+fn apply_wanted(wg: &WgControl, st: &mut WgState, only: Option<PeerKey>) {
+    if let Err(e) = st.model(wg) {
+        tracing::warn!("reading the interface: {e}");
+        return;
+    }
+    let mut writes = Vec::new();
+    let peers: Vec<PeerKey> = match only {
+        Some(p) => vec![p],
+        None => st.wanted.keys().copied().collect(),
     };
-    for (peer, want) in wanted {
-        if only.is_some_and(|o| o != *peer) || !dev.peers.iter().any(|p| p.public_key == *peer) {
+    for peer in &peers {
+        let Some(want) = st.wanted.get(peer) else {
+            continue;
+        };
+        if !st.model.contains_key(peer) {
             continue;
         }
-        let ips = unclaimed(&dev, peer, want.clone());
-        if written.get(peer) == Some(&ips) {
-            continue;
+        let ips = unclaimed(&st.model, peer, want.clone());
+        if st.written.get(peer) != Some(&ips) {
+            writes.push((*peer, ips));
         }
+    }
+    for (peer, ips) in writes {
+        let peer = &peer;
         tracing::info!(peer = %base64_key(peer), allowed_ips = ?ips, "WireGuard allowed IPs");
         let r = wg.set_peer(&PeerUpdate {
             public_key: *peer,
@@ -860,7 +986,8 @@ fn apply_wanted(
         });
         match r {
             Ok(()) => {
-                written.insert(*peer, ips);
+                st.wrote(*peer, None, Some(&ips));
+                st.written.insert(*peer, ips);
             }
             Err(e) => tracing::warn!("setting allowed IPs: {e}"),
         }
@@ -869,18 +996,18 @@ fn apply_wanted(
 
 /// The requested allowed IPs minus any that overlap another peer's: a
 /// member cannot take over addresses routed to someone else.
-fn unclaimed(dev: &crate::wg::WgDevice, peer: &PeerKey, want: Vec<IpNet>) -> Vec<IpNet> {
+fn unclaimed(
+    model: &HashMap<PeerKey, crate::wg::WgPeer>,
+    peer: &PeerKey,
+    want: Vec<IpNet>,
+) -> Vec<IpNet> {
     want.into_iter()
         .filter(|n| {
-            let taken = dev
-                .peers
-                .iter()
-                .filter(|p| p.public_key != *peer)
-                .find(|p| {
-                    p.allowed_ips
-                        .iter()
-                        .any(|o| o.contains(&n.network()) || n.contains(&o.network()))
-                });
+            let taken = model.values().filter(|p| p.public_key != *peer).find(|p| {
+                p.allowed_ips
+                    .iter()
+                    .any(|o| o.contains(&n.network()) || n.contains(&o.network()))
+            });
             if let Some(p) = taken {
                 tracing::warn!(
                     peer = %base64_key(peer),
