@@ -86,7 +86,9 @@ pub struct MeshLab {
     pub nodes: Vec<Node>,
 }
 
-const TOKEN: &str = "mesh-token-for-the-netsim-lab-0123456789";
+/// The lab mesh's token (mesh `lab`): any holder may join, which is what
+/// hostile-member tests play.
+pub const TOKEN: &str = "mesh-token-for-the-netsim-lab-0123456789";
 const WG_PORT: u16 = 51820;
 const AGENT_PORT: u16 = 51821;
 
@@ -314,6 +316,53 @@ impl MeshLab {
             }
         }
         let text = text.replacen("peers = \"auto\"\n", "", 1) + &peers;
+        std::fs::write(&n.config, text).expect("write config");
+    }
+
+    /// The signaling server's address and certificate pin (for a test that
+    /// joins the mesh with a client of its own).
+    pub fn signaling_endpoint(&self) -> (SocketAddr, String) {
+        (SocketAddr::from((self.public_ip, 4443)), self.pin.clone())
+    }
+
+    /// Creates an operator CA in `dir` with `ice-agent ca init`; returns its
+    /// public key.
+    pub fn ca_init(&self, dir: &Path) -> String {
+        let out = Command::new(&self.bins.agent)
+            .args(["ca", "init", "--dir"])
+            .arg(dir)
+            .output()
+            .expect("ice-agent ca init");
+        assert!(out.status.success(), "ca init: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Signs a certificate with `ice-agent ca sign` (the CA in `ca_dir`).
+    pub fn ca_sign(&self, ca_dir: &Path, key: &str, name: &str, address: &str) -> String {
+        let out = Command::new(&self.bins.agent)
+            .args(["ca", "sign", "--ca-key"])
+            .arg(ca_dir.join("ca.key"))
+            .args(["--key", key, "--name", name, "--address", address])
+            .args(["--expires", "1d"])
+            .output()
+            .expect("ice-agent ca sign");
+        assert!(out.status.success(), "ca sign: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Gives node `i` a certificate from the CA in `ca_dir` (its name and
+    /// overlay /32) and makes its agent require certificates from peers.
+    pub fn use_membership(&self, i: usize, ca_dir: &Path, ca_public: &str) {
+        let n = &self.nodes[i];
+        let cert = self.ca_sign(ca_dir, &n.public_key, &n.name, &format!("{}/32", n.overlay));
+        let cert_file = self.dir.join(format!("{}.cert", n.name));
+        std::fs::write(&cert_file, cert + "\n").expect("write cert");
+        let text = std::fs::read_to_string(&n.config).expect("config");
+        let text = text
+            + &format!(
+                "\n[membership]\nca = [\"{ca_public}\"]\ncertificate_file = \"{}\"\n",
+                cert_file.display()
+            );
         std::fs::write(&n.config, text).expect("write config");
     }
 
