@@ -715,6 +715,41 @@ mod tests {
         assert_eq!(e.key, "wireguard.address[0]");
     }
 
+    #[test]
+    fn membership_and_max_peers_are_checked() {
+        let text = base("peers = \"auto\"\n");
+        let dir = std::env::temp_dir().join(format!("wgice-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("n.cert"), "wgice-cert-v1.e30.AAAA\n").expect("cert");
+        let ca = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+        let c = AgentConfig::parse(
+            &format!(
+                "{text}\n[agent]\nmax_peers = 50\n\n[membership]\nca = [\"{ca}\"]\n\
+                 certificate_file = \"n.cert\"\naddress_quarantine_secs = 30\n"
+            ),
+            "a.toml",
+            Some(&dir),
+        )
+        .expect("valid");
+        assert_eq!(c.max_peers, Some(50));
+        assert_eq!(c.membership_ca.len(), 1);
+        assert_eq!(c.certificate.as_deref(), Some("wgice-cert-v1.e30.AAAA"));
+        assert_eq!(c.address_quarantine, std::time::Duration::from_secs(30));
+        for (extra, key) in [
+            ("[agent]\nmax_peers = 0\n", "agent.max_peers"),
+            ("[membership]\nca = [\"nope\"]\n", "membership.ca[0]"),
+            (
+                "[membership]\ncertificate_file = \"missing.cert\"\n",
+                "membership.certificate_file",
+            ),
+        ] {
+            let e = AgentConfig::parse(&format!("{text}\n{extra}"), "a.toml", Some(&dir))
+                .expect_err(extra);
+            assert_eq!(e.key, key, "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn base(top: &str) -> String {
         format!(
             "{top}[wireguard]\ninterface = \"wg0\"\nprivate_key = \"{KEY}\"\n\n[signaling]\nurl = \"quic://127.0.0.1:4433\"\npin_sha256 = \"{PIN}\"\nmesh_token = \"0123456789abcdef0123\"\n\n[[relays]]\nurl = \"turn:127.0.0.1:3478\"\nusername = \"u\"\npassword = \"p\"\n"
