@@ -25,7 +25,8 @@
 //! `--steps M:Z:N,…` (own load steps), `--only relay|coturn`,
 //! `--nice-load N` (run uclient and the peer at niceness N, e.g. -10, so the
 //! server rather than a starved generator/peer is what drops first).
-//! Everything is on 127.0.0.1; every process it starts is killed on exit.
+//! Everything is on loopback (servers on 127.0.0.1, the echo peer on
+//! 127.0.0.2); every process it starts is killed on exit.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -436,7 +437,7 @@ fn uclient(server: &mut Server, peer_port: u16, m: u32, z: u32, n: u32) -> Run {
     ]);
     cmd.args([
         "-e",
-        "127.0.0.1",
+        "127.0.0.2",
         "-r",
         &peer_port.to_string(),
         "-p",
@@ -690,7 +691,8 @@ fn main() {
 
     let peer_port = free_port();
     let mut pc = load_command("turnutils_peer");
-    pc.args(["-L", "127.0.0.1", "-p", &peer_port.to_string()]);
+    // Not 127.0.0.1: that is our relay's own address, which no --allow-peer opens.
+    pc.args(["-L", "127.0.0.2", "-p", &peer_port.to_string()]);
     let _peer = Proc::spawn(pc, None);
     let mut coturn = start_coturn(&dir);
     let mut ours = start_ours(&bin, &dir);

@@ -1,10 +1,12 @@
 //! Long-term credentials, TURN REST ephemeral credentials, stateless nonces and
-//! a bounded per-source rate limiter for unauthenticated requests.
+//! the bounded per-source token buckets that limit unauthenticated answers.
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::stun::long_term_key;
 
@@ -179,48 +181,74 @@ impl NonceSigner {
     }
 }
 
-/// Per-source token buckets in a fixed-size table: memory is constant however
-/// many (spoofed) sources send. Sources that hash to the same slot share a
+/// Per-source token buckets in a fixed-size table of atomics, shared by every
+/// shard (UDP workers and the stream shard): memory is constant however many
+/// (spoofed) sources send, and a source meets one budget whichever worker the
+/// kernel hashes it to. Sources count by [`crate::policy::source_key`] (an
+/// IPv6 /64 is one source); sources that hash to the same slot share a
 /// bucket, which can only make the limit stricter for them.
-#[derive(Debug)]
-pub struct SourceRateLimiter {
-    slots: Box<[(u32, f32)]>, // (last refill ms, tokens)
-    rate_per_sec: f32,
-    burst: f32,
-    seed: u64,
+///
+/// Units are whatever the caller counts (requests in thousandths, bytes);
+/// rate and burst are passed per call so the table itself is configuration
+/// free. Time is the caller's milliseconds (the server clock), never read here.
+pub struct SharedBuckets {
+    /// Per slot: the last refill (ms, high 32 bits) and the units spent
+    /// (low 32 bits; zero is a full bucket, so a fresh table needs no setup).
+    slots: Box<[AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
-impl SourceRateLimiter {
-    /// `slots` buckets, each refilling at `rate_per_sec` up to `burst`.
-    pub fn new(slots: usize, rate_per_sec: f32, burst: f32) -> Self {
-        SourceRateLimiter {
-            slots: vec![(0u32, burst); slots.max(1)].into_boxed_slice(),
-            rate_per_sec,
-            burst,
-            seed: rand::random(),
+impl std::fmt::Debug for SharedBuckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBuckets")
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+impl SharedBuckets {
+    /// A table of `slots` buckets (8 bytes each), all full.
+    pub fn new(slots: usize) -> Self {
+        SharedBuckets {
+            slots: (0..slots.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
-    fn slot(&self, ip: IpAddr) -> usize {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.seed.hash(&mut h);
-        crate::policy::normalize(ip).hash(&mut h);
-        (h.finish() % self.slots.len() as u64) as usize
+    fn slot(&self, ip: IpAddr) -> &AtomicU64 {
+        let h = self.hasher.hash_one(crate::policy::source_key(ip));
+        &self.slots[(h % self.slots.len() as u64) as usize]
     }
 
-    /// Takes one token for `ip` at `now_ms`; false when over the limit.
-    pub fn allow(&mut self, ip: IpAddr, now_ms: u32) -> bool {
-        let i = self.slot(ip);
-        let (last, tokens) = &mut self.slots[i];
-        let elapsed = now_ms.wrapping_sub(*last) as f32 / 1000.0;
-        *tokens = (*tokens + elapsed * self.rate_per_sec).min(self.burst);
-        *last = now_ms;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
+    /// Takes `cost` units from `ip`'s bucket at `now_ms`; the bucket refills
+    /// at `rate_per_sec` units per second up to `burst`. False (and nothing
+    /// taken) when the bucket holds less than `cost`.
+    pub fn take(&self, ip: IpAddr, now_ms: u32, cost: u32, rate_per_sec: u32, burst: u32) -> bool {
+        let slot = self.slot(ip);
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let (last, spent) = ((cur >> 32) as u32, cur as u32);
+            // Shards read their clocks independently: a `now` a little behind
+            // the stored one refills nothing; far behind means the u32
+            // millisecond clock wrapped (49 days) and the bucket is full.
+            let elapsed = match now_ms.wrapping_sub(last) as i32 {
+                d if d >= 0 => d as u64,
+                d if d > -60_000 => 0,
+                _ => u64::from(u32::MAX),
+            };
+            let refill = (elapsed * u64::from(rate_per_sec) / 1000).min(u64::from(u32::MAX)) as u32;
+            let spent = spent.saturating_sub(refill);
+            let Some(after) = spent.checked_add(cost).filter(|a| *a <= burst) else {
+                return false;
+            };
+            // Keep the old time while nothing was refilled, so slow rates
+            // still accumulate between frequent calls.
+            let stamp = if refill == 0 { last } else { now_ms };
+            let next = (u64::from(stamp) << 32) | u64::from(after);
+            match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(v) => cur = v,
+            }
         }
     }
 }
@@ -273,11 +301,28 @@ mod tests {
     }
 
     #[test]
-    fn rate_limiter_is_bounded_and_refills() {
-        let mut r = SourceRateLimiter::new(1024, 10.0, 5.0);
+    fn shared_buckets_are_bounded_and_refill() {
+        let r = SharedBuckets::new(1024);
         let ip: IpAddr = "192.0.2.1".parse().expect("ip");
-        let n = (0..20).filter(|_| r.allow(ip, 0)).count();
+        // 10 per second, burst 5, in whole units.
+        let n = (0..20).filter(|_| r.take(ip, 0, 1, 10, 5)).count();
         assert_eq!(n, 5);
-        assert!(r.allow(ip, 1000));
+        assert!(!r.take(ip, 50, 1, 10, 5), "half a token after 50 ms");
+        assert!(r.take(ip, 100, 1, 10, 5), "one token after 100 ms");
+        assert_eq!((0..20).filter(|_| r.take(ip, 100_000, 1, 10, 5)).count(), 5);
+        // A shard whose clock is a little behind refills nothing.
+        assert!(!r.take(ip, 99_990, 1, 10, 5));
+        // A cost above the burst never passes.
+        assert!(!r.take("192.0.2.2".parse().expect("ip"), 0, 6, 10, 5));
+        // Threads share the budget.
+        let r = std::sync::Arc::new(SharedBuckets::new(64));
+        let taken: usize = (0..4)
+            .map(|_| {
+                let r = r.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| r.take(ip, 7, 1, 1, 100)).count())
+            })
+            .map(|h| h.join().expect("thread"))
+            .sum();
+        assert_eq!(taken, 100);
     }
 }

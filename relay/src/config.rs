@@ -101,12 +101,23 @@ pub struct Args {
     #[arg(long, value_name = "BYTES_PER_SEC")]
     pub bandwidth_limit: Option<u64>,
 
-    /// Unauthenticated requests per second allowed from one source address.
+    /// Unauthenticated requests per second answered for one source (an IPv4
+    /// address or an IPv6 /64), all workers together; burst twice that.
     #[arg(long, value_name = "N")]
     pub unauth_rate: Option<f32>,
 
-    /// Drop unauthenticated requests whose 401/438 answer would be larger than
-    /// the request (no amplification at all; clients must pad their first request, as `relay::client` does with `pad_unauthenticated`).
+    /// Bytes per second of unauthenticated answers (Binding, 401/438, errors)
+    /// sent to one source, all workers together; burst twice that (default
+    /// 4096). This bounds reflection towards a spoofed victim; a Binding answer
+    /// over the budget loses its RFC 5780 attributes, then is dropped.
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    pub unauth_bytes: Option<u32>,
+
+    /// No unauthenticated answer larger than its request: Binding answers lose
+    /// their optional attributes or are dropped, 401/438 and errors are
+    /// dropped (no amplification at all; clients must pad their requests, as
+    /// `relay::client` does with `pad_unauthenticated`; unpadded RFC 5780
+    /// clients get no answer).
     #[arg(long)]
     #[serde(default)]
     pub strict_amplification: bool,
@@ -188,6 +199,8 @@ pub struct RelayConfig {
     pub bandwidth_limit: Option<u64>,
     /// Unauthenticated requests per second per source.
     pub unauth_rate: f32,
+    /// Unauthenticated answer bytes per second per source.
+    pub unauth_bytes: u32,
     /// Strict amplification mode.
     pub strict_amplification: bool,
     /// Highest allocation lifetime (s).
@@ -246,6 +259,7 @@ impl Args {
                 .or(file.max_allocations_per_user),
             bandwidth_limit: self.bandwidth_limit.or(file.bandwidth_limit),
             unauth_rate: self.unauth_rate.or(file.unauth_rate),
+            unauth_bytes: self.unauth_bytes.or(file.unauth_bytes),
             strict_amplification: self.strict_amplification || file.strict_amplification,
             max_lifetime: self.max_lifetime.or(file.max_lifetime),
             metrics: self.metrics.or(file.metrics),
@@ -383,6 +397,14 @@ impl Args {
         if workers == 0 || workers > 256 {
             return Err(err("workers", format!("{workers} workers"), "use 1 to 256"));
         }
+        let unauth_bytes = a.unauth_bytes.unwrap_or(4096);
+        if unauth_bytes < 256 {
+            return Err(err(
+                "unauth-bytes",
+                format!("{unauth_bytes} bytes per second cannot carry one challenge"),
+                "use 256 or more (default 4096)",
+            ));
+        }
         let max_lifetime = a.max_lifetime.unwrap_or(3600);
         if max_lifetime < 600 {
             return Err(err(
@@ -408,6 +430,7 @@ impl Args {
             max_allocations_per_user: a.max_allocations_per_user.unwrap_or(0),
             bandwidth_limit: a.bandwidth_limit.filter(|b| *b > 0),
             unauth_rate: a.unauth_rate.unwrap_or(50.0),
+            unauth_bytes,
             strict_amplification: a.strict_amplification,
             max_lifetime,
             metrics: a.metrics,

@@ -5,6 +5,8 @@
 //! reach the relay host, its cloud metadata service or a private network
 //! behind it (coturn CVE-2020-26262 reached loopback through `0.0.0.0`).
 //! IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is normalised before any check.
+//!
+//! Also here: [`source_key`], what per-source limits count under.
 
 use ipnet::IpNet;
 use std::net::IpAddr;
@@ -55,6 +57,17 @@ pub fn normalize(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The key per-source limits count under: an IPv4 address, or the /64 of an
+/// IPv6 address (a host or home gets a whole /64, so limiting its addresses
+/// one by one would limit nothing). IPv4-mapped IPv6 is the IPv4 address.
+/// `signaling` counts its pending connections by the same rule.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match normalize(ip) {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
+
 /// The peer policy of one relay.
 #[derive(Debug, Clone)]
 pub struct PeerPolicy {
@@ -70,7 +83,8 @@ pub struct Denied {
     pub ip: IpAddr,
     /// The rule, e.g. "loopback 127.0.0.0/8".
     pub rule: String,
-    /// Denied only because it is the relay's own address.
+    /// Denied because it is the relay's own address: the server still lets
+    /// through the ports of live allocations (relay-to-relay).
     pub own: bool,
 }
 
@@ -100,34 +114,43 @@ impl PeerPolicy {
         }
     }
 
-    /// True for the relay's own addresses (after normalisation) that no
-    /// `--allow-peer` range opens explicitly.
+    /// True for the relay's own addresses (after normalisation), whatever
+    /// `--allow-peer` says.
     pub fn is_own(&self, ip: IpAddr) -> bool {
-        let ip = normalize(ip);
-        self.own.contains(&ip) && !self.allow.iter().any(|n| n.contains(&ip))
+        self.own.contains(&normalize(ip))
     }
 
-    /// Checks one peer address: an explicit `--allow-peer` range wins, then
-    /// the default deny-list, then the relay's own addresses (reported with
-    /// `own: true`, so the server can still allow other allocations' ports).
+    /// The relay's own addresses this policy knows.
+    pub fn own_addresses(&self) -> &[IpAddr] {
+        &self.own
+    }
+
+    /// Checks one peer address. The relay's own addresses are refused even
+    /// inside an `--allow-peer` range (reported with `own: true`, so the
+    /// server can still allow the ports of live allocations); otherwise an
+    /// explicit `--allow-peer` range wins, then the default deny-list (which
+    /// also wins over the own-address rule: a relay on loopback cannot be
+    /// reached through itself unless loopback is allowed).
     pub fn check(&self, ip: IpAddr) -> Result<(), Denied> {
         let ip = normalize(ip);
-        if self.allow.iter().any(|n| n.contains(&ip)) {
-            return Ok(());
-        }
-        if let Some(r) = self.deny.iter().find(|r| r.net.contains(&ip)) {
-            return Err(Denied {
-                ip,
-                rule: format!("{} {}", r.name, r.net),
-                own: false,
-            });
-        }
-        if self.own.contains(&ip) {
+        let allowed = self.allow.iter().any(|n| n.contains(&ip));
+        let deny = self.deny.iter().find(|r| r.net.contains(&ip));
+        if self.own.contains(&ip) && (allowed || deny.is_none()) {
             let host = if ip.is_ipv4() { "32" } else { "128" };
             return Err(Denied {
                 ip,
                 rule: format!("the relay's own address {ip}/{host}"),
                 own: true,
+            });
+        }
+        if allowed {
+            return Ok(());
+        }
+        if let Some(r) = deny {
+            return Err(Denied {
+                ip,
+                rule: format!("{} {}", r.name, r.net),
+                own: false,
             });
         }
         Ok(())
@@ -166,6 +189,28 @@ mod tests {
             .expect_err("denied");
         assert_eq!(e.ip, "127.0.0.1".parse::<IpAddr>().expect("ip"));
         assert!(e.to_string().contains("--allow-peer 127.0.0.0/8"), "{e}");
+    }
+
+    #[test]
+    fn allow_never_opens_the_relays_own_addresses() {
+        let own: IpAddr = "10.0.0.5".parse().expect("ip");
+        let p = PeerPolicy::new(vec!["10.0.0.0/8".parse().expect("net")], vec![own]);
+        assert!(p.check("10.0.0.6".parse().expect("ip")).is_ok());
+        let e = p.check(own).expect_err("own");
+        assert!(e.own, "{e:?}");
+        assert!(p.is_own("::ffff:10.0.0.5".parse().expect("ip")));
+        // Without the allow, the deny-list reason wins (not even relay-to-relay).
+        let p = PeerPolicy::new(vec![], vec![own]);
+        assert!(!p.check(own).expect_err("private").own);
+    }
+
+    #[test]
+    fn source_keys() {
+        let k = |s: &str| source_key(s.parse().expect("ip"));
+        assert_eq!(k("2001:db8:1:2:3:4:5:6"), k("2001:db8:1:2::"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("::ffff:203.0.113.9"), k("203.0.113.9"));
+        assert_ne!(k("203.0.113.9"), k("203.0.113.10"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::auth::{AuthError, Credentials, NonceCheck, NonceSigner, SourceRateLimiter};
+use crate::auth::{AuthError, Credentials, NonceCheck, NonceSigner, SharedBuckets};
 use crate::policy::PeerPolicy;
 use crate::stun::{self, attr, channel_data, method, Class, Integrity, Message, MessageBuilder};
 
@@ -109,6 +109,13 @@ pub enum Event {
         /// Which one.
         token: RelayToken,
     },
+    /// A stream (TCP/TLS) client completed a request that passed
+    /// MESSAGE-INTEGRITY: it may keep its connection (drivers close stream
+    /// clients that do not authenticate in time). Never emitted for UDP.
+    ClientAuthenticated {
+        /// The client.
+        client: ClientSocket,
+    },
 }
 
 /// A client's payload to send to a peer (fast path, borrowed from the input).
@@ -131,8 +138,9 @@ pub struct ClientForward {
     pub len: usize,
 }
 
-/// Allocation quotas shared by every shard.
-#[derive(Debug, Default)]
+/// State shared by every shard: allocation quotas, the relayed ports held
+/// right now, and the per-source budgets for unauthenticated answers.
+#[derive(Debug)]
 pub struct Quotas {
     /// Highest number of allocations in total (0 = unlimited).
     pub max_total: usize,
@@ -140,10 +148,33 @@ pub struct Quotas {
     pub max_per_user: u32,
     total: AtomicUsize,
     per_user: Mutex<HashMap<String, u32>>,
-    /// Relayed ports bound right now, all shards (a bit per port): a peer on
-    /// the relay's own address must be one of these (relay-to-relay), never
-    /// another local socket that happens to sit in the range.
-    live_ports: LivePorts,
+    /// Relayed ports bound right now, all shards, one bitset per family: a
+    /// peer on the relay's own address must be one of these (relay-to-relay),
+    /// never another local socket that happens to sit in the range.
+    live_ports_v4: LivePorts,
+    live_ports_v6: LivePorts,
+    /// Unauthenticated requests answered per source (thousandths of a request).
+    unauth_requests: SharedBuckets,
+    /// Bytes of unauthenticated answers per source (the amplification budget).
+    unauth_bytes: SharedBuckets,
+}
+
+/// Slots of each per-source budget table (8 bytes each, shared by all shards).
+const SOURCE_SLOTS: usize = 16384;
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            max_total: 0,
+            max_per_user: 0,
+            total: AtomicUsize::new(0),
+            per_user: Mutex::default(),
+            live_ports_v4: LivePorts::default(),
+            live_ports_v6: LivePorts::default(),
+            unauth_requests: SharedBuckets::new(SOURCE_SLOTS),
+            unauth_bytes: SharedBuckets::new(SOURCE_SLOTS),
+        }
+    }
 }
 
 /// A shared bitset of the 65,536 port numbers.
@@ -242,6 +273,16 @@ pub struct Metrics {
     pub dropped_bandwidth: AtomicU64,
     /// Unauthenticated requests dropped by the per-source rate limit.
     pub dropped_rate_limited: AtomicU64,
+    /// Unauthenticated answers dropped by the per-source byte budget or by
+    /// `--strict-amplification`.
+    pub dropped_amplification: AtomicU64,
+    /// Binding answers sent without their optional RFC 5780 attributes
+    /// because the full answer did not fit the byte budget.
+    pub shrunk_amplification: AtomicU64,
+    /// Stream (TCP/TLS) connections refused: relay or per-source limit.
+    pub stream_refused: AtomicU64,
+    /// Stream connections closed for not authenticating in time, or idle.
+    pub stream_timeouts: AtomicU64,
     /// STUN Binding requests answered.
     pub binding_requests: AtomicU64,
 }
@@ -311,11 +352,18 @@ pub struct ServerConfig {
     pub max_permissions: usize,
     /// Highest channel bindings per allocation.
     pub max_channels: usize,
-    /// Unauthenticated requests per second per source, and burst.
+    /// Unauthenticated requests answered per second per source, and burst.
     pub unauth_rate: (f32, f32),
+    /// Bytes of unauthenticated answers per second per source, and burst:
+    /// the amplification budget (Binding answers, 401/438 challenges, errors).
+    /// Binding answers that do not fit are sent without their optional
+    /// attributes, or not at all.
+    pub unauth_bytes: (u32, u32),
     /// RFC 5780 alternate address, when configured.
     pub alt: Option<AltAddress>,
-    /// Drop unauthenticated requests whose challenge would be larger than the request.
+    /// No unauthenticated answer larger than its request: Binding answers
+    /// lose their optional attributes, then are dropped; challenges and
+    /// errors are dropped. Clients must pad (as `relay::client` does).
     pub strict_amplification: bool,
     /// Shared nonce signer.
     pub nonces: NonceSigner,
@@ -351,6 +399,7 @@ impl ServerConfig {
             max_permissions: 128,
             max_channels: 256,
             unauth_rate: (20.0, 40.0),
+            unauth_bytes: (4096, 8192),
             alt: None,
             strict_amplification: false,
             nonces: NonceSigner::new(600),
@@ -377,6 +426,17 @@ struct Channel {
     number: u16,
     peer: SocketAddr,
     expires: Instant,
+    /// The peer is the relay's own address (relay-to-relay): its port must
+    /// still be a live relayed port on every packet.
+    own: bool,
+}
+
+#[derive(Debug)]
+struct Permission {
+    ip: IpAddr,
+    expires: Instant,
+    /// The relay's own address: data only from live relayed ports.
+    own: bool,
 }
 
 #[derive(Debug)]
@@ -398,7 +458,7 @@ struct Allocation {
     /// 440 for a family the client asked for (ADDITIONAL-ADDRESS-FAMILY) but we lack.
     family_error: bool,
     expires: Instant,
-    permissions: Vec<(IpAddr, Instant)>,
+    permissions: Vec<Permission>,
     channels: Vec<Channel>,
     bucket: Option<Bucket>,
     /// The Allocate transaction, kept for retransmissions (RFC 8656 §7.2).
@@ -416,8 +476,11 @@ impl Allocation {
         }
     }
 
-    fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
-        self.permissions.iter().any(|(p, e)| *p == ip && *e > now)
+    /// The live permission for `ip`, if any.
+    fn permission(&self, ip: IpAddr, now: Instant) -> Option<&Permission> {
+        self.permissions
+            .iter()
+            .find(|p| p.ip == ip && p.expires > now)
     }
 
     fn take_bandwidth(&mut self, bytes: usize, now: Instant, limit: Option<u64>) -> bool {
@@ -457,7 +520,6 @@ pub struct Server {
     by_client: HashMap<ClientSocket, usize>,
     ports_v4: HashSet<u16>,
     ports_v6: HashSet<u16>,
-    limiter: SourceRateLimiter,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     scratch: Vec<u8>,
@@ -478,7 +540,6 @@ impl Server {
         metrics: Arc<Metrics>,
         now: Instant,
     ) -> Self {
-        let limiter = SourceRateLimiter::new(4096, cfg.unauth_rate.0, cfg.unauth_rate.1);
         Server {
             cfg,
             quotas,
@@ -489,7 +550,6 @@ impl Server {
             by_client: HashMap::new(),
             ports_v4: HashSet::new(),
             ports_v6: HashSet::new(),
-            limiter,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             scratch: Vec::with_capacity(256),
@@ -569,7 +629,7 @@ impl Server {
         let mut gone_chans = 0u64;
         for a in self.slots.iter_mut().flatten() {
             let p = a.permissions.len();
-            a.permissions.retain(|(_, e)| *e > now);
+            a.permissions.retain(|p| p.expires > now);
             gone_perms += (p - a.permissions.len()) as u64;
             let c = a.channels.len();
             a.channels.retain(|ch| ch.expires > now);
@@ -588,11 +648,14 @@ impl Server {
             return;
         };
         self.by_client.remove(&a.client);
-        for (r, ports) in [(&a.v4, &mut self.ports_v4), (&a.v6, &mut self.ports_v6)] {
+        for (r, ports, live) in [
+            (&a.v4, &mut self.ports_v4, &self.quotas.live_ports_v4),
+            (&a.v6, &mut self.ports_v6, &self.quotas.live_ports_v6),
+        ] {
             if let Some(r) = r {
                 if let Some(b) = r.bound {
                     ports.remove(&b.port());
-                    self.quotas.live_ports.set(b.port(), false);
+                    live.set(b.port(), false);
                 }
                 self.events
                     .push_back(Event::ReleaseRelay { token: r.token });
@@ -679,7 +742,14 @@ impl Server {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
         };
-        let peer = ch.peer;
+        let (peer, own) = (ch.peer, ch.own);
+        // Relay-to-relay: the other allocation may have ended since the bind,
+        // and its port may now belong to anyone.
+        if own && !self.is_relay_port(peer) {
+            inc(&self.metrics.denied_peers, 1);
+            tracing::debug!(client = %client.remote, %peer, "ChannelData to the relay's own address on a port no allocation holds; dropped");
+            return None;
+        }
         self.forward_to_peer(now, slot, peer, payload)
     }
 
@@ -695,7 +765,10 @@ impl Server {
     ) -> Option<PeerForward<'a>> {
         let limit = self.cfg.bandwidth_limit;
         let a = self.slots[slot].as_mut()?;
-        let (Some(r), true) = (a.relay_for(peer.ip()), a.has_permission(peer.ip(), now)) else {
+        let (Some(r), true) = (
+            a.relay_for(peer.ip()),
+            a.permission(peer.ip(), now).is_some(),
+        ) else {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
         };
@@ -732,8 +805,9 @@ impl Server {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
         };
-        if self.cfg.policy.is_own(peer.ip()) && !self.is_relay_port(peer.port()) {
+        if self.cfg.policy.is_own(peer.ip()) && !self.is_relay_port(peer) {
             inc(&self.metrics.denied_peers, 1);
+            tracing::debug!(client = %client.remote, %peer, "Send to the relay's own address on a port no allocation holds; dropped");
             return None;
         }
         self.forward_to_peer(now, slot, peer, payload)
@@ -754,13 +828,23 @@ impl Server {
     ) -> Option<ClientForward> {
         let limit = self.cfg.bandwidth_limit;
         let peer = SocketAddr::new(crate::policy::normalize(peer.ip()), peer.port());
+        let live = self.is_relay_port(peer);
         let Some(a) = self.alloc_mut(relay) else {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
         };
-        if !a.has_permission(peer.ip(), now) {
-            inc(&self.metrics.dropped_invalid, 1);
-            return None;
+        match a.permission(peer.ip(), now) {
+            None => {
+                inc(&self.metrics.dropped_invalid, 1);
+                return None;
+            }
+            // From the relay's own address: only another live allocation.
+            Some(p) if p.own && !live => {
+                inc(&self.metrics.denied_peers, 1);
+                tracing::debug!(%peer, "data from the relay's own address on a port no allocation holds; dropped");
+                return None;
+            }
+            Some(_) => {}
         }
         if !a.take_bandwidth(len, now, limit) {
             inc(&self.metrics.dropped_bandwidth, 1);
@@ -826,7 +910,12 @@ impl Server {
         };
         match result {
             Ok(addr) => {
-                self.quotas.live_ports.set(addr.port(), true);
+                let live = if token.is_v6() {
+                    &self.quotas.live_ports_v6
+                } else {
+                    &self.quotas.live_ports_v4
+                };
+                live.set(addr.port(), true);
                 let Some(a) = self.slots[slot].as_mut() else {
                     return;
                 };
@@ -982,11 +1071,10 @@ impl Server {
     fn binding(&mut self, now: Instant, client: ClientSocket, msg: &Message<'_>) {
         let tid = msg.transaction_id();
         let fp = msg.check_fingerprint().is_some();
-        if !self.limiter.allow(client.remote.ip(), self.now_ms(now)) {
-            inc(&self.metrics.dropped_rate_limited, 1);
+        let now_ms = self.now_ms(now);
+        if !self.allow_unauth(client.remote.ip(), now_ms) {
             return;
         }
-        inc(&self.metrics.binding_requests, 1);
         let mut from = client.local;
         if let Some(flags) = msg.u32_attr(attr::CHANGE_REQUEST) {
             let (change_ip, change_port) = (flags & 4 != 0, flags & 2 != 0);
@@ -1045,50 +1133,104 @@ impl Server {
                 None => {}
             }
         }
-        // Amplification budget: mandatory attributes always; optional ones only
-        // while the response stays no larger than the request.
-        let budget = msg.raw().len();
+        // RFC 5780 clients need RESPONSE-ORIGIN and OTHER-ADDRESS in every
+        // answer, padded request or not. What bounds amplification is the
+        // per-source byte budget (shared by all shards): an answer that does
+        // not fit is sent without the optional attributes, or not at all.
+        let request_len = msg.raw().len();
         let mut out = std::mem::take(&mut self.scratch);
-        {
-            let mut b = MessageBuilder::new(&mut out, method::BINDING, Class::Success, tid);
-            b.xor_address(attr::XOR_MAPPED_ADDRESS, client.remote);
-            let fp_len = if fp { 8 } else { 0 };
-            let addr_len = |a: SocketAddr| if a.is_ipv4() { 12 } else { 24 };
-            if let Some(alt) = self.cfg.alt {
-                if b.len() + addr_len(from) + addr_len(alt.other) + fp_len <= budget {
-                    // OTHER-ADDRESS: differs in IP and port from where the
-                    // request arrived (RFC 5780 §7.4).
-                    let local = client.local;
-                    let other = SocketAddr::new(
-                        if local.ip() == alt.primary.ip() {
-                            alt.other.ip()
-                        } else {
-                            alt.primary.ip()
-                        },
-                        if local.port() == alt.primary.port() {
-                            alt.other.port()
-                        } else {
-                            alt.primary.port()
-                        },
-                    );
-                    b.address(attr::RESPONSE_ORIGIN, from)
-                        .address(attr::OTHER_ADDRESS, other);
-                }
-            }
-            let sw = self.cfg.software.len();
-            if b.len() + 4 + ((sw + 3) & !3) + fp_len <= budget {
-                b.attr(attr::SOFTWARE, self.cfg.software.as_bytes());
-            }
-            if fp {
-                b.fingerprint();
+        self.binding_answer(&mut out, tid, client, from, fp, true);
+        let mut paid = self.pay_unauth(client.remote.ip(), now_ms, out.len(), request_len);
+        if !paid && self.cfg.alt.is_some() {
+            self.binding_answer(&mut out, tid, client, from, fp, false);
+            paid = self.pay_unauth(client.remote.ip(), now_ms, out.len(), request_len);
+            if paid {
+                inc(&self.metrics.shrunk_amplification, 1);
+                tracing::debug!(source = %client.remote, "Binding answer without RFC 5780 attributes: per-source byte budget");
             }
         }
+        if !paid {
+            inc(&self.metrics.dropped_amplification, 1);
+            tracing::debug!(source = %client.remote, "Binding answer dropped: per-source byte budget or --strict-amplification");
+            self.scratch = out;
+            return;
+        }
+        inc(&self.metrics.binding_requests, 1);
         self.transmits.push_back(Transmit::ToClient {
             client,
             from,
             payload: out.clone(),
         });
         self.scratch = out;
+    }
+
+    /// A Binding success: XOR-MAPPED-ADDRESS, and with `rfc5780` (and an
+    /// alternate address) RESPONSE-ORIGIN and OTHER-ADDRESS; FINGERPRINT when
+    /// the request had one.
+    fn binding_answer(
+        &self,
+        out: &mut Vec<u8>,
+        tid: stun::TransactionId,
+        client: ClientSocket,
+        from: SocketAddr,
+        fp: bool,
+        rfc5780: bool,
+    ) {
+        let mut b = MessageBuilder::new(out, method::BINDING, Class::Success, tid);
+        b.xor_address(attr::XOR_MAPPED_ADDRESS, client.remote);
+        if let Some(alt) = self.cfg.alt.filter(|_| rfc5780) {
+            // OTHER-ADDRESS: differs in IP and port from where the request
+            // arrived (RFC 5780 §7.4).
+            let local = client.local;
+            let other = SocketAddr::new(
+                if local.ip() == alt.primary.ip() {
+                    alt.other.ip()
+                } else {
+                    alt.primary.ip()
+                },
+                if local.port() == alt.primary.port() {
+                    alt.other.port()
+                } else {
+                    alt.primary.port()
+                },
+            );
+            b.address(attr::RESPONSE_ORIGIN, from)
+                .address(attr::OTHER_ADDRESS, other);
+        }
+        if fp {
+            b.fingerprint();
+        }
+    }
+
+    /// One more unauthenticated answer to `ip`: the per-source request rate
+    /// (shared by every shard). Counted and logged when refused.
+    fn allow_unauth(&self, ip: IpAddr, now_ms: u32) -> bool {
+        let (rate, burst) = self.cfg.unauth_rate;
+        let ok = self.quotas.unauth_requests.take(
+            ip,
+            now_ms,
+            1000,
+            (rate * 1000.0) as u32,
+            (burst * 1000.0) as u32,
+        );
+        if !ok {
+            inc(&self.metrics.dropped_rate_limited, 1);
+            tracing::debug!(source = %ip, "unauthenticated request over the per-source rate; dropped");
+        }
+        ok
+    }
+
+    /// Pays for an unauthenticated answer of `len` bytes to `ip` from the
+    /// per-source byte budget; with strict amplification it must also be no
+    /// larger than the request. False: do not send it (the caller counts).
+    fn pay_unauth(&self, ip: IpAddr, now_ms: u32, len: usize, request_len: usize) -> bool {
+        if self.cfg.strict_amplification && len > request_len {
+            return false;
+        }
+        let (rate, burst) = self.cfg.unauth_bytes;
+        self.quotas
+            .unauth_bytes
+            .take(ip, now_ms, len.min(u32::MAX as usize) as u32, rate, burst)
     }
 
     /// Authenticates a request: Ok, or the error response has been queued.
@@ -1159,6 +1301,9 @@ impl Server {
             self.challenge(now, client, msg, 401, "Unauthorized");
             return None;
         };
+        if client.transport.is_stream() {
+            self.events.push_back(Event::ClientAuthenticated { client });
+        }
         if let Some(owner) = existing {
             if !same_principal(owner, user) {
                 let auth = Some((&key[..], kind));
@@ -1192,8 +1337,8 @@ impl Server {
         code: u16,
         reason: &str,
     ) {
-        if !self.limiter.allow(client.remote.ip(), self.now_ms(now)) {
-            inc(&self.metrics.dropped_rate_limited, 1);
+        let now_ms = self.now_ms(now);
+        if !self.allow_unauth(client.remote.ip(), now_ms) {
             return;
         }
         let nonce = self.cfg.nonces.issue(self.secs(now), client.remote.ip());
@@ -1208,8 +1353,9 @@ impl Server {
                 b.fingerprint();
             }
         }
-        if self.cfg.strict_amplification && out.len() > msg.raw().len() {
-            inc(&self.metrics.dropped_rate_limited, 1);
+        if !self.pay_unauth(client.remote.ip(), now_ms, out.len(), msg.raw().len()) {
+            inc(&self.metrics.dropped_amplification, 1);
+            tracing::debug!(source = %client.remote, code, "challenge dropped: per-source byte budget or --strict-amplification");
             self.scratch = out;
             return;
         }
@@ -1234,8 +1380,7 @@ impl Server {
         extra: &[(u16, &[u8])],
     ) {
         let (now_ms, request_len) = self.current;
-        if auth.is_none() && !self.limiter.allow(client.remote.ip(), now_ms) {
-            inc(&self.metrics.dropped_rate_limited, 1);
+        if auth.is_none() && !self.allow_unauth(client.remote.ip(), now_ms) {
             return;
         }
         let mut out = Vec::with_capacity(96 + reason.len());
@@ -1252,8 +1397,9 @@ impl Server {
                 b.fingerprint();
             }
         }
-        if auth.is_none() && self.cfg.strict_amplification && out.len() > request_len {
-            inc(&self.metrics.dropped_rate_limited, 1);
+        if auth.is_none() && !self.pay_unauth(client.remote.ip(), now_ms, out.len(), request_len) {
+            inc(&self.metrics.dropped_amplification, 1);
+            tracing::debug!(source = %client.remote, code, "error answer dropped: per-source byte budget or --strict-amplification");
             return;
         }
         self.transmits.push_back(Transmit::ToClient {
@@ -1610,10 +1756,15 @@ impl Server {
         );
     }
 
-    /// A port of another live allocation on this relay.
-    fn is_relay_port(&self, port: u16) -> bool {
-        (self.cfg.relay_ports.0..=self.cfg.relay_ports.1).contains(&port)
-            && self.quotas.live_ports.contains(port)
+    /// A relayed port of a live allocation on this relay, in `peer`'s family.
+    fn is_relay_port(&self, peer: SocketAddr) -> bool {
+        let live = if peer.is_ipv4() {
+            &self.quotas.live_ports_v4
+        } else {
+            &self.quotas.live_ports_v6
+        };
+        (self.cfg.relay_ports.0..=self.cfg.relay_ports.1).contains(&peer.port())
+            && live.contains(peer.port())
     }
 
     /// Checks a peer for an allocation: family and policy. `port_matters` is
@@ -1641,9 +1792,10 @@ impl Server {
         match self.cfg.policy.check(peer.ip()) {
             Ok(()) => {}
             // Relay-to-relay: another allocation on this relay.
-            Err(d) if d.own && (!port_matters || self.is_relay_port(peer.port())) => {}
+            Err(d) if d.own && (!port_matters || self.is_relay_port(peer)) => {}
             Err(d) if d.own => {
                 inc(&self.metrics.denied_peers, 1);
+                tracing::info!(client = %a.client.remote, %peer, "peer denied: the relay's own address, not a live relayed port");
                 let (lo, hi) = self.cfg.relay_ports;
                 return Err((
                     403,
@@ -1663,17 +1815,22 @@ impl Server {
 
     fn add_permission(&mut self, slot: usize, ip: IpAddr, until: Instant) -> bool {
         let max = self.cfg.max_permissions;
+        let own = self.cfg.policy.is_own(ip);
         let Some(a) = self.slots[slot].as_mut() else {
             return false;
         };
-        if let Some(p) = a.permissions.iter_mut().find(|(p, _)| *p == ip) {
-            p.1 = until;
+        if let Some(p) = a.permissions.iter_mut().find(|p| p.ip == ip) {
+            p.expires = until;
             return true;
         }
         if a.permissions.len() >= max {
             return false;
         }
-        a.permissions.push((ip, until));
+        a.permissions.push(Permission {
+            ip,
+            expires: until,
+            own,
+        });
         inc(&self.metrics.permissions, 1);
         true
     }
@@ -1820,6 +1977,7 @@ impl Server {
         };
         let until = now + self.cfg.channel_lifetime;
         let max = self.cfg.max_channels;
+        let own = self.cfg.policy.is_own(peer.ip());
         let Some(a) = self.slots[slot].as_mut() else {
             return;
         };
@@ -1832,6 +1990,7 @@ impl Server {
                     number,
                     peer,
                     expires: until,
+                    own,
                 });
                 inc(&self.metrics.channels, 1);
             }

@@ -246,38 +246,28 @@ impl<'a> Message<'a> {
         t
     }
 
-    /// Iterates the attributes in order.
+    /// Iterates the attributes in order, as a receiver may see them: after
+    /// MESSAGE-INTEGRITY(-SHA256) only MESSAGE-INTEGRITY-SHA256 (after
+    /// MESSAGE-INTEGRITY) and FINGERPRINT are visible, and nothing after
+    /// FINGERPRINT (RFC 8489 §14.5/§14.6: the MAC does not cover what
+    /// follows it, so anyone on the path could have appended it). Every
+    /// accessor below reads through this.
     pub fn attributes(&self) -> AttrIter<'a> {
         AttrIter {
             raw: self.raw,
             off: HEADER_LEN,
+            seen: Seen::Nothing,
         }
     }
 
-    /// The first attribute of a type. Attributes after MESSAGE-INTEGRITY(-SHA256)
-    /// other than FINGERPRINT are ignored, as RFC 8489 §14.5 requires.
+    /// The first attribute of a type (see [`Message::attributes`] for which are visible).
     pub fn get(&self, typ: u16) -> Option<&'a [u8]> {
         self.get_attr(typ).map(|a| a.value)
     }
 
     /// Like [`Message::get`], with the attribute's offset.
     pub fn get_attr(&self, typ: u16) -> Option<RawAttr<'a>> {
-        let mut seen_integrity = false;
-        for a in self.attributes() {
-            if seen_integrity
-                && a.typ != attr::FINGERPRINT
-                && a.typ != attr::MESSAGE_INTEGRITY_SHA256
-            {
-                return None;
-            }
-            if a.typ == typ {
-                return Some(a);
-            }
-            if a.typ == attr::MESSAGE_INTEGRITY || a.typ == attr::MESSAGE_INTEGRITY_SHA256 {
-                seen_integrity = true;
-            }
-        }
-        None
+        self.attributes().find(|a| a.typ == typ)
     }
 
     /// Comprehension-required attributes this codec does not know (for 420).
@@ -380,16 +370,57 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Iterator over a message's attributes.
+/// Which integrity attribute the iteration has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Nothing,
+    Sha1,
+    Sha256,
+    Fingerprint,
+}
+
+/// Iterator over a message's visible attributes ([`Message::attributes`]).
 #[derive(Debug, Clone)]
 pub struct AttrIter<'a> {
     raw: &'a [u8],
     off: usize,
+    seen: Seen,
 }
 
 impl<'a> Iterator for AttrIter<'a> {
     type Item = RawAttr<'a>;
     fn next(&mut self) -> Option<RawAttr<'a>> {
+        loop {
+            if self.seen == Seen::Fingerprint {
+                return None;
+            }
+            let a = self.next_raw()?;
+            let visible = match (self.seen, a.typ) {
+                (_, attr::FINGERPRINT) => {
+                    self.seen = Seen::Fingerprint;
+                    true
+                }
+                (Seen::Nothing, attr::MESSAGE_INTEGRITY) => {
+                    self.seen = Seen::Sha1;
+                    true
+                }
+                (Seen::Nothing | Seen::Sha1, attr::MESSAGE_INTEGRITY_SHA256) => {
+                    self.seen = Seen::Sha256;
+                    true
+                }
+                (Seen::Nothing, _) => true,
+                _ => false,
+            };
+            if visible {
+                return Some(a);
+            }
+        }
+    }
+}
+
+impl<'a> AttrIter<'a> {
+    /// The next attribute in the datagram, visible or not.
+    fn next_raw(&mut self) -> Option<RawAttr<'a>> {
         let raw = self.raw;
         let off = self.off;
         if off + 4 > raw.len() {
@@ -883,6 +914,50 @@ mod tests {
         let m = Message::parse(&buf).expect("parse");
         assert_eq!(m.verify_integrity(&key), Some(Integrity::Sha256));
         assert_eq!(m.verify_integrity(b"other"), None);
+    }
+
+    #[test]
+    fn attributes_after_integrity_are_ignored_by_every_accessor() {
+        // RFC 8489 §14.5: only FINGERPRINT may follow MESSAGE-INTEGRITY (and
+        // MESSAGE-INTEGRITY-SHA256 may follow MESSAGE-INTEGRITY, §14.6).
+        let key = long_term_key("u", "r", "p");
+        let vouched: SocketAddr = "203.0.113.5:7000".parse().expect("sa");
+        let smuggled: SocketAddr = "203.0.113.66:7000".parse().expect("sa");
+        for kind in [Integrity::Sha1, Integrity::Sha256] {
+            let mut buf = Vec::new();
+            MessageBuilder::new(&mut buf, method::CREATE_PERMISSION, Class::Request, [3; 12])
+                .xor_address(attr::XOR_PEER_ADDRESS, vouched)
+                .attr(attr::USERNAME, b"u")
+                .integrity(kind, &key)
+                .xor_address(attr::XOR_PEER_ADDRESS, smuggled)
+                .attr(attr::SOFTWARE, b"after")
+                .attr(0x7777, b"unknown")
+                .u32_attr(attr::LIFETIME, 0)
+                .fingerprint();
+            let m = Message::parse(&buf).expect("parse");
+            assert_eq!(m.verify_integrity(&key), Some(kind), "MAC ends at M-I");
+            let peers: Vec<_> = m.xor_addresses(attr::XOR_PEER_ADDRESS).collect();
+            assert_eq!(peers, vec![Ok(vouched)], "{kind:?}");
+            assert_eq!(m.get(attr::SOFTWARE), None);
+            assert_eq!(m.u32_attr(attr::LIFETIME), None);
+            assert!(m.unknown_required().is_empty(), "{kind:?}");
+            assert_eq!(m.str_attr(attr::USERNAME), Some("u"));
+            assert!(m
+                .attributes()
+                .all(|a| a.typ != attr::SOFTWARE && a.typ != 0x7777));
+            // FINGERPRINT still counts after the junk (it is the last attribute)…
+            assert_eq!(m.check_fingerprint(), Some(true));
+        }
+        // …and both integrity kinds in RFC order are seen.
+        let mut buf = Vec::new();
+        MessageBuilder::new(&mut buf, method::REFRESH, Class::Request, [4; 12])
+            .attr(attr::USERNAME, b"u")
+            .integrity(Integrity::Sha1, &key)
+            .integrity(Integrity::Sha256, &key)
+            .fingerprint();
+        let m = Message::parse(&buf).expect("parse");
+        assert_eq!(m.verify_integrity(&key), Some(Integrity::Sha256));
+        assert_eq!(m.check_fingerprint(), Some(true));
     }
 
     #[test]

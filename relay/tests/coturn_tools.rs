@@ -247,11 +247,16 @@ fn field_addr(line: &str, key: &str) -> Option<SocketAddr> {
 }
 
 fn start_relay() -> OurRelay {
+    start_relay_on("127.0.0.1:0", &[])
+}
+
+/// Our relay with its primary UDP address at `listen` and `extra` flags.
+fn start_relay_on(listen: &str, extra: &[&str]) -> OurRelay {
     let (lo, hi) = relay_range();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
     cmd.env("NO_COLOR", "1").args([
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--tcp-listen",
         "127.0.0.1:0",
         "--metrics",
@@ -269,6 +274,7 @@ fn start_relay() -> OurRelay {
         "--log-level",
         "info",
     ]);
+    cmd.args(extra);
     let mut proc = Proc::spawn(cmd);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -319,12 +325,16 @@ impl OurRelay {
 
 // ---------------------------------------------------------------- coturn tools
 
+/// Where `turnutils_peer` listens: loopback, but not the relay's own
+/// address (127.0.0.1), which no `--allow-peer` opens.
+const PEER_IP: &str = "127.0.0.2";
+
 fn start_peer() -> (Proc, u16) {
     // turnutils_peer cannot bind port 0; pick a free one and check it stays up.
     for _ in 0..5 {
         let port = free_port();
         let mut cmd = Command::new("turnutils_peer");
-        cmd.args(["-L", "127.0.0.1", "-p", &port.to_string()]);
+        cmd.args(["-L", PEER_IP, "-p", &port.to_string()]);
         let mut p = Proc::spawn(cmd);
         std::thread::sleep(Duration::from_millis(300));
         if p.running() {
@@ -398,7 +408,7 @@ fn run_uclient(o: &UclientOpts) -> UclientRun {
     cmd.args(["-n", &o.messages.to_string(), "-m", &o.clients.to_string()]);
     cmd.args([
         "-e",
-        "127.0.0.1",
+        PEER_IP,
         "-r",
         &o.peer_port.to_string(),
         "-p",
@@ -584,6 +594,97 @@ fn stunclient_gets_mapped_address() {
     assert_ne!(mapped.port(), 0, "{out}");
     assert!(relay.metric("relay_binding_requests_total") >= 1);
     relay.assert_alive();
+}
+
+/// Runs `turnutils_natdiscovery -m -f` against `server` (UDP) and returns
+/// its output after checking it exited cleanly.
+fn natdiscovery(server: SocketAddr) -> String {
+    let mut cmd = Command::new("turnutils_natdiscovery");
+    cmd.args(["-m", "-f", "-p", &server.port().to_string()])
+        .arg(server.ip().to_string());
+    let mut p = Proc::spawn(cmd);
+    let status = p.wait_timeout(Duration::from_secs(60));
+    let out = p.output();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "natdiscovery failed ({status:?}):\n{out}"
+    );
+    out
+}
+
+/// The behaviour lines natdiscovery concludes with (`NAT with ... Mapping!`,
+/// `NAT with ... Filtering!`).
+fn verdicts(out: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.starts_with("NAT with") || l.contains("Behavior Discovery"))
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn natdiscovery_classifies_mapping_and_filtering_through_our_relay() {
+    // RFC 5780 with a standard client that does not pad its requests: it
+    // needs OTHER-ADDRESS and RESPONSE-ORIGIN in every answer, and answers
+    // from the alternate IP and port for the filtering tests.
+    if !have_tools(&["turnutils_natdiscovery", "turnserver"]) {
+        return;
+    }
+    let (port, alt_port) = (free_port(), free_port());
+    let primary = format!("127.0.0.1:{port}");
+    let alt = format!("127.0.0.2:{alt_port}");
+    let mut relay = start_relay_on(&primary, &["--alt-listen", &alt]);
+    let out = natdiscovery(relay.udp);
+    let ours = verdicts(&out);
+    assert!(
+        ours.iter()
+            .any(|l| l == "NAT with Endpoint Independent Mapping!"),
+        "no mapping behaviour in:\n{out}"
+    );
+    assert!(
+        ours.iter()
+            .any(|l| l == "NAT with Endpoint Independent Filtering!"),
+        "no filtering behaviour in:\n{out}"
+    );
+    assert!(
+        out.contains(&format!("Other addr: : {alt}")),
+        "OTHER-ADDRESS is the alternate address:\n{out}"
+    );
+    relay.assert_alive();
+
+    // coturn's own server, same client, same loopback: same conclusions.
+    let dir = tmp_dir("natdiscovery");
+    let ts_port = free_port();
+    let mut cmd = Command::new("turnserver");
+    cmd.args([
+        "--no-cli",
+        "-n",
+        "--no-auth",
+        "--listening-ip",
+        "127.0.0.1",
+        "--listening-ip",
+        "127.0.0.2",
+        "--listening-port",
+        &ts_port.to_string(),
+        "--alt-listening-port",
+        &(ts_port + 1).to_string(),
+        "--no-tls",
+        "--no-dtls",
+        "--no-tcp",
+        "--log-file",
+        "stdout",
+        "--simple-log",
+    ]);
+    cmd.arg("--pidfile").arg(dir.join("turnserver.pid"));
+    let mut ts = Proc::spawn(cmd);
+    let ts_addr = SocketAddr::new(LOCALHOST, ts_port);
+    assert!(
+        stun_binding(ts_addr, Duration::from_secs(5)).is_some() && ts.running(),
+        "turnserver did not start:\n{}",
+        ts.output()
+    );
+    let theirs = verdicts(&natdiscovery(ts_addr));
+    assert_eq!(ours, theirs, "our relay and coturn disagree");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------- coturn's turnserver vs our client

@@ -61,9 +61,11 @@ async fn start_relay(extra: &[&str], tls: Option<&Tls>) -> Relay {
     Relay::start(&cfg).await.expect("relay starts")
 }
 
-/// A UDP echo peer on loopback; returns its address.
+/// A UDP echo peer on loopback; returns its address. It sits on 127.0.0.2:
+/// the relay's own address (127.0.0.1) is never a peer, whatever
+/// `--allow-peer` says, except for its live relayed ports.
 async fn echo_peer() -> SocketAddr {
-    echo_peer_at("127.0.0.1:0").await
+    echo_peer_at("127.0.0.2:0").await
 }
 
 async fn echo_peer_at(bind: &str) -> SocketAddr {
@@ -176,8 +178,8 @@ async fn relay_round_trip_via(
     })
     .await;
     assert_eq!(
-        client.relayed()[0].ip(),
-        peer.ip(),
+        client.relayed()[0].is_ipv4(),
+        peer.is_ipv4(),
         "relayed address in the peer's family"
     );
     // Send indication first (permission only), then ChannelData.
@@ -439,7 +441,7 @@ async fn turn_crate_client_allocates_and_relays() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ipv6_clients_and_peers() {
+async fn ipv6_clients_relay_to_relay() {
     if std::net::UdpSocket::bind("[::1]:0").is_err() {
         assert!(
             std::env::var("CI").is_err(),
@@ -449,6 +451,9 @@ async fn ipv6_clients_and_peers() {
         return;
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // ::1 is the relay's own address, so the only IPv6 peers loopback offers
+    // are the relay's own relayed ports: two allocations talking through each
+    // other (relay-to-relay, as between two symmetric NATs).
     let cfg = Args::parse_from([
         "relay",
         "--listen",
@@ -463,16 +468,42 @@ async fn ipv6_clients_and_peers() {
     .resolve()
     .expect("config");
     let relay = Relay::start(&cfg).await.expect("start");
-    let peer = echo_peer_at("[::1]:0").await;
-    let s = UdpSocket::bind("[::1]:0").await.expect("bind");
-    relay_round_trip_via(
-        Conn::Udp(s, relay.udp[0]),
-        false,
-        "alice",
-        "wonderland",
-        peer,
-    )
-    .await;
+    let mut ends = Vec::new();
+    for _ in 0..2 {
+        let s = UdpSocket::bind("[::1]:0").await.expect("bind");
+        let mut conn = Conn::Udp(s, relay.udp[0]);
+        let mut client = Client::new(ClientConfig::new("alice", "wonderland"));
+        let (mut ev, mut data) = (Vec::new(), Vec::new());
+        client.allocate(Instant::now());
+        drive(&mut client, &mut conn, &mut ev, &mut data, |e, _| {
+            e.iter().any(|e| matches!(e, ClientEvent::Allocated { .. }))
+        })
+        .await;
+        assert!(client.relayed()[0].is_ipv6());
+        ends.push((client, conn, ev, data));
+    }
+    let relayed: Vec<SocketAddr> = ends.iter().map(|e| e.0.relayed()[0]).collect();
+    for (i, (client, conn, ev, data)) in ends.iter_mut().enumerate() {
+        client.bind_channel(Instant::now(), relayed[1 - i]);
+        drive(client, conn, ev, data, |e, _| {
+            e.iter()
+                .any(|e| matches!(e, ClientEvent::ChannelBound { .. }))
+        })
+        .await;
+    }
+    for (from, to) in [(0usize, 1usize), (1, 0)] {
+        let mut out = Vec::new();
+        ends[from]
+            .0
+            .encode_to(relayed[to], b"over two IPv6 allocations", &mut out);
+        ends[from].1.send(&out).await;
+        let (client, conn, ev, data) = &mut ends[to];
+        drive(client, conn, ev, data, |_, d| !d.is_empty()).await;
+        assert_eq!(
+            data.pop(),
+            Some((relayed[from], b"over two IPv6 allocations".to_vec()))
+        );
+    }
     relay.stop().await;
 }
 
@@ -500,5 +531,130 @@ async fn one_address_cannot_take_every_stream_slot() {
         "a connection within the quota stays open (read timed out): {r:?}"
     );
     drop(held);
+    relay.stop().await;
+}
+
+/// The first non-loopback IPv4 address of this host's interfaces (`ip -o -4 addr`).
+fn non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .filter_map(|cidr| cidr.split('/').next()?.parse::<std::net::Ipv4Addr>().ok())
+        .find(|ip| !ip.is_loopback())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_peer_cannot_open_the_hosts_other_addresses() {
+    // The relay listens on loopback only, yet this host's other interface
+    // addresses are its own too: an --allow-peer range that covers one must
+    // not make the host's services reachable through an allocation.
+    // (Nothing is sent there: the test only asks for a channel.)
+    let Some(host_ip) = non_loopback_ipv4() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but this host has no non-loopback IPv4 address"
+        );
+        eprintln!("SKIPPED: no non-loopback IPv4 interface address here");
+        return;
+    };
+    let allow = format!("{host_ip}/32");
+    let relay = start_relay(
+        &["--relay-ports", "48000-48999", "--allow-peer", &allow],
+        None,
+    )
+    .await;
+    let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut conn = Conn::Udp(s, relay.udp[0]);
+    let mut client = Client::new(ClientConfig::new("alice", "wonderland"));
+    let (mut ev, mut data) = (Vec::new(), Vec::new());
+    client.allocate(Instant::now());
+    drive(&mut client, &mut conn, &mut ev, &mut data, |e, _| {
+        e.iter().any(|e| matches!(e, ClientEvent::Allocated { .. }))
+    })
+    .await;
+    ev.clear();
+    client.bind_channel(Instant::now(), SocketAddr::from((host_ip, 22)));
+    drive(&mut client, &mut conn, &mut ev, &mut data, |e, _| {
+        !e.is_empty()
+    })
+    .await;
+    assert!(
+        matches!(&ev[0], ClientEvent::Failed { code: 403, reason, .. } if reason.contains("live relayed ports")),
+        "{host_ip}:22 is this host: {ev:?}"
+    );
+    relay.stop().await;
+}
+
+/// Reads one STUN/ChannelData frame; None when the stream closed.
+async fn read_frame(t: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    loop {
+        if let Ok(Some(n)) = stun::stream_frame_len(buf) {
+            return Some(buf.drain(..n).collect());
+        }
+        let mut chunk = [0u8; 2048];
+        match t.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_clients_must_authenticate_to_keep_their_slot() {
+    let relay = start_relay(&["--relay-ports", "49000-49099"], None).await;
+    // One client authenticates (allocates) over TCP…
+    let t = TcpStream::connect(relay.tcp[0]).await.expect("tcp");
+    let mut authed = Conn::Stream(Box::new(t), Vec::new());
+    let mut cc = ClientConfig::new("alice", "wonderland");
+    cc.reliable = true;
+    let mut client = Client::new(cc);
+    let (mut ev, mut data) = (Vec::new(), Vec::new());
+    client.allocate(Instant::now());
+    drive(&mut client, &mut authed, &mut ev, &mut data, |e, _| {
+        e.iter().any(|e| matches!(e, ClientEvent::Allocated { .. }))
+    })
+    .await;
+    // …another only talks: a Binding request every second, each answered.
+    let start = Instant::now();
+    let mut talker = TcpStream::connect(relay.tcp[0]).await.expect("tcp");
+    let mut buf = Vec::new();
+    let closed_after = loop {
+        let mut req = Vec::new();
+        stun::MessageBuilder::new(
+            &mut req,
+            stun::method::BINDING,
+            stun::Class::Request,
+            rand::random(),
+        );
+        if talker.write_all(&req).await.is_err() {
+            break start.elapsed();
+        }
+        match tokio::time::timeout(Duration::from_secs(2), read_frame(&mut talker, &mut buf)).await
+        {
+            Ok(None) => break start.elapsed(),
+            Ok(Some(_)) => {}
+            Err(_) => panic!("no Binding answer within 2 s"),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "an unauthenticated stream client that keeps talking was kept past 15 s"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert!(
+        closed_after >= Duration::from_secs(9),
+        "closed too early: {closed_after:?}"
+    );
+    // The authenticated client is still served on its connection.
+    ev.clear();
+    client.refresh_now(Instant::now());
+    drive(&mut client, &mut authed, &mut ev, &mut data, |e, _| {
+        e.iter().any(|e| matches!(e, ClientEvent::Refreshed { .. }))
+    })
+    .await;
     relay.stop().await;
 }

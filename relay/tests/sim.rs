@@ -52,12 +52,16 @@ fn config(now: Instant) -> ServerConfig {
 
 impl Sim {
     fn new(cfg: impl FnOnce(&mut ServerConfig), quotas: Quotas) -> Sim {
-        let now = Instant::now();
+        Sim::shard(Instant::now(), cfg, Arc::new(quotas))
+    }
+
+    /// One shard of a multi-shard relay: shards share `quotas` (and the clock base `now`).
+    fn shard(now: Instant, cfg: impl FnOnce(&mut ServerConfig), quotas: Arc<Quotas>) -> Sim {
         let mut c = config(now);
         cfg(&mut c);
         Sim {
             now,
-            server: Server::new(c, Arc::new(quotas), Arc::new(Metrics::default()), now),
+            server: Server::new(c, quotas, Arc::new(Metrics::default()), now),
             clients: Vec::new(),
             to_peers: Vec::new(),
             bound: Default::default(),
@@ -100,6 +104,7 @@ impl Sim {
                     Event::ReleaseRelay { token } => {
                         self.bound.remove(&token.0);
                     }
+                    Event::ClientAuthenticated { .. } => {}
                 }
             }
             while let Some(t) = self.server.poll_transmit() {
@@ -551,6 +556,18 @@ fn raw_request(m: u16, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
 
 /// Sends a raw request, answers the 401 with alice's credentials, returns the final answer.
 fn authed_request(s: &mut Sim, remote: &str, m: u16, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    authed_request_with_tail(s, remote, m, attrs, &[])
+}
+
+/// Like [`authed_request`], with `tail` attributes placed after
+/// MESSAGE-INTEGRITY-SHA256 (and before FINGERPRINT), where no one vouches for them.
+fn authed_request_with_tail(
+    s: &mut Sim,
+    remote: &str,
+    m: u16,
+    attrs: &[(u16, Vec<u8>)],
+    tail: &[(u16, Vec<u8>)],
+) -> Vec<u8> {
     let cs = ClientSocket {
         transport: Transport::Udp,
         local: sa(SERVER),
@@ -572,12 +589,16 @@ fn authed_request(s: &mut Sim, remote: &str, m: u16, attrs: &[(u16, Vec<u8>)]) -
         b.attr(attr::USERNAME, b"alice")
             .attr(attr::REALM, b"wgice.test")
             .attr(attr::NONCE, nonce.as_bytes())
-            .integrity(stun::Integrity::Sha256, &key)
-            .fingerprint();
+            .integrity(stun::Integrity::Sha256, &key);
+        for (t, v) in tail {
+            b.attr(*t, v);
+        }
+        b.fingerprint();
     }
     let _ = s.server.handle_client(s.now, cs, &out);
     while let Some(e) = s.server.poll_event() {
         if let Event::BindRelay { token, addr } = e {
+            s.bound.insert(token.0, addr);
             s.server.relay_bound(s.now, token, Ok(addr));
         }
     }
@@ -790,14 +811,216 @@ fn binding_with_rfc5780_and_amplification_budget() {
     );
     assert_eq!(m.check_fingerprint(), Some(true));
     assert!(payload.len() <= req.len());
-    // Bare 20-byte request: only the mandatory XOR-MAPPED-ADDRESS fits.
-    let mut bare = Vec::new();
-    MessageBuilder::new(&mut bare, method::BINDING, Class::Request, [2; 12]);
-    let _ = s.server.handle_client(s.now, cs, &bare);
-    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else {
-        panic!()
+}
+
+fn alt_config(c: &mut ServerConfig) {
+    c.alt = Some(relay::server::AltAddress {
+        primary: sa(SERVER),
+        other: sa("198.51.100.2:3479"),
+    });
+}
+
+/// Sends `req` from `remote` and returns the answer, if any.
+fn answer(s: &mut Sim, remote: SocketAddr, req: &[u8]) -> Option<Vec<u8>> {
+    let local = if remote.is_ipv4() {
+        sa(SERVER)
+    } else {
+        sa("[2001:db8::1]:3478")
     };
-    assert_eq!(payload.len(), 32);
+    let cs = ClientSocket {
+        transport: Transport::Udp,
+        local,
+        remote,
+    };
+    let _ = s.server.handle_client(s.now, cs, req);
+    let mut out = None;
+    while let Some(t) = s.server.poll_transmit() {
+        if let Transmit::ToClient { payload, .. } = t {
+            out = Some(payload);
+        }
+    }
+    out
+}
+
+fn bare_binding() -> Vec<u8> {
+    let mut bare = Vec::new();
+    MessageBuilder::new(&mut bare, method::BINDING, Class::Request, rand::random());
+    bare
+}
+
+#[test]
+fn binding_answers_are_paid_from_a_per_source_byte_budget() {
+    let mut s = Sim::new(
+        |c| {
+            alt_config(c);
+            // Let the byte budget, not the request rate, be what binds.
+            c.unauth_rate = (1e6, 1e6);
+        },
+        Quotas::default(),
+    );
+    let (rate, burst) = s.server.config().unauth_bytes;
+    let victim = sa("192.0.2.9:5555");
+    // A flood of bare Bindings "from" one victim at one instant.
+    let mut sizes = Vec::new();
+    for _ in 0..10_000 {
+        if let Some(a) = answer(&mut s, victim, &bare_binding()) {
+            sizes.push(a.len());
+        }
+    }
+    let total: usize = sizes.iter().sum();
+    assert!(total <= burst as usize, "{total} > burst {burst}");
+    assert!(total + 56 > burst as usize, "the burst is usable: {total}");
+    assert_eq!(sizes[0], 56, "full RFC 5780 answer first");
+    // Once the budget holds less than a full answer but enough for the
+    // mandatory part, the answer shrinks to XOR-MAPPED-ADDRESS alone.
+    let left = burst as usize - total;
+    let wait_ms = (32usize.saturating_sub(left) * 1000).div_ceil(rate as usize) as u64;
+    s.now += Duration::from_millis(wait_ms);
+    assert_eq!(
+        answer(&mut s, victim, &bare_binding()).map(|a| a.len()),
+        Some(32),
+        "{left} bytes left, {wait_ms} ms later"
+    );
+    let m = s.server.metrics();
+    assert!(
+        m.shrunk_amplification
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert!(
+        m.dropped_amplification
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    // Sustained: ten seconds of flood get at most ten seconds of budget.
+    let mut sustained = 0;
+    for _ in 0..100 {
+        s.now += Duration::from_millis(100);
+        for _ in 0..100 {
+            sustained += answer(&mut s, victim, &bare_binding()).map_or(0, |a| a.len());
+        }
+    }
+    assert!(
+        sustained <= 10 * rate as usize + 56,
+        "{sustained} bytes in 10 s"
+    );
+    assert!(sustained >= 9 * rate as usize, "{sustained} bytes in 10 s");
+    // Another source is not affected.
+    assert_eq!(
+        answer(&mut s, sa("192.0.2.10:5555"), &bare_binding()).map(|a| a.len()),
+        Some(56)
+    );
+}
+
+#[test]
+fn strict_amplification_never_answers_larger_than_the_request() {
+    let mut s = Sim::new(
+        |c| {
+            alt_config(c);
+            c.strict_amplification = true;
+        },
+        Quotas::default(),
+    );
+    let from = sa("192.0.2.9:5555");
+    assert_eq!(answer(&mut s, from, &bare_binding()), None, "20 < 32 bytes");
+    for (pad, want) in [(12, 32), (28, 32), (32, 56), (200, 56)] {
+        let mut req = Vec::new();
+        MessageBuilder::new(&mut req, method::BINDING, Class::Request, rand::random())
+            .attr(attr::PADDING, &vec![0; pad]);
+        let a = answer(&mut s, from, &req).expect("answered");
+        assert_eq!(a.len(), want, "request of {} bytes", req.len());
+        assert!(a.len() <= req.len());
+    }
+}
+
+#[test]
+fn amplification_worst_case() {
+    // The smallest request for each kind of unauthenticated answer, and the
+    // largest answer it can get (fresh sources: no budget has been spent).
+    let v6 = Sim::new(
+        |c| {
+            c.alt = Some(relay::server::AltAddress {
+                primary: sa("[2001:db8::1]:3478"),
+                other: sa("[2001:db8::2]:3479"),
+            });
+        },
+        Quotas::default(),
+    );
+    let v4 = Sim::new(alt_config, Quotas::default());
+    let same_ip_alt = Sim::new(
+        |c| {
+            c.alt = Some(relay::server::AltAddress {
+                primary: sa(SERVER),
+                other: sa("198.51.100.1:3479"),
+            })
+        },
+        Quotas::default(),
+    );
+    let no_alt = Sim::new(|_| {}, Quotas::default());
+    let mut sims = [v6, v4, same_ip_alt, no_alt];
+    let change = raw_request(method::BINDING, &[(attr::CHANGE_REQUEST, vec![0, 0, 0, 4])]);
+    let mut mi_only = Vec::new();
+    MessageBuilder::new(&mut mi_only, method::ALLOCATE, Class::Request, [9; 12])
+        .integrity(stun::Integrity::Sha1, b"k");
+    let unknown: Vec<(u16, Vec<u8>)> = (0..16).map(|i| (0x7000 + i, vec![])).collect();
+    let cases: Vec<(&str, usize, &str, Vec<u8>)> = vec![
+        (
+            "Binding, IPv6 client, RFC 5780",
+            0,
+            "[2001:db8:9::1]:1",
+            bare_binding(),
+        ),
+        (
+            "Binding, IPv4 client, RFC 5780",
+            1,
+            "192.0.2.1:1",
+            bare_binding(),
+        ),
+        (
+            "Allocate -> 401 (realm wgice.test)",
+            3,
+            "192.0.2.2:1",
+            raw_request(method::ALLOCATE, &[]),
+        ),
+        (
+            "unknown method -> 400",
+            3,
+            "192.0.2.3:1",
+            raw_request(0x0ff, &[]),
+        ),
+        (
+            "CHANGE-REQUEST, no --alt-listen -> 420",
+            3,
+            "192.0.2.4:1",
+            change.clone(),
+        ),
+        (
+            "CHANGE-REQUEST, alt on same IP -> 420",
+            2,
+            "192.0.2.5:1",
+            change,
+        ),
+        ("M-I without USERNAME -> 400", 3, "192.0.2.6:1", mi_only),
+        (
+            "16 unknown attributes -> 420",
+            3,
+            "192.0.2.7:1",
+            raw_request(method::BINDING, &unknown),
+        ),
+    ];
+    let mut worst = 0.0f64;
+    for (what, i, from, req) in cases {
+        let a = answer(&mut sims[i], sa(from), &req).unwrap_or_else(|| panic!("{what}: no answer"));
+        let ratio = a.len() as f64 / req.len() as f64;
+        println!(
+            "{what:40} request {:3} B, answer {:3} B, ×{ratio:.2}",
+            req.len(),
+            a.len()
+        );
+        worst = worst.max(ratio);
+    }
+    println!("worst case ×{worst:.2}");
+    assert!(worst <= 5.0, "worst amplification ×{worst:.2}");
 }
 
 #[test]
@@ -920,5 +1143,299 @@ fn own_address_peers_must_be_live_relayed_ports() {
     assert!(
         ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 403, reason, .. } if reason.contains("live relayed ports"))),
         "{ev:?}"
+    );
+}
+
+/// XOR-PEER-ADDRESS value of an IPv4 address (IPv4 uses only the magic
+/// cookie, so the bytes do not depend on the transaction ID).
+fn xor_peer_v4(addr: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(a) = addr else {
+        panic!("IPv4 only")
+    };
+    let mut v = vec![0, 1];
+    v.extend_from_slice(&(a.port() ^ (stun::MAGIC_COOKIE >> 16) as u16).to_be_bytes());
+    v.extend_from_slice(&(u32::from(*a.ip()) ^ stun::MAGIC_COOKIE).to_be_bytes());
+    v
+}
+
+/// Token of the relayed socket the simulation bound at `relayed`.
+fn token_at(s: &Sim, relayed: SocketAddr) -> relay::server::RelayToken {
+    relay::server::RelayToken(
+        *s.bound
+            .iter()
+            .find(|(_, a)| **a == relayed)
+            .map(|(t, _)| t)
+            .expect("relayed socket bound"),
+    )
+}
+
+/// True when a datagram from `peer` on `relayed` reaches the client (as
+/// ChannelData or a Data indication).
+fn peer_reaches_client(s: &mut Sim, relayed: SocketAddr, peer: SocketAddr) -> bool {
+    let token = token_at(s, relayed);
+    let mut buf = vec![0u8; 4 + 5 + 3];
+    buf[4..9].copy_from_slice(b"hello");
+    let framed = s
+        .server
+        .handle_peer(s.now, token, peer, &mut buf, 5)
+        .is_some();
+    let mut queued = false;
+    while let Some(t) = s.server.poll_transmit() {
+        queued |= matches!(t, Transmit::ToClient { .. });
+    }
+    framed || queued
+}
+
+#[test]
+fn attributes_after_message_integrity_open_no_permission() {
+    // RFC 8489 §14.5: only FINGERPRINT may follow MESSAGE-INTEGRITY(-SHA256);
+    // anything else there is not covered by the MAC (an on-path attacker can
+    // append it) and must be ignored.
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let udp = (attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0]);
+    let ok = authed_request(&mut s, "192.0.2.1:1", method::ALLOCATE, &[udp]);
+    let relayed = Message::parse(&ok)
+        .expect("stun")
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .expect("attr")
+        .expect("addr");
+    let vouched = sa("203.0.113.5:7000");
+    let smuggled = sa("203.0.113.66:7000");
+    let answer = authed_request_with_tail(
+        &mut s,
+        "192.0.2.1:1",
+        method::CREATE_PERMISSION,
+        &[(attr::XOR_PEER_ADDRESS, xor_peer_v4(vouched))],
+        &[(attr::XOR_PEER_ADDRESS, xor_peer_v4(smuggled))],
+    );
+    assert_eq!(
+        Message::parse(&answer).expect("stun").class(),
+        Class::Success
+    );
+    assert!(peer_reaches_client(&mut s, relayed, vouched));
+    assert!(
+        !peer_reaches_client(&mut s, relayed, smuggled),
+        "a peer after MESSAGE-INTEGRITY got a permission"
+    );
+    assert_eq!(
+        s.server
+            .metrics()
+            .permissions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn relay_to_relay_channel_dies_with_the_other_allocation() {
+    let mut s = Sim::new(|_| {}, Quotas::default());
+    let a = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    let b = s.add_client("192.0.2.20:40000", ClientConfig::new("bob", "builder"));
+    s.allocate(a);
+    let rb = s.allocate(b);
+    let now = s.now;
+    s.clients[a].1.bind_channel(now, rb);
+    s.settle();
+    assert!(s
+        .events(a)
+        .iter()
+        .any(|e| matches!(e, ClientEvent::ChannelBound { .. })));
+    let mut out = Vec::new();
+    s.clients[a].1.encode_to(rb, b"to b", &mut out);
+    let cs = s.clients[a].0;
+    assert!(s.server.handle_client(s.now, cs, &out).is_some());
+    // B leaves: its port is no longer a relayed port, whoever binds it next.
+    let now = s.now;
+    s.clients[b].1.deallocate(now);
+    s.settle();
+    assert!(s.events(b).contains(&ClientEvent::Deallocated));
+    let denied = s
+        .server
+        .metrics()
+        .denied_peers
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        s.server.handle_client(s.now, cs, &out).is_none(),
+        "ChannelData still reaches the relay's own port after its allocation ended"
+    );
+    assert_eq!(
+        s.server
+            .metrics()
+            .denied_peers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        denied + 1,
+        "the refusal is counted"
+    );
+    // Nor does anything from that port reach A any more.
+    let ra = s.clients[a].1.relayed()[0];
+    assert!(!peer_reaches_client(&mut s, ra, rb));
+}
+
+#[test]
+fn relayed_ports_are_per_family() {
+    // Two shards of one relay: an IPv6 allocation on port P must not make the
+    // relay's own IPv4 address reachable on P.
+    let now = Instant::now();
+    let quotas = Arc::new(Quotas::default());
+    let mut v6 = Sim::shard(
+        now,
+        |c| {
+            c.relay_ipv4 = None;
+            c.relay_ipv6 = Some("2001:db8::1".parse().expect("ip"));
+            c.port_range = (50010, 50010);
+        },
+        quotas.clone(),
+    );
+    let mut v4 = Sim::shard(now, |c| c.port_range = (50020, 50020), quotas);
+    let x = v6.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    assert_eq!(v6.allocate(x), sa("[2001:db8::1]:50010"));
+    let y = v4.add_client("192.0.2.20:40000", ClientConfig::new("bob", "builder"));
+    assert_eq!(v4.allocate(y), sa("198.51.100.1:50020"));
+    let now = v4.now;
+    v4.clients[y].1.bind_channel(now, sa("198.51.100.1:50010"));
+    v4.settle();
+    let ev = v4.events(y);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, ClientEvent::Failed { code: 403, .. })),
+        "own IPv4 address on a port only an IPv6 allocation holds: {ev:?}"
+    );
+}
+
+#[test]
+fn allow_peer_cannot_open_the_relays_own_addresses() {
+    // An operator opens the relay's own network on purpose; the relay's own
+    // address inside it stays closed except for live relayed ports.
+    let mut s = Sim::new(
+        |c| {
+            c.policy = relay::policy::PeerPolicy::new(
+                vec!["198.51.100.0/24".parse().expect("net")],
+                vec![RELAY_IP.parse().expect("ip")],
+            )
+        },
+        Quotas::default(),
+    );
+    let a = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    let b = s.add_client("192.0.2.20:40000", ClientConfig::new("bob", "builder"));
+    s.allocate(a);
+    let rb = s.allocate(b);
+    let now = s.now;
+    s.clients[a].1.bind_channel(now, sa(SERVER));
+    s.settle();
+    let ev = s.events(a);
+    assert!(
+        ev.iter().any(|e| matches!(e, ClientEvent::Failed { code: 403, reason, .. } if reason.contains("live relayed ports"))),
+        "the relay's own service port: {ev:?}"
+    );
+    // Another address of the opened range, and relay-to-relay, still work.
+    let now = s.now;
+    s.clients[a].1.bind_channel(now, sa("198.51.100.7:3478"));
+    s.clients[a].1.bind_channel(now, rb);
+    s.settle();
+    let ev = s.events(a);
+    assert_eq!(
+        ev.iter()
+            .filter(|e| matches!(e, ClientEvent::ChannelBound { .. }))
+            .count(),
+        2,
+        "{ev:?}"
+    );
+}
+
+/// Unauthenticated Allocates from `remote`, alternating over `shards`, all at
+/// one instant; returns how many were answered.
+fn unauthenticated_answers(shards: &mut [Sim], remote: &str, n: usize) -> usize {
+    let req = raw_request(
+        method::ALLOCATE,
+        &[(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
+    );
+    let mut answered = 0;
+    for i in 0..n {
+        let s = &mut shards[i % 2];
+        let cs = ClientSocket {
+            transport: Transport::Udp,
+            local: sa(SERVER),
+            remote: sa(remote),
+        };
+        let _ = s.server.handle_client(s.now, cs, &req);
+        while let Some(t) = s.server.poll_transmit() {
+            answered += matches!(t, Transmit::ToClient { .. }) as usize;
+        }
+    }
+    answered
+}
+
+#[test]
+fn unauthenticated_budget_is_per_source_and_shared_by_shards() {
+    let now = Instant::now();
+    let quotas = Arc::new(Quotas::default());
+    let mut shards = [
+        Sim::shard(now, |_| {}, quotas.clone()),
+        Sim::shard(now, |_| {}, quotas),
+    ];
+    let (_, burst) = shards[0].server.config().unauth_rate;
+    let burst = burst as usize;
+    // One source, spread over both shards: one budget, not one per shard.
+    let a = unauthenticated_answers(&mut shards, "192.0.2.1:1000", 4 * burst);
+    assert_eq!(a, burst, "one source over two shards");
+    // Another source has its own budget.
+    assert_eq!(
+        unauthenticated_answers(&mut shards, "192.0.2.2:1000", 4 * burst),
+        burst
+    );
+    // IPv6: one /64 is one source, whatever its interface identifiers.
+    let mut answered = 0;
+    for host in 1..=4 * burst {
+        answered += unauthenticated_answers(
+            &mut shards[host % 2..],
+            &format!("[2001:db8:1:2::{host:x}]:1000"),
+            1,
+        );
+    }
+    assert_eq!(answered, burst, "one /64");
+    // A different /64 is another source.
+    assert_eq!(
+        unauthenticated_answers(&mut shards, "[2001:db8:1:3::1]:1000", 1),
+        1
+    );
+    // IPv4-mapped IPv6 is the IPv4 source.
+    assert_eq!(
+        unauthenticated_answers(&mut shards, "[::ffff:192.0.2.1]:1000", 1),
+        0
+    );
+}
+
+#[test]
+fn unpadded_binding_gets_rfc5780_attributes() {
+    // Standard RFC 5780 clients (coturn's turnutils_natdiscovery) do not pad
+    // their requests; they need OTHER-ADDRESS and RESPONSE-ORIGIN anyway.
+    let mut s = Sim::new(
+        |c| {
+            c.alt = Some(relay::server::AltAddress {
+                primary: sa(SERVER),
+                other: sa("198.51.100.2:3479"),
+            })
+        },
+        Quotas::default(),
+    );
+    let cs = ClientSocket {
+        transport: Transport::Udp,
+        local: sa(SERVER),
+        remote: sa("192.0.2.9:5555"),
+    };
+    let mut bare = Vec::new();
+    MessageBuilder::new(&mut bare, method::BINDING, Class::Request, [2; 12]);
+    let _ = s.server.handle_client(s.now, cs, &bare);
+    let Some(Transmit::ToClient { payload, .. }) = s.server.poll_transmit() else {
+        panic!("no answer")
+    };
+    let m = Message::parse(&payload).expect("stun");
+    assert_eq!(
+        m.address(attr::OTHER_ADDRESS).and_then(Result::ok),
+        Some(sa("198.51.100.2:3479"))
+    );
+    assert_eq!(
+        m.address(attr::RESPONSE_ORIGIN).and_then(Result::ok),
+        Some(sa(SERVER))
     );
 }

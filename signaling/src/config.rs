@@ -22,7 +22,7 @@
 //! [limits]
 //! queue_len = 256
 //! max_connections = 100000
-//! max_pending_per_ip = 64          # unregistered connections per address
+//! max_pending_per_ip = 64          # unregistered connections per source (IPv4 address or IPv6 /64)
 //! rate_per_sec = 50.0
 //! rate_burst = 200.0
 //! max_mesh_members = 10000

@@ -108,6 +108,30 @@ pub fn render(shards: &[Arc<Metrics>], quotas: &Quotas) -> String {
         sum(|m| &m.dropped_rate_limited),
     );
     metric(
+        "relay_dropped_amplification_total",
+        "counter",
+        "Unauthenticated answers dropped by the per-source byte budget or --strict-amplification.",
+        sum(|m| &m.dropped_amplification),
+    );
+    metric(
+        "relay_shrunk_amplification_total",
+        "counter",
+        "Binding answers sent without RFC 5780 attributes to stay within the per-source byte budget.",
+        sum(|m| &m.shrunk_amplification),
+    );
+    metric(
+        "relay_stream_refused_total",
+        "counter",
+        "TCP/TLS connections refused by the relay-wide or per-source connection limit.",
+        sum(|m| &m.stream_refused),
+    );
+    metric(
+        "relay_stream_timeouts_total",
+        "counter",
+        "TCP/TLS connections closed for not authenticating within 10 s, or for idling.",
+        sum(|m| &m.stream_timeouts),
+    );
+    metric(
         "relay_binding_requests_total",
         "counter",
         "STUN Binding requests answered.",

@@ -39,8 +39,13 @@ pub struct Relay {
     stream: Option<stream::StreamShard>,
 }
 
-fn own_addresses(cfg: &RelayConfig) -> Vec<IpAddr> {
-    cfg.listen
+/// The relay's own addresses: every address it listens on or advertises,
+/// and every address of this host's interfaces (`interfaces`), whether the
+/// relay listens on a wildcard or not — a relayed socket bound to one of
+/// them, or to `0.0.0.0`, reaches the host's services on all of them.
+fn own_addresses(cfg: &RelayConfig, interfaces: &[IpAddr]) -> Vec<IpAddr> {
+    let mut own: Vec<IpAddr> = cfg
+        .listen
         .iter()
         .chain(&cfg.tcp_listen)
         .chain(&cfg.tls_listen)
@@ -48,8 +53,50 @@ fn own_addresses(cfg: &RelayConfig) -> Vec<IpAddr> {
         .map(|a| a.ip())
         .chain(cfg.external_ip.iter().copied())
         .chain(cfg.relay_ip.iter().copied())
+        .chain(interfaces.iter().copied())
         .filter(|ip| !ip.is_unspecified())
-        .collect()
+        .map(crate::policy::normalize)
+        .collect();
+    own.sort();
+    own.dedup();
+    own
+}
+
+/// The addresses of this host's network interfaces (`getifaddrs`), read once
+/// at start. Addresses added later are not known to the relay.
+pub fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr whose family says its size.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as libc::c_int;
+            match family {
+                libc::AF_INET => {
+                    // SAFETY: the family says this is a sockaddr_in.
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: the family says this is a sockaddr_in6.
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
 }
 
 fn load_tls(
@@ -107,9 +154,17 @@ impl Relay {
             users: cfg.users.iter().cloned().collect(),
             rest_secrets: cfg.auth_secrets.clone(),
         };
-        base.policy = PeerPolicy::new(cfg.allow_peer.clone(), own_addresses(cfg));
+        let interfaces = interface_addresses()
+            .context("cannot list this host's interface addresses (getifaddrs)")?;
+        let own = own_addresses(cfg, &interfaces);
+        tracing::info!(
+            ?own,
+            "own addresses: never peers, except live relayed ports"
+        );
+        base.policy = PeerPolicy::new(cfg.allow_peer.clone(), own);
         base.bandwidth_limit = cfg.bandwidth_limit;
         base.unauth_rate = (cfg.unauth_rate, cfg.unauth_rate * 2.0);
+        base.unauth_bytes = (cfg.unauth_bytes, cfg.unauth_bytes.saturating_mul(2));
         base.strict_amplification = cfg.strict_amplification;
         base.relay_ports = cfg.relay_ports;
         base.max_lifetime = std::time::Duration::from_secs(cfg.max_lifetime);
@@ -252,5 +307,47 @@ impl Relay {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn interface_addresses_include_loopback() {
+        let ifs = interface_addresses().expect("getifaddrs");
+        assert!(ifs.contains(&IpAddr::from([127, 0, 0, 1])), "{ifs:?}");
+    }
+
+    #[test]
+    fn a_wildcard_relay_owns_every_interface_address() {
+        let cfg = crate::config::Args::parse_from([
+            "relay",
+            "--listen",
+            "0.0.0.0:3478",
+            "--relay-ip",
+            "0.0.0.0",
+            "--user",
+            "a:b",
+        ])
+        .resolve()
+        .expect("config");
+        let ifs: Vec<IpAddr> = ["192.0.2.2", "2001:db8::2", "::ffff:198.51.100.1"]
+            .iter()
+            .map(|s| s.parse().expect("ip"))
+            .collect();
+        let own = own_addresses(&cfg, &ifs);
+        assert_eq!(
+            own,
+            ["192.0.2.2", "198.51.100.1", "2001:db8::2"]
+                .iter()
+                .map(|s| s.parse::<IpAddr>().expect("ip"))
+                .collect::<Vec<_>>()
+        );
+        let p = PeerPolicy::new(vec!["0.0.0.0/0".parse().expect("net")], own);
+        assert!(p.check("192.0.2.2".parse().expect("ip")).is_err());
+        assert!(p.check("192.0.2.3".parse().expect("ip")).is_ok());
     }
 }

@@ -3,9 +3,16 @@
 //! byte stream into STUN/ChannelData messages and relayed sockets feed peer
 //! datagrams back. This is the fallback path for networks that only let TCP
 //! 443 out, so it favours simplicity over batching.
+//!
+//! A connection is a slot someone must earn: it has [`AUTH_TIMEOUT`] after
+//! connecting (after the TLS handshake) to complete a request that passes
+//! MESSAGE-INTEGRITY (an Allocate, say), whatever else it sends; after that
+//! it is closed only when silent for [`IDLE_TIMEOUT`]. So a Binding-only
+//! STUN client over TCP gets its answers and is closed after 10 s.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +21,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::server::{ClientSocket, Event, RelayToken, Server, Transmit, Transport};
+use crate::server::{ClientSocket, Event, Metrics, RelayToken, Server, Transmit, Transport};
 use crate::stun;
 
 /// Largest STUN or ChannelData frame accepted from a stream client. TURN
@@ -26,20 +33,23 @@ const MAX_FRAME: usize = 4096;
 const CLIENT_QUEUE: usize = 128;
 /// Concurrent stream clients.
 const MAX_CONNECTIONS: usize = 20_000;
-/// Concurrent stream clients from one IP address (per listener): enough for
-/// a CGNAT'd office, too few for one host to take every slot.
+/// Concurrent stream clients from one source (an IPv4 address or an IPv6
+/// /64, see [`crate::policy::source_key`]; per listener): enough for a
+/// CGNAT'd office, too few for one host to take every slot.
 const MAX_PER_IP: u32 = 256;
 
 type PerIpCounts = Arc<std::sync::Mutex<HashMap<std::net::IpAddr, u32>>>;
 
-/// One connection's share of its address's quota, given back on drop.
+/// One connection's share of its source's quota, given back on drop.
 struct PerIpSlot {
     counts: PerIpCounts,
+    /// The source key, not the address.
     ip: std::net::IpAddr,
 }
 
 impl PerIpSlot {
     fn take(counts: &PerIpCounts, ip: std::net::IpAddr) -> Option<PerIpSlot> {
+        let ip = crate::policy::source_key(ip);
         let mut m = counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= MAX_PER_IP {
@@ -65,13 +75,17 @@ impl Drop for PerIpSlot {
     }
 }
 
-/// Time a new stream client has to send its first bytes.
-const FIRST_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Longest silence from a stream client before it is closed.
-const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(610);
+/// Time a new stream client has to authenticate (complete a request that
+/// passes MESSAGE-INTEGRITY); talking without authenticating does not count.
+pub const AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest silence from an authenticated stream client before it is closed
+/// (a live allocation refreshes well within its 600 s lifetime).
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(610);
 
 enum Input {
-    Connected(ClientSocket, mpsc::Sender<Vec<u8>>),
+    /// A connection, its outgoing queue, and the flag the actor sets once it
+    /// authenticated.
+    Connected(ClientSocket, mpsc::Sender<Vec<u8>>, Arc<AtomicBool>),
     Frame(ClientSocket, Vec<u8>),
     Closed(ClientSocket),
     Peer(RelayToken, SocketAddr, Vec<u8>),
@@ -102,6 +116,7 @@ pub fn start(
 ) -> StreamShard {
     let (tx, rx) = mpsc::channel::<Input>(4096);
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let metrics = server.metrics().clone();
     let mut tasks = vec![tokio::spawn(actor(
         server,
         rx,
@@ -115,6 +130,7 @@ pub fn start(
             None,
             tx.clone(),
             limit.clone(),
+            metrics.clone(),
             shutdown.clone(),
         )));
     }
@@ -126,6 +142,7 @@ pub fn start(
                 Some(acc.clone()),
                 tx.clone(),
                 limit.clone(),
+                metrics.clone(),
                 shutdown.clone(),
             )));
         }
@@ -139,6 +156,7 @@ async fn accept_loop(
     tls: Option<tokio_rustls::TlsAcceptor>,
     tx: mpsc::Sender<Input>,
     limit: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let Ok(local) = listener.local_addr() else {
@@ -158,11 +176,13 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "too many stream clients; closing");
+            metrics.stream_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%remote, "too many stream clients ({MAX_CONNECTIONS}); closing");
             continue;
         };
         let Some(per_ip) = PerIpSlot::take(&per_ip_counts, remote.ip()) else {
-            tracing::info!(%remote, "too many stream clients from one address ({MAX_PER_IP}); closing");
+            metrics.stream_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%remote, "too many stream clients from one source (address or IPv6 /64; {MAX_PER_IP}); closing");
             continue;
         };
         let _ = sock.set_nodelay(true);
@@ -173,6 +193,7 @@ async fn accept_loop(
         };
         let tx = tx.clone();
         let tls = tls.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _per_ip = per_ip;
@@ -182,12 +203,12 @@ async fn accept_loop(
                         tokio::time::timeout(std::time::Duration::from_secs(10), acc.accept(sock))
                             .await;
                     match hs {
-                        Ok(Ok(s)) => connection(s, client, tx).await,
+                        Ok(Ok(s)) => connection(s, client, tx, metrics).await,
                         Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                     }
                 }
-                None => connection(sock, client, tx).await,
+                None => connection(sock, client, tx, metrics).await,
             }
         });
     }
@@ -197,10 +218,16 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
     client: ClientSocket,
     tx: mpsc::Sender<Input>,
+    metrics: Arc<Metrics>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(CLIENT_QUEUE);
-    if tx.send(Input::Connected(client, out_tx)).await.is_err() {
+    let authenticated = Arc::new(AtomicBool::new(false));
+    if tx
+        .send(Input::Connected(client, out_tx, authenticated.clone()))
+        .await
+        .is_err()
+    {
         return;
     }
     let writer = tokio::spawn(async move {
@@ -213,20 +240,38 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     });
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 4096];
-    // A client must speak within FIRST_FRAME_TIMEOUT of connecting, and then
-    // at least once per IDLE_TIMEOUT (a live allocation refreshes well
-    // within its 600 s lifetime): idle sockets cannot pin connection slots.
-    let mut timeout = FIRST_FRAME_TIMEOUT;
+    // A client must authenticate within AUTH_TIMEOUT of connecting (talking
+    // is not enough), and then speak at least once per IDLE_TIMEOUT: neither
+    // idle nor chatty unauthenticated sockets can pin connection slots.
+    let auth_deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    let mut last_read = tokio::time::Instant::now();
     'read: loop {
-        let n = match tokio::time::timeout(timeout, rd.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => n,
-            Err(_) => {
-                tracing::debug!(remote = %client.remote, ?timeout, "closing idle stream client");
+        let authed = authenticated.load(Ordering::Relaxed);
+        let deadline = if authed {
+            last_read + IDLE_TIMEOUT
+        } else {
+            auth_deadline
+        };
+        let n = tokio::select! {
+            r = rd.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                // The flag may have been set while we slept.
+                if !authed && authenticated.load(Ordering::Relaxed) {
+                    continue;
+                }
+                metrics.stream_timeouts.fetch_add(1, Ordering::Relaxed);
+                if authed {
+                    tracing::debug!(remote = %client.remote, "closing stream client: silent for {IDLE_TIMEOUT:?}");
+                } else {
+                    tracing::info!(remote = %client.remote, "closing stream client: not authenticated within {AUTH_TIMEOUT:?}");
+                }
                 break;
             }
         };
-        timeout = IDLE_TIMEOUT;
+        last_read = tokio::time::Instant::now();
         buf.extend_from_slice(&chunk[..n]);
         loop {
             match stun::stream_frame_len(&buf) {
@@ -272,7 +317,8 @@ async fn actor(
     tx: mpsc::Sender<Input>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut clients: HashMap<ClientSocket, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut clients: HashMap<ClientSocket, (mpsc::Sender<Vec<u8>>, Arc<AtomicBool>)> =
+        HashMap::new();
     let mut relays: HashMap<u64, (Arc<UdpSocket>, JoinHandle<()>)> = HashMap::new();
     loop {
         let deadline = tokio::time::Instant::from_std(server.poll_timeout());
@@ -287,8 +333,8 @@ async fn actor(
         let now = Instant::now();
         match input {
             None => server.handle_timeout(now),
-            Some(Input::Connected(c, s)) => {
-                clients.insert(c, s);
+            Some(Input::Connected(c, s, authed)) => {
+                clients.insert(c, (s, authed));
             }
             Some(Input::Closed(c)) => {
                 clients.remove(&c);
@@ -305,7 +351,7 @@ async fn actor(
                 let len = data.len() - 4 - 3;
                 if let Some(fwd) = server.handle_peer(now, token, peer, &mut data, len) {
                     data.truncate(fwd.len);
-                    if let Some(s) = clients.get(&fwd.client) {
+                    if let Some((s, _)) = clients.get(&fwd.client) {
                         let _ = s.try_send(data);
                     }
                 }
@@ -337,6 +383,11 @@ async fn actor(
                             task.abort();
                         }
                     }
+                    Event::ClientAuthenticated { client } => {
+                        if let Some((_, authed)) = clients.get(&client) {
+                            authed.store(true, Ordering::Relaxed);
+                        }
+                    }
                 }
             }
             while let Some(t) = server.poll_transmit() {
@@ -345,7 +396,7 @@ async fn actor(
                     Transmit::ToClient {
                         client, payload, ..
                     } => {
-                        if let Some(s) = clients.get(&client) {
+                        if let Some((s, _)) = clients.get(&client) {
                             let _ = s.try_send(payload);
                         }
                     }
@@ -388,5 +439,36 @@ async fn relay_reader(sock: Arc<UdpSocket>, token: RelayToken, tx: mpsc::Sender<
             // Actor saturated: drop, like a full socket buffer would.
             continue;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_source_slots_count_an_ipv6_slash64_as_one_source() {
+        let counts: PerIpCounts = Arc::default();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let mut held = Vec::new();
+        for i in 0..MAX_PER_IP {
+            let a = ip(&format!("2001:db8:1:2::{:x}", i + 1));
+            held.push(PerIpSlot::take(&counts, a).expect("within the quota"));
+        }
+        assert!(
+            PerIpSlot::take(&counts, ip("2001:db8:1:2:ffff::1")).is_none(),
+            "another address of the same /64"
+        );
+        assert!(PerIpSlot::take(&counts, ip("2001:db8:1:3::1")).is_some());
+        // IPv4-mapped IPv6 is the IPv4 address.
+        for _ in 0..MAX_PER_IP {
+            held.push(PerIpSlot::take(&counts, ip("192.0.2.1")).expect("within the quota"));
+        }
+        assert!(PerIpSlot::take(&counts, ip("::ffff:192.0.2.1")).is_none());
+        drop(held);
+        assert!(
+            counts.lock().expect("lock").is_empty(),
+            "every slot given back"
+        );
     }
 }

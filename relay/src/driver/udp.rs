@@ -357,6 +357,8 @@ impl Worker {
                             let _ = self.epoll.ctl(libc::EPOLL_CTL_DEL, s.as_raw_fd(), 0);
                         }
                     }
+                    // UDP has no connection to keep.
+                    Event::ClientAuthenticated { .. } => {}
                 }
             }
             while let Some(t) = self.server.poll_transmit() {

@@ -48,8 +48,9 @@ pub struct ServerConfig {
     pub queue_len: usize,
     /// Most simultaneous connections.
     pub max_connections: usize,
-    /// Most connections from one IP address that have not registered yet
-    /// (one address cannot hold the server's slots with idle handshakes).
+    /// Most connections from one source (an IPv4 address or an IPv6 /64,
+    /// see [`source_key`]) that have not registered yet (one source cannot
+    /// hold the server's slots with idle handshakes).
     pub max_pending_per_ip: usize,
     /// Time allowed between connect and registration.
     pub register_timeout: Duration,
@@ -170,8 +171,8 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     live: AtomicUsize,
     live_zero: Notify,
-    /// Connections not registered yet, per source IP.
-    pending: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Connections not registered yet, per source.
+    pending: PendingCounts,
     shutting_down: AtomicBool,
     cfg: ServerConfig,
 }
@@ -380,7 +381,7 @@ impl Server {
             next_conn: AtomicU64::new(1),
             live: AtomicUsize::new(0),
             live_zero: Notify::new(),
-            pending: Mutex::new(HashMap::new()),
+            pending: PendingCounts::default(),
             shutting_down: AtomicBool::new(false),
             cfg,
         });
@@ -502,30 +503,66 @@ async fn timer(shared: Arc<Shared>) {
     }
 }
 
-/// A connection that has not registered yet, counted against its source IP.
+/// The key one source's connections are counted under: an IPv4 address,
+/// or the /64 of an IPv6 address (one host or home gets a whole /64, so
+/// counting its addresses one by one would count nothing). IPv4-mapped IPv6
+/// is the IPv4 address. Same rule as the relay's `policy::source_key`.
+pub fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+        v4 => v4,
+    }
+}
+
+/// Unregistered connections per source key.
+#[derive(Debug, Default)]
+struct PendingCounts(Mutex<HashMap<std::net::IpAddr, usize>>);
+
+impl PendingCounts {
+    /// Counts one more connection from `ip`'s source; false at `max`.
+    fn take(&self, ip: std::net::IpAddr, max: usize) -> bool {
+        let mut m = lock(&self.0);
+        let n = m.entry(source_key(ip)).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back what [`PendingCounts::take`] counted for `ip`.
+    fn give_back(&self, ip: std::net::IpAddr) {
+        let key = source_key(ip);
+        let mut m = lock(&self.0);
+        if let Some(n) = m.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&key);
+            }
+        }
+    }
+}
+
+/// A connection that has not registered yet, counted against its source.
 struct PendingGuard(Arc<Shared>, std::net::IpAddr);
 
 impl PendingGuard {
     fn new(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<Self> {
-        let mut m = lock(&shared.pending);
-        let n = m.entry(ip).or_insert(0);
-        if *n >= shared.cfg.max_pending_per_ip {
+        if !shared.pending.take(ip, shared.cfg.max_pending_per_ip) {
+            debug!(source = %ip, "too many unregistered connections from this source; refused");
             return None;
         }
-        *n += 1;
         Some(PendingGuard(shared.clone(), ip))
     }
 }
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        let mut m = lock(&self.0.pending);
-        if let Some(n) = m.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.1);
-            }
-        }
+        self.0.pending.give_back(self.1);
     }
 }
 
@@ -911,4 +948,43 @@ fn check_register(
         return Err(fatal(ErrorCode::Forbidden, e.to_string()));
     }
     Ok((mesh, key, overlay))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> std::net::IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn pending_connections_count_an_ipv6_slash64_as_one_source() {
+        let p = PendingCounts::default();
+        for host in 1..=4 {
+            assert!(p.take(ip(&format!("2001:db8:1:2::{host}")), 4));
+        }
+        assert!(
+            !p.take(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), 4),
+            "a fifth address of the same /64"
+        );
+        assert!(p.take(ip("2001:db8:1:3::1"), 4), "another /64");
+        for _ in 0..4 {
+            assert!(p.take(ip("192.0.2.1"), 4));
+        }
+        assert!(!p.take(ip("::ffff:192.0.2.1"), 4), "IPv4-mapped is IPv4");
+        assert!(p.take(ip("192.0.2.2"), 4), "another IPv4 address");
+        for host in 1..=4 {
+            p.give_back(ip(&format!("2001:db8:1:2::{host}")));
+        }
+        assert!(p.take(ip("2001:db8:1:2::99"), 4), "given back");
+    }
+
+    #[test]
+    fn source_key_masks_ipv6_to_its_slash64() {
+        assert_eq!(source_key(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+        assert_eq!(source_key(ip("::ffff:203.0.113.9")), ip("203.0.113.9"));
+        assert_eq!(source_key(ip("203.0.113.9")), ip("203.0.113.9"));
+        assert_eq!(source_key(ip("::1")), ip("::"));
+    }
 }
