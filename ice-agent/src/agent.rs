@@ -37,6 +37,19 @@ use crate::{Candidate, IceCreds, PathKind};
 /// A WireGuard public key.
 pub type PeerKey = [u8; 32];
 
+/// A relay in status: server, our relayed addresses, our mapped address,
+/// why it is unusable.
+pub type RelayRow = (
+    SocketAddr,
+    Vec<SocketAddr>,
+    Option<SocketAddr>,
+    Option<String>,
+);
+
+/// What an offer or answer carries: session id, ufrag, password,
+/// candidates, WireGuard port.
+type Description = (u64, String, String, Vec<String>, Option<u16>);
+
 /// One configured relay, resolved.
 #[derive(Debug, Clone)]
 pub struct RelaySpec {
@@ -458,14 +471,7 @@ impl Agent {
     }
 
     /// Relay states for status: (server, relayed, mapped, problem).
-    pub fn relay_status(
-        &self,
-    ) -> Vec<(
-        SocketAddr,
-        Vec<SocketAddr>,
-        Option<SocketAddr>,
-        Option<String>,
-    )> {
+    pub fn relay_status(&self) -> Vec<RelayRow> {
         self.relays
             .iter()
             .map(|r| {
@@ -908,18 +914,14 @@ impl Agent {
                     _ => self.drops.signal_rejected += 1,
                 }
             }
-            PeerMessage::Restart { session } => {
-                if known.flatten().is_some_and(|id| session >= id) {
-                    self.new_session(now, from);
-                    self.send_offer(now, from);
-                }
+            PeerMessage::Restart { session } if known.flatten().is_some_and(|id| session >= id) => {
+                self.new_session(now, from);
+                self.send_offer(now, from);
             }
-            PeerMessage::Bye { session } => {
-                if known.flatten() == Some(session) {
-                    self.drop_session(now, from);
-                    if self.opts.auto_peers {
-                        self.unmanage(now, from);
-                    }
+            PeerMessage::Bye { session } if known.flatten() == Some(session) => {
+                self.drop_session(now, from);
+                if self.opts.auto_peers {
+                    self.unmanage(now, from);
                 }
             }
             _ => {}
@@ -1110,7 +1112,7 @@ impl Agent {
                 (*k, row, p.failovers_before + failovers)
             })
             .collect();
-        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.sort_by_key(|r| r.0);
         rows
     }
 
@@ -1535,10 +1537,7 @@ impl Agent {
 
     /// What an offer or answer to `key` carries: session id, ICE
     /// credentials, our candidates, our WireGuard port.
-    fn description(
-        &self,
-        key: &PeerKey,
-    ) -> Option<(u64, String, String, Vec<String>, Option<u16>)> {
+    fn description(&self, key: &PeerKey) -> Option<Description> {
         let s = self.peers.get(key)?.session.as_ref()?;
         let creds = s.ice.local_credentials().clone();
         Some((
@@ -1821,10 +1820,10 @@ impl Agent {
                     self.channel_ready(server, peer, channel);
                 }
                 ClientEvent::Failed {
-                    request,
+                    request: "Allocate",
                     code,
                     reason,
-                } if request == "Allocate" => {
+                } => {
                     self.relay_down(now, i, format!("Allocate failed: {code} {reason}"), false);
                 }
                 ClientEvent::Failed {

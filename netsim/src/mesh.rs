@@ -241,7 +241,7 @@ impl MeshLab {
     }
 
     /// Adds a device behind `router` with a wireguard-go interface (key,
-    /// port 51820, overlay 10.77.0.<n>/24) and writes its agent config. The
+    /// port 51820, overlay `10.77.0.<n>/24`) and writes its agent config. The
     /// agent is not started.
     pub fn add_node(&mut self, name: &str, router: &str) -> usize {
         let lan_ip = self.lab.add_device(name, router).expect("device");
@@ -301,7 +301,7 @@ impl MeshLab {
     }
 
     /// Rewrites node `i`'s config to list the other nodes as `[[peers]]`
-    /// (public key, overlay /32, and a site range 10.88.<j>.0/24 behind each,
+    /// (public key, overlay /32, and a site range `10.88.<j>.0/24` behind each,
     /// which `auto` could never give) instead of `peers = "auto"`.
     pub fn use_explicit_peers(&self, i: usize) {
         let n = &self.nodes[i];

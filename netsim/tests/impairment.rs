@@ -53,10 +53,9 @@ fn blast(
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn loss_is_within_20_percent_of_asked() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let lab = lab();
     let sink_ip = lab.ip("sink").expect("ip");
     let tx = lab.udp_socket("d", 0).expect("tx");
@@ -104,10 +103,9 @@ fn loss_is_within_20_percent_of_asked() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn one_way_delay_is_within_20_percent_of_asked() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let lab = lab();
     let asked_ms = 40u64;
     lab.set_impairment(
@@ -162,10 +160,9 @@ fn one_way_delay_is_within_20_percent_of_asked() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn delay_on_a_public_host_link_and_removal() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let lab = lab();
     let sink_ip = lab.ip("sink").expect("ip");
     let echo = lab.udp_socket("sink", 9003).expect("echo");

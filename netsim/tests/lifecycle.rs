@@ -22,10 +22,9 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn eight_labs_in_parallel() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let presets = [
         NatPreset::FullCone,
         NatPreset::RestrictedCone,
@@ -78,10 +77,9 @@ fn eight_labs_in_parallel() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn killed_run_is_swept_and_the_next_run_works() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let dir = std::env::temp_dir().join(format!("netsim-killed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("killme.toml");

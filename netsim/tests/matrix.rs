@@ -13,10 +13,9 @@ use netsim::nat::NatPreset;
 use netsim::punch::PathKind;
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn matrix_matches_theory() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let t0 = Instant::now();
     let pairs = matrix::pairs(true);
     let rows = matrix::run(&pairs, 8, Duration::from_millis(2500)).expect("matrix");
@@ -61,10 +60,9 @@ fn matrix_matches_theory() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn port_prediction_beats_sequential_but_not_random_symmetric_nat() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     use NatPreset::*;
     let pairs = [
         (PortRestricted, SymmetricSequential, false),

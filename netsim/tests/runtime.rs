@@ -19,10 +19,9 @@ fn binding(sock: &UdpSocket, to: SocketAddr) -> Option<SocketAddr> {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn link_down_up_and_roaming() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let lab = Lab::new().expect("lab");
     lab.add_public_host("stun", 2).expect("host");
     lab.add_router("home", RouterConfig::new(NatPreset::PortRestricted))
@@ -70,10 +69,9 @@ fn link_down_up_and_roaming() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn flush_nat_forgets_mappings() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let lab = Lab::new().expect("lab");
     lab.add_public_host("stun", 2).expect("host");
     lab.add_router("r", RouterConfig::new(NatPreset::PortRestricted))
@@ -106,10 +104,9 @@ fn flush_nat_forgets_mappings() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn nat_preset_changes_at_run_time() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let lab = Lab::new().expect("lab");
     lab.add_public_host("stun", 2).expect("host");
     lab.add_router("r", RouterConfig::new(NatPreset::PortRestricted))
@@ -132,10 +129,9 @@ fn nat_preset_changes_at_run_time() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn kill_and_restart_a_process() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let lab = Lab::new().expect("lab");
     lab.add_public_host("server", 1).expect("host");
     let out = std::env::temp_dir().join(format!("netsim-test-{}", std::process::id()));

@@ -41,10 +41,9 @@ fn unknown_fields_and_presets_are_rejected() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn examples_run_and_pass() {
-    if !common::can_run() {
-        return;
-    }
+    common::require_root();
     let out_root = std::env::temp_dir().join(format!("netsim-scenarios-{}", std::process::id()));
     let reports: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = examples()

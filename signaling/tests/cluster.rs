@@ -10,6 +10,7 @@ use signaling::tls::Identity;
 use signaling::{PeerMessage, PrivateKey};
 
 #[tokio::test]
+#[ignore = "needs nats-server (scripts/setup): run by bash scripts/test (cargo test -- --include-ignored)"]
 async fn two_instances_route_and_share_presence_through_nats() {
     let nats = Nats::start().await;
     let id = Identity::self_signed(&["wgice-signaling".into()]).unwrap();
@@ -99,6 +100,7 @@ async fn two_instances_route_and_share_presence_through_nats() {
 }
 
 #[tokio::test]
+#[ignore = "needs nats-server (scripts/setup): run by bash scripts/test (cargo test -- --include-ignored)"]
 async fn a_crashed_instance_expires_and_nodes_move_over() {
     let nats = Nats::start().await;
     let id = Identity::self_signed(&["wgice-signaling".into()]).unwrap();

@@ -253,8 +253,8 @@ fn main() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(5);
     let only_iperf = std::env::args().any(|a| a == "--iperf-only");
-    assert!(wgice_tests::can_run_netns(), "needs root");
-    let bins = wgice_tests::bins().expect("build the workspace binaries first");
+    wgice_tests::require_root();
+    let bins = wgice_tests::bins();
     let cores = Command::new("nproc")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
@@ -262,7 +262,7 @@ fn main() {
     println!("ice-agent benchmark, {rounds} rounds, {cores} cores");
 
     if only_iperf {
-        let (plain, agent) = overhead(&wgice_tests::bins().expect("bins"), 5, rounds);
+        let (plain, agent) = overhead(&wgice_tests::bins(), 5, rounds);
         let (p, a) = (median(plain), median(agent));
         println!(
             "median plain {p:.0} Mbit/s, agents {a:.0} Mbit/s, ratio {:.2}",

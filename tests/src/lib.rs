@@ -5,19 +5,17 @@ use std::path::PathBuf;
 
 pub use netsim::mesh;
 
-/// True when tests that need root (network namespaces, nftables) can run.
-/// Under `CI=true` not being able to run them is a failure, not a skip.
-pub fn can_run_netns() -> bool {
+/// Fails unless running as root. Tests that need root (network namespaces,
+/// nftables) are `#[ignore]`d by default, so a plain `cargo test` lists them
+/// as ignored; run on purpose (`--include-ignored`, as `scripts/test` does)
+/// they fail rather than pass when they cannot run.
+pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } == 0 {
-        return true;
-    }
+    let root = unsafe { libc_geteuid() } == 0;
     assert!(
-        std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-        "CI=true: netns tests need root and cannot be skipped"
+        root,
+        "needs root (network namespaces, nftables): run as root, or leave it ignored"
     );
-    eprintln!("skipped: needs root (network namespaces, nftables)");
-    false
 }
 
 extern "C" {
@@ -26,33 +24,30 @@ extern "C" {
 }
 
 /// A binary of this workspace built into the same target profile as the
-/// running test (`cargo build --workspace --bins` first; `scripts/test` does).
-/// Under `CI=true` a missing binary fails the test; otherwise `None` skips it.
-pub fn workspace_bin(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
+/// running test (`cargo build --workspace --bins` first; `scripts/test`
+/// does). A missing binary fails the test.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
-    let path = exe.parent()?.parent()?.join(name);
-    if path.is_file() {
-        return Some(path);
-    }
+    let path = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join(name))
+        .expect("target directory");
     assert!(
-        std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-        "CI=true: {} is missing; build the workspace binaries first (cargo build --workspace --bins)",
+        path.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --release --workspace --bins)",
         path.display()
     );
-    eprintln!(
-        "skipped: {} not built (cargo build --workspace --bins)",
-        path.display()
-    );
-    None
+    path
 }
 
 /// The `relay`, `signaling` and `ice-agent` binaries for a
-/// [`mesh::MeshLab`]; like [`workspace_bin`], a failure under `CI=true`.
-pub fn bins() -> Option<mesh::Bins> {
-    Some(mesh::Bins {
-        relay: workspace_bin("relay")?,
-        signaling: workspace_bin("signaling")?,
-        agent: workspace_bin("ice-agent")?,
-    })
+/// [`mesh::MeshLab`] (see [`workspace_bin`]).
+pub fn bins() -> mesh::Bins {
+    mesh::Bins {
+        relay: workspace_bin("relay"),
+        signaling: workspace_bin("signaling"),
+        agent: workspace_bin("ice-agent"),
+    }
 }

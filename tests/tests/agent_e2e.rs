@@ -9,18 +9,17 @@ use std::time::Duration;
 use netsim::nat::NatPreset;
 use wgice_tests::mesh::{pipe, run, s, Bins, MeshLab};
 
-fn setup() -> Option<Bins> {
-    if !wgice_tests::can_run_netns() {
-        return None;
-    }
+fn setup() -> Bins {
+    wgice_tests::require_root();
     wgice_tests::bins()
 }
 
 const CONNECT: Duration = Duration::from_secs(15);
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn same_lan_goes_lan_with_the_endpoint_straight_at_the_peer() {
-    let Some(bins) = setup() else { return };
+    let bins = setup();
     let mut m = MeshLab::new(&bins);
     m.add_router("r", NatPreset::PortRestricted);
     let a = m.add_node("a", "r");
@@ -55,8 +54,9 @@ fn same_lan_goes_lan_with_the_endpoint_straight_at_the_peer() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn dual_stack_lan_prefers_ipv6() {
-    let Some(bins) = setup() else { return };
+    let bins = setup();
     let mut m = MeshLab::new(&bins);
     m.add_router("r", NatPreset::PortRestricted);
     let a = m.add_node("a", "r");
@@ -99,8 +99,9 @@ fn dual_stack_lan_prefers_ipv6() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
-    let Some(bins) = setup() else { return };
+    let bins = setup();
     let mut m = MeshLab::new(&bins);
     let (a, b) = m.pair(NatPreset::PortRestricted, NatPreset::PortRestricted);
     // On a, B already exists (endpoint, allowed IPs, preshared key set by
@@ -249,8 +250,9 @@ fn port_restricted_pair_goes_direct_and_the_agent_restores_on_exit() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn explicit_peers_get_the_configured_allowed_ips() {
-    let Some(bins) = setup() else { return };
+    let bins = setup();
     let mut m = MeshLab::new(&bins);
     let (a, b) = m.pair(NatPreset::RestrictedCone, NatPreset::FullCone);
     m.use_explicit_peers(a);
@@ -274,8 +276,9 @@ fn explicit_peers_get_the_configured_allowed_ips() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn symmetric_to_port_restricted_is_relayed_and_says_why() {
-    let Some(bins) = setup() else { return };
+    let bins = setup();
     let mut m = MeshLab::new(&bins);
     let (a, b) = m.pair(NatPreset::Symmetric, NatPreset::PortRestricted);
     m.start_and_wait(&[a, b], "relay");
@@ -314,8 +317,9 @@ fn symmetric_to_port_restricted_is_relayed_and_says_why() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn direct_cut_falls_back_to_relay_within_3s_and_comes_back() {
-    let Some(bins) = setup() else { return };
+    let bins = setup();
     let mut m = MeshLab::new(&bins);
     let (a, b) = m.pair(NatPreset::PortRestricted, NatPreset::PortRestricted);
     m.start_and_wait(&[a, b], "direct");
@@ -336,8 +340,9 @@ fn direct_cut_falls_back_to_relay_within_3s_and_comes_back() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn a_restarted_relay_is_noticed_and_relayed_peers_recover() {
-    let Some(bins) = setup() else { return };
+    let bins = setup();
     let mut m = MeshLab::new(&bins);
     let (a, b) = m.pair(NatPreset::Symmetric, NatPreset::PortRestricted);
     m.start_agent(a);
@@ -363,8 +368,9 @@ fn a_restarted_relay_is_noticed_and_relayed_peers_recover() {
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn a_recreated_interface_gets_its_peers_back() {
-    let Some(bins) = setup() else { return };
+    let bins = setup();
     let mut m = MeshLab::new(&bins);
     let (a, b) = m.pair(NatPreset::PortRestricted, NatPreset::PortRestricted);
     m.start_and_wait(&[a, b], "direct");

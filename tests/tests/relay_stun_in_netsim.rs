@@ -61,13 +61,10 @@ fn classify_with_relay(
 }
 
 #[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn relay_classifies_every_preset_like_the_reflector() {
-    if !wgice_tests::can_run_netns() {
-        return;
-    }
-    let Some(relay_bin) = wgice_tests::workspace_bin("relay") else {
-        return;
-    };
+    wgice_tests::require_root();
+    let relay_bin = wgice_tests::workspace_bin("relay");
     let results: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = NatPreset::ALL
             .iter()
