@@ -10,8 +10,11 @@
 
 pub mod auth;
 pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod driver;
 pub mod policy;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod stun;

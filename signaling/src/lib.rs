@@ -20,10 +20,13 @@
 
 pub mod auth;
 pub mod client;
+#[cfg(feature = "server")]
 pub mod config;
 pub mod keys;
+#[cfg(feature = "server")]
 pub mod router;
 pub mod seal;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod tls;
 pub mod wire;

@@ -114,6 +114,7 @@ impl Identity {
     }
 
     /// A fresh self-signed certificate for `names` (ECDSA P-256).
+    #[cfg(feature = "server")]
     pub fn self_signed(names: &[String]) -> Result<Self, TlsError> {
         let ck = rcgen::generate_simple_self_signed(names.to_vec())
             .map_err(|e| TlsError::Generate(e.to_string()))?;
@@ -125,6 +126,7 @@ impl Identity {
 
     /// Loads `dir/cert.pem` + `dir/key.pem`, creating a self-signed pair
     /// there first if absent, so the fingerprint survives restarts.
+    #[cfg(feature = "server")]
     pub fn self_signed_persistent(dir: &Path, names: &[String]) -> Result<Self, TlsError> {
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         if !cert.exists() || !key.exists() {
