@@ -250,6 +250,7 @@ impl std::fmt::Debug for Session {
 pub struct Connector {
     tls: Arc<rustls::ClientConfig>,
     quic: quinn::ClientConfig,
+    tcp_source: Option<std::net::IpAddr>,
 }
 
 impl Connector {
@@ -271,7 +272,18 @@ impl Connector {
         Ok(Connector {
             tls: Arc::new(tls),
             quic,
+            tcp_source: None,
         })
+    }
+
+    /// TLS/TCP connections leave from `source` (any port) instead of the
+    /// address the route picks. Benchmarks use it to spread their nodes over
+    /// several loopback addresses, since the server limits pending
+    /// connections per source address.
+    #[must_use]
+    pub fn with_tcp_source(mut self, source: std::net::IpAddr) -> Self {
+        self.tcp_source = Some(source);
+        self
     }
 
     /// A QUIC client endpoint suited to `server` (one can serve many sessions).
@@ -281,9 +293,15 @@ impl Connector {
         } else {
             "[::]:0".parse().expect("literal")
         };
+        Self::endpoint_on(bind)
+    }
+
+    /// A QUIC client endpoint whose UDP socket is bound to `local`.
+    pub fn endpoint_on(local: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+        let bind = local;
         let err = |e: std::io::Error| ClientError::Connect {
-            server: server.to_string(),
-            reason: e.to_string(),
+            server: local.to_string(),
+            reason: format!("QUIC endpoint on {local}: {e}"),
         };
         let udp = std::net::UdpSocket::bind(bind).map_err(err)?;
         let _ = socket2::SockRef::from(&udp).set_recv_buffer_size(1 << 20);
@@ -331,9 +349,21 @@ impl Session {
                 (Box::new(recv), Box::new(send), Some(conn), binding)
             }
             Transport::Tcp => {
-                let sock = tokio::net::TcpStream::connect(server)
-                    .await
-                    .map_err(|e| connect_err(format!("TCP: {e}")))?;
+                let sock = match connector.tcp_source {
+                    None => tokio::net::TcpStream::connect(server).await,
+                    Some(source) => {
+                        let s = if source.is_ipv4() {
+                            tokio::net::TcpSocket::new_v4()
+                        } else {
+                            tokio::net::TcpSocket::new_v6()
+                        };
+                        match s.and_then(|s| s.bind(SocketAddr::new(source, 0)).map(|()| s)) {
+                            Ok(s) => s.connect(server).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                }
+                .map_err(|e| connect_err(format!("TCP: {e}")))?;
                 let _ = sock.set_nodelay(true);
                 let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
                     .map_err(|e| connect_err(format!("server name: {e}")))?;

@@ -30,6 +30,12 @@ pub fn render(shards: &[Arc<Metrics>], quotas: &Quotas) -> String {
         quotas.total() as u64,
     );
     metric(
+        "relay_allocations_max",
+        "gauge",
+        "Configured max-allocations (0: unlimited; the relayed port range still bounds allocations).",
+        quotas.max_total as u64,
+    );
+    metric(
         "relay_allocations_created_total",
         "counter",
         "TURN allocations created.",

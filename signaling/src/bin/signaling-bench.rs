@@ -61,6 +61,12 @@ struct Args {
     /// their receive buffers overflow under presence bursts).
     #[arg(long, default_value_t = 64)]
     endpoints: usize,
+    /// Loopback source addresses the nodes are spread over (127.0.0.1 …
+    /// 127.0.0.N; all of 127/8 is loopback on Linux). The server limits
+    /// unregistered connections per source address (`max_pending_per_ip`,
+    /// 64), which a benchmark from one address would hit.
+    #[arg(long, default_value_t = 32)]
+    sources: u8,
     /// The `signaling` binary [default: next to this one].
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -218,24 +224,41 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before: Vec<u64> = servers.iter().map(|s| rss_kib(s.child.id())).collect();
 
-    let connector = Connector::new(&Trust::Fingerprint(servers[0].fingerprint))?;
-    let endpoints: Vec<quinn::Endpoint> = (0..args.endpoints.max(1))
-        .map(|_| Connector::endpoint_for(servers[0].addr).unwrap())
+    let sources: Vec<std::net::IpAddr> = (1..=args.sources.max(1))
+        .map(|k| std::net::Ipv4Addr::new(127, 0, 0, k).into())
         .collect();
+    let base = Connector::new(&Trust::Fingerprint(servers[0].fingerprint))?;
+    // Node i leaves from sources[i % sources]: its TLS/TCP connector binds
+    // there, and its QUIC endpoint is one of those bound there.
+    let connectors: Vec<Connector> = sources
+        .iter()
+        .map(|ip| base.clone().with_tcp_source(*ip))
+        .collect();
+    let per_source = args.endpoints.max(1).div_ceil(sources.len());
+    let endpoints: Vec<Vec<quinn::Endpoint>> = sources
+        .iter()
+        .map(|ip| {
+            (0..per_source)
+                .map(|_| Connector::endpoint_on(SocketAddr::new(*ip, 0)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<_, _>>()?;
     let epoch = Instant::now();
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::with_capacity(
         args.messages,
     )));
     let received = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
+    let undeliverable = Arc::new(AtomicU64::new(0));
 
     // Connect every node.
     println!(
-        "connecting {} nodes ({:?}, {} instance(s), meshes of {})…",
+        "connecting {} nodes ({:?}, {} instance(s), meshes of {}, from {} loopback addresses)…",
         args.nodes,
         transport,
         servers.len(),
-        args.mesh_size
+        args.mesh_size,
+        sources.len()
     );
     let sem = Arc::new(Semaphore::new(args.concurrency));
     let mut joins = Vec::with_capacity(args.nodes);
@@ -244,12 +267,17 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         let permit = sem.clone().acquire_owned().await?;
         let key = PrivateKey::generate();
         let server = servers[i % servers.len()].addr;
-        let connector = connector.clone();
-        let ep = endpoints[i % endpoints.len()].clone();
+        let src = i % sources.len();
+        let connector = connectors[src].clone();
+        let ep = endpoints[src][(i / sources.len()) % per_source].clone();
         let mesh = format!("bench{}", i / args.mesh_size.max(1));
         let token = MeshAuth::derive_token(&secret, &mesh);
-        let (latencies, received, failures) =
-            (latencies.clone(), received.clone(), failures.clone());
+        let (latencies, received, failures, undeliverable) = (
+            latencies.clone(),
+            received.clone(),
+            failures.clone(),
+            undeliverable.clone(),
+        );
         joins.push(tokio::spawn(async move {
             let mut session = None;
             for _ in 0..5 {
@@ -282,16 +310,22 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                 return None;
             };
             let (tx, rx) = mpsc::channel(64);
-            tokio::spawn(node_loop(s, key.clone(), rx, epoch, latencies, received));
+            let counters = Counters {
+                latencies,
+                received,
+                undeliverable,
+            };
+            tokio::spawn(node_loop(s, key.clone(), rx, epoch, counters));
             Some(Node { key, cmd: tx })
         }));
     }
-    let mut nodes = Vec::with_capacity(args.nodes);
+    // Indexed by node number, so partners (i, i^1) stay in one mesh even
+    // when a node failed to connect (its offers are then not sent at all).
+    let mut nodes: Vec<Option<Node>> = Vec::with_capacity(args.nodes);
     for j in joins {
-        if let Some(n) = j.await? {
-            nodes.push(n);
-        }
+        nodes.push(j.await?);
     }
+    let connected = nodes.iter().filter(|n| n.is_some()).count();
     let connect_time = t0.elapsed();
     // Let the presence fan-out settle before measuring memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -303,28 +337,34 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .sum();
     println!(
         "connected {} / {} nodes in {:.1} s ({} failed); server RSS {:?} KiB -> {:?} KiB: {:.1} KiB per node",
-        nodes.len(),
+        connected,
         args.nodes,
         connect_time.as_secs_f64(),
         failures.load(Relaxed),
         rss_before,
         rss_after,
-        grown as f64 / nodes.len().max(1) as f64
+        grown as f64 / connected.max(1) as f64
     );
 
     // Offers between partners (i, i^1): on different instances when there are two.
-    let keys: Vec<PublicKey> = nodes.iter().map(|n| n.key.public_key()).collect();
+    let keys: Vec<Option<PublicKey>> = nodes
+        .iter()
+        .map(|n| n.as_ref().map(|n| n.key.public_key()))
+        .collect();
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let mut next = tokio::time::Instant::now();
     let cpu_before: f64 = servers.iter().map(|s| cpu_secs(s.child.id())).sum();
     let t1 = Instant::now();
     let mut sent = 0u64;
+    let mut skipped = 0u64;
+    let mut not_queued = 0u64;
     for m in 0..args.messages {
         let i = (m * 7919) % nodes.len();
         let j = i ^ 1;
-        if j >= nodes.len() {
+        let (Some(sender), Some(Some(to))) = (&nodes[i], keys.get(j)) else {
+            skipped += 1;
             continue;
-        }
+        };
         let at = epoch.elapsed().as_micros() as u64;
         let offer = PeerMessage::Offer {
             session: at,
@@ -338,10 +378,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             wg_port: None,
             cert: None,
         };
-        let env = seal(&nodes[i].key, &keys[j], now_ms(), &offer)?;
+        let env = seal(&sender.key, to, now_ms(), &offer)?;
         let frame = wire::encode(&ClientFrame::Send { envelope: env });
-        if nodes[i].cmd.try_send(frame).is_ok() {
+        if sender.cmd.try_send(frame).is_ok() {
             sent += 1;
+        } else {
+            not_queued += 1;
         }
         next += interval;
         tokio::time::sleep_until(next).await;
@@ -355,10 +397,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort_unstable();
     println!(
-        "offers: sent {sent} at {:.0}/s, delivered {} ({} lost)",
+        "offers: sent {sent} at {:.0}/s, delivered {} ({} lost, {} reported undeliverable); not sent: {skipped} (a partner not connected), {not_queued} (the node's queue full)",
         sent as f64 / send_time.as_secs_f64(),
         lat.len(),
-        sent.saturating_sub(lat.len() as u64)
+        sent.saturating_sub(lat.len() as u64),
+        undeliverable.load(Relaxed)
     );
     println!(
         "offer→delivery latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
@@ -373,13 +416,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         cpu_used * 1e6 / sent.max(1) as f64
     );
     println!(
-        "RESULT nodes={} transport={:?} instances={} connect_s={:.1} kib_per_node={:.1} p50_ms={:.2} p99_ms={:.2} delivered={}/{}",
-        nodes.len(),
+        "RESULT nodes={} transport={:?} instances={} connect_s={:.1} kib_per_node={:.1} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} delivered={}/{}",
+        connected,
         transport,
         servers.len(),
         connect_time.as_secs_f64(),
-        grown as f64 / nodes.len().max(1) as f64,
+        grown as f64 / connected.max(1) as f64,
         pct(&lat, 0.5),
+        pct(&lat, 0.9),
         pct(&lat, 0.99),
         lat.len(),
         sent
@@ -400,14 +444,25 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What the receiving side of a node records.
+struct Counters {
+    latencies: Arc<std::sync::Mutex<Vec<u64>>>,
+    received: Arc<AtomicU64>,
+    undeliverable: Arc<AtomicU64>,
+}
+
 async fn node_loop(
     s: Session,
     key: PrivateKey,
     mut cmd: mpsc::Receiver<Vec<u8>>,
     epoch: Instant,
-    latencies: Arc<std::sync::Mutex<Vec<u64>>>,
-    received: Arc<AtomicU64>,
+    counters: Counters,
 ) {
+    let Counters {
+        latencies,
+        received,
+        undeliverable,
+    } = counters;
     let mut s = s;
     let mut opener = Opener::new(key);
     let mut ping = tokio::time::interval(Duration::from_secs(30));
@@ -420,6 +475,9 @@ async fn node_loop(
                         latencies.lock().unwrap().push(lat);
                         received.fetch_add(1, Relaxed);
                     }
+                }
+                Ok(Some(ServerFrame::Undeliverable { .. })) => {
+                    undeliverable.fetch_add(1, Relaxed);
                 }
                 Ok(Some(_)) => {}
                 _ => return,
