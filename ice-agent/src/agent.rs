@@ -26,7 +26,7 @@ use relay::stun::{self, attr, method, Class, MessageBuilder};
 use signaling::seal::PeerMessage;
 
 use crate::cert::{self, Membership};
-use crate::demux::{self, Kind};
+use relay::demux::{self, Kind};
 use crate::session::{
     is_controlling, PathReport, PeerSession, SessionConfig, SessionEvent, Transmit, Via,
 };

@@ -27,7 +27,9 @@ pub mod agent;
 pub mod cert;
 pub mod config;
 pub mod daemon;
-pub mod demux;
+/// Telling STUN, ChannelData and WireGuard apart (the relay crate's
+/// classifier, shared by relay, agent and netsim).
+pub use relay::demux;
 pub mod gather;
 mod path;
 mod session;

@@ -1,7 +1,8 @@
 //! wgice relay: a STUN (RFC 8489, RFC 5780) and TURN (RFC 8656) server, and
 //! the sans-IO TURN client the agent embeds.
 //!
-//! - [`stun`]: the zero-copy message codec.
+//! - [`stun`]: the zero-copy message codec; [`demux`]: STUN, ChannelData or
+//!   WireGuard, from a datagram's first bytes.
 //! - [`server`]: the sans-IO server core (one shard).
 //! - [`client`]: the sans-IO TURN client.
 //! - [`auth`], [`policy`]: credentials, nonces, rate limits, peer policy.
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod config;
+pub mod demux;
 #[cfg(feature = "server")]
 pub mod driver;
 pub mod policy;

@@ -1,7 +1,9 @@
-//! Telling apart what arrives on the agent's one UDP socket.
+//! Telling apart STUN, TURN ChannelData and WireGuard on one socket: the one
+//! classifier of the project (the agent's socket carries all three; the
+//! relay and netsim use the same codec predicates it is built on,
+//! [`crate::stun::is_stun`] and [`crate::stun::channel_data::is_channel_data`]).
 //!
-//! ICE checks, TURN traffic from the relays and WireGuard all share one
-//! socket and one port. A datagram is classified by its first bytes:
+//! A datagram is classified by its first bytes:
 //!
 //! | first bytes | kind |
 //! |---|---|
@@ -41,21 +43,21 @@ pub enum Kind {
     Unknown,
 }
 
-const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+use crate::stun::{channel_data, is_stun};
 
 /// Classifies one datagram.
 pub fn classify(d: &[u8]) -> Kind {
     let Some(&first) = d.first() else {
         return Kind::Unknown;
     };
-    if (0x40..=0x7F).contains(&first) {
+    if channel_data::is_channel_data(d) {
         return if d.len() >= 4 {
             Kind::ChannelData
         } else {
             Kind::Unknown
         };
     }
-    if first <= 0x3F && d.len() >= 20 && d[4..8] == MAGIC_COOKIE {
+    if is_stun(d) {
         // A STUN length field counts the bytes after the 20-byte header and
         // is a multiple of 4; a WireGuard message whose sender index happens
         // to equal the cookie still has zeros at bytes 1..4, which a STUN
@@ -84,6 +86,8 @@ pub fn classify(d: &[u8]) -> Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MAGIC_COOKIE: [u8; 4] = crate::stun::MAGIC_COOKIE.to_be_bytes();
 
     fn stun(len: usize) -> Vec<u8> {
         let mut v = vec![0u8; 20 + len];
