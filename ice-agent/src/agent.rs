@@ -26,16 +26,17 @@ use relay::stun::{self, attr, method, Class, MessageBuilder};
 use signaling::seal::PeerMessage;
 
 use crate::cert::{self, Membership};
-use relay::demux::{self, Kind};
 use crate::session::{
     is_controlling, PathReport, PeerSession, SessionConfig, SessionEvent, Transmit, Via,
 };
 use crate::status::PeerStatus;
 use crate::validate::{self, OwnAddrs, Refusal};
 use crate::{Candidate, IceCreds, PathKind};
+use relay::demux::{self, Kind};
 
-/// A WireGuard public key.
-pub type PeerKey = [u8; 32];
+/// A WireGuard public key: the one key type of the project (signaling's),
+/// shown in base64 by its `Display`.
+pub type PeerKey = signaling::PublicKey;
 
 /// A relay in status: server, our relayed addresses, our mapped address,
 /// why it is unusable.
@@ -104,7 +105,7 @@ pub struct AgentOptions {
 impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
-            public_key: [0; 32],
+            public_key: signaling::PublicKey([0; 32]),
             wg_port: None,
             port: 0,
             host: Vec::new(),
@@ -1100,7 +1101,7 @@ impl Agent {
                     ),
                 };
                 let mut row = PeerStatus::new(
-                    base64_key(k),
+                    k.to_string(),
                     report,
                     p.rx_bytes,
                     0,
@@ -1162,7 +1163,7 @@ impl Agent {
             .get(key)
             .and_then(|p| p.membership.as_ref())
             .map(|m| m.name.clone())
-            .unwrap_or_else(|| base64_key(key))
+            .unwrap_or_else(|| key.to_string())
     }
 
     /// Whether one more `auto` member may become a peer (`max_peers`).
@@ -1218,7 +1219,7 @@ impl Agent {
         match result {
             Ok(m) => {
                 if p.membership.as_ref() != Some(&m) {
-                    tracing::info!(peer = %base64_key(&key), name = %m.name, "membership certificate verified");
+                    tracing::info!(peer = %key, name = %m.name, "membership certificate verified");
                 }
                 p.membership = Some(m);
                 p.cert_problem = None;
@@ -1251,7 +1252,7 @@ impl Agent {
                 p.cert_problem = Some(format!(
                     "membership certificate expired at {at} (Unix time): routes nothing"
                 ));
-                tracing::warn!(peer = %base64_key(&k), "membership certificate expired: routing nothing to it");
+                tracing::warn!(peer = %k, "membership certificate expired: routing nothing to it");
             }
             self.grant(now, k);
         }
@@ -1420,8 +1421,10 @@ impl Agent {
 
     fn new_session(&mut self, now: Instant, key: PeerKey) {
         self.drop_session(now, key);
-        let mut cfg =
-            SessionConfig::new(is_controlling(&self.opts.public_key, &key), rand::random());
+        let mut cfg = SessionConfig::new(
+            is_controlling(&self.opts.public_key.0, &key.0),
+            rand::random(),
+        );
         cfg.local_networks = self.opts.host.iter().map(|n| n.trunc()).collect();
         let mut ice = PeerSession::new(cfg, now);
         for c in &self.local {
@@ -1492,7 +1495,7 @@ impl Agent {
             .unwrap_or(since);
         let quiet_since = heard.max(since);
         if now.saturating_duration_since(quiet_since) >= self.opts.vanish_after {
-            tracing::info!(peer = %base64_key(key), "peer offline and silent: dropping its session");
+            tracing::info!(peer = %key, "peer offline and silent: dropping its session");
             self.drop_session(now, *key);
             let p = self.peers.get_mut(key).expect("checked");
             p.offline_since = None;
@@ -1908,7 +1911,7 @@ impl Agent {
             match s.ice.poll_event() {
                 Some(SessionEvent::PathChanged(ps)) => {
                     tracing::info!(
-                        peer = %base64_key(key),
+                        peer = %key,
                         path = ?ps.kind,
                         local = ?ps.local,
                         remote = ?ps.remote,
@@ -1918,7 +1921,7 @@ impl Agent {
                     self.apply_path(now, *key);
                 }
                 Some(SessionEvent::DirectRetry { attempt, next_in }) => {
-                    tracing::debug!(peer = %base64_key(key), attempt, ?next_in, "retrying direct");
+                    tracing::debug!(peer = %key, attempt, ?next_in, "retrying direct");
                 }
                 Some(SessionEvent::IceState(_)) => {}
                 None => return,
@@ -2042,10 +2045,4 @@ fn relay_probe_at(r: &RelayState) -> Option<Instant> {
 fn reoffer_at(s: &Sess) -> Instant {
     let n = s.unanswered.saturating_sub(1).min(4);
     s.offered_at + (REOFFER_AFTER * (1u32 << n)).min(Duration::from_secs(60))
-}
-
-/// A key as `wg` prints it.
-pub fn base64_key(k: &PeerKey) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(k)
 }

@@ -19,6 +19,7 @@ use base64::Engine;
 use ipnet::IpNet;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 use serde::{Deserialize, Serialize};
+use signaling::PublicKey;
 
 use crate::validate;
 
@@ -59,7 +60,7 @@ pub struct CertBody {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {
     /// WireGuard public key.
-    pub key: [u8; 32],
+    pub key: PublicKey,
     /// Name (checked by [`validate::member_name`]).
     pub name: String,
     /// Overlay addresses.
@@ -111,7 +112,7 @@ pub enum CertError {
 pub fn verify(
     text: &str,
     cas: &[[u8; 32]],
-    key: &[u8; 32],
+    key: &PublicKey,
     now: u64,
 ) -> Result<Membership, CertError> {
     if text.len() > MAX_CERT_LEN {
@@ -152,11 +153,10 @@ pub fn verify(
     // Only a CA's own bytes are parsed from here on.
     let b: CertBody =
         serde_json::from_slice(&body).map_err(|e| CertError::Malformed(format!("body: {e}")))?;
-    let mut cert_key = [0u8; 32];
-    match base64::engine::general_purpose::STANDARD.decode_slice(b.key.as_bytes(), &mut cert_key) {
-        Ok(32) => {}
-        _ => return Err(CertError::BadField("key is not a WireGuard key".into())),
-    }
+    let cert_key: PublicKey = b
+        .key
+        .parse()
+        .map_err(|_| CertError::BadField("key is not a WireGuard key".into()))?;
     if &cert_key != key {
         return Err(CertError::WrongKey);
     }
@@ -267,9 +267,9 @@ pub fn covers(nets: &[IpNet], ip: IpAddr) -> bool {
 mod tests {
     use super::*;
 
-    fn body(key: &[u8; 32]) -> CertBody {
+    fn body(key: &PublicKey) -> CertBody {
         CertBody {
-            key: base64::engine::general_purpose::STANDARD.encode(key),
+            key: key.to_string(),
             name: "db-1".into(),
             addresses: vec!["10.8.0.5/32".parse().expect("net")],
             routes: vec!["10.244.3.0/24".parse().expect("net")],
@@ -283,7 +283,7 @@ mod tests {
         let (ca, doc) = Ca::generate().expect("ca");
         let ca2 = Ca::from_pkcs8(&doc).expect("reload");
         assert_eq!(ca.public_key(), ca2.public_key());
-        let key = [7u8; 32];
+        let key = PublicKey([7u8; 32]);
         let text = ca.sign(&body(&key)).expect("sign");
         let m = verify(&text, &[ca.public_key()], &key, 1500).expect("verifies");
         assert_eq!(m.name, "db-1");
@@ -297,7 +297,7 @@ mod tests {
         // Several pinned keys (rotation): any one will do.
         assert!(verify(&text, &[other.public_key(), ca.public_key()], &key, 1500).is_ok());
         assert_eq!(
-            verify(&text, &[ca.public_key()], &[8u8; 32], 1500),
+            verify(&text, &[ca.public_key()], &PublicKey([8u8; 32]), 1500),
             Err(CertError::WrongKey)
         );
         assert_eq!(
@@ -335,7 +335,7 @@ mod tests {
     #[test]
     fn bodies_are_checked_before_signing() {
         let (ca, _) = Ca::generate().expect("ca");
-        let key = [7u8; 32];
+        let key = PublicKey([7u8; 32]);
         let mut b = body(&key);
         b.addresses = vec!["10.8.0.0/24".parse().expect("net")];
         assert!(ca.sign(&b).is_err(), "a range as an address");

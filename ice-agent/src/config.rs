@@ -40,7 +40,6 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -58,33 +57,11 @@ pub struct ConfigError {
     pub fix: String,
 }
 
-/// A WireGuard public or private key (32 bytes).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(pub [u8; 32]);
+pub use signaling::keys::{PrivateKey, PublicKey};
 
-impl std::fmt::Debug for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print key material in full.
-        write!(f, "Key({}…)", &self.to_base64()[..8])
-    }
-}
-
-impl Key {
-    /// Parses the base64 form `wg genkey` prints.
-    pub fn from_base64(s: &str) -> Result<Key, String> {
-        let mut out = [0u8; 32];
-        match base64::engine::general_purpose::STANDARD.decode_slice(s.trim().as_bytes(), &mut out)
-        {
-            Ok(32) => Ok(Key(out)),
-            Ok(n) => Err(format!("decodes to {n} bytes, a WireGuard key has 32")),
-            Err(e) => Err(format!("not base64: {e}")),
-        }
-    }
-
-    /// The base64 form.
-    pub fn to_base64(&self) -> String {
-        base64::engine::general_purpose::STANDARD.encode(self.0)
-    }
+/// Parses a 32-byte base64 key (`wg genkey` / `wg pubkey` output).
+fn key32(s: &str) -> Result<[u8; 32], String> {
+    signaling::keys::decode32(s.trim()).map_err(|e| e.to_string())
 }
 
 /// How the agent relates to WireGuard.
@@ -157,7 +134,7 @@ pub enum Peers {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     /// The peer's WireGuard public key.
-    pub public_key: Key,
+    pub public_key: PublicKey,
     /// Overlay addresses routed to it.
     pub allowed_ips: Vec<IpNet>,
 }
@@ -171,7 +148,7 @@ pub struct AgentConfig {
     /// Mode.
     pub mode: Mode,
     /// Private key, or `None` to read it from the interface.
-    pub private_key: Option<Key>,
+    pub private_key: Option<PrivateKey>,
     /// The agent's UDP port (0: any).
     pub port: u16,
     /// Signaling URL.
@@ -345,7 +322,7 @@ impl AgentConfig {
                     "keep one of them",
                 ))
             }
-            (Some(k), None) => Some(Key::from_base64(k).map_err(|p| {
+            (Some(k), None) => Some(key32(k).map(PrivateKey::from_bytes).map_err(|p| {
                 err(
                     "wireguard.private_key",
                     p,
@@ -365,7 +342,7 @@ impl AgentConfig {
                         "create it with `wg genkey > FILE` (mode 0600)",
                     )
                 })?;
-                Some(Key::from_base64(&k).map_err(|pr| {
+                Some(key32(&k).map(PrivateKey::from_bytes).map_err(|pr| {
                     err(
                         "wireguard.private_key_file",
                         format!("{}: {pr}", p.display()),
@@ -516,7 +493,7 @@ impl AgentConfig {
             Some(PeersSection::List(list)) => {
                 let mut out = Vec::new();
                 for (i, p) in list.iter().enumerate() {
-                    let public_key = Key::from_base64(&p.public_key).map_err(|pr| {
+                    let public_key = key32(&p.public_key).map(PublicKey).map_err(|pr| {
                         err(
                             &format!("peers[{i}].public_key"),
                             pr,
@@ -573,14 +550,14 @@ impl AgentConfig {
         }
         let mut membership_ca = Vec::new();
         for (i, k) in f.membership.ca.iter().enumerate() {
-            let k = Key::from_base64(k).map_err(|p| {
+            let k = key32(k).map_err(|p| {
                 err(
                     &format!("membership.ca[{i}]"),
                     p,
                     "paste the public key `ice-agent ca init` printed",
                 )
             })?;
-            membership_ca.push(k.0);
+            membership_ca.push(k);
         }
         let certificate = match &f.membership.certificate_file {
             None => None,
@@ -761,7 +738,11 @@ mod tests {
         let c = AgentConfig::parse(&base("peers = \"auto\"\n"), "agent.toml", None).expect("valid");
         assert_eq!(c.interface, "wg0");
         assert_eq!(c.mode, Mode::External);
-        assert_eq!(c.private_key.map(|k| k.to_base64()), Some(KEY.to_owned()));
+        let want: PrivateKey = KEY.parse().expect("key");
+        assert_eq!(
+            c.private_key.map(|k| k.public_key()),
+            Some(want.public_key())
+        );
         assert_eq!(c.relays[0].transport, RelayTransport::Udp);
         assert_eq!(c.relays[0].port, 3478);
         assert_eq!(c.peers, Peers::Auto);
@@ -844,7 +825,7 @@ mod tests {
 
     #[test]
     fn key_debug_hides_material() {
-        let k = Key::from_base64(KEY).expect("key");
+        let k: PrivateKey = KEY.parse().expect("key");
         assert!(!format!("{k:?}").contains(KEY));
     }
 }

@@ -25,14 +25,14 @@ use ipnet::IpNet;
 use signaling::client::{
     Client as SigClient, ClientConfig as SigConfig, Event as SigEvent, TransportMode,
 };
-use signaling::keys::{PrivateKey, PublicKey};
+use signaling::keys::PrivateKey;
 use signaling::tls::Trust;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{TcpListener, UdpSocket, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agent::{
-    base64_key, Agent, AgentOptions, DropCounters, Endpoint, Output, PeerKey, RelaySpec, Route,
+    Agent, AgentOptions, DropCounters, Endpoint, Output, PeerKey, RelaySpec, Route,
 };
 use crate::config::{AgentConfig, Mode, RelayAuth, RelayTransport};
 use crate::gather::{self, HostFilter};
@@ -139,9 +139,9 @@ pub async fn run(
     }
     let wg = WgControl::open(&cfg.interface)?;
     let dev = wg.device()?;
-    let private = match (cfg.private_key.as_ref(), dev.private_key) {
-        (Some(k), _) => k.0,
-        (None, Some(k)) => k,
+    let private = match (cfg.private_key.clone(), dev.private_key) {
+        (Some(k), _) => k,
+        (None, Some(k)) => PrivateKey::from_bytes(k),
         (None, None) => {
             return Err(DaemonError::Setup(format!(
                 "interface {:?} has no private key and the config names none: set \
@@ -151,7 +151,7 @@ pub async fn run(
         }
     };
     if let (Some(k), Some(d)) = (cfg.private_key.as_ref(), dev.private_key) {
-        if k.0 != d {
+        if k.public_key() != PrivateKey::from_bytes(d).public_key() {
             tracing::warn!(
                 "the configured private key differs from {:?}'s: peers will reach the \
                  interface's key, not the one the agent signals",
@@ -159,7 +159,6 @@ pub async fn run(
             );
         }
     }
-    let private = PrivateKey::from_bytes(private);
     let public = private.public_key();
     let wg_port = (dev.listen_port != 0).then_some(dev.listen_port);
     let wg_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dev.listen_port);
@@ -254,12 +253,12 @@ pub async fn run(
         crate::config::Peers::List(l) => (
             false,
             l.iter()
-                .map(|p| (p.public_key.0, p.allowed_ips.clone()))
+                .map(|p| (p.public_key, p.allowed_ips.clone()))
                 .collect(),
         ),
     };
     let opts = AgentOptions {
-        public_key: public.0,
+        public_key: public,
         wg_port,
         port,
         host,
@@ -280,7 +279,7 @@ pub async fn run(
     };
     if let Some(text) = &cfg.certificate {
         if !cfg.membership_ca.is_empty() {
-            if let Err(e) = crate::cert::verify(text, &cfg.membership_ca, &public.0, unix_now()) {
+            if let Err(e) = crate::cert::verify(text, &cfg.membership_ca, &public, unix_now()) {
                 tracing::warn!("this node's own certificate does not verify against membership.ca: {e}; peers will route nothing to it");
             }
         }
@@ -411,14 +410,14 @@ pub async fn run(
                     }
                     Some(SigEvent::Members(list)) => {
                         let list: Vec<(PeerKey, Vec<String>)> =
-                            list.into_iter().map(|m| (m.key.0, m.overlay)).collect();
+                            list.into_iter().map(|m| (m.key, m.overlay)).collect();
                         agent.handle_members(now, &list);
                     }
-                    Some(SigEvent::Online(m)) => agent.handle_member(now, m.key.0, &m.overlay),
-                    Some(SigEvent::Offline(k)) => agent.handle_offline(now, k.0),
-                    Some(SigEvent::Message { from, message }) => agent.handle_message(now, from.0, message),
+                    Some(SigEvent::Online(m)) => agent.handle_member(now, m.key, &m.overlay),
+                    Some(SigEvent::Offline(k)) => agent.handle_offline(now, k),
+                    Some(SigEvent::Message { from, message }) => agent.handle_message(now, from, message),
                     Some(SigEvent::Undeliverable { to, reason }) => {
-                        tracing::debug!(peer = %base64_key(&to.0), ?reason, "signaling message undeliverable");
+                        tracing::debug!(peer = %to, ?reason, "signaling message undeliverable");
                     }
                     Some(SigEvent::ServerError { code, message }) => {
                         tracing::warn!(?code, "signaling server: {message}");
@@ -508,8 +507,8 @@ fn apply(
         }
         Output::Signal { to, message } => {
             // Never wait on signaling here: this loop also carries packets.
-            if let Err(e) = sig.try_send(&PublicKey(to), &message) {
-                tracing::debug!(peer = %base64_key(&to), "signal not sent: {e}");
+            if let Err(e) = sig.try_send(&to, &message) {
+                tracing::debug!(peer = %to, "signal not sent: {e}");
             }
         }
         Output::PeerAdded { peer, allowed_ips } => {
@@ -522,7 +521,7 @@ fn apply(
             {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
-                    tracing::error!(peer = %base64_key(&peer), "cannot open a proxy socket: {e}");
+                    tracing::error!(peer = %peer, "cannot open a proxy socket: {e}");
                     return;
                 }
             };
@@ -880,7 +879,7 @@ fn wg_loop(wg: &WgControl, rx: &std::sync::mpsc::Receiver<WgCmd>, st: &std::sync
                     }
                     Ok(_) => {
                         tracing::warn!(
-                            peer = %base64_key(&peer),
+                            peer = %peer,
                             "peer was removed from the interface; not re-creating it"
                         );
                         continue;
@@ -890,7 +889,7 @@ fn wg_loop(wg: &WgControl, rx: &std::sync::mpsc::Receiver<WgCmd>, st: &std::sync
                         continue;
                     }
                 }
-                tracing::info!(peer = %base64_key(&peer), %endpoint, "WireGuard endpoint");
+                tracing::info!(peer = %peer, %endpoint, "WireGuard endpoint");
                 st.endpoints.insert(peer, endpoint);
                 let r = wg.set_peer(&PeerUpdate {
                     public_key: peer,
@@ -978,7 +977,7 @@ fn apply_wanted(wg: &WgControl, st: &mut WgState, only: Option<PeerKey>) {
     }
     for (peer, ips) in writes {
         let peer = &peer;
-        tracing::info!(peer = %base64_key(peer), allowed_ips = ?ips, "WireGuard allowed IPs");
+        tracing::info!(peer = %peer, allowed_ips = ?ips, "WireGuard allowed IPs");
         let r = wg.set_peer(&PeerUpdate {
             public_key: *peer,
             allowed_ips: Some(ips.clone()),
@@ -1010,9 +1009,9 @@ fn unclaimed(
             });
             if let Some(p) = taken {
                 tracing::warn!(
-                    peer = %base64_key(peer),
+                    peer = %peer,
                     "not routing {n} to it: already routed to {}",
-                    base64_key(&p.public_key)
+                    p.public_key
                 );
             }
             taken.is_none()
@@ -1043,7 +1042,7 @@ fn snapshot(agent: &Agent, interface: &str, port: u16, signaling: bool) -> Snaps
     Snapshot {
         status: Status {
             interface: interface.to_owned(),
-            public_key: base64_key(agent.public_key()),
+            public_key: agent.public_key().to_string(),
             port,
             signaling,
             relays: agent
@@ -1076,9 +1075,7 @@ async fn full_snapshot(
     if let Some(rx) = counters() {
         if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), rx).await {
             for p in &mut snap.status.peers {
-                let key = crate::config::Key::from_base64(&p.public_key)
-                    .ok()
-                    .map(|k| k.0);
+                let key = p.public_key.parse::<PeerKey>().ok();
                 if let Some((rx_b, tx_b, _)) = key.and_then(|k| c.get(&k)) {
                     p.rx_bytes = *rx_b;
                     p.tx_bytes = *tx_b;

@@ -286,7 +286,7 @@ fn ca(cmd: CaCmd) -> Result<(), String> {
                 .open(&key_path)
                 .map_err(|e| format!("{}: {e}", key_path.display()))?;
             writeln!(f, "{}", std_b64.encode(&doc)).map_err(|e| e.to_string())?;
-            let public = std_b64.encode(ca.public_key());
+            let public = signaling::keys::encode32(&ca.public_key());
             std::fs::write(dir.join("ca.pub"), format!("{public}\n"))
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
             println!("{public}");
@@ -311,14 +311,15 @@ fn ca(cmd: CaCmd) -> Result<(), String> {
                 .decode(text.trim())
                 .map_err(|e| format!("{}: not a CA key ({e})", ca_key.display()))?;
             let ca = Ca::from_pkcs8(&doc).map_err(|e| format!("{}: {e}", ca_key.display()))?;
-            let k = ice_agent::config::Key::from_base64(&key).map_err(|e| format!("--key: {e}"))?;
+            let k: ice_agent::config::PublicKey =
+                key.trim().parse().map_err(|e| format!("--key: {e}"))?;
             let secs = parse_duration(&expires)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_err(|e| e.to_string())?
                 .as_secs();
             let body = CertBody {
-                key: k.to_base64(),
+                key: k.to_string(),
                 name,
                 addresses,
                 routes,
@@ -348,14 +349,13 @@ fn ca(cmd: CaCmd) -> Result<(), String> {
                 b.name, b.key, b.addresses, b.routes, b.not_before, b.not_after
             );
             if let Some(ca) = ca {
-                let ca =
-                    ice_agent::config::Key::from_base64(&ca).map_err(|e| format!("--ca: {e}"))?;
-                let k = ice_agent::config::Key::from_base64(&b.key).map_err(|e| e.to_string())?;
+                let ca = signaling::keys::decode32(ca.trim()).map_err(|e| format!("--ca: {e}"))?;
+                let k: ice_agent::config::PublicKey = b.key.parse().map_err(|e| format!("{e}"))?;
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_err(|e| e.to_string())?
                     .as_secs();
-                cert::verify(text, &[ca.0], &k.0, now).map_err(|e| e.to_string())?;
+                cert::verify(text, &[ca], &k, now).map_err(|e| e.to_string())?;
                 println!("signature: valid, signed by this CA, not expired");
             }
             Ok(())

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use base64::Engine;
 use ipnet::IpNet;
+use signaling::PublicKey;
 
 /// A WireGuard control error: what failed, on which interface, and what to check.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +34,7 @@ pub struct WgError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WgPeer {
     /// Public key.
-    pub public_key: [u8; 32],
+    pub public_key: PublicKey,
     /// Preshared key (UAPI only; the `wg` dump hides it as `(none)` or shows it).
     pub preshared_key: Option<[u8; 32]>,
     /// Current endpoint.
@@ -69,7 +69,7 @@ pub struct WgDevice {
 #[derive(Debug, Clone, Default)]
 pub struct PeerUpdate {
     /// Public key.
-    pub public_key: [u8; 32],
+    pub public_key: PublicKey,
     /// New endpoint, if it changes.
     pub endpoint: Option<SocketAddr>,
     /// Replace the allowed IPs with these (when `Some`).
@@ -179,7 +179,7 @@ impl WgControl {
     pub fn set_peer(&self, u: &PeerUpdate) -> Result<(), WgError> {
         match &self.backend {
             Backend::Uapi(p) => {
-                let mut req = format!("set=1\npublic_key={}\n", hex(&u.public_key));
+                let mut req = format!("set=1\npublic_key={}\n", hex(&u.public_key.0));
                 if let Some(e) = u.endpoint {
                     req += &format!("endpoint={e}\n");
                 }
@@ -204,7 +204,7 @@ impl WgControl {
                     "set".to_owned(),
                     self.interface.clone(),
                     "peer".into(),
-                    b64(&u.public_key),
+                    u.public_key.to_string(),
                 ];
                 if let Some(e) = u.endpoint {
                     args.extend(["endpoint".into(), e.to_string()]);
@@ -222,10 +222,10 @@ impl WgControl {
     }
 
     /// Removes a peer.
-    pub fn remove_peer(&self, public_key: &[u8; 32]) -> Result<(), WgError> {
+    pub fn remove_peer(&self, public_key: &PublicKey) -> Result<(), WgError> {
         match &self.backend {
             Backend::Uapi(p) => {
-                let req = format!("set=1\npublic_key={}\nremove=true\n\n", hex(public_key));
+                let req = format!("set=1\npublic_key={}\nremove=true\n\n", hex(&public_key.0));
                 let text = self.uapi(p, &req)?;
                 check_errno(&text).map_err(|e| self.err(e))
             }
@@ -233,7 +233,7 @@ impl WgControl {
                 "set".into(),
                 self.interface.clone(),
                 "peer".into(),
-                b64(public_key),
+                public_key.to_string(),
                 "remove".into(),
             ]),
         }
@@ -244,7 +244,7 @@ impl WgControl {
     /// is removed and re-created (no protocol can unset an endpoint); that
     /// takes two transactions, since boringtun keeps `remove` set for the
     /// rest of a transaction.
-    pub fn restore(&self, public_key: &[u8; 32], original: &Original) -> Result<(), WgError> {
+    pub fn restore(&self, public_key: &PublicKey, original: &Original) -> Result<(), WgError> {
         let p = match original {
             Original::Created => return self.remove_peer(public_key),
             Original::Existed(p) => p,
@@ -255,7 +255,7 @@ impl WgControl {
             .or_else(|| p.endpoint.map(|e| e.to_string()));
         match &self.backend {
             Backend::Uapi(path) => {
-                let key = hex(public_key);
+                let key = hex(&public_key.0);
                 if endpoint.is_none() {
                     self.remove_peer(public_key)?;
                 }
@@ -286,7 +286,7 @@ impl WgControl {
                     "set".to_owned(),
                     self.interface.clone(),
                     "peer".into(),
-                    b64(public_key),
+                    public_key.to_string(),
                     "allowed-ips".into(),
                     ips.join(","),
                     "persistent-keepalive".into(),
@@ -388,7 +388,7 @@ fn hex(k: &[u8; 32]) -> String {
 }
 
 fn b64(k: &[u8; 32]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(k)
+    signaling::keys::encode32(k)
 }
 
 fn unhex(s: &str) -> Option<[u8; 32]> {
@@ -403,11 +403,7 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
 }
 
 fn unb64(s: &str) -> Option<[u8; 32]> {
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .ok()?
-        .try_into()
-        .ok()
+    signaling::keys::decode32(s).ok()
 }
 
 fn check_errno(text: &str) -> Result<(), String> {
@@ -438,7 +434,7 @@ pub fn parse_uapi(text: &str) -> Result<WgDevice, String> {
             "public_key" => {
                 dev.peers.extend(peer.take());
                 peer = Some(WgPeer {
-                    public_key: unhex(v).ok_or_else(bad)?,
+                    public_key: PublicKey(unhex(v).ok_or_else(bad)?),
                     ..WgPeer::default()
                 });
             }
@@ -488,7 +484,7 @@ pub fn parse_dump(text: &str) -> Result<WgDevice, String> {
         if f.len() < 8 {
             continue;
         }
-        let Some(public_key) = unb64(f[0]) else {
+        let Some(public_key) = unb64(f[0]).map(PublicKey) else {
             continue;
         };
         dev.peers.push(WgPeer {
@@ -526,7 +522,7 @@ mod tests {
         assert_eq!(d.private_key, Some([0x11; 32]));
         assert_eq!(d.peers.len(), 2);
         let p = &d.peers[0];
-        assert_eq!(p.public_key, [0x22; 32]);
+        assert_eq!(p.public_key, PublicKey([0x22; 32]));
         assert_eq!(p.preshared_key, None);
         assert_eq!(p.endpoint, Some("127.0.0.1:4000".parse().unwrap()));
         assert_eq!(p.allowed_ips.len(), 2);
@@ -550,7 +546,7 @@ mod tests {
         );
         let d = parse_dump(&text).unwrap();
         assert_eq!(d.listen_port, 51820);
-        assert_eq!(d.peers[0].public_key, [8; 32]);
+        assert_eq!(d.peers[0].public_key, PublicKey([8; 32]));
         assert_eq!(d.peers[0].preshared_key, None);
         assert_eq!(d.peers[0].allowed_ips.len(), 2);
         assert_eq!(d.peers[0].keepalive, 0);

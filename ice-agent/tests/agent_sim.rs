@@ -155,7 +155,7 @@ fn a_vanished_peer_is_dropped_and_others_are_untouched() {
     w.online();
     w.run(Duration::from_secs(2));
     // A third member A knows of but never hears from.
-    let kc = [0xCC; 32];
+    let kc = signaling::PublicKey([0xCC; 32]);
     w.agents[0].handle_member(w.now, kc, &[]);
     w.run(Duration::from_millis(100));
     assert_eq!(w.agents[0].status(w.now).len(), 2);
@@ -211,7 +211,11 @@ fn bad_input_is_counted_and_dropped() {
     wg[0] = 4;
     assert!(a.handle_datagram(now, stranger, None, &wg).is_none());
     // A message from a key that is not in A's peer list.
-    a.handle_message(now, [0xDD; 32], PeerMessage::Bye { session: 1 });
+    a.handle_message(
+        now,
+        signaling::PublicKey([0xDD; 32]),
+        PeerMessage::Bye { session: 1 },
+    );
     let d = a.drops();
     assert!(d.malformed > 100, "{d:?}");
     assert!(d.stun_unmatched >= 1, "{d:?}");
@@ -332,7 +336,7 @@ fn a_member_naming_another_peers_address_does_not_capture_its_packets() {
     w.online();
     w.run(Duration::from_secs(2));
     // C offers B's address as its own candidate.
-    let kc = [0xCC; 32];
+    let kc = signaling::PublicKey([0xCC; 32]);
     w.agents[0].handle_message(
         w.now,
         kc,

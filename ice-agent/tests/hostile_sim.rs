@@ -8,7 +8,6 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use base64::Engine;
 use common::{opts, World, KA, KB};
 use ice_agent::agent::{AgentOptions, PeerKey};
 use ice_agent::cert::{Ca, CertBody};
@@ -16,8 +15,8 @@ use ice_agent::PathKind;
 use ipnet::IpNet;
 use signaling::seal::PeerMessage;
 
-const KC: PeerKey = [0xCC; 32];
-const KD: PeerKey = [0xDD; 32];
+const KC: PeerKey = signaling::PublicKey([0xCC; 32]);
+const KD: PeerKey = signaling::PublicKey([0xDD; 32]);
 
 fn offer(session: u64, ufrag: &str, pwd: &str, candidates: Vec<String>) -> PeerMessage {
     PeerMessage::Offer {
@@ -174,8 +173,8 @@ fn membership_is_bounded_by_max_peers() {
     a.max_peers = 3;
     let mut w = connected(a, opts(KB, "203.0.113.2/24", true, vec![]));
     for i in 0..50u8 {
-        let mut k = [0x10; 32];
-        k[0] = i;
+        let mut k = signaling::PublicKey([0x10; 32]);
+        k.0[0] = i;
         w.agents[0].handle_member(w.now, k, &[format!("10.9.0.{i}/32")]);
         w.agents[0].handle_message(w.now, k, offer(5, "kkkk", &pwd(), vec![]));
     }
@@ -253,7 +252,7 @@ fn without_a_ca_a_vanished_nodes_address_is_quarantined() {
 
 fn cert_for(ca: &Ca, key: &PeerKey, name: &str, addr: &str, not_after: u64) -> String {
     ca.sign(&CertBody {
-        key: base64::engine::general_purpose::STANDARD.encode(key),
+        key: key.to_string(),
         name: name.into(),
         addresses: vec![net(addr)],
         routes: vec![],

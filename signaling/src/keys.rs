@@ -14,7 +14,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// A node's identity: its WireGuard public key (X25519), written in base64
 /// like `wg` does.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublicKey(pub [u8; 32]);
 
 /// A WireGuard private key. Its `Debug` never prints the key.
@@ -40,7 +40,7 @@ impl PublicKey {
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&B64.encode(self.0))
+        f.write_str(&encode32(&self.0))
     }
 }
 
@@ -109,7 +109,15 @@ impl FromStr for PrivateKey {
     }
 }
 
-fn decode32(s: &str) -> Result<[u8; 32], KeyParseError> {
+/// Encodes a 32-byte key in the standard base64 `wg` prints.
+pub fn encode32(k: &[u8; 32]) -> String {
+    B64.encode(k)
+}
+
+/// Decodes a 32-byte key from the standard base64 `wg` prints (WireGuard
+/// keys, and the Ed25519 CA keys of membership certificates): the one
+/// base64 key helper of the project.
+pub fn decode32(s: &str) -> Result<[u8; 32], KeyParseError> {
     let v = B64.decode(s.as_bytes()).map_err(|_| KeyParseError)?;
     v.try_into().map_err(|_| KeyParseError)
 }

@@ -12,8 +12,8 @@ use ice_agent::agent::{Agent, AgentOptions, Output, PeerKey, PeerRoute};
 use ice_agent::PathKind;
 use signaling::seal::PeerMessage;
 
-pub const KA: PeerKey = [0xAA; 32];
-pub const KB: PeerKey = [0xBB; 32];
+pub const KA: PeerKey = signaling::PublicKey([0xAA; 32]);
+pub const KB: PeerKey = signaling::PublicKey([0xBB; 32]);
 
 pub fn opts(key: PeerKey, host: &str, auto: bool, peers: Vec<PeerKey>) -> AgentOptions {
     AgentOptions {
