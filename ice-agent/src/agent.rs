@@ -21,6 +21,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use relay::client::{Client as TurnClient, ClientConfig as TurnConfig, ClientEvent};
 use relay::stun::{self, attr, method, Class, MessageBuilder};
 use signaling::seal::PeerMessage;
@@ -100,6 +102,10 @@ pub struct AgentOptions {
     /// Other ports of this node's services (metrics) that no remote
     /// candidate may name (WireGuard's and the agent's are added).
     pub own_ports: Vec<u16>,
+    /// Seed of the agent's randomness (ICE session seeds, STUN transaction
+    /// ids): the driver passes OS randomness, simulations a fixed value, so
+    /// a simulation is reproducible from its seed.
+    pub seed: [u8; 32],
 }
 
 impl Default for AgentOptions {
@@ -120,6 +126,7 @@ impl Default for AgentOptions {
             unix_time: 0,
             address_quarantine: Duration::from_secs(600),
             own_ports: Vec::new(),
+            seed: [1; 32],
         }
     }
 }
@@ -158,8 +165,14 @@ pub enum Route {
 
 impl Route {
     /// Frames one WireGuard packet for this route into `out` (cleared
-    /// first); returns where to send it from the agent socket.
-    pub fn frame(&self, payload: &[u8], out: &mut Vec<u8>) -> Option<SocketAddr> {
+    /// first); returns where to send it from the agent socket. `tid` is the
+    /// transaction id a Send indication carries (the caller's randomness).
+    pub fn frame(
+        &self,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+        tid: stun::TransactionId,
+    ) -> Option<SocketAddr> {
         out.clear();
         match *self {
             Route::Hold => None,
@@ -172,7 +185,7 @@ impl Route {
                 Some(server)
             }
             Route::Indication { server, peer } => {
-                MessageBuilder::new(out, method::SEND, Class::Indication, rand::random())
+                MessageBuilder::new(out, method::SEND, Class::Indication, tid)
                     .xor_address(attr::XOR_PEER_ADDRESS, peer)
                     .attr(attr::DATA, payload);
                 Some(server)
@@ -386,6 +399,8 @@ pub struct Agent {
     /// Refusal log lines left in the current 10 s window (a flooding member
     /// must not flood the log too).
     log_budget: (Instant, u32),
+    /// All the core's randomness, seeded by `opts.seed`.
+    rng: StdRng,
 }
 
 const MAX_PENDING_CANDIDATES: usize = 64;
@@ -425,6 +440,7 @@ impl Agent {
             quarantine: HashMap::new(),
             started: now,
             log_budget: (now, REFUSAL_LOGS),
+            rng: StdRng::from_seed(opts.seed),
             opts,
         };
         for spec in specs {
@@ -451,7 +467,9 @@ impl Agent {
         &self.opts.public_key
     }
 
-    /// Next thing to do.
+    /// Next thing to do. Any `handle_*` call may queue more; drain it
+    /// until `None` after each.
+    #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
     }
@@ -486,7 +504,9 @@ impl Agent {
             .collect()
     }
 
-    /// The earliest time [`Agent::handle_timeout`] must run.
+    /// The earliest time [`Agent::handle_timeout`] must run (changes after
+    /// any `handle_*` call).
+    #[must_use]
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         let mut best: Option<Instant> = None;
         let mut consider = |t: Option<Instant>| {
@@ -1423,8 +1443,14 @@ impl Agent {
         self.drop_session(now, key);
         let mut cfg = SessionConfig::new(
             is_controlling(&self.opts.public_key.0, &key.0),
-            rand::random(),
+            self.rng.random(),
         );
+        // Our ICE credentials come from the agent's RNG too (RFC 8445 §5.3:
+        // ≥ 24 bits of ufrag, ≥ 128 bits of password; 96 and 144 here).
+        cfg.local_credentials = Some(IceCreds {
+            ufrag: ice_chars(&mut self.rng, 16),
+            pass: ice_chars(&mut self.rng, 24),
+        });
         cfg.local_networks = self.opts.host.iter().map(|n| n.trunc()).collect();
         let mut ice = PeerSession::new(cfg, now);
         for c in &self.local {
@@ -1701,7 +1727,7 @@ impl Agent {
                 r.channels.clear();
             }
             None => {
-                let tid: stun::TransactionId = rand::random();
+                let tid: stun::TransactionId = self.rng.random();
                 let mut buf = Vec::new();
                 MessageBuilder::new(&mut buf, method::BINDING, Class::Request, tid).fingerprint();
                 r.binding_tid = Some(tid);
@@ -2039,6 +2065,15 @@ fn relay_probe_at(r: &RelayState) -> Option<Instant> {
         return None;
     }
     Some(r.last_rx? + RELAY_PROBE_AFTER)
+}
+
+/// `n` random ice-chars (RFC 8445: `A-Z a-z 0-9 + /`).
+fn ice_chars(rng: &mut StdRng, n: usize) -> String {
+    const ICE_CHARS: &[u8; 64] =
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    (0..n)
+        .map(|_| char::from(ICE_CHARS[rng.random_range(0..64)]))
+        .collect()
 }
 
 /// When an unanswered offer is sent again: 5 s, 10 s, … at most 60 s.

@@ -276,6 +276,7 @@ pub async fn run(
         unix_time: unix_now(),
         address_quarantine: cfg.address_quarantine,
         own_ports: cfg.metrics.map(|m| m.port()).into_iter().collect(),
+        seed: rand::random(),
     };
     if let Some(text) = &cfg.certificate {
         if !cfg.membership_ca.is_empty() {
@@ -626,7 +627,7 @@ async fn proxy_loop(
                     } else if let Route::Direct(to) = rt {
                         // Plain forwarding: no framing, no copy.
                         send(&sock, &buf[..n], crate::udp::outward(to, dual)).await;
-                    } else if let Some(to) = rt.frame(&buf[..n], &mut out) {
+                    } else if let Some(to) = rt.frame(&buf[..n], &mut out, rand::random()) {
                         send(&sock, &out, crate::udp::outward(to, dual)).await;
                     }
                 }
@@ -638,7 +639,7 @@ async fn proxy_loop(
                 let rt = *route.borrow_and_update();
                 if rt != Route::Hold {
                     for pkt in held.drain(..) {
-                        if let Some(to) = rt.frame(&pkt, &mut out) {
+                        if let Some(to) = rt.frame(&pkt, &mut out, rand::random()) {
                             send(&sock, &out, crate::udp::outward(to, dual)).await;
                         }
                     }
