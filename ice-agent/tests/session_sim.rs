@@ -907,6 +907,23 @@ fn idle_direct_path_survives_10_percent_loss_without_flapping() {
 }
 
 #[test]
+fn the_no_flap_check_is_not_vacuous_at_60_percent_loss() {
+    // The control case of the test above: the same idle path, but 60 %
+    // of every datagram lost. Checks go unanswered long enough that the
+    // path does fail over, so "0 failovers at 10 %" measures the policy,
+    // not a failover that can never happen.
+    let mut sim = port_restricted_pair();
+    sim.send_wireguard = false;
+    sim.run_until(sim.at(5_000));
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    sim.loss = 0.60;
+    sim.run_until(sim.at(305_000));
+    let failovers: u64 = (0..2).map(|i| sim.nodes[i].session.stats().failovers).sum();
+    println!("after 300 s at 60 % loss: {failovers} failovers");
+    assert!(failovers > 0, "60 % loss never failed over: the 10 % test would be vacuous");
+}
+
+#[test]
 fn symmetric_to_symmetric_meets_relay_to_relay() {
     let mut sim = Sim::new(
         &[
