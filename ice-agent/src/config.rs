@@ -299,10 +299,10 @@ impl AgentConfig {
             let fix = if e.message().contains("unknown field `peers`") {
                 "`peers = ...` is a top-level key: put it before the first [section]"
             } else {
-                "see the example at the top of ice-agent/src/config.rs"
+                "see the commented example deploy/agent.toml and docs/ice-agent.md"
             };
             err(
-                "-",
+                &key_path(text, e.span(), e.message()),
                 e.message().to_owned() + &span_hint(text, e.span()),
                 fix,
             )
@@ -621,6 +621,54 @@ pub fn default_control(interface: &str) -> PathBuf {
     PathBuf::from(format!("/run/wgice/{interface}.sock"))
 }
 
+/// The dotted key a TOML error is about (`wireguard.mode`,
+/// `relays[1].url`, `signaling.mesh_token`), from the section the error's
+/// span lies in and the key on its line or the field the message names.
+fn key_path(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> String {
+    let at = span.map_or(text.len(), |r| r.start.min(text.len()));
+    let mut section = String::new();
+    let mut arrays: std::collections::HashMap<String, usize> = Default::default();
+    // Up to the end of the span's line: a missing field's span is the
+    // section header itself.
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    for line in text[..line_end].split_inclusive('\n') {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split_once("]]")) {
+            let name = name.0.trim().to_owned();
+            let n = arrays.entry(name.clone()).or_insert(0);
+            section = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            section = name.0.trim().to_owned();
+        }
+    }
+    let join = |k: &str| {
+        if section.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{section}.{k}")
+        }
+    };
+    // "missing field `x`", "unknown field `x`, expected …"
+    if let Some(field) = message
+        .split_once("field `")
+        .and_then(|(_, r)| r.split_once('`'))
+        .map(|(f, _)| f)
+    {
+        return join(field);
+    }
+    // Otherwise the key on the line the span starts on, if it is one.
+    let line_begin = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_begin..].lines().next().unwrap_or_default();
+    match line.split_once('=') {
+        Some((k, _)) if !k.trim().is_empty() && !k.trim().starts_with('[') => {
+            join(k.trim().trim_matches('"'))
+        }
+        _ if !section.is_empty() => section,
+        _ => "(top level)".to_owned(),
+    }
+}
+
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(r) => {
@@ -794,6 +842,45 @@ mod tests {
         let late = base("") + "peers = \"auto\"\n";
         let e = AgentConfig::parse(&late, "agent.toml", None).expect_err("late peers");
         assert!(e.to_string().contains("before the first [section]"), "{e}");
+        // Errors serde reports name the exact key and point at the example,
+        // not at a source file.
+        let auto = base("peers = \"auto\"\n");
+        for (text, key) in [
+            (
+                auto.replace(
+                    "interface = \"wg0\"\n",
+                    "interface = \"wg0\"\nmode = \"inline\"\n",
+                ),
+                "wireguard.mode",
+            ),
+            (
+                auto.replace("mesh_token = \"0123456789abcdef0123\"\n", ""),
+                "signaling.mesh_token",
+            ),
+            (
+                auto.replace("interface", "interfase"),
+                "wireguard.interfase",
+            ),
+            (
+                auto.replace(
+                    "turn:127.0.0.1:3478\"",
+                    "turn:127.0.0.1:3478\"\nusrname = \"x\"",
+                ),
+                "relays[0].usrname",
+            ),
+            (
+                auto.replace(
+                    "interface = \"wg0\"\n",
+                    "interface = \"wg0\"\nport = \"x\"\n",
+                ),
+                "wireguard.port",
+            ),
+        ] {
+            let e = AgentConfig::parse(&text, "agent.toml", None).expect_err(key);
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.fix.contains("deploy/agent.toml"), "{e}");
+            assert!(!e.to_string().contains(".rs"), "{e}");
+        }
     }
 
     #[test]

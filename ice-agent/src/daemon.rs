@@ -39,15 +39,70 @@ use crate::gather::{self, HostFilter};
 use crate::status::{render_table, PeerStatus};
 use crate::wg::{Original, PeerUpdate, WgControl, WgError};
 
-/// Why the daemon could not start.
+/// Why the daemon could not start; each message says what to change.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DaemonError {
     /// WireGuard interface problem.
     #[error(transparent)]
     Wg(#[from] WgError),
-    /// Something else, with the fix in the text.
-    #[error("{0}")]
-    Setup(String),
+    /// `wireguard.mode = "embedded"` is not built yet.
+    #[error(
+        "wireguard.mode = \"embedded\" is not available yet: use mode = \"external\" beside \
+         a kernel, wireguard-go or boringtun-cli interface"
+    )]
+    EmbeddedUnavailable,
+    /// Neither the config nor the interface has a private key.
+    #[error(
+        "interface {0:?} has no private key and the config names none: set \
+         wireguard.private_key_file, or `wg set {0} private-key FILE`"
+    )]
+    NoPrivateKey(String),
+    /// The agent's UDP socket.
+    #[error("cannot bind the agent socket on port {port}: {source} (wireguard.port: pick a free port, or 0)")]
+    AgentSocket {
+        /// The configured port.
+        port: u16,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `signaling.ca_file` cannot be used.
+    #[error("signaling.ca_file: {0}")]
+    SignalingCa(signaling::tls::TlsError),
+    /// The signaling client cannot start.
+    #[error("signaling: {0} (check signaling.url and the TLS settings)")]
+    Signaling(#[from] signaling::client::ClientError),
+    /// The control socket.
+    #[error("control socket {path}: {what}: {source} (agent.control)")]
+    Control {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another agent answers on the control socket.
+    #[error("another agent is running on control socket {0} (stop it, or set agent.control)")]
+    ControlInUse(std::path::PathBuf),
+    /// The metrics listener.
+    #[error("cannot listen for metrics on {addr}: {source} (agent.metrics)")]
+    Metrics {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The process could not start a thread or runtime part.
+    #[error(
+        "{what}: {source} (is the process out of threads or file descriptors? see LimitNOFILE)"
+    )]
+    Resources {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// The status the control socket serves.
@@ -131,24 +186,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     if cfg.mode == Mode::Embedded {
-        return Err(DaemonError::Setup(
-            "wireguard.mode = \"embedded\" is not available yet: use mode = \"external\" beside \
-             a kernel, wireguard-go or boringtun-cli interface"
-                .into(),
-        ));
+        return Err(DaemonError::EmbeddedUnavailable);
     }
     let wg = WgControl::open(&cfg.interface)?;
     let dev = wg.device()?;
     let private = match (cfg.private_key.clone(), dev.private_key) {
         (Some(k), _) => k,
         (None, Some(k)) => PrivateKey::from_bytes(k),
-        (None, None) => {
-            return Err(DaemonError::Setup(format!(
-                "interface {:?} has no private key and the config names none: set \
-                 wireguard.private_key_file, or `wg set {} private-key FILE`",
-                cfg.interface, cfg.interface
-            )))
-        }
+        (None, None) => return Err(DaemonError::NoPrivateKey(cfg.interface.clone())),
     };
     if let (Some(k), Some(d)) = (cfg.private_key.as_ref(), dev.private_key) {
         if k.public_key() != PrivateKey::from_bytes(d).public_key() {
@@ -169,20 +214,15 @@ pub async fn run(
         );
     }
 
-    let bound = crate::udp::bind(cfg.port).map_err(|e| {
-        DaemonError::Setup(format!(
-            "cannot bind the agent socket on port {}: {e} (wireguard.port: pick a free port, or 0)",
-            cfg.port
-        ))
-    })?;
+    let socket_err = |source| DaemonError::AgentSocket {
+        port: cfg.port,
+        source,
+    };
+    let bound = crate::udp::bind(cfg.port).map_err(socket_err)?;
     let dual = bound.dual;
     let std_sock = bound.socket;
-    let port = std_sock
-        .local_addr()
-        .map_err(|e| DaemonError::Setup(e.to_string()))?
-        .port();
-    let sock =
-        Arc::new(UdpSocket::from_std(std_sock).map_err(|e| DaemonError::Setup(e.to_string()))?);
+    let port = std_sock.local_addr().map_err(socket_err)?.port();
+    let sock = Arc::new(UdpSocket::from_std(std_sock).map_err(socket_err)?);
 
     let overlay_nets: Vec<IpNet> = cfg
         .address
@@ -294,9 +334,7 @@ pub async fn run(
         .unwrap_or(("quic", &cfg.signaling_url));
     let trust = match (cfg.signaling_pin, &cfg.signaling_ca) {
         (Some(pin), _) => Trust::Fingerprint(pin),
-        (None, Some(ca)) => {
-            Trust::ca_file(ca).map_err(|e| DaemonError::Setup(format!("signaling.ca_file: {e}")))?
-        }
+        (None, Some(ca)) => Trust::ca_file(ca).map_err(DaemonError::SignalingCa)?,
         (None, None) => unreachable!("config requires pin_sha256 or ca_file"),
     };
     let mut sc = SigConfig::new(
@@ -316,8 +354,7 @@ pub async fn run(
     } else {
         TransportMode::Auto
     };
-    let mut sig =
-        SigClient::start(sc).map_err(|e| DaemonError::Setup(format!("signaling: {e}")))?;
+    let mut sig = SigClient::start(sc)?;
 
     // WireGuard control thread.
     let (wg_tx, wg_rx) = std::sync::mpsc::channel::<WgCmd>();
@@ -326,7 +363,10 @@ pub async fn run(
         std::thread::Builder::new()
             .name("wg-control".into())
             .spawn(move || wg_worker(wg, wg_rx))
-            .map_err(|e| DaemonError::Setup(e.to_string()))?
+            .map_err(|source| DaemonError::Resources {
+                what: "starting the WireGuard control thread",
+                source,
+            })?
     };
 
     restore_on_panic(wg_tx.clone());
@@ -337,11 +377,9 @@ pub async fn run(
     let ctl_task = tokio::spawn(control_loop(control, ctl_tx.clone(), wg_counters(&wg_tx)));
     let metrics_task = match cfg.metrics {
         Some(addr) => {
-            let l = TcpListener::bind(addr).await.map_err(|e| {
-                DaemonError::Setup(format!(
-                    "cannot listen for metrics on {addr}: {e} (agent.metrics)"
-                ))
-            })?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?;
             Some(tokio::spawn(metrics_loop(
                 l,
                 ctl_tx.clone(),
@@ -1139,19 +1177,15 @@ fn summary(s: &Status) -> String {
 
 fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            DaemonError::Setup(format!(
-                "cannot create {} for the control socket: {e} (agent.control)",
-                dir.display()
-            ))
+        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Control {
+            path: path.to_owned(),
+            what: "cannot create its directory",
+            source,
         })?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::Setup(format!(
-                "another agent is running on control socket {} (stop it, or set agent.control)",
-                path.display()
-            )));
+            return Err(DaemonError::ControlInUse(path.to_owned()));
         }
         let _ = std::fs::remove_file(path);
     }
@@ -1161,16 +1195,20 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     let bound = UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    let l = bound.map_err(|e| {
-        DaemonError::Setup(format!(
-            "cannot bind control socket {}: {e} (agent.control)",
-            path.display()
-        ))
+    let l = bound.map_err(|source| DaemonError::Control {
+        path: path.to_owned(),
+        what: "cannot bind",
+        source,
     })?;
     // Status names peers and addresses: owner only.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| DaemonError::Setup(format!("chmod {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        DaemonError::Control {
+            path: path.to_owned(),
+            what: "cannot make it owner-only",
+            source,
+        }
+    })?;
     Ok(l)
 }
 
@@ -1196,18 +1234,17 @@ async fn control_loop(
                 return;
             }
             let reply = match line.trim() {
-                "status" | "status json" => match full_snapshot(&ctl, &counters).await {
-                    Some(s) if line.trim() == "status json" => {
-                        serde_json::to_string_pretty(&s.status).unwrap_or_default() + "\n"
-                    }
-                    Some(s) => summary(&s.status) + &render_table(&s.status.peers),
-                    None => "error: the agent is shutting down\n".into(),
+                "status" => match full_snapshot(&ctl, &counters).await {
+                    Some(s) => ControlReply::Status(Box::new(s.status)),
+                    None => ControlReply::Error("the agent is shutting down".into()),
                 },
-                other => format!(
-                    "error: unknown command {other:?} (use \"status\" or \"status json\")\n"
-                ),
+                other => ControlReply::Error(format!(
+                    "unknown command {:?} (the control socket answers \"status\")",
+                    other.chars().take(64).collect::<String>()
+                )),
             };
-            let _ = w.write_all(reply.as_bytes()).await;
+            let text = serde_json::to_string(&reply).unwrap_or_default() + "\n";
+            let _ = w.write_all(text.as_bytes()).await;
         });
     }
 }
@@ -1360,22 +1397,65 @@ fn render_metrics(snap: &Snapshot) -> String {
     o
 }
 
+/// What the control socket answers (one JSON document per connection).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ControlReply {
+    /// The agent's status.
+    Status(Box<Status>),
+    /// The agent could not answer, and why.
+    Error(String),
+}
+
+/// Why `ice-agent status` got no status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// Nothing listens on the control socket.
+    #[error("cannot reach the agent at {path}: {source} (is `ice-agent up` running? pass --control or --interface)")]
+    Unreachable {
+        /// The control socket.
+        path: std::path::PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The connection failed midway.
+    #[error("talking to the agent: {0}")]
+    Io(#[from] io::Error),
+    /// The agent answered with an error.
+    #[error("the agent says: {0}")]
+    Agent(String),
+    /// The answer is not a control reply (another program on the socket, or
+    /// an agent of another version).
+    #[error("not an ice-agent control reply: {0}")]
+    BadReply(String),
+}
+
 /// Asks a running agent for its status over the control socket.
-pub fn query_status(control: &Path, json: bool) -> Result<String, String> {
+pub fn query_status(control: &Path) -> Result<Status, ControlError> {
     use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(control).map_err(|e| {
-        format!(
-            "cannot reach the agent at {}: {e} (is `ice-agent up` running? pass --control or --interface)",
-            control.display()
-        )
+    let mut s = std::os::unix::net::UnixStream::connect(control).map_err(|source| {
+        ControlError::Unreachable {
+            path: control.to_owned(),
+            source,
+        }
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(if json { b"status json\n" } else { b"status\n" })
-        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"status\n")?;
     let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    Ok(out)
+    s.take(16 << 20).read_to_string(&mut out)?;
+    match serde_json::from_str(&out) {
+        Ok(ControlReply::Status(st)) => Ok(*st),
+        Ok(ControlReply::Error(e)) => Err(ControlError::Agent(e)),
+        Err(e) => Err(ControlError::BadReply(e.to_string())),
+    }
+}
+
+/// The status as `ice-agent status` prints it: the summary lines, then one
+/// row per peer.
+pub fn render_status(s: &Status) -> String {
+    summary(s) + &render_table(&s.peers)
 }
 
 fn host_nets(filter: &HostFilter, dual: bool) -> Vec<IpNet> {

@@ -157,14 +157,20 @@ fn main() -> ExitCode {
             interface,
         } => {
             let path = control.unwrap_or_else(|| ice_agent::config::default_control(&interface));
-            match daemon::query_status(&path, json) {
-                Ok(s) => {
-                    print!("{s}");
-                    if s.starts_with("error:") {
-                        ExitCode::FAILURE
-                    } else {
+            match daemon::query_status(&path) {
+                Ok(s) if json => match serde_json::to_string_pretty(&s) {
+                    Ok(text) => {
+                        println!("{text}");
                         ExitCode::SUCCESS
                     }
+                    Err(e) => {
+                        eprintln!("ice-agent: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Ok(s) => {
+                    print!("{}", daemon::render_status(&s));
+                    ExitCode::SUCCESS
                 }
                 Err(e) => {
                     eprintln!("ice-agent: {e}");

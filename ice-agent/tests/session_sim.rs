@@ -920,7 +920,10 @@ fn the_no_flap_check_is_not_vacuous_at_60_percent_loss() {
     sim.run_until(sim.at(305_000));
     let failovers: u64 = (0..2).map(|i| sim.nodes[i].session.stats().failovers).sum();
     println!("after 300 s at 60 % loss: {failovers} failovers");
-    assert!(failovers > 0, "60 % loss never failed over: the 10 % test would be vacuous");
+    assert!(
+        failovers > 0,
+        "60 % loss never failed over: the 10 % test would be vacuous"
+    );
 }
 
 #[test]
