@@ -1691,7 +1691,7 @@ impl Agent {
         let r = &mut self.relays[i];
         match &r.spec.turn {
             Some(cfg) => {
-                let mut t = TurnClient::new(cfg.clone());
+                let mut t = TurnClient::new(cfg.clone(), rand::random());
                 t.allocate(now);
                 r.turn = Some(t);
                 r.permitted.clear();

@@ -16,6 +16,10 @@ use relay::stun::{self, attr, method, Class, Message, MessageBuilder};
 const RELAY_IP: &str = "198.51.100.1";
 const SERVER: &str = "198.51.100.1:3478";
 const UNIX0: u64 = 1_800_000_000;
+/// Fixed randomness: the nonce secret and the seeds of servers and clients.
+const NONCE_SECRET: [u8; 32] = [7; 32];
+const SERVER_SEED: u64 = 1;
+const CLIENT_SEED: u64 = 1000;
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
@@ -39,7 +43,13 @@ struct Sim {
 }
 
 fn config(now: Instant) -> ServerConfig {
-    let mut c = ServerConfig::new("wgice.test", RELAY_IP.parse().expect("ip"), now, UNIX0);
+    let mut c = ServerConfig::new(
+        "wgice.test",
+        RELAY_IP.parse().expect("ip"),
+        now,
+        UNIX0,
+        NONCE_SECRET,
+    );
     c.credentials
         .users
         .insert("alice".into(), "wonderland".into());
@@ -61,7 +71,7 @@ impl Sim {
         cfg(&mut c);
         Sim {
             now,
-            server: Server::new(c, quotas, Arc::new(Metrics::default()), now),
+            server: Server::new(c, quotas, Arc::new(Metrics::default()), now, SERVER_SEED),
             clients: Vec::new(),
             to_peers: Vec::new(),
             bound: Default::default(),
@@ -74,7 +84,10 @@ impl Sim {
             local: sa(SERVER),
             remote: sa(remote),
         };
-        self.clients.push((cs, Client::new(cc), vec![], vec![]));
+        // Every client its own seed, fixed: runs repeat byte for byte.
+        let seed = CLIENT_SEED + self.clients.len() as u64;
+        self.clients
+            .push((cs, Client::new(cc, seed), vec![], vec![]));
         self.clients.len() - 1
     }
 

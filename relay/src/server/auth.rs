@@ -1,13 +1,18 @@
-//! Message integrity, nonces and the answers to requests.
+//! Authentication of requests (RFC 8489 §9.2 long-term credentials):
+//! MESSAGE-INTEGRITY(-SHA256), stateless nonces, realm, and 401/438
+//! challenges. The credentials and nonce signer themselves live in
+//! [`crate::auth`].
 
 use std::time::Instant;
 
 use super::metrics::inc;
 use super::quotas::same_principal;
+use super::reply::Reply;
 use super::{ClientSocket, Event, Server, Transmit};
 use crate::auth::{AuthError, NonceCheck};
-use crate::stun::{self, attr, Class, Integrity, Message, MessageBuilder};
+use crate::stun::{attr, Class, Integrity, Message, MessageBuilder};
 
+/// Credentials that passed.
 #[derive(Debug)]
 pub(super) struct Authed {
     pub(super) username: String,
@@ -16,7 +21,9 @@ pub(super) struct Authed {
 }
 
 impl Server {
-    /// Authenticates a request: Ok, or the error response has been queued.
+    /// Authenticates a request: `Some`, or the answer (challenge or error)
+    /// has been queued. `existing`: the username of the allocation the
+    /// request is about; another user gets 441.
     pub(super) fn authenticate(
         &mut self,
         now: Instant,
@@ -24,9 +31,7 @@ impl Server {
         msg: &Message<'_>,
         existing: Option<&str>,
     ) -> Option<Authed> {
-        let tid = msg.transaction_id();
-        let fp = msg.check_fingerprint().is_some();
-        let m = msg.method();
+        let r = Reply::to(client, msg);
         let Some(kind) = msg.integrity_kind() else {
             self.challenge(now, client, msg, 401, "Unauthorized");
             return None;
@@ -36,16 +41,8 @@ impl Server {
             msg.str_attr(attr::REALM),
             msg.str_attr(attr::NONCE),
         ) else {
-            self.error_response(
-                client,
-                m,
-                tid,
-                400,
-                "MESSAGE-INTEGRITY without USERNAME, REALM and NONCE",
-                None,
-                fp,
-                &[],
-            );
+            let reason = "MESSAGE-INTEGRITY without USERNAME, REALM and NONCE";
+            self.refuse(&r, 400, reason);
             return None;
         };
         match self
@@ -65,6 +62,32 @@ impl Server {
             self.challenge(now, client, msg, 401, "Unauthorized");
             return None;
         }
+        let key = self.verify_key(now, client, msg, user)?;
+        if client.transport.is_stream() {
+            self.events.push_back(Event::ClientAuthenticated { client });
+        }
+        let authed = Authed {
+            username: user.to_owned(),
+            key,
+            integrity: kind,
+        };
+        if existing.is_some_and(|owner| !same_principal(owner, user)) {
+            let reason = "Wrong Credentials: allocation belongs to another user";
+            self.refuse(&r.signed(&authed), 441, reason);
+            return None;
+        }
+        Some(authed)
+    }
+
+    /// The key of `user` that MESSAGE-INTEGRITY verifies with; otherwise the
+    /// failure is counted, logged and challenged.
+    fn verify_key(
+        &mut self,
+        now: Instant,
+        client: ClientSocket,
+        msg: &Message<'_>,
+        user: &str,
+    ) -> Option<[u8; 16]> {
         let keys = match self
             .cfg
             .credentials
@@ -84,35 +107,12 @@ impl Server {
             self.challenge(now, client, msg, 401, "Unauthorized");
             return None;
         };
-        if client.transport.is_stream() {
-            self.events.push_back(Event::ClientAuthenticated { client });
-        }
-        if let Some(owner) = existing {
-            if !same_principal(owner, user) {
-                let auth = Some((&key[..], kind));
-                self.error_response(
-                    client,
-                    m,
-                    tid,
-                    441,
-                    "Wrong Credentials: allocation belongs to another user",
-                    auth,
-                    fp,
-                    &[],
-                );
-                return None;
-            }
-        }
-        Some(Authed {
-            username: user.to_owned(),
-            key,
-            integrity: kind,
-        })
+        Some(key)
     }
 
     /// 401/438 with REALM and a fresh NONCE: no state kept, rate-limited per
     /// source, and (with strict amplification) never larger than the request.
-    pub(super) fn challenge(
+    fn challenge(
         &mut self,
         now: Instant,
         client: ClientSocket,
@@ -148,74 +148,5 @@ impl Server {
             payload: out.clone(),
         });
         self.scratch = out;
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn error_response(
-        &mut self,
-        client: ClientSocket,
-        m: u16,
-        tid: stun::TransactionId,
-        code: u16,
-        reason: &str,
-        auth: Option<(&[u8], Integrity)>,
-        fp: bool,
-        extra: &[(u16, &[u8])],
-    ) {
-        let (now_ms, request_len) = self.current;
-        if auth.is_none() && !self.allow_unauth(client.remote.ip(), now_ms) {
-            return;
-        }
-        let mut out = Vec::with_capacity(96 + reason.len());
-        {
-            let mut b = MessageBuilder::new(&mut out, m, Class::Error, tid);
-            b.error(code, reason);
-            for (t, v) in extra {
-                b.attr(*t, v);
-            }
-            if let Some((key, kind)) = auth {
-                b.integrity(kind, key);
-            }
-            if fp {
-                b.fingerprint();
-            }
-        }
-        if auth.is_none() && !self.pay_unauth(client.remote.ip(), now_ms, out.len(), request_len) {
-            inc(&self.metrics.dropped_amplification, 1);
-            tracing::debug!(source = %client.remote, code, "error answer dropped: per-source byte budget or --strict-amplification");
-            return;
-        }
-        self.transmits.push_back(Transmit::ToClient {
-            client,
-            from: client.local,
-            payload: out,
-        });
-    }
-
-    pub(super) fn success(
-        &mut self,
-        client: ClientSocket,
-        m: u16,
-        tid: stun::TransactionId,
-        auth: &Authed,
-        fp: bool,
-        attrs: &[(u16, &[u8])],
-    ) {
-        let mut out = Vec::with_capacity(96);
-        {
-            let mut b = MessageBuilder::new(&mut out, m, Class::Success, tid);
-            for (t, v) in attrs {
-                b.attr(*t, v);
-            }
-            b.integrity(auth.integrity, &auth.key);
-            if fp {
-                b.fingerprint();
-            }
-        }
-        self.transmits.push_back(Transmit::ToClient {
-            client,
-            from: client.local,
-            payload: out,
-        });
     }
 }

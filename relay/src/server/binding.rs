@@ -1,9 +1,12 @@
-//! STUN Binding with RFC 5780.
+//! STUN Binding (RFC 8489) with RFC 5780's CHANGE-REQUEST, RESPONSE-ORIGIN
+//! and OTHER-ADDRESS when an alternate address is configured. Answers are
+//! unauthenticated, so they pass the per-source budgets of [`super::quotas`].
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::metrics::inc;
+use super::reply::Reply;
 use super::{ClientSocket, Server, Transmit, Transport};
 use crate::stun::{self, attr, method, Class, Message, MessageBuilder};
 
@@ -15,64 +18,9 @@ impl Server {
         if !self.allow_unauth(client.remote.ip(), now_ms) {
             return;
         }
-        let mut from = client.local;
-        if let Some(flags) = msg.u32_attr(attr::CHANGE_REQUEST) {
-            let (change_ip, change_port) = (flags & 4 != 0, flags & 2 != 0);
-            match self.cfg.alt.filter(|_| client.transport == Transport::Udp) {
-                Some(alt) => {
-                    let other = if client.local.ip() == alt.primary.ip()
-                        || client.local.ip() != alt.other.ip()
-                    {
-                        alt.other.ip()
-                    } else {
-                        alt.primary.ip()
-                    };
-                    let other_port = if client.local.port() == alt.primary.port() {
-                        alt.other.port()
-                    } else {
-                        alt.primary.port()
-                    };
-                    if (change_ip && alt.other.ip() == alt.primary.ip())
-                        || (change_port && alt.other.port() == alt.primary.port())
-                    {
-                        self.error_response(
-                            client,
-                            method::BINDING,
-                            tid,
-                            420,
-                            "CHANGE-REQUEST needs a different alternate IP/port (--alt-listen)",
-                            None,
-                            fp,
-                            &[],
-                        );
-                        return;
-                    }
-                    if change_ip {
-                        from.set_ip(other);
-                    }
-                    if change_port {
-                        from.set_port(other_port);
-                    }
-                }
-                None if flags & 6 != 0 => {
-                    self.error_response(
-                        client,
-                        method::BINDING,
-                        tid,
-                        420,
-                        "CHANGE-REQUEST needs --alt-listen",
-                        None,
-                        fp,
-                        &[(
-                            attr::UNKNOWN_ATTRIBUTES,
-                            &attr::CHANGE_REQUEST.to_be_bytes(),
-                        )],
-                    );
-                    return;
-                }
-                None => {}
-            }
-        }
+        let Some(from) = self.change_request(client, msg) else {
+            return;
+        };
         // RFC 5780 clients need RESPONSE-ORIGIN and OTHER-ADDRESS in every
         // answer, padded request or not. What bounds amplification is the
         // per-source byte budget (shared by all shards): an answer that does
@@ -102,6 +50,53 @@ impl Server {
             payload: out.clone(),
         });
         self.scratch = out;
+    }
+
+    /// Where to answer from: the address the request came to, or the one
+    /// RFC 5780's CHANGE-REQUEST asks for. `None`: refused with 420 (queued).
+    fn change_request(&mut self, client: ClientSocket, msg: &Message<'_>) -> Option<SocketAddr> {
+        let mut from = client.local;
+        let Some(flags) = msg.u32_attr(attr::CHANGE_REQUEST) else {
+            return Some(from);
+        };
+        let r = Reply::to(client, msg);
+        let (change_ip, change_port) = (flags & 4 != 0, flags & 2 != 0);
+        let Some(alt) = self.cfg.alt.filter(|_| client.transport == Transport::Udp) else {
+            if flags & 6 != 0 {
+                let extra = [(
+                    attr::UNKNOWN_ATTRIBUTES,
+                    &attr::CHANGE_REQUEST.to_be_bytes()[..],
+                )];
+                self.error_response(&r, 420, "CHANGE-REQUEST needs --alt-listen", &extra);
+                return None;
+            }
+            return Some(from);
+        };
+        let other = if client.local.ip() == alt.primary.ip() || client.local.ip() != alt.other.ip()
+        {
+            alt.other.ip()
+        } else {
+            alt.primary.ip()
+        };
+        let other_port = if client.local.port() == alt.primary.port() {
+            alt.other.port()
+        } else {
+            alt.primary.port()
+        };
+        if (change_ip && alt.other.ip() == alt.primary.ip())
+            || (change_port && alt.other.port() == alt.primary.port())
+        {
+            let reason = "CHANGE-REQUEST needs a different alternate IP/port (--alt-listen)";
+            self.refuse(&r, 420, reason);
+            return None;
+        }
+        if change_ip {
+            from.set_ip(other);
+        }
+        if change_port {
+            from.set_port(other_port);
+        }
+        Some(from)
     }
 
     /// A Binding success: XOR-MAPPED-ADDRESS, and with `rfc5780` (and an

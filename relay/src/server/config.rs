@@ -1,4 +1,4 @@
-//! Server configuration.
+//! Server configuration, shared by every shard.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -87,7 +87,15 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     /// Defaults: RFC lifetimes, IPv4 relaying on `relay_ip`, no users.
-    pub fn new(realm: &str, relay_ip: IpAddr, now: Instant, unix_now: u64) -> Self {
+    /// `nonce_secret` keys the stateless nonces (600 s); the driver passes
+    /// OS randomness, tests a fixed value. Every shard shares it.
+    pub fn new(
+        realm: &str,
+        relay_ip: IpAddr,
+        now: Instant,
+        unix_now: u64,
+        nonce_secret: [u8; 32],
+    ) -> Self {
         let (v4, v6) = if relay_ip.is_ipv4() {
             (Some(relay_ip), None)
         } else {
@@ -116,7 +124,7 @@ impl ServerConfig {
             unauth_bytes: (4096, 8192),
             alt: None,
             strict_amplification: false,
-            nonces: NonceSigner::new(600),
+            nonces: NonceSigner::with_secret(nonce_secret, 600),
             clock: ClockBase {
                 instant: now,
                 unix: unix_now,

@@ -1,11 +1,19 @@
-//! The data paths: ChannelData and Send from clients, data from peers.
+//! The data paths, which allocate nothing: ChannelData and Send indications
+//! from clients come back as a [`PeerForward`] borrowing the input; data from
+//! peers is framed as ChannelData in place, in the caller's buffer (a Data
+//! indication, queued, when no channel is bound).
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use rand::Rng;
+
+use super::allocation::Allocation;
 use super::metrics::inc;
+use super::roles::PeerAddr;
 use super::{ClientForward, ClientSocket, PeerForward, RelayToken, Server, Transmit};
-use crate::stun::{self, attr, channel_data, method, Class, Message, MessageBuilder};
+use crate::stun::channel_data::{self, ChannelNumber};
+use crate::stun::{self, attr, method, Class, Message, MessageBuilder};
 
 impl Server {
     pub(super) fn channel_data_from_client<'a>(
@@ -26,7 +34,7 @@ impl Server {
         let Some(ch) = a
             .channels
             .iter()
-            .find(|c| c.number == number && c.expires > now)
+            .find(|c| c.number.get() == number && c.expires > now)
         else {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
@@ -45,11 +53,11 @@ impl Server {
     /// The common tail of ChannelData and Send: the allocation needs a relayed
     /// socket of the peer's family and a live permission, and the bandwidth
     /// cap must allow the payload.
-    pub(super) fn forward_to_peer<'a>(
+    fn forward_to_peer<'a>(
         &mut self,
         now: Instant,
         slot: usize,
-        peer: SocketAddr,
+        peer: PeerAddr,
         payload: &'a [u8],
     ) -> Option<PeerForward<'a>> {
         let limit = self.cfg.bandwidth_limit;
@@ -70,7 +78,7 @@ impl Server {
         inc(&self.metrics.bytes_to_peer, payload.len() as u64);
         Some(PeerForward {
             relay,
-            peer,
+            peer: peer.addr(),
             payload,
         })
     }
@@ -82,14 +90,11 @@ impl Server {
         msg: &Message<'a>,
     ) -> Option<PeerForward<'a>> {
         let slot = *self.by_client.get(&client)?;
-        let peer = match msg.xor_address(attr::XOR_PEER_ADDRESS) {
-            Some(Ok(p)) => p,
-            _ => {
-                inc(&self.metrics.dropped_invalid, 1);
-                return None;
-            }
+        let Some(Ok(peer)) = msg.xor_address(attr::XOR_PEER_ADDRESS) else {
+            inc(&self.metrics.dropped_invalid, 1);
+            return None;
         };
-        let peer = SocketAddr::new(crate::policy::normalize(peer.ip()), peer.port());
+        let peer = PeerAddr::new(peer);
         let Some(payload) = msg.get(attr::DATA) else {
             inc(&self.metrics.dropped_invalid, 1);
             return None;
@@ -115,8 +120,31 @@ impl Server {
         buf: &mut [u8],
         len: usize,
     ) -> Option<ClientForward> {
+        let peer = PeerAddr::new(peer);
+        let (client, channel) = self.accept_from_peer(now, relay, peer, len)?;
+        inc(&self.metrics.packets_to_client, 1);
+        inc(&self.metrics.bytes_to_client, len as u64);
+        if let Some(number) = channel {
+            let stream = client.transport.is_stream();
+            let len = frame_channel_data(buf, len, number, stream)?;
+            return Some(ClientForward { client, len });
+        }
+        let payload = buf.get(4..4 + len)?;
+        self.data_indication(client, peer, payload);
+        None
+    }
+
+    /// Whether `len` bytes from `peer` may reach the allocation behind
+    /// `relay` (permission, relay-to-relay liveness, bandwidth): its client
+    /// and the channel bound to `peer`, if any.
+    fn accept_from_peer(
+        &mut self,
+        now: Instant,
+        relay: RelayToken,
+        peer: PeerAddr,
+        len: usize,
+    ) -> Option<(ClientSocket, Option<ChannelNumber>)> {
         let limit = self.cfg.bandwidth_limit;
-        let peer = SocketAddr::new(crate::policy::normalize(peer.ip()), peer.port());
         let live = self.is_relay_port(peer);
         let Some(a) = self.alloc_mut(relay) else {
             inc(&self.metrics.dropped_invalid, 1);
@@ -139,41 +167,58 @@ impl Server {
             inc(&self.metrics.dropped_bandwidth, 1);
             return None;
         }
-        let client = a.client;
         let channel = a
             .channels
             .iter()
             .find(|c| c.peer == peer && c.expires > now)
             .map(|c| c.number);
-        inc(&self.metrics.packets_to_client, 1);
-        inc(&self.metrics.bytes_to_client, len as u64);
-        if let Some(number) = channel {
-            if buf.len() < channel_data::HEADER_LEN + len {
-                return None;
-            }
-            buf[..4].copy_from_slice(&channel_data::header(number, len));
-            let mut total = 4 + len;
-            if client.transport.is_stream() {
-                let pad = (4 - len % 4) % 4;
-                if buf.len() < total + pad {
-                    return None;
-                }
-                buf[total..total + pad].fill(0);
-                total += pad;
-            }
-            return Some(ClientForward { client, len: total });
-        }
-        let payload = buf.get(4..4 + len)?;
-        let tid: stun::TransactionId = rand::random();
-        let mut out = Vec::with_capacity(len + 36);
+        Some((a.client, channel))
+    }
+
+    /// Queues a Data indication carrying `payload` from `peer` (no channel).
+    fn data_indication(&mut self, client: ClientSocket, peer: PeerAddr, payload: &[u8]) {
+        let tid: stun::TransactionId = self.rng.random();
+        let mut out = Vec::with_capacity(payload.len() + 36);
         MessageBuilder::new(&mut out, method::DATA, Class::Indication, tid)
-            .xor_address(attr::XOR_PEER_ADDRESS, peer)
+            .xor_address(attr::XOR_PEER_ADDRESS, peer.addr())
             .attr(attr::DATA, payload);
         self.transmits.push_back(Transmit::ToClient {
             client,
             from: client.local,
             payload: out,
         });
-        None
     }
+
+    /// The allocation a relayed socket belongs to (same slot and generation).
+    fn alloc_mut(&mut self, token: RelayToken) -> Option<&mut Allocation> {
+        self.slots
+            .get_mut(token.slot())
+            .and_then(|s| s.as_mut())
+            .filter(|a| a.gen == token.gen())
+    }
+}
+
+/// Writes the ChannelData header for the `len` payload bytes at `buf[4..]`
+/// into `buf[..4]`, plus zero padding to 4 bytes for stream clients; the
+/// frame's length, or `None` when `buf` is too short.
+fn frame_channel_data(
+    buf: &mut [u8],
+    len: usize,
+    number: ChannelNumber,
+    stream: bool,
+) -> Option<usize> {
+    if buf.len() < channel_data::HEADER_LEN + len {
+        return None;
+    }
+    buf[..4].copy_from_slice(&channel_data::header(number.get(), len));
+    let mut total = 4 + len;
+    if stream {
+        let pad = (4 - len % 4) % 4;
+        if buf.len() < total + pad {
+            return None;
+        }
+        buf[total..total + pad].fill(0);
+        total += pad;
+    }
+    Some(total)
 }

@@ -20,19 +20,25 @@ mod hot_path;
 mod metrics;
 mod permissions;
 mod quotas;
+mod reply;
+mod roles;
 
 pub use config::{AltAddress, ClockBase, ServerConfig};
 pub use metrics::Metrics;
 pub use quotas::Quotas;
 
-use allocation::Allocation;
-use metrics::inc;
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use allocation::Allocation;
+use metrics::inc;
+use reply::Reply;
+use roles::AllocationPort;
 
 use crate::stun::{attr, channel_data, method, Class, Message};
 
@@ -152,17 +158,23 @@ pub struct ClientForward {
     pub len: usize,
 }
 
+/// One shard of the STUN/TURN server.
 #[derive(Debug)]
 pub struct Server {
     cfg: ServerConfig,
     quotas: Arc<Quotas>,
     metrics: Arc<Metrics>,
+    /// Allocations by slot; a [`RelayToken`] names a slot and its generation.
     slots: Vec<Option<Allocation>>,
     free: Vec<usize>,
     next_gen: u32,
     by_client: HashMap<ClientSocket, usize>,
-    ports_v4: HashSet<u16>,
-    ports_v6: HashSet<u16>,
+    /// Relayed ports this shard holds or is binding, per family.
+    ports_v4: HashSet<AllocationPort>,
+    ports_v6: HashSet<AllocationPort>,
+    /// Port picks and Data indication transaction ids; seeded by the caller
+    /// so runs are reproducible.
+    rng: StdRng,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     scratch: Vec<u8>,
@@ -174,12 +186,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// A shard with shared quotas and its own metrics.
+    /// A shard with shared quotas and its own metrics. `seed` seeds the
+    /// shard's random number generator (relayed port picks, transaction ids
+    /// of Data indications): the driver passes OS randomness, tests a fixed
+    /// value so that runs repeat byte for byte. Shards should get different
+    /// seeds.
     pub fn new(
         cfg: ServerConfig,
         quotas: Arc<Quotas>,
         metrics: Arc<Metrics>,
         now: Instant,
+        seed: u64,
     ) -> Self {
         Server {
             cfg,
@@ -191,6 +208,7 @@ impl Server {
             by_client: HashMap::new(),
             ports_v4: HashSet::new(),
             ports_v6: HashSet::new(),
+            rng: StdRng::seed_from_u64(seed),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             scratch: Vec::with_capacity(256),
@@ -232,12 +250,14 @@ impl Server {
         self.next_sweep
     }
 
+    /// Seconds on the server clock (nonce timestamps), from 1.
     fn secs(&self, now: Instant) -> u32 {
         now.saturating_duration_since(self.cfg.clock.instant)
             .as_secs() as u32
             + 1
     }
 
+    /// Unix time (REST credential expiry).
     fn unix(&self, now: Instant) -> u64 {
         self.cfg.clock.unix
             + now
@@ -245,6 +265,7 @@ impl Server {
                 .as_secs()
     }
 
+    /// Milliseconds on the server clock (per-source budgets).
     fn now_ms(&self, now: Instant) -> u32 {
         now.saturating_duration_since(self.cfg.clock.instant)
             .as_millis() as u32
@@ -266,22 +287,7 @@ impl Server {
             tracing::debug!(slot = i, "allocation expired");
             self.remove_allocation(i);
         }
-        let mut gone_perms = 0u64;
-        let mut gone_chans = 0u64;
-        for a in self.slots.iter_mut().flatten() {
-            let p = a.permissions.len();
-            a.permissions.retain(|p| p.expires > now);
-            gone_perms += (p - a.permissions.len()) as u64;
-            let c = a.channels.len();
-            a.channels.retain(|ch| ch.expires > now);
-            gone_chans += (c - a.channels.len()) as u64;
-        }
-        self.metrics
-            .permissions
-            .fetch_sub(gone_perms, Ordering::Relaxed);
-        self.metrics
-            .channels
-            .fetch_sub(gone_chans, Ordering::Relaxed);
+        self.expire_permissions_and_channels(now);
     }
 
     /// A datagram (or one framed TCP message) from a client. Returns a payload
@@ -324,23 +330,14 @@ impl Server {
         }
     }
 
+    /// Dispatches a request by method after the 420 check.
     fn handle_request(&mut self, now: Instant, client: ClientSocket, msg: &Message<'_>) {
-        let tid = msg.transaction_id();
-        let fp = msg.check_fingerprint().is_some();
+        let r = Reply::to(client, msg);
         let unknown = msg.unknown_required();
         if !unknown.is_empty() {
             let v: Vec<u8> = unknown.iter().flat_map(|t| t.to_be_bytes()).collect();
-            self.error_response(
-                client,
-                msg.method(),
-                tid,
-                420,
-                "Unknown Attribute",
-                None,
-                fp,
-                &[(attr::UNKNOWN_ATTRIBUTES, &v)],
-            );
-            return;
+            let extra = [(attr::UNKNOWN_ATTRIBUTES, &v[..])];
+            return self.error_response(&r, 420, "Unknown Attribute", &extra);
         }
         match msg.method() {
             method::BINDING => self.binding(now, client, msg),
@@ -350,7 +347,7 @@ impl Server {
             method::CHANNEL_BIND => self.channel_bind(now, client, msg),
             m => {
                 tracing::debug!(method = m, "unsupported STUN method");
-                self.error_response(client, m, tid, 400, "Unsupported method", None, fp, &[]);
+                self.refuse(&r, 400, "Unsupported method");
             }
         }
     }

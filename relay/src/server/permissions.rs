@@ -1,23 +1,30 @@
-//! CreatePermission, ChannelBind and the peer checks.
+//! Permissions and channels: CreatePermission, ChannelBind, the peer checks
+//! both make (family, peer policy, relay-to-relay), the per-allocation
+//! tables and their expiry.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::metrics::inc;
+use super::reply::Reply;
+use super::roles::{AllocationPort, PeerAddr};
 use super::{ClientSocket, Server};
-use crate::stun::{attr, channel_data, method, Message};
+use crate::stun::channel_data::ChannelNumber;
+use crate::stun::{attr, Message};
 
+/// A channel binding of an allocation.
 #[derive(Debug)]
 pub(super) struct Channel {
-    pub(super) number: u16,
-    pub(super) peer: SocketAddr,
+    pub(super) number: ChannelNumber,
+    pub(super) peer: PeerAddr,
     pub(super) expires: Instant,
     /// The peer is the relay's own address (relay-to-relay): its port must
     /// still be a live relayed port on every packet.
     pub(super) own: bool,
 }
 
+/// A permission of an allocation (per peer IP, RFC 8656 §9).
 #[derive(Debug)]
 pub(super) struct Permission {
     pub(super) ip: IpAddr,
@@ -26,65 +33,57 @@ pub(super) struct Permission {
     pub(super) own: bool,
 }
 
+/// A refusal whose reason may name the peer: error code and reason.
+type Refusal = (u16, String);
+
 impl Server {
     /// A relayed port of a live allocation on this relay, in `peer`'s family.
-    pub(super) fn is_relay_port(&self, peer: SocketAddr) -> bool {
-        let live = if peer.is_ipv4() {
-            &self.quotas.live_ports_v4
-        } else {
-            &self.quotas.live_ports_v6
-        };
-        (self.cfg.relay_ports.0..=self.cfg.relay_ports.1).contains(&peer.port())
-            && live.contains(peer.port())
+    pub(super) fn is_relay_port(&self, peer: PeerAddr) -> bool {
+        let (lo, hi) = self.cfg.relay_ports;
+        let live = self.quotas.live_ports(!peer.ip().is_ipv4());
+        (lo..=hi).contains(&peer.port()) && live.contains(AllocationPort(peer.port()))
     }
 
     /// Checks a peer for an allocation: family and policy. `port_matters` is
     /// false for CreatePermission (permissions are per IP; the port is then
-    /// checked per packet). Err = (code, reason).
-    pub(super) fn check_peer(
-        &self,
-        slot: usize,
-        peer: SocketAddr,
-        port_matters: bool,
-    ) -> Result<SocketAddr, (u16, String)> {
-        let peer = SocketAddr::new(crate::policy::normalize(peer.ip()), peer.port());
+    /// checked per packet).
+    fn check_peer(&self, slot: usize, peer: PeerAddr, port_matters: bool) -> Result<(), Refusal> {
         let Some(a) = self.slots[slot].as_ref() else {
             return Err((437, "Allocation Mismatch".into()));
         };
         if a.relay_for(peer.ip()).is_none() {
+            let family = if peer.ip().is_ipv4() { "IPv4" } else { "IPv6" };
             return Err((
                 443,
-                format!(
-                    "Peer Address Family Mismatch: allocation has no {} relayed address for {peer}",
-                    if peer.is_ipv4() { "IPv4" } else { "IPv6" }
-                ),
+                format!("Peer Address Family Mismatch: allocation has no {family} relayed address for {peer}"),
             ));
         }
         match self.cfg.policy.check(peer.ip()) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             // Relay-to-relay: another allocation on this relay.
-            Err(d) if d.own && (!port_matters || self.is_relay_port(peer)) => {}
+            Err(d) if d.own && (!port_matters || self.is_relay_port(peer)) => Ok(()),
             Err(d) if d.own => {
                 inc(&self.metrics.denied_peers, 1);
                 tracing::info!(client = %a.client.remote, %peer, "peer denied: the relay's own address, not a live relayed port");
                 let (lo, hi) = self.cfg.relay_ports;
-                return Err((
+                Err((
                     403,
                     format!(
                         "Forbidden: peer {peer} is this relay but not one of its live relayed ports ({lo}-{hi})"
                     ),
-                ));
+                ))
             }
             Err(d) => {
                 inc(&self.metrics.denied_peers, 1);
                 tracing::info!(client = %a.client.remote, %peer, rule = %d.rule, "peer denied");
-                return Err((403, format!("Forbidden: {d}")));
+                Err((403, format!("Forbidden: {d}")))
             }
         }
-        Ok(peer)
     }
 
-    pub(super) fn add_permission(&mut self, slot: usize, ip: IpAddr, until: Instant) -> bool {
+    /// Installs or refreshes the permission for `ip`; false when the
+    /// allocation is gone or has no room.
+    fn add_permission(&mut self, slot: usize, ip: IpAddr, until: Instant) -> bool {
         let max = self.cfg.max_permissions;
         let own = self.cfg.policy.is_own(ip);
         let Some(a) = self.slots[slot].as_mut() else {
@@ -112,150 +111,100 @@ impl Server {
         client: ClientSocket,
         msg: &Message<'_>,
     ) {
-        let tid = msg.transaction_id();
-        let fp = msg.check_fingerprint().is_some();
         let Some((slot, owner)) = self.existing(client) else {
             return self.mismatch(now, client, msg);
         };
         let Some(auth) = self.authenticate(now, client, msg, Some(&owner)) else {
             return;
         };
-        let a_auth = Some((&auth.key[..], auth.integrity));
-        let mut peers = Vec::new();
-        for p in msg.xor_addresses(attr::XOR_PEER_ADDRESS) {
-            match p {
-                Ok(p) => match self.check_peer(slot, p, false) {
-                    Ok(p) => peers.push(p.ip()),
-                    Err((code, reason)) => {
-                        return self.error_response(
-                            client,
-                            method::CREATE_PERMISSION,
-                            tid,
-                            code,
-                            &reason,
-                            a_auth,
-                            fp,
-                            &[],
-                        )
-                    }
-                },
-                Err(e) => {
-                    return self.error_response(
-                        client,
-                        method::CREATE_PERMISSION,
-                        tid,
-                        400,
-                        &format!("bad XOR-PEER-ADDRESS: {e}"),
-                        a_auth,
-                        fp,
-                        &[],
-                    )
-                }
-            }
-        }
-        if peers.is_empty() {
-            return self.error_response(
-                client,
-                method::CREATE_PERMISSION,
-                tid,
-                400,
-                "XOR-PEER-ADDRESS missing",
-                a_auth,
-                fp,
-                &[],
-            );
-        }
+        let r = Reply::to(client, msg).signed(&auth);
+        let peers = match self.permission_peers(slot, msg) {
+            Ok(peers) => peers,
+            Err((code, reason)) => return self.refuse(&r, code, &reason),
+        };
         let until = now + self.cfg.permission_lifetime;
         for ip in peers {
             if !self.add_permission(slot, ip, until) {
-                return self.error_response(
-                    client,
-                    method::CREATE_PERMISSION,
-                    tid,
-                    508,
-                    "Insufficient Capacity: too many permissions on this allocation",
-                    a_auth,
-                    fp,
-                    &[],
-                );
+                let reason = "Insufficient Capacity: too many permissions on this allocation";
+                return self.refuse(&r, 508, reason);
             }
         }
         self.update_credentials(slot, &auth);
-        self.success(client, method::CREATE_PERMISSION, tid, &auth, fp, &[]);
+        self.success(&r, &[]);
+    }
+
+    /// The checked peer IPs of a CreatePermission (one or more
+    /// XOR-PEER-ADDRESS; the first bad one refuses the whole request).
+    fn permission_peers(&self, slot: usize, msg: &Message<'_>) -> Result<Vec<IpAddr>, Refusal> {
+        let mut peers = Vec::new();
+        for p in msg.xor_addresses(attr::XOR_PEER_ADDRESS) {
+            let p = p.map_err(|e| (400, format!("bad XOR-PEER-ADDRESS: {e}")))?;
+            let peer = PeerAddr::new(p);
+            self.check_peer(slot, peer, false)?;
+            peers.push(peer.ip());
+        }
+        if peers.is_empty() {
+            return Err((400, "XOR-PEER-ADDRESS missing".into()));
+        }
+        Ok(peers)
     }
 
     pub(super) fn channel_bind(&mut self, now: Instant, client: ClientSocket, msg: &Message<'_>) {
-        let tid = msg.transaction_id();
-        let fp = msg.check_fingerprint().is_some();
         let Some((slot, owner)) = self.existing(client) else {
             return self.mismatch(now, client, msg);
         };
         let Some(auth) = self.authenticate(now, client, msg, Some(&owner)) else {
             return;
         };
-        let a_auth = Some((&auth.key[..], auth.integrity));
+        let r = Reply::to(client, msg).signed(&auth);
+        let bound = self
+            .channel_bind_request(slot, msg)
+            .and_then(|(number, peer)| self.bind_channel(now, slot, number, peer));
+        match bound {
+            Ok(true) => {
+                self.update_credentials(slot, &auth);
+                self.success(&r, &[]);
+            }
+            Ok(false) => {}
+            Err((code, reason)) => self.refuse(&r, code, &reason),
+        }
+    }
+
+    /// The checked channel number and peer of a ChannelBind.
+    fn channel_bind_request(
+        &self,
+        slot: usize,
+        msg: &Message<'_>,
+    ) -> Result<(ChannelNumber, PeerAddr), Refusal> {
         let number = match msg.get(attr::CHANNEL_NUMBER) {
             Some(v) if v.len() == 4 => u16::from_be_bytes([v[0], v[1]]),
-            _ => {
-                return self.error_response(
-                    client,
-                    method::CHANNEL_BIND,
-                    tid,
-                    400,
-                    "CHANNEL-NUMBER missing",
-                    a_auth,
-                    fp,
-                    &[],
-                )
-            }
+            _ => return Err((400, "CHANNEL-NUMBER missing".into())),
         };
-        if !(channel_data::MIN_CHANNEL..=channel_data::MAX_CHANNEL).contains(&number) {
-            return self.error_response(
-                client,
-                method::CHANNEL_BIND,
-                tid,
-                400,
-                "CHANNEL-NUMBER outside 0x4000-0x7FFF",
-                a_auth,
-                fp,
-                &[],
-            );
-        }
-        let peer = match msg.xor_address(attr::XOR_PEER_ADDRESS) {
-            Some(Ok(p)) => p,
-            _ => {
-                return self.error_response(
-                    client,
-                    method::CHANNEL_BIND,
-                    tid,
-                    400,
-                    "XOR-PEER-ADDRESS missing or malformed",
-                    a_auth,
-                    fp,
-                    &[],
-                )
-            }
+        let Some(number) = ChannelNumber::new(number) else {
+            return Err((400, "CHANNEL-NUMBER outside 0x4000-0x7FFF".into()));
         };
-        let peer = match self.check_peer(slot, peer, true) {
-            Ok(p) => p,
-            Err((code, reason)) => {
-                return self.error_response(
-                    client,
-                    method::CHANNEL_BIND,
-                    tid,
-                    code,
-                    &reason,
-                    a_auth,
-                    fp,
-                    &[],
-                )
-            }
+        let Some(Ok(peer)) = msg.xor_address(attr::XOR_PEER_ADDRESS) else {
+            return Err((400, "XOR-PEER-ADDRESS missing or malformed".into()));
         };
+        let peer = PeerAddr::new(peer);
+        self.check_peer(slot, peer, true)?;
+        Ok((number, peer))
+    }
+
+    /// Binds (or refreshes) `number` to `peer` with its permission (RFC 8656
+    /// §12.2). `Ok(false)`: the allocation is gone (no answer, as before).
+    fn bind_channel(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        number: ChannelNumber,
+        peer: PeerAddr,
+    ) -> Result<bool, Refusal> {
         let until = now + self.cfg.channel_lifetime;
         let max = self.cfg.max_channels;
         let own = self.cfg.policy.is_own(peer.ip());
         let Some(a) = self.slots[slot].as_mut() else {
-            return;
+            return Ok(false);
         };
         let by_number = a.channels.iter().position(|c| c.number == number);
         let by_peer = a.channels.iter().position(|c| c.peer == peer);
@@ -271,55 +220,55 @@ impl Server {
                 inc(&self.metrics.channels, 1);
             }
             (None, None) => {
-                return self.error_response(
-                    client,
-                    method::CHANNEL_BIND,
-                    tid,
-                    508,
-                    "Insufficient Capacity: too many channels on this allocation",
-                    a_auth,
-                    fp,
-                    &[],
-                )
+                let reason = "Insufficient Capacity: too many channels on this allocation";
+                return Err((508, reason.into()));
             }
             _ => {
-                return self.error_response(
-                    client,
-                    method::CHANNEL_BIND,
-                    tid,
-                    400,
-                    "channel or peer already bound to another peer or channel",
-                    a_auth,
-                    fp,
-                    &[],
-                )
+                let reason = "channel or peer already bound to another peer or channel";
+                return Err((400, reason.into()));
             }
         }
-        // A channel needs the permission too (RFC 8656 §12.2); without room
-        // for it the channel would silently carry nothing.
+        // A channel needs the permission too; without room for it the
+        // channel would silently carry nothing.
         if !self.add_permission(slot, peer.ip(), now + self.cfg.permission_lifetime) {
-            if let Some(a) = self.slots[slot].as_mut() {
-                if let Some(i) = a
-                    .channels
-                    .iter()
-                    .position(|c| c.number == number && c.peer == peer)
-                {
-                    a.channels.remove(i);
-                    self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            return self.error_response(
-                client,
-                method::CHANNEL_BIND,
-                tid,
-                508,
-                "Insufficient Capacity: too many permissions on this allocation",
-                a_auth,
-                fp,
-                &[],
-            );
+            self.unbind_channel(slot, number, peer);
+            let reason = "Insufficient Capacity: too many permissions on this allocation";
+            return Err((508, reason.into()));
         }
-        self.update_credentials(slot, &auth);
-        self.success(client, method::CHANNEL_BIND, tid, &auth, fp, &[]);
+        Ok(true)
+    }
+
+    fn unbind_channel(&mut self, slot: usize, number: ChannelNumber, peer: PeerAddr) {
+        let Some(a) = self.slots[slot].as_mut() else {
+            return;
+        };
+        if let Some(i) = a
+            .channels
+            .iter()
+            .position(|c| c.number == number && c.peer == peer)
+        {
+            a.channels.remove(i);
+            self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops expired permissions and channels of every allocation.
+    pub(super) fn expire_permissions_and_channels(&mut self, now: Instant) {
+        let mut gone_perms = 0u64;
+        let mut gone_chans = 0u64;
+        for a in self.slots.iter_mut().flatten() {
+            let p = a.permissions.len();
+            a.permissions.retain(|p| p.expires > now);
+            gone_perms += (p - a.permissions.len()) as u64;
+            let c = a.channels.len();
+            a.channels.retain(|ch| ch.expires > now);
+            gone_chans += (c - a.channels.len()) as u64;
+        }
+        self.metrics
+            .permissions
+            .fetch_sub(gone_perms, Ordering::Relaxed);
+        self.metrics
+            .channels
+            .fetch_sub(gone_chans, Ordering::Relaxed);
     }
 }

@@ -1,12 +1,15 @@
-//! Shared quotas: allocations per user and in total, live relayed ports,
-//! per-source budgets for unauthenticated answers.
+//! Quotas: allocations per user and in total, the live relayed ports and the
+//! per-source budgets for unauthenticated answers (all shared by the shards,
+//! [`Quotas`]), and the per-allocation bandwidth bucket.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use super::metrics::inc;
+use super::roles::AllocationPort;
 use super::Server;
 use crate::auth::SharedBuckets;
 
@@ -60,7 +63,8 @@ impl Default for LivePorts {
 }
 
 impl LivePorts {
-    pub(super) fn set(&self, port: u16, on: bool) {
+    pub(super) fn set(&self, port: AllocationPort, on: bool) {
+        let port = port.get();
         let (w, b) = (port as usize / 64, 1u64 << (port % 64));
         if on {
             self.0[w].fetch_or(b, Ordering::Relaxed);
@@ -68,7 +72,8 @@ impl LivePorts {
             self.0[w].fetch_and(!b, Ordering::Relaxed);
         }
     }
-    pub(super) fn contains(&self, port: u16) -> bool {
+    pub(super) fn contains(&self, port: AllocationPort) -> bool {
+        let port = port.get();
         self.0[port as usize / 64].load(Ordering::Relaxed) & (1u64 << (port % 64)) != 0
     }
 }
@@ -80,6 +85,15 @@ impl Quotas {
             max_total,
             max_per_user,
             ..Default::default()
+        }
+    }
+
+    /// The live relayed ports of one family.
+    pub(super) fn live_ports(&self, v6: bool) -> &LivePorts {
+        if v6 {
+            &self.live_ports_v6
+        } else {
+            &self.live_ports_v4
         }
     }
 
@@ -170,4 +184,35 @@ pub(super) fn principal(name: &str) -> &str {
 /// with the same user part.
 pub(super) fn same_principal(a: &str, b: &str) -> bool {
     a == b || principal(a) == principal(b) && a.contains(':') && b.contains(':')
+}
+
+/// An allocation's bandwidth token bucket (both directions together).
+#[derive(Debug)]
+pub(super) struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// A bucket for `limit` bytes/s holding a quarter second's worth.
+    pub(super) fn new(limit: u64, now: Instant) -> Self {
+        Bucket {
+            tokens: limit as f64 / 4.0,
+            last: now,
+        }
+    }
+
+    /// Takes `bytes` under `limit` bytes/s; false when over the cap.
+    pub(super) fn take(&mut self, bytes: usize, now: Instant, limit: u64) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        // Burst: a quarter second of traffic.
+        self.tokens = (self.tokens + dt * limit as f64).min(limit as f64 / 4.0 + 65536.0);
+        if self.tokens >= bytes as f64 {
+            self.tokens -= bytes as f64;
+            true
+        } else {
+            false
+        }
+    }
 }
