@@ -1054,4 +1054,20 @@ mod tests {
         assert_eq!(stream_frame_len(&out[..6]), Ok(None));
         assert!(channel_data::decode(&[0x80, 0, 0, 0]).is_none());
     }
+
+    #[test]
+    fn channel_numbers_are_0x4000_to_0x7fff() {
+        use channel_data::ChannelNumber;
+        assert_eq!(ChannelNumber::new(0x3FFF), None);
+        assert_eq!(ChannelNumber::new(0x4000).map(u16::from), Some(0x4000));
+        assert_eq!(
+            ChannelNumber::new(0x7FFF).map(ChannelNumber::get),
+            Some(0x7FFF)
+        );
+        assert_eq!(ChannelNumber::new(0x8000), None);
+        assert_eq!(
+            ChannelNumber::new(0x4001).map(|n| n.to_string()),
+            Some("0x4001".into())
+        );
+    }
 }
