@@ -11,6 +11,18 @@
 //! ChannelData (and Send indications) from a client return a [`PeerForward`]
 //! that borrows the payload from the input; data from a peer is framed in
 //! place in the caller's buffer ([`Server::handle_peer`]).
+//!
+//! Randomness (relayed port picks, Data indication transaction ids) comes
+//! from an RNG the shard owns, seeded by the caller ([`Server::new`]); the
+//! nonce secret comes in with [`ServerConfig::new`]. Same seeds and inputs
+//! give byte-identical outputs.
+//!
+//! Files: `mod.rs` (this type, its API, dispatch), `allocation.rs`
+//! (Allocate, ports, BindRelay, Refresh), `permissions.rs`
+//! (CreatePermission, ChannelBind, expiry), `hot_path.rs` (the data paths),
+//! `auth.rs` (integrity, nonces, challenges), `reply.rs` (answers),
+//! `binding.rs` (Binding, RFC 5780), `quotas.rs`, `metrics.rs`,
+//! `config.rs`, `roles.rs` (newtypes: `PeerAddr`, `AllocationPort`).
 
 mod allocation;
 mod auth;
