@@ -1717,10 +1717,13 @@ impl Agent {
     // ---- relays -------------------------------------------------------------
 
     fn start_relay(&mut self, now: Instant, i: usize) {
+        // A fresh seed per client: a repeated Allocate transaction id would
+        // read as a retransmission to the server.
+        let seed = self.rng.random();
         let r = &mut self.relays[i];
         match &r.spec.turn {
             Some(cfg) => {
-                let mut t = TurnClient::new(cfg.clone());
+                let mut t = TurnClient::new(cfg.clone(), seed);
                 t.allocate(now);
                 r.turn = Some(t);
                 r.permitted.clear();

@@ -121,17 +121,8 @@ pub enum NonceCheck {
 }
 
 impl NonceSigner {
-    /// A signer with a random per-process secret.
-    pub fn new(lifetime_secs: u32) -> Self {
-        let mut secret = [0u8; 32];
-        rand::fill(&mut secret);
-        NonceSigner {
-            secret,
-            lifetime_secs,
-        }
-    }
-
-    /// A signer with a fixed secret (tests, or several processes sharing nonces).
+    /// A signer keyed by `secret`: random per process (the driver draws it
+    /// from the OS), fixed in tests, or shared by processes sharing nonces.
     pub fn with_secret(secret: [u8; 32], lifetime_secs: u32) -> Self {
         NonceSigner {
             secret,

@@ -12,9 +12,11 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::stun::{
-    self, attr, channel_data, method, Class, Integrity, Message, MessageBuilder, TransactionId,
-};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::stun::channel_data::{self, ChannelNumber};
+use crate::stun::{self, attr, method, Class, Integrity, Message, MessageBuilder, TransactionId};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -105,7 +107,7 @@ enum Kind {
     Refresh,
     Deallocate,
     Permission(IpAddr),
-    Channel(SocketAddr, u16),
+    Channel(SocketAddr, ChannelNumber),
 }
 
 impl Kind {
@@ -152,12 +154,13 @@ pub struct Client {
     mapped: Option<SocketAddr>,
     refresh_at: Option<Instant>,
     permissions: HashMap<IpAddr, Instant>,
-    channels: HashMap<SocketAddr, (u16, Instant, bool)>,
-    by_channel: HashMap<u16, SocketAddr>,
+    /// Peer → (number, last bound or asked, confirmed by the server).
+    channels: HashMap<SocketAddr, (ChannelNumber, Instant, bool)>,
+    by_channel: HashMap<ChannelNumber, SocketAddr>,
     next_channel: u16,
     /// Channel numbers given up recently: the server may hold them for up
     /// to 10 minutes, so they are not reused before that.
-    released: HashMap<u16, (SocketAddr, Instant)>,
+    released: HashMap<ChannelNumber, (SocketAddr, Instant)>,
     /// Credentials the live allocation was using before `set_credentials`,
     /// kept until the server accepts the new ones.
     previous: Option<(String, String)>,
@@ -165,6 +168,8 @@ pub struct Client {
     /// RFC 8656 servers such as coturn do for a new username): used from
     /// the next Allocate on.
     deferred: Option<(String, String)>,
+    /// Transaction ids; seeded by the caller so runs are reproducible.
+    rng: StdRng,
 }
 
 const RTO: Duration = Duration::from_millis(500);
@@ -176,8 +181,12 @@ const CHANNEL_REFRESH: Duration = Duration::from_secs(480);
 const CHANNEL_QUARANTINE: Duration = Duration::from_secs(660);
 
 impl Client {
-    /// A client that has not allocated yet.
-    pub fn new(cfg: ClientConfig) -> Self {
+    /// A client that has not allocated yet. `seed` seeds its random number
+    /// generator (transaction ids): pass OS randomness (`rand::random()`) in
+    /// production, a fixed value in tests so runs repeat byte for byte. Every
+    /// client (and every restart of one) needs a fresh seed: a server takes a
+    /// repeated Allocate transaction id for a retransmission.
+    pub fn new(cfg: ClientConfig, seed: u64) -> Self {
         Client {
             cfg,
             state: State::Idle,
@@ -197,6 +206,7 @@ impl Client {
             released: HashMap::new(),
             previous: None,
             deferred: None,
+            rng: StdRng::seed_from_u64(seed),
         }
     }
 
@@ -217,7 +227,7 @@ impl Client {
 
     /// The channel bound (confirmed) for a peer.
     pub fn channel_for(&self, peer: SocketAddr) -> Option<u16> {
-        self.channels.get(&peer).filter(|c| c.2).map(|c| c.0)
+        self.channels.get(&peer).filter(|c| c.2).map(|c| c.0.get())
     }
 
     /// Starts (or restarts) an allocation.
@@ -296,7 +306,7 @@ impl Client {
     /// released (use Send indications for that peer meanwhile).
     pub fn bind_channel(&mut self, now: Instant, peer: SocketAddr) -> Option<u16> {
         if let Some((n, _, _)) = self.channels.get(&peer) {
-            return Some(*n);
+            return Some(n.get());
         }
         self.released
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < CHANNEL_QUARANTINE);
@@ -314,21 +324,21 @@ impl Client {
             if self.state == State::Allocated {
                 self.start(now, Kind::Channel(peer, n), 0);
             }
-            return Some(n);
+            return Some(n.get());
         }
         let min = channel_data::MIN_CHANNEL;
         let span = channel_data::MAX_CHANNEL_RFC8656 - min + 1;
         let start = self.next_channel.saturating_sub(min) % span;
         let n = (0..span)
-            .map(|i| min + (start + i) % span)
+            .filter_map(|i| ChannelNumber::new(min + (start + i) % span))
             .find(|n| !self.by_channel.contains_key(n) && !self.released.contains_key(n))?;
-        self.next_channel = min + (n - min + 1) % span;
+        self.next_channel = min + (n.get() - min + 1) % span;
         self.channels.insert(peer, (n, now, false));
         self.by_channel.insert(n, peer);
         if self.state == State::Allocated {
             self.start(now, Kind::Channel(peer, n), 0);
         }
-        Some(n)
+        Some(n.get())
     }
 
     /// Stops keeping `peer`'s channel alive (the server lets it expire);
@@ -348,13 +358,14 @@ impl Client {
 
     /// Frames `payload` for `peer`: ChannelData when a channel is confirmed,
     /// otherwise a Send indication (needs a permission). Appends to `out`.
-    pub fn encode_to(&self, peer: SocketAddr, payload: &[u8], out: &mut Vec<u8>) {
+    pub fn encode_to(&mut self, peer: SocketAddr, payload: &[u8], out: &mut Vec<u8>) {
         if let Some(ch) = self.channel_for(peer) {
             channel_data::encode(out, ch, payload, self.cfg.reliable);
             return;
         }
+        let tid: TransactionId = self.rng.random();
         let mut v = Vec::with_capacity(payload.len() + 40);
-        MessageBuilder::new(&mut v, method::SEND, Class::Indication, rand::random())
+        MessageBuilder::new(&mut v, method::SEND, Class::Indication, tid)
             .xor_address(attr::XOR_PEER_ADDRESS, peer)
             .attr(attr::DATA, payload);
         out.extend_from_slice(&v);
@@ -433,7 +444,7 @@ impl Client {
             self.permissions.insert(ip, now);
             self.start(now, Kind::Permission(ip), 0);
         }
-        let chans: Vec<(SocketAddr, u16)> = self
+        let chans: Vec<(SocketAddr, ChannelNumber)> = self
             .channels
             .iter()
             .filter(|(_, (_, at, ok))| *ok && *at + CHANNEL_REFRESH <= now)
@@ -483,7 +494,7 @@ impl Client {
     }
 
     fn start(&mut self, now: Instant, kind: Kind, auth_retries: u8) {
-        let tid: TransactionId = rand::random();
+        let tid: TransactionId = self.rng.random();
         let m = match kind {
             Kind::Allocate => method::ALLOCATE,
             Kind::Refresh | Kind::Deallocate => method::REFRESH,
@@ -511,7 +522,8 @@ impl Client {
                     b.xor_address(attr::XOR_PEER_ADDRESS, SocketAddr::new(ip, 0));
                 }
                 Kind::Channel(peer, n) => {
-                    b.attr(attr::CHANNEL_NUMBER, &[(n >> 8) as u8, n as u8, 0, 0]);
+                    let [hi, lo] = n.get().to_be_bytes();
+                    b.attr(attr::CHANNEL_NUMBER, &[hi, lo, 0, 0]);
                     b.xor_address(attr::XOR_PEER_ADDRESS, peer);
                 }
             }
@@ -560,7 +572,7 @@ impl Client {
     ) -> Option<(SocketAddr, &'a [u8])> {
         if channel_data::is_channel_data(data) {
             let (n, payload) = channel_data::decode(data)?;
-            let peer = *self.by_channel.get(&n)?;
+            let peer = *self.by_channel.get(&ChannelNumber::new(n)?)?;
             return Some((peer, payload));
         }
         let msg = Message::parse(data).ok()?;
@@ -672,7 +684,7 @@ impl Client {
                     self.permissions.insert(ip, now);
                     self.start(now, Kind::Permission(ip), 0);
                 }
-                let chans: Vec<(SocketAddr, u16)> =
+                let chans: Vec<(SocketAddr, ChannelNumber)> =
                     self.channels.iter().map(|(p, c)| (*p, c.0)).collect();
                 for (p, n) in chans {
                     self.start(now, Kind::Channel(p, n), 0);
@@ -709,8 +721,10 @@ impl Client {
                     // Released while the request was out.
                     _ => return,
                 }
-                self.events
-                    .push_back(ClientEvent::ChannelBound { peer, channel: n });
+                self.events.push_back(ClientEvent::ChannelBound {
+                    peer,
+                    channel: n.get(),
+                });
             }
         }
     }
@@ -731,7 +745,7 @@ mod tests {
 
     #[test]
     fn channel_numbers_are_never_shared_and_wait_after_release() {
-        let mut c = Client::new(ClientConfig::new("u", "p"));
+        let mut c = Client::new(ClientConfig::new("u", "p"), 1);
         let t0 = Instant::now();
         let peer = |i: u32| SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 9));
         let mut seen = std::collections::HashSet::new();

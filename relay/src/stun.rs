@@ -702,6 +702,41 @@ pub mod channel_data {
     /// ChannelData header length.
     pub const HEADER_LEN: usize = 4;
 
+    /// A channel number the relay accepts: `MIN_CHANNEL..=MAX_CHANNEL`
+    /// (0x4000–0x7FFF, RFC 5766's range; see [`MAX_CHANNEL`] for why not
+    /// RFC 8656's narrower one). Construction validates, so a held value is
+    /// always a number a ChannelBind may carry.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub struct ChannelNumber(u16);
+
+    impl ChannelNumber {
+        /// `n` when it lies in 0x4000–0x7FFF.
+        pub const fn new(n: u16) -> Option<Self> {
+            if n >= MIN_CHANNEL && n <= MAX_CHANNEL {
+                Some(ChannelNumber(n))
+            } else {
+                None
+            }
+        }
+
+        /// The number on the wire.
+        pub const fn get(self) -> u16 {
+            self.0
+        }
+    }
+
+    impl From<ChannelNumber> for u16 {
+        fn from(n: ChannelNumber) -> u16 {
+            n.0
+        }
+    }
+
+    impl std::fmt::Display for ChannelNumber {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{:#06x}", self.0)
+        }
+    }
+
     /// True when the first byte says ChannelData (0x40..=0x7F).
     pub fn is_channel_data(data: &[u8]) -> bool {
         !data.is_empty() && (0x40..=0x7F).contains(&data[0])
@@ -1018,5 +1053,21 @@ mod tests {
         assert_eq!(stream_frame_len(&out), Ok(Some(12)));
         assert_eq!(stream_frame_len(&out[..6]), Ok(None));
         assert!(channel_data::decode(&[0x80, 0, 0, 0]).is_none());
+    }
+
+    #[test]
+    fn channel_numbers_are_0x4000_to_0x7fff() {
+        use channel_data::ChannelNumber;
+        assert_eq!(ChannelNumber::new(0x3FFF), None);
+        assert_eq!(ChannelNumber::new(0x4000).map(u16::from), Some(0x4000));
+        assert_eq!(
+            ChannelNumber::new(0x7FFF).map(ChannelNumber::get),
+            Some(0x7FFF)
+        );
+        assert_eq!(ChannelNumber::new(0x8000), None);
+        assert_eq!(
+            ChannelNumber::new(0x4001).map(|n| n.to_string()),
+            Some("0x4001".into())
+        );
     }
 }

@@ -761,7 +761,7 @@ impl Driver {
         sock.connect(server).expect("connect");
         Driver {
             sock,
-            client: Client::new(cfg),
+            client: Client::new(cfg, rand::random()),
             events: Vec::new(),
             data: Vec::new(),
         }

@@ -170,7 +170,7 @@ async fn relay_round_trip_via(
 ) {
     let mut cc = ClientConfig::new(user, pass);
     cc.reliable = reliable;
-    let mut client = Client::new(cc);
+    let mut client = Client::new(cc, rand::random());
     let (mut ev, mut data) = (Vec::new(), Vec::new());
     client.allocate(Instant::now());
     drive(&mut client, &mut conn, &mut ev, &mut data, |e, _| {
@@ -358,7 +358,7 @@ async fn garbage_and_denied_peers_do_not_disturb_the_relay() {
     let relay = Relay::start(&cfg).await.expect("start");
     let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let mut conn = Conn::Udp(s, relay.udp[0]);
-    let mut client = Client::new(ClientConfig::new("alice", "wonderland"));
+    let mut client = Client::new(ClientConfig::new("alice", "wonderland"), rand::random());
     let (mut ev, mut data) = (Vec::new(), Vec::new());
     client.allocate(Instant::now());
     drive(&mut client, &mut conn, &mut ev, &mut data, |e, _| {
@@ -468,7 +468,7 @@ async fn ipv6_clients_relay_to_relay() {
     for _ in 0..2 {
         let s = UdpSocket::bind("[::1]:0").await.expect("bind");
         let mut conn = Conn::Udp(s, relay.udp[0]);
-        let mut client = Client::new(ClientConfig::new("alice", "wonderland"));
+        let mut client = Client::new(ClientConfig::new("alice", "wonderland"), rand::random());
         let (mut ev, mut data) = (Vec::new(), Vec::new());
         client.allocate(Instant::now());
         drive(&mut client, &mut conn, &mut ev, &mut data, |e, _| {
@@ -559,7 +559,7 @@ async fn allow_peer_cannot_open_the_hosts_other_addresses() {
     .await;
     let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let mut conn = Conn::Udp(s, relay.udp[0]);
-    let mut client = Client::new(ClientConfig::new("alice", "wonderland"));
+    let mut client = Client::new(ClientConfig::new("alice", "wonderland"), rand::random());
     let (mut ev, mut data) = (Vec::new(), Vec::new());
     client.allocate(Instant::now());
     drive(&mut client, &mut conn, &mut ev, &mut data, |e, _| {
@@ -601,7 +601,7 @@ async fn stream_clients_must_authenticate_to_keep_their_slot() {
     let mut authed = Conn::Stream(Box::new(t), Vec::new());
     let mut cc = ClientConfig::new("alice", "wonderland");
     cc.reliable = true;
-    let mut client = Client::new(cc);
+    let mut client = Client::new(cc, rand::random());
     let (mut ev, mut data) = (Vec::new(), Vec::new());
     client.allocate(Instant::now());
     drive(&mut client, &mut authed, &mut ev, &mut data, |e, _| {

@@ -16,6 +16,10 @@ use relay::stun::{self, attr, method, Class, Message, MessageBuilder};
 const RELAY_IP: &str = "198.51.100.1";
 const SERVER: &str = "198.51.100.1:3478";
 const UNIX0: u64 = 1_800_000_000;
+/// Fixed randomness: the nonce secret and the seeds of servers and clients.
+const NONCE_SECRET: [u8; 32] = [7; 32];
+const SERVER_SEED: u64 = 1;
+const CLIENT_SEED: u64 = 1000;
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
@@ -39,7 +43,13 @@ struct Sim {
 }
 
 fn config(now: Instant) -> ServerConfig {
-    let mut c = ServerConfig::new("wgice.test", RELAY_IP.parse().expect("ip"), now, UNIX0);
+    let mut c = ServerConfig::new(
+        "wgice.test",
+        RELAY_IP.parse().expect("ip"),
+        now,
+        UNIX0,
+        NONCE_SECRET,
+    );
     c.credentials
         .users
         .insert("alice".into(), "wonderland".into());
@@ -61,7 +71,7 @@ impl Sim {
         cfg(&mut c);
         Sim {
             now,
-            server: Server::new(c, quotas, Arc::new(Metrics::default()), now),
+            server: Server::new(c, quotas, Arc::new(Metrics::default()), now, SERVER_SEED),
             clients: Vec::new(),
             to_peers: Vec::new(),
             bound: Default::default(),
@@ -74,7 +84,10 @@ impl Sim {
             local: sa(SERVER),
             remote: sa(remote),
         };
-        self.clients.push((cs, Client::new(cc), vec![], vec![]));
+        // Every client its own seed, fixed: runs repeat byte for byte.
+        let seed = CLIENT_SEED + self.clients.len() as u64;
+        self.clients
+            .push((cs, Client::new(cc, seed), vec![], vec![]));
         self.clients.len() - 1
     }
 
@@ -1438,4 +1451,81 @@ fn unpadded_binding_gets_rfc5780_attributes() {
         m.address(attr::RESPONSE_ORIGIN).and_then(Result::ok),
         Some(sa(SERVER))
     );
+}
+
+/// Every datagram of one exchange, both directions, with the given seeds:
+/// Allocate (401, then authenticated), CreatePermission, a Send indication
+/// from the client and a Data indication from the server. Returns the
+/// relayed address and the datagrams in order.
+fn transcript(server_seed: u64, client_seed: u64) -> (SocketAddr, Vec<Vec<u8>>) {
+    let now = Instant::now();
+    let quotas = Arc::new(Quotas::default());
+    let metrics = Arc::new(Metrics::default());
+    let mut server = Server::new(config(now), quotas, metrics, now, server_seed);
+    let cs = ClientSocket {
+        transport: Transport::Udp,
+        local: sa(SERVER),
+        remote: sa("192.0.2.10:40000"),
+    };
+    let mut client = Client::new(ClientConfig::new("alice", "wonderland"), client_seed);
+    let peer = sa("203.0.113.5:51820");
+    let mut log = Vec::new();
+    let mut token = None;
+    client.allocate(now);
+    client.create_permission(now, peer.ip());
+    for _ in 0..20 {
+        while let Some(d) = client.poll_transmit() {
+            let _ = server.handle_client(now, cs, &d);
+            log.push(d);
+        }
+        while let Some(e) = server.poll_event() {
+            if let Event::BindRelay { token: t, addr } = e {
+                token = Some(t);
+                server.relay_bound(now, t, Ok(addr));
+            }
+        }
+        while let Some(Transmit::ToClient { payload, .. }) = server.poll_transmit() {
+            let _ = client.handle_input(now, &payload);
+            log.push(payload);
+        }
+    }
+    let mut send = Vec::new();
+    client.encode_to(peer, b"to the peer", &mut send);
+    assert!(server.handle_client(now, cs, &send).is_some(), "forwarded");
+    log.push(send);
+    let mut buf = *b"\0\0\0\0from the peer\0\0\0";
+    let token = token.expect("a relayed socket");
+    assert!(server.handle_peer(now, token, peer, &mut buf, 13).is_none());
+    let Some(Transmit::ToClient { payload, .. }) = server.poll_transmit() else {
+        panic!("no Data indication")
+    };
+    log.push(payload);
+    (client.relayed()[0], log)
+}
+
+#[test]
+fn same_seeds_give_byte_identical_runs_and_other_seeds_differ() {
+    let (relayed, run) = transcript(1, 2);
+    assert!(
+        run.len() >= 8,
+        "Allocate twice, CreatePermission, answers, Send, Data"
+    );
+    // Same seeds, same inputs: the same relayed port, the same transaction
+    // ids, byte for byte.
+    assert_eq!(transcript(1, 2), (relayed, run.clone()));
+
+    // Another server seed: another relayed port and another Data indication
+    // transaction id; the client's requests are unchanged.
+    let (relayed_b, run_b) = transcript(3, 2);
+    assert_ne!(relayed_b.port(), relayed.port());
+    assert_eq!(run_b[0], run[0], "client's first Allocate");
+    assert_ne!(run_b.last(), run.last(), "server's Data indication");
+
+    // Another client seed: other transaction ids from the client, the same
+    // relayed port from the server.
+    let (relayed_c, run_c) = transcript(1, 4);
+    assert_eq!(relayed_c, relayed);
+    assert_ne!(run_c[0], run[0], "client's first Allocate");
+    let tid = |m: &[u8]| Message::parse(m).expect("stun").transaction_id();
+    assert_ne!(tid(&run_c[0]), tid(&run[0]));
 }

@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use tokio::sync::watch;
 
-use crate::auth::{Credentials, NonceSigner};
+use crate::auth::Credentials;
 use crate::config::RelayConfig;
 use crate::policy::PeerPolicy;
 use crate::server::{AltAddress, Metrics, Quotas, Server, ServerConfig};
@@ -140,11 +140,14 @@ impl Relay {
             .unwrap_or(0);
         let v4 = cfg.relay_ip.iter().copied().find(|i| i.is_ipv4());
         let v6 = cfg.relay_ip.iter().copied().find(|i| i.is_ipv6());
+        // OS randomness enters the cores only here: the nonce secret shared
+        // by the shards and each shard's seed (port picks, transaction ids).
         let mut base = ServerConfig::new(
             &cfg.realm,
             v4.or(v6).context("no relay address")?,
             now,
             unix,
+            rand::random(),
         );
         base.relay_ipv4 = v4;
         base.relay_ipv6 = v6;
@@ -168,7 +171,6 @@ impl Relay {
         base.strict_amplification = cfg.strict_amplification;
         base.relay_ports = cfg.relay_ports;
         base.max_lifetime = std::time::Duration::from_secs(cfg.max_lifetime);
-        base.nonces = NonceSigner::new(600);
         let quotas = Arc::new(Quotas::new(
             cfg.max_allocations,
             cfg.max_allocations_per_user,
@@ -222,7 +224,7 @@ impl Relay {
             sc.port_range = *range;
             let m = Arc::new(Metrics::default());
             shard_metrics.push(m.clone());
-            let server = Server::new(sc, quotas.clone(), m, now);
+            let server = Server::new(sc, quotas.clone(), m, now, rand::random());
             let worker = udp::Worker::new(server, sockets)?;
             let stop = stop.clone();
             workers.push(
@@ -261,7 +263,7 @@ impl Relay {
             sc.port_range = ranges[shards - 1];
             let m = Arc::new(Metrics::default());
             shard_metrics.push(m.clone());
-            let server = Server::new(sc, quotas.clone(), m, now);
+            let server = Server::new(sc, quotas.clone(), m, now, rand::random());
             stream = Some(stream::start(
                 server,
                 tcp,
