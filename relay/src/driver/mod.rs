@@ -10,7 +10,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::auth::Credentials;
@@ -99,40 +98,82 @@ pub fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// Why [`Relay::start`] failed; each message names the config key to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("config: `{key}`: cannot bind {addr}: {source} (is another process on that port? pick another address or port)")]
+    Bind {
+        /// The config key (`listen`, `alt-listen`, `tcp-listen`, `tls-listen`, `metrics`).
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key file.
+    #[error("config: `{key}`: {path}: {what}")]
+    Tls {
+        /// `cert` or `key`.
+        key: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// No `relay-ip` and nothing to derive one from.
+    #[error(
+        "config: `relay-ip`: no relay address (give --relay-ip, or listen on a specific address)"
+    )]
+    NoRelayAddress,
+    /// The host's interface addresses could not be listed.
+    #[error("cannot list this host's interface addresses (getifaddrs): {0}")]
+    Interfaces(std::io::Error),
+    /// A socket, thread or runtime resource.
+    #[error("{what}: {source} (out of file descriptors or threads? raise LimitNOFILE)")]
+    Resources {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 fn load_tls(
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert)
-            .with_context(|| format!("config: `cert`: cannot open {}", cert.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| {
-        format!(
-            "config: `cert`: {} is not a PEM certificate chain",
-            cert.display()
-        )
-    })?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key)
-            .with_context(|| format!("config: `key`: cannot open {}", key.display()))?,
-    ))
-    .with_context(|| format!("config: `key`: cannot read {}", key.display()))?
-    .with_context(|| format!("config: `key`: no private key in {}", key.display()))?;
+) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    let tls = |k: &'static str, p: &std::path::Path, what: String| StartError::Tls {
+        key: k,
+        path: p.to_owned(),
+        what,
+    };
+    let open = |k, p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .map_err(|e| tls(k, p, format!("cannot open: {e}")))
+    };
+    let certs = rustls_pemfile::certs(&mut open("cert", cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls("cert", cert, format!("not a PEM certificate chain: {e}")))?;
+    let key_der = rustls_pemfile::private_key(&mut open("key", key)?)
+        .map_err(|e| tls("key", key, format!("cannot read: {e}")))?
+        .ok_or_else(|| tls("key", key, "no private key in it".into()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
+        .map_err(|e| tls("cert", cert, format!("TLS protocol versions: {e}")))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("config: `cert`/`key`: certificate and key do not match")?;
+        .with_single_cert(certs, key_der)
+        .map_err(|e| tls("key", key, format!("certificate and key do not match: {e}")))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 impl Relay {
     /// Binds everything and starts serving. Must be called inside a tokio runtime.
-    pub async fn start(cfg: &RelayConfig) -> anyhow::Result<Relay> {
+    pub async fn start(cfg: &RelayConfig) -> Result<Relay, StartError> {
+        let res = |what| move |source| StartError::Resources { what, source };
         let now = Instant::now();
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -144,7 +185,7 @@ impl Relay {
         // by the shards and each shard's seed (port picks, transaction ids).
         let mut base = ServerConfig::new(
             &cfg.realm,
-            v4.or(v6).context("no relay address")?,
+            v4.or(v6).ok_or(StartError::NoRelayAddress)?,
             now,
             unix,
             rand::random(),
@@ -157,8 +198,7 @@ impl Relay {
             users: cfg.users.iter().cloned().collect(),
             rest_secrets: cfg.auth_secrets.clone(),
         };
-        let interfaces = interface_addresses()
-            .context("cannot list this host's interface addresses (getifaddrs)")?;
+        let interfaces = interface_addresses().map_err(StartError::Interfaces)?;
         let own = own_addresses(cfg, &interfaces);
         tracing::info!(
             ?own,
@@ -184,9 +224,12 @@ impl Relay {
         let mut udp_addrs = Vec::new();
         let mut first_sockets = Vec::new();
         for l in &cfg.listen {
-            let s = udp::bind_reuseport(*l)
-                .with_context(|| format!("config: `listen`: cannot bind UDP {l}"))?;
-            udp_addrs.push(s.local_addr()?);
+            let s = udp::bind_reuseport(*l).map_err(|source| StartError::Bind {
+                key: "listen",
+                addr: *l,
+                source,
+            })?;
+            udp_addrs.push(s.local_addr().map_err(res("UDP listener"))?);
             first_sockets.push(s);
         }
         if let Some(alt) = cfg.alt_listen {
@@ -197,9 +240,12 @@ impl Relay {
                 extra.push(SocketAddr::new(alt.ip(), p.port()));
             }
             for a in extra {
-                let s = udp::bind_reuseport(a)
-                    .with_context(|| format!("config: `alt-listen`: cannot bind UDP {a}"))?;
-                udp_addrs.push(s.local_addr()?);
+                let s = udp::bind_reuseport(a).map_err(|source| StartError::Bind {
+                    key: "alt-listen",
+                    addr: a,
+                    source,
+                })?;
+                udp_addrs.push(s.local_addr().map_err(res("UDP listener"))?);
                 first_sockets.push(s);
             }
             base.alt = Some(AltAddress {
@@ -218,19 +264,20 @@ impl Relay {
                     .iter()
                     .map(|a| udp::bind_reuseport(*a))
                     .collect::<Result<Vec<_>, _>>()
-                    .context("binding worker sockets")?,
+                    .map_err(res("binding worker sockets"))?,
             };
             let mut sc = base.clone();
             sc.port_range = *range;
             let m = Arc::new(Metrics::default());
             shard_metrics.push(m.clone());
             let server = Server::new(sc, quotas.clone(), m, now, rand::random());
-            let worker = udp::Worker::new(server, sockets)?;
+            let worker = udp::Worker::new(server, sockets).map_err(res("UDP worker"))?;
             let stop = stop.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("relay-udp-{w}"))
-                    .spawn(move || worker.run(stop))?,
+                    .spawn(move || worker.run(stop))
+                    .map_err(res("starting a UDP worker thread"))?,
             );
         }
 
@@ -241,18 +288,28 @@ impl Relay {
         if has_stream {
             let mut tcp = Vec::new();
             for l in &cfg.tcp_listen {
-                let s = tokio::net::TcpListener::bind(l)
-                    .await
-                    .with_context(|| format!("config: `tcp-listen`: cannot bind TCP {l}"))?;
-                tcp_addrs.push(s.local_addr()?);
+                let s =
+                    tokio::net::TcpListener::bind(l)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            key: "tcp-listen",
+                            addr: *l,
+                            source,
+                        })?;
+                tcp_addrs.push(s.local_addr().map_err(res("TCP listener"))?);
                 tcp.push(s);
             }
             let mut tls = Vec::new();
             for l in &cfg.tls_listen {
-                let s = tokio::net::TcpListener::bind(l)
-                    .await
-                    .with_context(|| format!("config: `tls-listen`: cannot bind TCP {l}"))?;
-                tls_addrs.push(s.local_addr()?);
+                let s =
+                    tokio::net::TcpListener::bind(l)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            key: "tls-listen",
+                            addr: *l,
+                            source,
+                        })?;
+                tls_addrs.push(s.local_addr().map_err(res("TLS listener"))?);
                 tls.push(s);
             }
             let acceptor = match &cfg.tls_files {
@@ -276,7 +333,11 @@ impl Relay {
             Some(a) => Some(
                 metrics::serve(a, shard_metrics.clone(), quotas.clone(), shutdown_rx)
                     .await
-                    .with_context(|| format!("config: `metrics`: cannot bind {a}"))?,
+                    .map_err(|source| StartError::Bind {
+                        key: "metrics",
+                        addr: a,
+                        source,
+                    })?,
             ),
             None => None,
         };
