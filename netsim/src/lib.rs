@@ -25,6 +25,18 @@ mod sys;
 
 pub use sys::is_root;
 
+/// Fails unless running as root: for tests that need network namespaces.
+/// Such tests are `#[ignore]`d by default (a plain `cargo test` lists them
+/// as ignored); run on purpose (`--include-ignored`, as `scripts/test`
+/// does) they fail rather than pass when they cannot run. The one "can
+/// root tests run" helper of the workspace.
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "needs root (network namespaces, nftables): run as root, or leave it ignored"
+    );
+}
+
 /// Errors of the lab.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

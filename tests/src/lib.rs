@@ -5,23 +5,7 @@ use std::path::PathBuf;
 
 pub use netsim::mesh;
 
-/// Fails unless running as root. Tests that need root (network namespaces,
-/// nftables) are `#[ignore]`d by default, so a plain `cargo test` lists them
-/// as ignored; run on purpose (`--include-ignored`, as `scripts/test` does)
-/// they fail rather than pass when they cannot run.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc_geteuid() } == 0;
-    assert!(
-        root,
-        "needs root (network namespaces, nftables): run as root, or leave it ignored"
-    );
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
+pub use netsim::require_root;
 
 /// A binary of this workspace built into the same target profile as the
 /// running test (`cargo build --workspace --bins` first; `scripts/test`

@@ -178,7 +178,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench(args: Args) -> anyhow::Result<()> {
     signaling::tls::install_provider();
-    raise_fd_limit();
+    signaling::server::raise_fd_limit();
     let transport = match args.transport.as_str() {
         "quic" => Transport::Quic,
         "tcp" => Transport::Tcp,
@@ -489,20 +489,6 @@ async fn node_loop(
             _ = ping.tick() => {
                 if s.send(&ClientFrame::Ping { id: 0 }).await.is_err() { return; }
             }
-        }
-    }
-}
-
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

@@ -950,6 +950,22 @@ fn check_register(
     Ok((mesh, key, overlay))
 }
 
+/// Many nodes need many descriptors: lifts the open-file soft limit to the
+/// hard one (used by the `signaling` and `signaling-bench` binaries).
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
