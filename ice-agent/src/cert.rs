@@ -105,6 +105,10 @@ pub enum CertError {
     /// A field is out of bounds.
     #[error("{0}")]
     BadField(String),
+    /// The CA key cannot be made or read (a `ca.key` that is not an
+    /// Ed25519 PKCS#8 document, or no system randomness).
+    #[error("CA key: {0} (the file `ice-agent ca init` wrote, base64)")]
+    CaKey(String),
 }
 
 /// Checks `text` against the pinned CA keys for the member `key` at Unix
@@ -166,7 +170,7 @@ pub fn verify(
     if now >= b.not_after {
         return Err(CertError::Expired(b.not_after));
     }
-    check_body(&b).map_err(CertError::BadField)?;
+    check_body(&b)?;
     Ok(Membership {
         key: cert_key,
         name: b.name,
@@ -178,30 +182,33 @@ pub fn verify(
 }
 
 /// The rules a body must follow (used when signing and when verifying).
-pub fn check_body(b: &CertBody) -> Result<(), String> {
-    validate::member_name(&b.name).map_err(|e| e.to_string())?;
+pub fn check_body(b: &CertBody) -> Result<(), CertError> {
+    let bad = |m: String| Err(CertError::BadField(m));
+    if let Err(e) = validate::member_name(&b.name) {
+        return bad(e.to_string());
+    }
     if b.addresses.len() > MAX_ADDRESSES || b.routes.len() > MAX_ROUTES {
-        return Err(format!(
+        return bad(format!(
             "at most {MAX_ADDRESSES} addresses and {MAX_ROUTES} routes"
         ));
     }
     for a in &b.addresses {
         if a.prefix_len() != a.max_prefix_len() {
-            return Err(format!(
+            return bad(format!(
                 "address {a} is a range: addresses are single (/32, /128), ranges go in routes"
             ));
         }
     }
     for n in b.addresses.iter().chain(&b.routes) {
         if let Some(rule) = validate::never_a_peer(n.addr()) {
-            return Err(format!("{n}: {rule}"));
+            return bad(format!("{n}: {rule}"));
         }
         if n.prefix_len() == 0 {
-            return Err(format!("{n}: a default route is not a member's range"));
+            return bad(format!("{n}: a default route is not a member's range"));
         }
     }
     if b.not_after <= b.not_before {
-        return Err("not_after is not after not_before".into());
+        return bad("not_after is not after not_before".into());
     }
     Ok(())
 }
@@ -214,18 +221,19 @@ pub struct Ca {
 
 impl Ca {
     /// A new CA key; returns it and its PKCS#8 document (keep it secret).
-    pub fn generate() -> Result<(Ca, Vec<u8>), String> {
+    pub fn generate() -> Result<(Ca, Vec<u8>), CertError> {
         let rng = ring::rand::SystemRandom::new();
-        let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| e.to_string())?;
+        let doc =
+            Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| CertError::CaKey(e.to_string()))?;
         let ca = Ca::from_pkcs8(doc.as_ref())?;
         Ok((ca, doc.as_ref().to_vec()))
     }
 
     /// Loads a CA key from its PKCS#8 document.
-    pub fn from_pkcs8(doc: &[u8]) -> Result<Ca, String> {
+    pub fn from_pkcs8(doc: &[u8]) -> Result<Ca, CertError> {
         Ed25519KeyPair::from_pkcs8(doc)
             .map(|pair| Ca { pair })
-            .map_err(|e| format!("not an Ed25519 PKCS#8 key: {e}"))
+            .map_err(|e| CertError::CaKey(format!("not an Ed25519 PKCS#8 key: {e}")))
     }
 
     /// The public key peers pin (`membership.ca`).
@@ -236,18 +244,18 @@ impl Ca {
     }
 
     /// Signs a body after checking it.
-    pub fn sign(&self, body: &CertBody) -> Result<String, String> {
+    pub fn sign(&self, body: &CertBody) -> Result<String, CertError> {
         check_body(body)?;
-        let json = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+        let json = serde_json::to_vec(body).map_err(|e| CertError::BadField(e.to_string()))?;
         let mut signed = SIG_CONTEXT.to_vec();
         signed.extend_from_slice(&json);
         let sig = self.pair.sign(&signed);
         let text = format!("{PREFIX}{}.{}", b64().encode(&json), b64().encode(sig));
         if text.len() > MAX_CERT_LEN {
-            return Err(format!(
+            return Err(CertError::BadField(format!(
                 "the certificate would be {} bytes (at most {MAX_CERT_LEN})",
                 text.len()
-            ));
+            )));
         }
         Ok(text)
     }

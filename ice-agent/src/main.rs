@@ -282,7 +282,7 @@ fn ca(cmd: CaCmd) -> Result<(), String> {
                 ));
             }
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let (ca, doc) = Ca::generate()?;
+            let (ca, doc) = Ca::generate().map_err(|e| e.to_string())?;
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             let mut f = std::fs::OpenOptions::new()
@@ -333,7 +333,7 @@ fn ca(cmd: CaCmd) -> Result<(), String> {
                 not_before: now.saturating_sub(300),
                 not_after: now.saturating_add(secs),
             };
-            println!("{}", ca.sign(&body)?);
+            println!("{}", ca.sign(&body).map_err(|e| e.to_string())?);
             Ok(())
         }
         CaCmd::Show { cert: path, ca } => {

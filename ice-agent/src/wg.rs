@@ -30,6 +30,23 @@ pub struct WgError {
     pub what: String,
 }
 
+/// A UAPI or `wg show dump` text that does not parse (what, and where).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+impl From<&str> for ParseError {
+    fn from(s: &str) -> Self {
+        ParseError(s.to_owned())
+    }
+}
+
+impl From<String> for ParseError {
+    fn from(s: String) -> Self {
+        ParseError(s)
+    }
+}
+
 /// One peer as the interface reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WgPeer {
@@ -147,7 +164,7 @@ impl WgControl {
         match &self.backend {
             Backend::Uapi(p) => {
                 let text = self.uapi(p, "get=1\n\n")?;
-                parse_uapi(&text).map_err(|e| self.err(e))
+                parse_uapi(&text).map_err(|e| self.err(e.0))
             }
             Backend::Tool => {
                 let out = Command::new("wg")
@@ -170,7 +187,7 @@ impl WgControl {
                         self.interface
                     )));
                 }
-                parse_dump(&String::from_utf8_lossy(&out.stdout)).map_err(|e| self.err(e))
+                parse_dump(&String::from_utf8_lossy(&out.stdout)).map_err(|e| self.err(e.0))
             }
         }
     }
@@ -420,7 +437,7 @@ fn check_errno(text: &str) -> Result<(), String> {
 }
 
 /// Parses a UAPI `get` answer.
-pub fn parse_uapi(text: &str) -> Result<WgDevice, String> {
+pub fn parse_uapi(text: &str) -> Result<WgDevice, ParseError> {
     let mut dev = WgDevice::default();
     let mut peer: Option<WgPeer> = None;
     for line in text.lines() {
@@ -438,7 +455,7 @@ pub fn parse_uapi(text: &str) -> Result<WgDevice, String> {
                     ..WgPeer::default()
                 });
             }
-            "errno" if v != "0" => return Err(format!("UAPI get failed with errno {v}")),
+            "errno" if v != "0" => return Err(format!("UAPI get failed with errno {v}").into()),
             _ => {
                 let Some(p) = peer.as_mut() else { continue };
                 match k {
@@ -464,15 +481,15 @@ pub fn parse_uapi(text: &str) -> Result<WgDevice, String> {
 }
 
 /// Parses `wg show <if> dump`.
-pub fn parse_dump(text: &str) -> Result<WgDevice, String> {
+pub fn parse_dump(text: &str) -> Result<WgDevice, ParseError> {
     let mut lines = text.lines();
     let first: Vec<&str> = lines
         .next()
-        .ok_or("`wg show dump` printed nothing")?
+        .ok_or_else(|| ParseError("`wg show dump` printed nothing".into()))?
         .split('\t')
         .collect();
     if first.len() < 3 {
-        return Err(format!("unexpected `wg show dump` header {first:?}"));
+        return Err(format!("unexpected `wg show dump` header {first:?}").into());
     }
     let mut dev = WgDevice {
         private_key: unb64(first[0]),
