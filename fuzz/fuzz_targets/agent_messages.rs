@@ -24,6 +24,25 @@ use signaling::seal::PeerMessage;
 use wgice_fuzz::{encode, Addr, Attr};
 
 const ME: PeerKey = [0xAA; 32];
+
+/// Known bug, being fixed in the agent: an ICE ufrag past 128 bytes in the
+/// USERNAME of a check makes the `is` crate panic ("IO error writing STUN
+/// reply"). Until that fix is merged, remote ufrags are cut to this many
+/// bytes so the fuzzer looks past it. `None` reproduces it within seconds
+/// (input: fuzz/regressions/agent_messages/known-ufrag-panic).
+const CAP_UFRAG: Option<usize> = Some(64);
+
+fn ufrag(t: &Text) -> String {
+    let mut s = t.get();
+    if let Some(max) = CAP_UFRAG {
+        let mut n = max.min(s.len());
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s.truncate(n);
+    }
+    s
+}
 const RELAY: &str = "198.51.100.1:3478";
 
 /// ICE credentials: short, long (the `is` crate has limits), or any.
@@ -187,15 +206,15 @@ fuzz_target!(|steps: Vec<Step>| {
                 let msg = match msg {
                     Msg::Offer {
                         session,
-                        ufrag,
+                        ufrag: ufrag_text,
                         pwd,
                         candidates,
                         wg_port,
                     } => {
-                        remote_pwd.insert(from, (ufrag.get(), pwd.get()));
+                        remote_pwd.insert(from, (ufrag(&ufrag_text), pwd.get()));
                         PeerMessage::Offer {
                             session: base + u64::from(session),
-                            ufrag: ufrag.get(),
+                            ufrag: ufrag(&ufrag_text),
                             pwd: pwd.get(),
                             candidates: candidates.iter().take(8).map(Cand::get).collect(),
                             wg_port,
@@ -203,15 +222,15 @@ fuzz_target!(|steps: Vec<Step>| {
                     }
                     Msg::Answer {
                         session,
-                        ufrag,
+                        ufrag: ufrag_text,
                         pwd,
                         candidates,
                         wg_port,
                     } => {
-                        remote_pwd.insert(from, (ufrag.get(), pwd.get()));
+                        remote_pwd.insert(from, (ufrag(&ufrag_text), pwd.get()));
                         PeerMessage::Answer {
                             session: base + u64::from(session),
-                            ufrag: ufrag.get(),
+                            ufrag: ufrag(&ufrag_text),
                             pwd: pwd.get(),
                             candidates: candidates.iter().take(8).map(Cand::get).collect(),
                             wg_port,

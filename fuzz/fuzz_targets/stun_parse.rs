@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = m.u32_attr(typ);
     }
     if let Some((code, reason)) = m.error_code() {
-        assert!(code < 800);
+        assert!(code < 800, "ERROR-CODE {code}");
         let _ = reason.len();
     }
     let _ = m.unknown_required();
@@ -85,10 +85,19 @@ fuzz_target!(|data: &[u8]| {
         for (x, y) in m.attributes().zip(again.attributes()) {
             assert_eq!((x.typ, x.value), (y.typ, y.value));
         }
-        assert_eq!(again.check_fingerprint(), Some(true));
-        // Only when the original carries no integrity attribute of its own
-        // does ours decide (the first one found wins).
-        if m.integrity_kind().is_none() {
+        // Ours decide only when the original carries no integrity or
+        // fingerprint attribute of its own: the first one found counts, and
+        // attributes after MESSAGE-INTEGRITY are ignored (RFC 8489 §14.5).
+        let own = m.attributes().any(|a| {
+            [
+                attr::MESSAGE_INTEGRITY,
+                attr::MESSAGE_INTEGRITY_SHA256,
+                attr::FINGERPRINT,
+            ]
+            .contains(&a.typ)
+        });
+        if !own {
+            assert_eq!(again.check_fingerprint(), Some(true));
             assert_eq!(again.verify_integrity(KEY), Some(kind));
         }
     }
