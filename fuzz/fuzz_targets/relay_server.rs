@@ -2,7 +2,8 @@
 //! fuzzer-chosen steps on a virtual clock: raw datagrams, and requests built
 //! with the real codec that carry a valid NONCE and MESSAGE-INTEGRITY for a
 //! static user (so allocations, permissions, channels and relaying are
-//! reached), peer datagrams on bound relayed sockets, time, closes. The
+//! reached; CreatePermission and ChannelBind also come as one-step
+//! shortcuts, which the fuzzer otherwise rarely assembles), peer datagrams on bound relayed sockets, time, closes. The
 //! target plays the driver: it answers BindRelay (or fails it when told).
 //! Every datagram the server sends to a client must parse as STUN (with a
 //! good FINGERPRINT when it has one) or as ChannelData.
@@ -70,6 +71,19 @@ enum Step {
         auth: Auth,
         integrity: Integ,
         fingerprint: bool,
+    },
+    /// A valid authenticated CreatePermission (shortcut to the data paths).
+    Permit {
+        client: u8,
+        user: u8,
+        peers: Vec<Addr>,
+    },
+    /// A valid authenticated ChannelBind for channel 0x4000 + n.
+    Bind {
+        client: u8,
+        user: u8,
+        channel: u8,
+        peer: Addr,
     },
     /// ChannelData from a client on channel 0x4000 + n.
     ChannelData {
@@ -149,6 +163,41 @@ fuzz_target!(|setup: Setup| {
     let mut fail_next = false;
 
     for step in setup.steps.into_iter().take(64) {
+        let step = match step {
+            Step::Permit {
+                client,
+                user,
+                peers,
+            } => Step::Msg {
+                client,
+                method: Method::CreatePermission,
+                class: Cls::Request,
+                tid: 0xC0,
+                attrs: peers.into_iter().take(4).map(Attr::XorPeer).collect(),
+                auth: Auth::Valid(user),
+                integrity: Integ::Sha1,
+                fingerprint: false,
+            },
+            Step::Bind {
+                client,
+                user,
+                channel,
+                peer,
+            } => Step::Msg {
+                client,
+                method: Method::ChannelBind,
+                class: Cls::Request,
+                tid: 0xCB,
+                attrs: vec![
+                    Attr::ChannelNumber(u16::from(channel % 16)),
+                    Attr::XorPeer(peer),
+                ],
+                auth: Auth::Valid(user),
+                integrity: Integ::Sha1,
+                fingerprint: false,
+            },
+            s => s,
+        };
         match step {
             Step::Raw { client, data } => {
                 let _ = server.handle_client(now, client_socket(client, alt), &data);
@@ -246,6 +295,7 @@ fuzz_target!(|setup: Setup| {
                 }
             }
             Step::Close { client } => server.client_closed(client_socket(client, alt)),
+            Step::Permit { .. } | Step::Bind { .. } => unreachable!("mapped to Msg above"),
         }
         // Drain, playing the driver, until nothing is left.
         for _ in 0..64 {
