@@ -307,10 +307,12 @@ impl<'a> Message<'a> {
         (v.len() == 4).then(|| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
     }
 
-    /// The ERROR-CODE as (code, reason).
+    /// The ERROR-CODE as (code, reason). `None` when malformed, including a
+    /// number of 100 or more (RFC 8489 §14.8), which would otherwise alias
+    /// another code (class 3, number 101 is not 401).
     pub fn error_code(&self) -> Option<(u16, &'a str)> {
         let v = self.get(attr::ERROR_CODE)?;
-        if v.len() < 4 {
+        if v.len() < 4 || v[3] >= 100 {
             return None;
         }
         let code = (v[2] & 0x7) as u16 * 100 + v[3] as u16;
@@ -1042,6 +1044,25 @@ mod tests {
             let _ = channel_data::decode(&d);
             let _ = stream_frame_len(&d);
         }
+    }
+
+    #[test]
+    fn error_code_number_over_99_is_malformed() {
+        // Found by the stun_parse fuzz target
+        // (fuzz/regressions/stun_parse/error-code-number-over-99): class 7,
+        // number 251 decoded as "951"; and class 3, number 101 read as 401.
+        let raw = hex("1400000c2112a4420404051400001400f8f3deed
+            a4000000 00090004 0402fffb");
+        let m = Message::parse(&raw).expect("parse");
+        assert_eq!(m.error_code(), None);
+        let mut buf = Vec::new();
+        MessageBuilder::new(&mut buf, method::ALLOCATE, Class::Error, [1; 12])
+            .attr(attr::ERROR_CODE, &[0, 0, 3, 101]);
+        assert_eq!(Message::parse(&buf).expect("parse").error_code(), None);
+        MessageBuilder::new(&mut buf, method::ALLOCATE, Class::Error, [1; 12])
+            .error(401, "Unauthorized");
+        let m = Message::parse(&buf).expect("parse");
+        assert_eq!(m.error_code(), Some((401, "Unauthorized")));
     }
 
     #[test]

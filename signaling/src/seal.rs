@@ -169,17 +169,30 @@ pub fn seal(
     now_ms: u64,
     msg: &PeerMessage,
 ) -> Result<Envelope, SealError> {
+    let plain = serde_json::to_vec(msg).expect("peer messages always serialise");
+    seal_plaintext(sender, to, now_ms, &plain)
+}
+
+/// Seals arbitrary plaintext bytes exactly as [`seal`] seals a message's
+/// JSON. Only for the fuzz targets, which need authentic envelopes around
+/// content that is not a valid [`PeerMessage`]; use [`seal`].
+#[doc(hidden)]
+pub fn seal_plaintext(
+    sender: &PrivateKey,
+    to: &PublicKey,
+    now_ms: u64,
+    plain: &[u8],
+) -> Result<Envelope, SealError> {
     let from = sender.public_key();
     let shared = sender
         .diffie_hellman(to)
         .ok_or(SealError::BadRecipient(*to))?;
     let nonce: [u8; 24] = rand::random();
-    let plain = serde_json::to_vec(msg).expect("peer messages always serialise");
     let ct = cipher(&shared, &from, to)
         .encrypt(
             XNonce::from_slice(&nonce),
             Payload {
-                msg: &plain,
+                msg: plain,
                 aad: &aad(&from, to, now_ms),
             },
         )
