@@ -134,7 +134,7 @@ fn client_socket(i: u8, alt: Option<AltAddress>) -> ClientSocket {
 fuzz_target!(|setup: Setup| {
     let t0 = Instant::now();
     let mut now = t0;
-    let mut cfg = ServerConfig::new(REALM, RELAY_IP.parse().expect("ip"), t0, UNIX0);
+    let mut cfg = ServerConfig::new(REALM, RELAY_IP.parse().expect("ip"), t0, UNIX0, SECRET);
     for (u, p) in USERS {
         cfg.credentials.users.insert((*u).into(), (*p).into());
     }
@@ -158,7 +158,7 @@ fuzz_target!(|setup: Setup| {
         usize::from(setup.max_total % 8),
         u32::from(setup.max_per_user % 4),
     ));
-    let mut server = Server::new(cfg, quotas, Arc::new(Metrics::default()), t0);
+    let mut server = Server::new(cfg, quotas, Arc::new(Metrics::default()), t0, 1);
     let mut bound: Vec<(RelayToken, SocketAddr)> = Vec::new();
     let mut fail_next = false;
 

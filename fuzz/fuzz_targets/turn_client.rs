@@ -86,7 +86,7 @@ fuzz_target!(|input: Input| {
     if input.sha256 {
         cfg.integrity = Integrity::Sha256;
     }
-    let mut client = Client::new(cfg);
+    let mut client = Client::new(cfg, 1);
     client.allocate(now);
     // Requests the client sent (transaction ids, most recent last) and the
     // realm it was last told, so signed answers use the key it derived.
