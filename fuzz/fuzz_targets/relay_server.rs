@@ -317,6 +317,8 @@ fuzz_target!(|setup: Setup| {
                         }
                     }
                     Event::ReleaseRelay { token } => bound.retain(|(t, _)| *t != token),
+                    // A stream driver's concern (the client keeps its slot).
+                    Event::ClientAuthenticated { .. } => {}
                 }
             }
             while let Some(t) = server.poll_transmit() {
