@@ -110,9 +110,13 @@ impl Agent {
                 let changed = p.cert_problem.as_ref() != Some(&why);
                 p.membership = None;
                 p.cert_problem = Some(why.clone());
-                if cert.is_some() && changed {
+                // Every refused certificate counts; a repeat of the same
+                // refusal is not logged again.
+                if cert.is_some() {
                     self.drops.bad_certificate += 1;
-                    self.log_refusal(now, &key, "bad_certificate", &why);
+                    if changed {
+                        self.log_refusal(now, &key, "bad_certificate", &why);
+                    }
                 }
             }
         }
