@@ -112,7 +112,7 @@ pub fn classify(
 }
 
 /// IPv4-mapped IPv6 addresses compare as IPv4.
-fn normalise(ip: IpAddr) -> IpAddr {
+pub(crate) fn normalise(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()

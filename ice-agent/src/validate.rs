@@ -129,15 +129,10 @@ pub struct OwnAddrs {
     pub candidates: Vec<SocketAddr>,
 }
 
-/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) as the IPv4 address it is.
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) as the IPv4 address it is (the
+/// path classifier's rule).
 pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
+    crate::path::normalise(ip)
 }
 
 /// Which rule refuses `ip` as a peer's address on any node (never
