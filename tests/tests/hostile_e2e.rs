@@ -123,6 +123,16 @@ fn offer(
     }
 }
 
+/// The value of `wgice_dropped_total{reason}` in a metrics page (0 when absent).
+fn dropped(metrics: &str, reason: &str) -> f64 {
+    let name = format!("wgice_dropped_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn row_of(m: &MeshLab, i: usize, key: &str) -> Option<serde_json::Value> {
     m.status(i)?["peers"]
         .as_array()?
@@ -256,16 +266,10 @@ fn malformed_offers_and_candidate_floods_are_refused_while_peers_keep_pinging() 
     assert_eq!(row["path"], "direct");
     let metrics = m.metrics(a);
     for reason in ["bad_credentials", "candidate_refused", "bad_candidate"] {
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with(&format!("wgice_dropped_total{{reason=\"{reason}\"}}")))
-            .unwrap_or_default();
-        let n: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        assert!(n >= 1.0, "{reason} not counted: {line:?}\n{metrics}");
+        assert!(
+            dropped(&metrics, reason) >= 1.0,
+            "{reason} not counted\n{metrics}"
+        );
     }
     assert!(
         m.ping(a, b, 3),
