@@ -274,6 +274,12 @@ pub struct DropCounters {
     pub candidate_refused: u64,
     /// Messages with an out-of-range field (session id 0, port 0).
     pub bad_field: u64,
+    /// Embedded mode: WireGuard datagrams refused (unknown receiver index
+    /// or sender key, bad MAC, failed authentication, replayed counter).
+    pub wg_rejected: u64,
+    /// Embedded mode: decrypted packets whose inner source is not an
+    /// allowed IP of the peer that sent them.
+    pub wg_bad_source: u64,
     /// Members refused because `max_peers` peers are managed.
     pub peer_limit: u64,
     /// Membership certificates that did not verify.
@@ -285,7 +291,7 @@ pub struct DropCounters {
 
 impl DropCounters {
     /// Every counter with its `reason` label.
-    pub fn by_reason(&self) -> [(&'static str, u64); 12] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 14] {
         [
             ("stun_unmatched", self.stun_unmatched),
             ("wg_unknown_source", self.wg_unknown_source),
@@ -299,6 +305,8 @@ impl DropCounters {
             ("peer_limit", self.peer_limit),
             ("bad_certificate", self.bad_certificate),
             ("address_refused", self.address_refused),
+            ("wg_rejected", self.wg_rejected),
+            ("wg_bad_source", self.wg_bad_source),
         ]
     }
 
@@ -695,6 +703,40 @@ impl Agent {
             _ => {
                 self.drops.malformed += 1;
                 None
+            }
+        }
+    }
+
+    /// Whether `addr` is one of the relays (datagrams from it are TURN).
+    pub fn is_relay(&self, addr: SocketAddr) -> bool {
+        self.relays.iter().any(|r| r.spec.server == addr)
+    }
+
+    /// Embedded mode: the data plane authenticated a WireGuard datagram of
+    /// `len` bytes from `peer` arriving directly from `source` (it decides
+    /// by the packet's keys, not its address, so this is bookkeeping: bytes
+    /// received, and data on an ICE pair keeps that pair alive).
+    pub fn note_wireguard(
+        &mut self,
+        now: Instant,
+        peer: PeerKey,
+        source: SocketAddr,
+        local: Option<IpAddr>,
+        len: usize,
+    ) {
+        let local_ip = local
+            .or_else(|| self.opts.host.first().map(|n| n.addr()))
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let dst = SocketAddr::new(local_ip, self.opts.port);
+        let owned = self.owner.get(&source) == Some(&peer);
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.rx_bytes += len as u64;
+        if owned {
+            if let Some(s) = p.session.as_mut() {
+                s.ice.note_data_rx(now, source, dst);
+                self.drain_session(now, &peer);
             }
         }
     }

@@ -6,8 +6,9 @@
 //!
 //! [wireguard]
 //! interface = "wg0"          # the WireGuard interface beside which the agent runs
-//! mode = "external"          # "external" (existing wg) or "embedded" (in-process)
-//! private_key_file = "/etc/wgice/private.key"   # or private_key = "<base64>"; omit to read it from the interface
+//! mode = "external"          # "external" (existing wg) or "embedded" (the agent creates the interface)
+//! private_key_file = "/etc/wgice/private.key"   # or private_key = "<base64>"; external mode: omit to read it from the interface
+//! mtu = 1420                 # embedded mode: the interface's MTU
 //! port = 51821               # the agent's ICE/relay UDP port (0: any)
 //! address = ["10.8.0.1/32"]  # overlay address(es) advertised to the mesh
 //!
@@ -151,6 +152,8 @@ pub struct AgentConfig {
     pub private_key: Option<PrivateKey>,
     /// The agent's UDP port (0: any).
     pub port: u16,
+    /// Embedded mode: the TUN interface's MTU.
+    pub mtu: u16,
     /// Signaling URL.
     pub signaling_url: String,
     /// Pinned certificate fingerprint (SHA-256), if any.
@@ -227,6 +230,7 @@ struct WgSection {
     private_key_file: Option<PathBuf>,
     #[serde(default)]
     port: u16,
+    mtu: Option<u16>,
     #[serde(default)]
     address: Vec<String>,
 }
@@ -350,8 +354,23 @@ impl AgentConfig {
                     )
                 })?)
             }
+            (None, None) if f.wireguard.mode == Mode::Embedded => {
+                return Err(err(
+                    "wireguard.private_key_file",
+                    "embedded mode needs the node's private key (there is no interface to read it from)".into(),
+                    "create one with `wg genkey > FILE` (mode 0600) and set private_key_file",
+                ))
+            }
             (None, None) => None,
         };
+        let mtu = f.wireguard.mtu.unwrap_or(1420);
+        if !(1280..=65535 - 80).contains(&mtu) {
+            return Err(err(
+                "wireguard.mtu",
+                format!("{mtu} is out of range"),
+                "use 1280 (the IPv6 minimum) to 65455; 1420 fits a 1500-byte path",
+            ));
+        }
         let url = &f.signaling.url;
         if !(url.starts_with("quic://") || url.starts_with("tls://"))
             || url.split("://").nth(1).is_none_or(|r| !r.contains(':'))
@@ -607,6 +626,7 @@ impl AgentConfig {
             mode: f.wireguard.mode,
             private_key,
             port: f.wireguard.port,
+            mtu,
             signaling_url: f.signaling.url,
             signaling_pin,
             mesh_token: f.signaling.mesh_token,

@@ -2,16 +2,10 @@
 //!
 //! It owns the agent's one UDP socket (ICE checks, TURN, and WireGuard
 //! packets on direct or relayed paths all share it), the signaling client,
-//! one loopback proxy socket per managed peer, a thread that talks to the
-//! WireGuard interface, the control socket and the metrics listener.
-//!
-//! Data path in `external` mode: the peer's WireGuard endpoint is its proxy
-//! (`127.0.0.1:<port>`); what WireGuard sends there is framed for the peer's
-//! current [`Route`] and leaves from the agent socket; WireGuard packets
-//! arriving on the agent socket (directly or through the relay) are handed
-//! to the interface from that peer's proxy socket, so WireGuard always sees
-//! the peer at one stable address. On a same-LAN path the endpoint points
-//! straight at the peer's WireGuard port and the agent is out of the way.
+//! the data plane ([`crate::dataplane`]: loopback proxies beside an external
+//! WireGuard interface, or the embedded WireGuard device), a thread that
+//! talks to the WireGuard interface, the control socket and the metrics
+//! listener.
 
 use std::collections::HashMap;
 use std::io;
@@ -29,12 +23,14 @@ use signaling::keys::PrivateKey;
 use signaling::tls::Trust;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{TcpListener, UdpSocket, UnixListener};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::{
-    Agent, AgentOptions, DropCounters, Endpoint, Output, PeerKey, RelaySpec, Route,
+    Agent, AgentOptions, DropCounters, Output, PeerKey, RelaySpec,
 };
 use crate::config::{AgentConfig, Mode, RelayAuth, RelayTransport};
+use crate::dataplane::external::Proxies;
+use crate::dataplane::DataPlane;
 use crate::gather::{self, HostFilter};
 use crate::status::{render_table, PeerStatus};
 use crate::wg::{Original, PeerUpdate, WgControl, WgError};
@@ -46,12 +42,15 @@ pub enum DaemonError {
     /// WireGuard interface problem.
     #[error(transparent)]
     Wg(#[from] WgError),
-    /// `wireguard.mode = "embedded"` is not built yet.
+    /// The embedded mode's TUN interface.
+    #[error(transparent)]
+    Tun(#[from] crate::dataplane::tun::TunError),
+    /// The embedded interface's UAPI socket.
     #[error(
-        "wireguard.mode = \"embedded\" is not available yet: use mode = \"external\" beside \
-         a kernel, wireguard-go or boringtun-cli interface"
+        "cannot serve the WireGuard UAPI socket in /var/run/wireguard: {0} (is another \
+         wireguard-go or agent running with this interface name?)"
     )]
-    EmbeddedUnavailable,
+    Uapi(std::io::Error),
     /// Neither the config nor the interface has a private key.
     #[error(
         "interface {0:?} has no private key and the config names none: set \
@@ -110,6 +109,9 @@ pub enum DaemonError {
 pub struct Status {
     /// WireGuard interface.
     pub interface: String,
+    /// `external` or `embedded`.
+    #[serde(default)]
+    pub mode: String,
     /// Our public key.
     pub public_key: String,
     /// The agent socket's port.
@@ -153,7 +155,7 @@ enum WgCmd {
     Add {
         peer: PeerKey,
         allowed_ips: Vec<IpNet>,
-        endpoint: SocketAddr,
+        endpoint: Option<SocketAddr>,
     },
     Endpoint {
         peer: PeerKey,
@@ -172,22 +174,25 @@ enum WgCmd {
     Counters(oneshot::Sender<HashMap<PeerKey, (u64, u64, u64)>>),
 }
 
-struct Proxy {
-    sock: Arc<UdpSocket>,
-    route: watch::Sender<Route>,
-    endpoint: Option<SocketAddr>,
-    task: tokio::task::JoinHandle<()>,
-}
-
 /// Runs the agent until `shutdown` resolves; restores the WireGuard peers it
 /// changed before returning.
 pub async fn run(
     cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    if cfg.mode == Mode::Embedded {
-        return Err(DaemonError::EmbeddedUnavailable);
-    }
+    let socket_err = |source| DaemonError::AgentSocket {
+        port: cfg.port,
+        source,
+    };
+    let bound = crate::udp::bind(cfg.port).map_err(socket_err)?;
+    let dual = bound.dual;
+    let std_sock = bound.socket;
+    let port = std_sock.local_addr().map_err(socket_err)?.port();
+    // Embedded mode: the interface is ours, created before anything reads it.
+    let embedded = match cfg.mode {
+        Mode::External => None,
+        Mode::Embedded => Some(start_embedded(&cfg, &std_sock, dual, port)?),
+    };
     let wg = WgControl::open(&cfg.interface)?;
     let dev = wg.device()?;
     let private = match (cfg.private_key.clone(), dev.private_key) {
@@ -213,16 +218,11 @@ pub async fn run(
             cfg.interface
         );
     }
-
-    let socket_err = |source| DaemonError::AgentSocket {
-        port: cfg.port,
-        source,
-    };
-    let bound = crate::udp::bind(cfg.port).map_err(socket_err)?;
-    let dual = bound.dual;
-    let std_sock = bound.socket;
-    let port = std_sock.local_addr().map_err(socket_err)?.port();
     let sock = Arc::new(UdpSocket::from_std(std_sock).map_err(socket_err)?);
+    let mut plane = match embedded {
+        Some(e) => DataPlane::Embedded(e),
+        None => DataPlane::External(Proxies::new(sock.clone(), dual, wg_addr)),
+    };
 
     let overlay_nets: Vec<IpNet> = cfg
         .address
@@ -241,7 +241,7 @@ pub async fn run(
         .exclude
         .extend(cfg.exclude_interfaces.iter().cloned());
     let host = host_nets(&filter, dual);
-    tracing::info!(interface = %cfg.interface, backend = wg.backend_name(), port, ?host, "starting");
+    tracing::info!(interface = %cfg.interface, mode = ?cfg.mode, backend = wg.backend_name(), port, ?host, "starting");
 
     let mut relays = Vec::new();
     let mut rest_relays: Vec<(SocketAddr, String, String)> = Vec::new();
@@ -389,8 +389,12 @@ pub async fn run(
         None => None,
     };
 
-    let mut proxies: HashMap<PeerKey, Proxy> = HashMap::new();
     let mut buf = vec![0u8; 65536];
+    // Embedded mode: decrypted packets and replies are built here.
+    let mut scratch = vec![0u8; 65536 + 64];
+    let mut wg_timer = tokio::time::interval(Duration::from_millis(100));
+    wg_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wg_ticks = 0u32;
     let mut iface_tick = tokio::time::interval(Duration::from_secs(5));
     iface_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut signaling_up = false;
@@ -402,7 +406,7 @@ pub async fn run(
 
     loop {
         while let Some(o) = agent.poll_output() {
-            apply(o, &sock, dual, &sig, &wg_tx, &mut proxies, wg_addr);
+            apply(o, &sock, dual, &sig, &wg_tx, &mut plane);
         }
         let deadline = agent
             .poll_timeout()
@@ -414,12 +418,7 @@ pub async fn run(
                 for _ in 0..64 {
                     match next {
                         Ok(Some((n, from, local))) => {
-                            let now = Instant::now();
-                            if let Some((peer, pkt)) = agent.handle_datagram(now, from, local, &buf[..n]) {
-                                if let Some(p) = proxies.get(&peer) {
-                                    let _ = p.sock.try_send(pkt);
-                                }
-                            }
+                            datagram(&mut agent, &plane, from, local, &buf[..n], &mut scratch);
                         }
                         Ok(None) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -466,7 +465,23 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(deadline) => agent.handle_timeout(Instant::now()),
             Some(reply) = ctl_rx.recv() => {
-                let _ = reply.send(snapshot(&agent, &cfg.interface, port, signaling_up));
+                let mut snap = snapshot(&agent, &cfg.interface, port, signaling_up);
+                if let DataPlane::Embedded(e) = &plane {
+                    let c = &e.dev.counters;
+                    snap.status.mode = "embedded".into();
+                    snap.status.dropped.wg_rejected = c.wg_rejected.load(std::sync::atomic::Ordering::Relaxed);
+                    snap.status.dropped.wg_bad_source = c.wg_bad_source.load(std::sync::atomic::Ordering::Relaxed);
+                }
+                let _ = reply.send(snap);
+            }
+            _ = wg_timer.tick(), if matches!(plane, DataPlane::Embedded(_)) => {
+                if let DataPlane::Embedded(e) = &plane {
+                    e.dev.tick(&mut scratch);
+                    wg_ticks = wg_ticks.wrapping_add(1);
+                    if wg_ticks % 10 == 0 {
+                        e.dev.reset_rate_limit();
+                    }
+                }
             }
             _ = iface_tick.tick() => {
                 let h = host_nets(&filter, dual);
@@ -496,7 +511,7 @@ pub async fn run(
     );
     agent.shutdown(Instant::now());
     while let Some(o) = agent.poll_output() {
-        apply(o, &sock, dual, &sig, &wg_tx, &mut proxies, wg_addr);
+        apply(o, &sock, dual, &sig, &wg_tx, &mut plane);
     }
     // Let the signaling client flush the goodbyes.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -520,11 +535,12 @@ pub async fn run(
         t.abort();
         let _ = t.await;
     }
-    for p in proxies.into_values() {
-        p.task.abort();
-    }
     drop(wg_tx);
     let _ = tokio::task::spawn_blocking(move || wg_thread.join()).await;
+    // Embedded: the UAPI socket goes, and the interface with its routes
+    // when the device is dropped here.
+    plane.close();
+    drop(plane);
     let _ = std::fs::remove_file(&cfg.control);
     Ok(())
 }
@@ -535,8 +551,7 @@ fn apply(
     dual: bool,
     sig: &SigClient,
     wg_tx: &std::sync::mpsc::Sender<WgCmd>,
-    proxies: &mut HashMap<PeerKey, Proxy>,
-    wg_addr: SocketAddr,
+    plane: &mut DataPlane,
 ) {
     match o {
         Output::Send { to, data } => {
@@ -551,150 +566,86 @@ fn apply(
             }
         }
         Output::PeerAdded { peer, allowed_ips } => {
-            // Connected to the WireGuard port: the kernel drops datagrams
-            // from anyone else, and sends need no per-packet address.
-            let psock = match std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-                .and_then(|s| s.connect(wg_addr).map(|_| s))
-                .and_then(|s| s.set_nonblocking(true).map(|_| s))
-                .and_then(UdpSocket::from_std)
-            {
-                Ok(s) => Arc::new(s),
-                Err(e) => {
-                    tracing::error!(peer = %peer, "cannot open a proxy socket: {e}");
-                    return;
-                }
-            };
-            let Ok(paddr) = psock.local_addr() else {
-                return;
-            };
-            let (route_tx, route_rx) = watch::channel(Route::Hold);
-            let task = tokio::spawn(proxy_loop(
-                psock.clone(),
-                sock.clone(),
-                dual,
-                route_rx,
-                wg_addr,
-            ));
-            proxies.insert(
-                peer,
-                Proxy {
-                    sock: psock,
-                    route: route_tx,
-                    endpoint: Some(paddr),
-                    task,
-                },
-            );
+            let endpoint = plane.peer_added(peer);
+            if endpoint.is_none() && matches!(plane, DataPlane::External(_)) {
+                return; // no proxy (logged): WireGuard is left alone
+            }
             let _ = wg_tx.send(WgCmd::Add {
                 peer,
                 allowed_ips,
-                endpoint: paddr,
+                endpoint,
             });
         }
         Output::Route { peer, route } => {
-            let Some(p) = proxies.get_mut(&peer) else {
-                return;
-            };
-            p.route.send_replace(route.route);
-            let want = match route.endpoint {
-                Endpoint::Proxy => p.sock.local_addr().ok(),
-                Endpoint::Direct(a) => Some(a),
-            };
-            if let Some(endpoint) = want {
-                if p.endpoint != Some(endpoint) {
-                    p.endpoint = Some(endpoint);
-                    let _ = wg_tx.send(WgCmd::Endpoint { peer, endpoint });
-                }
+            if let Some(endpoint) = plane.route(&peer, route) {
+                let _ = wg_tx.send(WgCmd::Endpoint { peer, endpoint });
             }
         }
         Output::AllowedIps { peer, allowed_ips } => {
             let _ = wg_tx.send(WgCmd::AllowedIps { peer, allowed_ips });
         }
         Output::PeerRemoved { peer } => {
-            if let Some(p) = proxies.remove(&peer) {
-                p.task.abort();
-            }
+            plane.peer_removed(&peer);
             let _ = wg_tx.send(WgCmd::Restore { peer });
         }
     }
 }
 
-/// Packets WireGuard sends to a peer's proxy leave on the peer's route;
-/// while there is none, the last few (handshake initiations) are held so
-/// the first handshake does not wait for WireGuard's 5 s retry.
-async fn proxy_loop(
-    psock: Arc<UdpSocket>,
-    sock: Arc<UdpSocket>,
-    dual: bool,
-    mut route: watch::Receiver<Route>,
-    wg_addr: SocketAddr,
+/// One datagram from the agent socket: socket → demux → ICE / TURN /
+/// WireGuard. In embedded mode a WireGuard datagram that did not come
+/// through a relay goes straight to the device, which knows its sender by
+/// its keys; everything else goes through the agent first.
+fn datagram(
+    agent: &mut Agent,
+    plane: &DataPlane,
+    from: SocketAddr,
+    local: Option<IpAddr>,
+    data: &[u8],
+    scratch: &mut [u8],
 ) {
-    const HOLD: usize = 8;
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::with_capacity(2048);
-    let mut held: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
-    loop {
-        tokio::select! {
-            r = psock.readable() => {
-                if let Err(e) = r {
-                    tracing::debug!("proxy socket: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-                // Drain what is queued (one wake-up for a burst).
-                for _ in 0..64 {
-                    let (n, from) = match psock.try_recv_from(&mut buf) {
-                        Ok(x) => x,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            // Not "nothing queued": do not spin on it.
-                            tracing::debug!("proxy socket: {e}");
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            break;
-                        }
-                    };
-                    // Only the local WireGuard interface speaks here.
-                    if from != wg_addr {
-                        continue;
-                    }
-                    let rt = *route.borrow();
-                    if rt == Route::Hold {
-                        if held.len() == HOLD {
-                            held.pop_front();
-                        }
-                        held.push_back(buf[..n].to_vec());
-                    } else if let Route::Direct(to) = rt {
-                        // Plain forwarding: no framing, no copy.
-                        send(&sock, &buf[..n], crate::udp::outward(to, dual)).await;
-                    } else if let Some(to) = rt.frame(&buf[..n], &mut out, rand::random()) {
-                        send(&sock, &out, crate::udp::outward(to, dual)).await;
-                    }
-                }
+    let now = Instant::now();
+    let relayed = agent.is_relay(from);
+    if let DataPlane::Embedded(e) = plane {
+        if !relayed && matches!(crate::demux::classify(data), crate::demux::Kind::WireGuard(_)) {
+            if let Some(peer) = e.dev.receive(from, true, data, scratch) {
+                agent.note_wireguard(now, peer, from, local, data.len());
             }
-            c = route.changed() => {
-                if c.is_err() {
-                    return;
-                }
-                let rt = *route.borrow_and_update();
-                if rt != Route::Hold {
-                    for pkt in held.drain(..) {
-                        if let Some(to) = rt.frame(&pkt, &mut out, rand::random()) {
-                            send(&sock, &out, crate::udp::outward(to, dual)).await;
-                        }
-                    }
-                }
-            }
+            return;
         }
+    }
+    if let Some((peer, pkt)) = agent.handle_datagram(now, from, local, data) {
+        plane.deliver(&peer, from, !relayed, pkt, scratch);
     }
 }
 
-/// Sends without a trip through the scheduler unless the socket is full.
-async fn send(sock: &UdpSocket, data: &[u8], to: SocketAddr) {
-    match sock.try_send_to(data, to) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            let _ = sock.send_to(data, to).await;
-        }
-        _ => {}
-    }
+/// Creates the embedded mode's interface and device on the agent socket.
+fn start_embedded(
+    cfg: &AgentConfig,
+    sock: &std::net::UdpSocket,
+    dual: bool,
+    port: u16,
+) -> Result<crate::dataplane::Embedded, DaemonError> {
+    let key = cfg
+        .private_key
+        .as_ref()
+        .ok_or_else(|| DaemonError::NoPrivateKey(cfg.interface.clone()))?;
+    let own: Vec<IpNet> = cfg
+        .address
+        .iter()
+        .filter_map(|a| {
+            a.parse::<IpNet>()
+                .ok()
+                .or_else(|| a.parse::<IpAddr>().ok().map(IpNet::from))
+        })
+        .collect();
+    let tun = crate::dataplane::tun::Tun::create(&cfg.interface, cfg.mtu, &own)?;
+    let handle = sock.try_clone().map_err(|source| DaemonError::Resources {
+        what: "sharing the agent socket with the data plane",
+        source,
+    })?;
+    let dev = crate::dataplane::embedded::Device::new(tun, handle, dual, port, key.secret_bytes(), &own);
+    tracing::info!(interface = %cfg.interface, mtu = cfg.mtu, ?own, "embedded WireGuard interface created");
+    crate::dataplane::Embedded::start(dev).map_err(DaemonError::Uapi)
 }
 
 /// Defence in depth: a panic anywhere in the agent (a bug reached by input
@@ -738,8 +689,8 @@ struct WgState {
     // member's address another peer holds is withheld until it is free).
     wanted: HashMap<PeerKey, Vec<IpNet>>,
     written: HashMap<PeerKey, Vec<IpNet>>,
-    /// The endpoint last written per peer.
-    endpoints: HashMap<PeerKey, SocketAddr>,
+    /// The endpoint last written per peer (none in embedded mode).
+    endpoints: HashMap<PeerKey, Option<SocketAddr>>,
     /// The interface as last read, kept up to date with our own writes:
     /// adding or removing a peer costs one write, not a read of every peer
     /// (re-read every [`MODEL_MAX_AGE`], and when the interface changes).
@@ -795,7 +746,7 @@ fn take_over(
     st: &mut WgState,
     peer: PeerKey,
     allowed_ips: Vec<IpNet>,
-    endpoint: SocketAddr,
+    endpoint: Option<SocketAddr>,
 ) {
     // Without knowing how the peer looked, the agent would not know how to
     // restore it: leave the interface alone.
@@ -823,12 +774,12 @@ fn take_over(
     let ips = (!keep_ips).then_some(allowed_ips);
     let r = wg.set_peer(&PeerUpdate {
         public_key: peer,
-        endpoint: Some(endpoint),
+        endpoint,
         allowed_ips: ips.clone(),
         ..PeerUpdate::default()
     });
     if r.is_ok() {
-        st.wrote(peer, Some(endpoint), ips.as_deref());
+        st.wrote(peer, endpoint, ips.as_deref());
     }
     wg_log("adding peer", r);
 }
@@ -879,7 +830,7 @@ fn wg_loop(wg: &WgControl, rx: &std::sync::mpsc::Receiver<WgCmd>, st: &std::sync
                     interface = wg.interface(),
                     "the interface was re-created; re-adding the peers the agent manages"
                 );
-                let peers: Vec<(PeerKey, SocketAddr)> =
+                let peers: Vec<(PeerKey, Option<SocketAddr>)> =
                     st.endpoints.iter().map(|(k, e)| (*k, *e)).collect();
                 st.originals.clear();
                 st.written.clear();
@@ -929,7 +880,7 @@ fn wg_loop(wg: &WgControl, rx: &std::sync::mpsc::Receiver<WgCmd>, st: &std::sync
                     }
                 }
                 tracing::info!(peer = %peer, %endpoint, "WireGuard endpoint");
-                st.endpoints.insert(peer, endpoint);
+                st.endpoints.insert(peer, Some(endpoint));
                 let r = wg.set_peer(&PeerUpdate {
                     public_key: peer,
                     endpoint: Some(endpoint),
@@ -1081,6 +1032,7 @@ fn snapshot(agent: &Agent, interface: &str, port: u16, signaling: bool) -> Snaps
     Snapshot {
         status: Status {
             interface: interface.to_owned(),
+            mode: "external".into(),
             public_key: agent.public_key().to_string(),
             port,
             signaling,

@@ -27,6 +27,7 @@ pub mod agent;
 pub mod cert;
 pub mod config;
 pub mod daemon;
+pub mod dataplane;
 /// Telling STUN, ChannelData and WireGuard apart (the relay crate's
 /// classifier, shared by relay, agent and netsim).
 pub use relay::demux;

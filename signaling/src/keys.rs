@@ -76,6 +76,12 @@ impl PrivateKey {
         PrivateKey(bytes)
     }
 
+    /// The raw key, for a WireGuard implementation in the same process
+    /// (the agent's embedded mode).
+    pub fn secret_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
     /// A fresh random key (tests, benchmarks; real nodes use their WireGuard key).
     pub fn generate() -> Self {
         PrivateKey(rand::random())

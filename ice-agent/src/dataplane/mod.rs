@@ -1,0 +1,122 @@
+//! The data plane: how WireGuard packets get between the local interface
+//! and the agent's socket. Two implementations behind one interface:
+//!
+//! - [`external::Proxies`] (`mode = "external"`): WireGuard is a kernel or
+//!   userspace interface the agent does not own; each managed peer gets a
+//!   loopback proxy socket as its endpoint.
+//! - [`Embedded`] (`mode = "embedded"`): the agent creates the TUN
+//!   interface and runs WireGuard itself ([`embedded::Device`]), on the
+//!   agent socket; no loopback hop. Its peers are configured through the
+//!   WireGuard UAPI ([`uapi`]), as a wireguard-go interface's are.
+
+pub mod embedded;
+pub mod external;
+pub mod tun;
+pub mod uapi;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::agent::{Endpoint, PeerKey, PeerRoute};
+
+/// The embedded data plane: the device, its UAPI listener and the thread
+/// that reads the TUN.
+#[derive(Debug)]
+pub struct Embedded {
+    /// The device.
+    pub dev: Arc<embedded::Device>,
+    uapi: Option<uapi::Uapi>,
+    outbound: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Embedded {
+    /// Starts the TUN reader and the UAPI listener for `dev`.
+    pub fn start(dev: embedded::Device) -> std::io::Result<Embedded> {
+        let dev = Arc::new(dev);
+        let uapi = uapi::Uapi::start(dev.clone())?;
+        let d = dev.clone();
+        let outbound = std::thread::Builder::new()
+            .name("wg-outbound".into())
+            .spawn(move || d.run_outbound())?;
+        Ok(Embedded {
+            dev,
+            uapi: Some(uapi),
+            outbound: Some(outbound),
+        })
+    }
+
+    /// Stops the threads and removes the UAPI socket; the TUN interface
+    /// goes when the last handle on the device is dropped.
+    pub fn close(&mut self) {
+        self.dev.stop();
+        if let Some(t) = self.outbound.take() {
+            let _ = t.join();
+        }
+        self.uapi.take();
+    }
+}
+
+/// Either data plane.
+#[derive(Debug)]
+pub enum DataPlane {
+    /// Beside an existing WireGuard interface.
+    External(external::Proxies),
+    /// WireGuard in process.
+    Embedded(Embedded),
+}
+
+impl DataPlane {
+    /// The agent manages a new peer; returns the endpoint WireGuard should
+    /// be given (external mode: the peer's proxy).
+    pub fn peer_added(&mut self, peer: PeerKey) -> Option<SocketAddr> {
+        match self {
+            DataPlane::External(p) => p.add(peer),
+            DataPlane::Embedded(_) => None,
+        }
+    }
+
+    /// The peer's path changed; returns the endpoint WireGuard should be
+    /// changed to, if it changes.
+    pub fn route(&mut self, peer: &PeerKey, route: PeerRoute) -> Option<SocketAddr> {
+        match self {
+            DataPlane::External(p) => p.route(peer, route),
+            DataPlane::Embedded(e) => {
+                // On a LAN path the peer's WireGuard port may differ from its
+                // agent's (an external-mode peer): send straight to it.
+                let r = match route.endpoint {
+                    Endpoint::Direct(a) => crate::agent::Route::Direct(a),
+                    Endpoint::Proxy => route.route,
+                };
+                e.dev.set_route(peer, Some(r));
+                None
+            }
+        }
+    }
+
+    /// The agent stopped managing the peer.
+    pub fn peer_removed(&mut self, peer: &PeerKey) {
+        match self {
+            DataPlane::External(p) => p.remove(peer),
+            DataPlane::Embedded(e) => e.dev.set_route(peer, None),
+        }
+    }
+
+    /// A WireGuard packet from `peer` that the agent accepted (relayed, or
+    /// on a path it knows), which arrived from `from`.
+    pub fn deliver(&self, peer: &PeerKey, from: SocketAddr, direct: bool, pkt: &[u8], scratch: &mut [u8]) {
+        match self {
+            DataPlane::External(p) => p.deliver(peer, pkt),
+            DataPlane::Embedded(e) => {
+                e.dev.receive(from, direct, pkt, scratch);
+            }
+        }
+    }
+
+    /// Stops everything the data plane runs.
+    pub fn close(&mut self) {
+        match self {
+            DataPlane::External(p) => p.close(),
+            DataPlane::Embedded(e) => e.close(),
+        }
+    }
+}
