@@ -25,9 +25,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interes
 use tokio::net::{TcpListener, UdpSocket, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::agent::{
-    Agent, AgentOptions, DropCounters, Output, PeerKey, RelaySpec,
-};
+use crate::agent::{Agent, AgentOptions, DropCounters, Output, PeerKey, RelaySpec};
 use crate::config::{AgentConfig, Mode, RelayAuth, RelayTransport};
 use crate::dataplane::external::Proxies;
 use crate::dataplane::DataPlane;
@@ -606,7 +604,12 @@ fn datagram(
     let now = Instant::now();
     let relayed = agent.is_relay(from);
     if let DataPlane::Embedded(e) = plane {
-        if !relayed && matches!(crate::demux::classify(data), crate::demux::Kind::WireGuard(_)) {
+        if !relayed
+            && matches!(
+                crate::demux::classify(data),
+                crate::demux::Kind::WireGuard(_)
+            )
+        {
             if let Some(peer) = e.dev.receive(from, true, data, scratch) {
                 agent.note_wireguard(now, peer, from, local, data.len());
             }
@@ -643,7 +646,8 @@ fn start_embedded(
         what: "sharing the agent socket with the data plane",
         source,
     })?;
-    let dev = crate::dataplane::embedded::Device::new(tun, handle, dual, port, key.secret_bytes(), &own);
+    let dev =
+        crate::dataplane::embedded::Device::new(tun, handle, dual, port, key.secret_bytes(), &own);
     tracing::info!(interface = %cfg.interface, mtu = cfg.mtu, ?own, "embedded WireGuard interface created");
     crate::dataplane::Embedded::start(dev).map_err(DaemonError::Uapi)
 }

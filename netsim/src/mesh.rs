@@ -69,6 +69,9 @@ pub struct Node {
     pub control: PathBuf,
     /// The agent's config file.
     pub config: PathBuf,
+    /// Embedded mode: the agent creates the interface and runs WireGuard
+    /// itself (no wireguard-go).
+    pub embedded: bool,
 }
 
 /// The lab. See the module docs.
@@ -241,9 +244,20 @@ impl MeshLab {
     }
 
     /// Adds a device behind `router` with a wireguard-go interface (key,
-    /// port 51820, overlay `10.77.0.<n>/24`) and writes its agent config. The
-    /// agent is not started.
+    /// port 51820, overlay `10.77.0.<n>/24`) and writes its agent config
+    /// (external mode). The agent is not started.
     pub fn add_node(&mut self, name: &str, router: &str) -> usize {
+        self.add_node_mode(name, router, false)
+    }
+
+    /// Adds a device behind `router` whose agent runs in embedded mode: it
+    /// creates the interface (overlay `10.77.0.<n>/24`) and runs WireGuard
+    /// on its own socket; no wireguard-go. The agent is not started.
+    pub fn add_embedded_node(&mut self, name: &str, router: &str) -> usize {
+        self.add_node_mode(name, router, true)
+    }
+
+    fn add_node_mode(&mut self, name: &str, router: &str, embedded: bool) -> usize {
         let lan_ip = self.lab.add_device(name, router).expect("device");
         let idx = self.nodes.len();
         let ifname = format!("wg{}{}", self.tag, idx);
@@ -254,30 +268,40 @@ impl MeshLab {
         let public_key = pipe("wg", &["pubkey"], &key);
         let uapi = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
         let _ = std::fs::remove_file(&uapi);
-        self.lab
-            .spawn(
-                &format!("wg-{name}"),
-                name,
-                &[s("wireguard-go"), s("-f"), ifname.clone()],
-                &[("LOG_LEVEL".into(), "error".into())],
-                &self.dir,
-            )
-            .expect("spawn wireguard-go");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !uapi.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "wireguard-go did not create {uapi:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        if !embedded {
+            self.lab
+                .spawn(
+                    &format!("wg-{name}"),
+                    name,
+                    &[s("wireguard-go"), s("-f"), ifname.clone()],
+                    &[("LOG_LEVEL".into(), "error".into())],
+                    &self.dir,
+                )
+                .expect("spawn wireguard-go");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !uapi.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "wireguard-go did not create {uapi:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
+        let wg_lines = if embedded {
+            format!(
+                "mode = \"embedded\"\nprivate_key_file = \"{}\"\naddress = [\"{overlay}/24\"]\n",
+                key_file.display()
+            )
+        } else {
+            format!("address = [\"{overlay}/32\"]\n")
+        };
         let control = self.dir.join(format!("{name}.ctl"));
         let config = self.dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "peers = \"auto\"\n\n[wireguard]\ninterface = \"{ifname}\"\nport = {AGENT_PORT}\n\
-                 address = [\"{overlay}/32\"]\n\n[signaling]\nurl = \"quic://{ip}:4443\"\n\
+                 {wg_lines}\n[signaling]\nurl = \"quic://{ip}:4443\"\n\
                  pin_sha256 = \"{pin}\"\nmesh = \"lab\"\nmesh_token = \"{TOKEN}\"\n\n\
                  [[relays]]\nurl = \"turn:{ip}:3478\"\nusername = \"agent\"\npassword = \"agent-pass\"\n\n\
                  [agent]\ncontrol = \"{control}\"\nmetrics = \"127.0.0.1:9586\"\n",
@@ -295,8 +319,11 @@ impl MeshLab {
             lan_ip,
             control,
             config,
+            embedded,
         });
-        self.configure_wg(idx);
+        if !embedded {
+            self.configure_wg(idx);
+        }
         idx
     }
 
@@ -416,6 +443,53 @@ impl MeshLab {
             let (ok, out) = self.lab.exec(&name, &argv).expect("exec");
             assert!(ok, "{argv:?}: {out}");
         }
+    }
+
+    /// Starts an iperf3 server on node `i` (a second call finds it running).
+    pub fn iperf_server(&self, i: usize) {
+        let r = self.lab.spawn(
+            &format!("iperf-{}", self.nodes[i].name),
+            &self.nodes[i].name,
+            &[s("iperf3"), s("-s")],
+            &[],
+            &self.dir,
+        );
+        match r {
+            Ok(_) => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) if e.to_string().contains("already exists") => {}
+            Err(e) => panic!("iperf3 -s: {e}"),
+        }
+    }
+
+    /// TCP throughput in Mbit/s from node `from` to node `to`'s overlay
+    /// address (iperf3, `streams` parallel streams, `secs` seconds; the
+    /// server must run, see [`MeshLab::iperf_server`]). `None` when iperf3
+    /// fails.
+    pub fn iperf(&self, from: usize, to: usize, secs: u32, streams: u32) -> Option<f64> {
+        let (ok, out) = self
+            .lab
+            .exec(
+                &self.nodes[from].name,
+                &[
+                    s("iperf3"),
+                    s("-c"),
+                    s(self.nodes[to].overlay),
+                    s("-t"),
+                    s(secs),
+                    s("-P"),
+                    s(streams),
+                    s("-J"),
+                ],
+            )
+            .ok()?;
+        if !ok {
+            eprintln!("iperf3 failed: {out}");
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e6)
     }
 
     /// Restarts node `i`'s wireguard-go (the interface is deleted and

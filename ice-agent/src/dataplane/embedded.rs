@@ -91,9 +91,12 @@ struct Table {
 
 impl Table {
     fn lookup(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
-        self.hosts
-            .get(&dst)
-            .or_else(|| self.nets.iter().find(|(n, _)| n.contains(&dst)).map(|(_, p)| p))
+        self.hosts.get(&dst).or_else(|| {
+            self.nets
+                .iter()
+                .find(|(n, _)| n.contains(&dst))
+                .map(|(_, p)| p)
+        })
     }
 
     fn rebuild_routing(&mut self, allowed: &HashMap<PeerKey, Vec<IpNet>>) {
@@ -162,7 +165,9 @@ impl std::fmt::Debug for Device {
 /// A packet's destination address (IPv4 or IPv6 header), if it has one.
 pub fn dst_addr(pkt: &[u8]) -> Option<IpAddr> {
     match pkt.first()? >> 4 {
-        4 if pkt.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]))),
+        4 if pkt.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(
+            pkt[16], pkt[17], pkt[18], pkt[19],
+        ))),
         6 if pkt.len() >= 40 => {
             let b: [u8; 16] = pkt[24..40].try_into().ok()?;
             Some(IpAddr::V6(Ipv6Addr::from(b)))
@@ -183,7 +188,14 @@ fn place(route: Route, len: usize) -> Option<(SocketAddr, std::ops::Range<usize>
 impl Device {
     /// A device on `tun`, sending from `sock` (a handle on the agent
     /// socket, whose port is `port`), with the node's private key.
-    pub fn new(tun: Tun, sock: UdpSocket, dual: bool, port: u16, private: [u8; 32], own: &[IpNet]) -> Device {
+    pub fn new(
+        tun: Tun,
+        sock: UdpSocket,
+        dual: bool,
+        port: u16,
+        private: [u8; 32],
+        own: &[IpNet],
+    ) -> Device {
         let private = StaticSecret::from(private);
         let public = XPublic::from(&private);
         let routes = Routes::new(tun.name(), own);
@@ -264,7 +276,9 @@ impl Device {
                 // A Send indication (before the channel is bound): rare, framed
                 // into a fresh buffer.
                 let mut out = Vec::with_capacity(len + 64);
-                if let Some(to) = route.frame(&buf[HEADROOM..HEADROOM + len], &mut out, rand::random()) {
+                if let Some(to) =
+                    route.frame(&buf[HEADROOM..HEADROOM + len], &mut out, rand::random())
+                {
                     self.send(&out, to);
                 }
             }
@@ -303,7 +317,13 @@ impl Device {
     /// Which peer a datagram is for, from its receiver index, or for a
     /// handshake initiation from the sender's static key (after the MAC and
     /// rate-limit check; a cookie reply is sent when under load).
-    fn identify(&self, from: SocketAddr, direct: bool, data: &[u8], scratch: &mut [u8]) -> Option<Arc<Peer>> {
+    fn identify(
+        &self,
+        from: SocketAddr,
+        direct: bool,
+        data: &[u8],
+        scratch: &mut [u8],
+    ) -> Option<Arc<Peer>> {
         let packet = match self.limiter.verify_packet(Some(from.ip()), data, scratch) {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(cookie)) => {
@@ -321,7 +341,10 @@ impl Device {
         let idx = match packet {
             Packet::HandshakeInit(ref init) => {
                 let half = parse_handshake_anon(&self.private, &self.public, init).ok()?;
-                return table.peers.get(&signaling::PublicKey(half.peer_static_public)).cloned();
+                return table
+                    .peers
+                    .get(&signaling::PublicKey(half.peer_static_public))
+                    .cloned();
             }
             Packet::HandshakeResponse(ref r) => r.receiver_idx,
             Packet::PacketCookieReply(ref c) => c.receiver_idx,
@@ -334,17 +357,27 @@ impl Device {
     /// relayed one: the peer's address at the relay, `direct = false`).
     /// Decrypted packets go to the TUN; replies leave on the peer's path.
     /// Returns the authenticated peer.
-    pub fn receive(&self, from: SocketAddr, direct: bool, data: &[u8], scratch: &mut [u8]) -> Option<PeerKey> {
+    pub fn receive(
+        &self,
+        from: SocketAddr,
+        direct: bool,
+        data: &[u8],
+        scratch: &mut [u8],
+    ) -> Option<PeerKey> {
         let Some(peer) = self.identify(from, direct, data, scratch) else {
             self.counters.wg_rejected.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let Ok(mut st) = peer.st.lock() else { return None };
+        let Ok(mut st) = peer.st.lock() else {
+            return None;
+        };
         let mut ok = false;
         let mut first = true;
         loop {
             let input = if first { data } else { &[][..] };
-            let r = st.tunn.decapsulate(Some(from.ip()), input, &mut scratch[HEADROOM..]);
+            let r = st
+                .tunn
+                .decapsulate(Some(from.ip()), input, &mut scratch[HEADROOM..]);
             first = false;
             match r {
                 TunnResult::Done => {
@@ -566,7 +599,9 @@ impl Device {
                 None if ps.update_only => continue,
                 None => {
                     if ps.key.0 == self.public.to_bytes() {
-                        return Err(SetError::Refused("a peer cannot have the interface's own key"));
+                        return Err(SetError::Refused(
+                            "a peer cannot have the interface's own key",
+                        ));
                     }
                     let index = self.next_index.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
                     let p = Arc::new(Peer {
@@ -574,11 +609,7 @@ impl Device {
                         index,
                         st: Mutex::new(PeerState {
                             tunn: self.new_tunn(&ps.key, None, 0, index),
-                            route: self
-                                .pending
-                                .lock()
-                                .ok()
-                                .and_then(|mut m| m.remove(&ps.key)),
+                            route: self.pending.lock().ok().and_then(|mut m| m.remove(&ps.key)),
                             endpoint: None,
                             allowed: Vec::new(),
                             keepalive: 0,
@@ -725,7 +756,10 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
     let mut req = SetRequest::default();
     for (i, line) in lines.into_iter().enumerate() {
         let line_no = i + 2;
-        let bad = |what: String| SetError::Parse { line: line_no, what };
+        let bad = |what: String| SetError::Parse {
+            line: line_no,
+            what,
+        };
         let (k, v) = line
             .split_once('=')
             .ok_or_else(|| bad(format!("{line:?} is not key=value")))?;
@@ -740,7 +774,8 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
                 if req.peers.len() >= MAX_SET_PEERS {
                     return Err(bad(format!("more than {MAX_SET_PEERS} peers")));
                 }
-                let key = hex32(v).ok_or_else(|| bad("public_key: expected 64 hex digits".into()))?;
+                let key =
+                    hex32(v).ok_or_else(|| bad("public_key: expected 64 hex digits".into()))?;
                 req.peers.push(PeerSet {
                     key: signaling::PublicKey(key),
                     remove: false,
@@ -753,7 +788,9 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
                 });
             }
             ("private_key", None) => {
-                req.private_key = Some(hex32(v).ok_or_else(|| bad("private_key: expected 64 hex digits".into()))?)
+                req.private_key = Some(
+                    hex32(v).ok_or_else(|| bad("private_key: expected 64 hex digits".into()))?,
+                )
             }
             ("listen_port", None) => {
                 req.listen_port = Some(v.parse().map_err(|_| bad(format!("listen_port={v:?}")))?)
@@ -761,7 +798,9 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
             ("fwmark", None) => {
                 let m: u32 = v.parse().map_err(|_| bad(format!("fwmark={v:?}")))?;
                 if m != 0 {
-                    return Err(SetError::Refused("fwmark is not supported by the embedded interface"));
+                    return Err(SetError::Refused(
+                        "fwmark is not supported by the embedded interface",
+                    ));
                 }
             }
             ("replace_peers", None) => req.replace_peers = flag(v)?,
@@ -774,18 +813,26 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
                 p.endpoint = Some(crate::udp::canonical(a));
             }
             ("preshared_key", Some(p)) => {
-                p.preshared_key =
-                    Some(hex32(v).ok_or_else(|| bad("preshared_key: expected 64 hex digits".into()))?)
+                p.preshared_key = Some(
+                    hex32(v).ok_or_else(|| bad("preshared_key: expected 64 hex digits".into()))?,
+                )
             }
             ("persistent_keepalive_interval", Some(p)) => {
-                p.keepalive = Some(v.parse().map_err(|_| bad(format!("persistent_keepalive_interval={v:?}")))?)
+                p.keepalive = Some(
+                    v.parse()
+                        .map_err(|_| bad(format!("persistent_keepalive_interval={v:?}")))?,
+                )
             }
             ("replace_allowed_ips", Some(p)) => p.replace_allowed_ips = flag(v)?,
             ("allowed_ip", Some(p)) => {
                 if p.allowed_ips.len() >= MAX_ALLOWED_IPS {
-                    return Err(bad(format!("more than {MAX_ALLOWED_IPS} allowed IPs for one peer")));
+                    return Err(bad(format!(
+                        "more than {MAX_ALLOWED_IPS} allowed IPs for one peer"
+                    )));
                 }
-                let n: IpNet = v.parse().map_err(|_| bad(format!("allowed_ip={v:?}: expected IP/prefix")))?;
+                let n: IpNet = v
+                    .parse()
+                    .map_err(|_| bad(format!("allowed_ip={v:?}: expected IP/prefix")))?;
                 p.allowed_ips.push(n.trunc());
             }
             ("protocol_version", Some(_)) => {

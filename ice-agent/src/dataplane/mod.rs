@@ -103,7 +103,14 @@ impl DataPlane {
 
     /// A WireGuard packet from `peer` that the agent accepted (relayed, or
     /// on a path it knows), which arrived from `from`.
-    pub fn deliver(&self, peer: &PeerKey, from: SocketAddr, direct: bool, pkt: &[u8], scratch: &mut [u8]) {
+    pub fn deliver(
+        &self,
+        peer: &PeerKey,
+        from: SocketAddr,
+        direct: bool,
+        pkt: &[u8],
+        scratch: &mut [u8],
+    ) {
         match self {
             DataPlane::External(p) => p.deliver(peer, pkt),
             DataPlane::Embedded(e) => {

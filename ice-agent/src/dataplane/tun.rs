@@ -70,7 +70,9 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() < libc::IFNAMSIZ
         && name != "."
         && name != ".."
-        && name.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
 impl Tun {
@@ -182,10 +184,7 @@ impl Tun {
 
 fn ip(args: &[&str]) -> io::Result<()> {
     let out = Command::new("ip").args(args).output().map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot run `ip` ({e}): install iproute2"),
-        )
+        io::Error::new(e.kind(), format!("cannot run `ip` ({e}): install iproute2"))
     })?;
     if out.status.success() {
         Ok(())
@@ -240,7 +239,11 @@ impl Routes {
             }
         }
         for r in want.iter().filter(|r| !self.applied.contains(r)) {
-            let fam = if matches!(r.addr(), IpAddr::V6(_)) { "-6" } else { "-4" };
+            let fam = if matches!(r.addr(), IpAddr::V6(_)) {
+                "-6"
+            } else {
+                "-4"
+            };
             if let Err(e) = ip(&[fam, "route", "replace", &r.to_string(), "dev", &self.name]) {
                 tracing::warn!(route = %r, interface = %self.name, "cannot add the route: {e}");
             }

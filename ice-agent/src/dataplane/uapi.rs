@@ -115,7 +115,10 @@ fn line(r: &mut impl BufRead, total: &mut usize) -> io::Result<Option<String>> {
         ));
     }
     if *total > MAX_REQUEST {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "request too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "request too large",
+        ));
     }
     buf.pop();
     String::from_utf8(buf)
@@ -150,7 +153,8 @@ fn client(s: UnixStream, dev: &Device) -> io::Result<()> {
                         None => break,
                     }
                 }
-                let res = parse_set(lines.iter().map(String::as_str)).and_then(|req| dev.apply(&req));
+                let res =
+                    parse_set(lines.iter().map(String::as_str)).and_then(|req| dev.apply(&req));
                 let errno = match res {
                     Ok(()) => 0,
                     Err(e) => {
