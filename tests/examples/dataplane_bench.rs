@@ -266,32 +266,50 @@ fn main() {
             veth[r], plain1.mbit[r], plain4.mbit[r], ext1.mbit[r], ext4.mbit[r], emb1.mbit[r], emb4.mbit[r]
         );
     }
-    // Relayed: UDP between the routers dropped, both pairs on the relay.
-    m.restart_agent(a);
-    m.restart_agent(b);
+    drop(m);
+
+    // Relayed: routers with NAT (the relay refuses to relay to the
+    // benchmarking range the routers above hand out), the direct path cut
+    // between them, both pairs on the relay.
+    let mut m = MeshLab::new(&bins);
+    m.add_router("ra", NatPreset::PortRestricted);
+    m.add_router("rb", NatPreset::PortRestricted);
+    let a = m.add_node("a", "ra");
+    let b = m.add_node("b", "rb");
+    let c = m.add_embedded_node("c", "ra");
+    let d = m.add_embedded_node("d", "rb");
+    m.iperf_server(b);
+    m.iperf_server(d);
+    let procs = |nodes: &[usize], wg: bool| {
+        let mut v: Vec<String> = nodes.iter().map(|&i| m.nodes[i].config.display().to_string()).collect();
+        if wg {
+            v.extend(nodes.iter().map(|&i| format!("wireguard-go -f {}", m.nodes[i].ifname)));
+        }
+        v.push(s(bins.relay.display()));
+        v
+    };
+    let (ext_relay, emb_relay) = (procs(&[a, b], true), procs(&[c, d], false));
+    for i in [a, b, c, d] {
+        m.start_agent(i);
+    }
     m.wait_path(a, b, "direct", Duration::from_secs(15)).expect("external direct");
+    m.wait_path(c, d, "direct", Duration::from_secs(15)).expect("embedded direct");
     m.cut_direct("ra", "rb");
     for (x, y) in [(a, b), (b, a), (c, d), (d, c)] {
         m.wait_path(x, y, "relay", Duration::from_secs(15)).expect("relay");
     }
     let (mut ext_r1, mut ext_r4, mut emb_r1, mut emb_r4) =
         (Series::default(), Series::default(), Series::default(), Series::default());
-    let relay_procs = |v: &[String]| {
-        let mut v = v.to_vec();
-        v.push(s(bins.relay.display()));
-        v
-    };
     for r in 0..rounds {
-        ext_r1.push(measure(&m, a, b, secs, 1, &relay_procs(&ext_procs)));
-        emb_r1.push(measure(&m, c, d, secs, 1, &relay_procs(&emb_procs)));
-        ext_r4.push(measure(&m, a, b, secs, 4, &relay_procs(&ext_procs)));
-        emb_r4.push(measure(&m, c, d, secs, 4, &relay_procs(&emb_procs)));
+        ext_r1.push(measure(&m, a, b, secs, 1, &ext_relay));
+        emb_r1.push(measure(&m, c, d, secs, 1, &emb_relay));
+        ext_r4.push(measure(&m, a, b, secs, 4, &ext_relay));
+        emb_r4.push(measure(&m, c, d, secs, 4, &emb_relay));
         println!(
             "round {r} relayed: external {:.0}/{:.0} | embedded {:.0}/{:.0} Mbit/s (1/4 streams)",
             ext_r1.mbit[r], ext_r4.mbit[r], emb_r1.mbit[r], emb_r4.mbit[r]
         );
     }
-    drop(m);
 
     let mut first = Vec::new();
     for (embedded, pa, pb, want) in [
