@@ -185,6 +185,8 @@ pub async fn run(
     let bound = crate::udp::bind(cfg.port).map_err(socket_err)?;
     let dual = bound.dual;
     let std_sock = bound.socket;
+    let gro =
+        crate::dataplane::Offloads::from_env().gro && crate::udp::enable_gro(std_sock.as_raw_fd());
     let port = std_sock.local_addr().map_err(socket_err)?.port();
     // Embedded mode: the interface is ours, created before anything reads it.
     let embedded = match cfg.mode {
@@ -239,7 +241,7 @@ pub async fn run(
         .exclude
         .extend(cfg.exclude_interfaces.iter().cloned());
     let host = host_nets(&filter, dual);
-    tracing::info!(interface = %cfg.interface, mode = ?cfg.mode, backend = wg.backend_name(), port, ?host, "starting");
+    tracing::info!(interface = %cfg.interface, mode = ?cfg.mode, backend = wg.backend_name(), port, gro, ?host, "starting");
 
     let mut relays = Vec::new();
     let mut rest_relays: Vec<(SocketAddr, String, String)> = Vec::new();
@@ -415,8 +417,11 @@ pub async fn run(
                 let mut next = r;
                 for _ in 0..64 {
                     match next {
-                        Ok(Some((n, from, local))) => {
-                            datagram(&mut agent, &plane, from, local, &buf[..n], &mut scratch);
+                        Ok(Some(r)) => {
+                            // With GRO one read may hold several datagrams.
+                            for d in r.datagrams(&buf) {
+                                datagram(&mut agent, &plane, r.from, r.local, d, &mut scratch);
+                            }
                         }
                         Ok(None) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -641,14 +646,22 @@ fn start_embedded(
                 .or_else(|| a.parse::<IpAddr>().ok().map(IpNet::from))
         })
         .collect();
-    let tun = crate::dataplane::tun::Tun::create(&cfg.interface, cfg.mtu, &own)?;
+    let off = crate::dataplane::Offloads::from_env();
+    let tun = crate::dataplane::tun::Tun::create(&cfg.interface, cfg.mtu, &own, off.tso)?;
     let handle = sock.try_clone().map_err(|source| DaemonError::Resources {
         what: "sharing the agent socket with the data plane",
         source,
     })?;
-    let dev =
-        crate::dataplane::embedded::Device::new(tun, handle, dual, port, key.secret_bytes(), &own);
-    tracing::info!(interface = %cfg.interface, mtu = cfg.mtu, ?own, "embedded WireGuard interface created");
+    let dev = crate::dataplane::embedded::Device::new(
+        tun,
+        handle,
+        dual,
+        port,
+        key.secret_bytes(),
+        &own,
+        off.gso,
+    );
+    tracing::info!(interface = %cfg.interface, mtu = cfg.mtu, ?own, ?off, "embedded WireGuard interface created");
     crate::dataplane::Embedded::start(dev).map_err(DaemonError::Uapi)
 }
 

@@ -78,14 +78,20 @@ fn cpu_of(needles: &[String]) -> f64 {
     };
     for e in dir.flatten() {
         let p = e.path();
-        let Ok(cmd) = std::fs::read(p.join("cmdline")) else { continue };
+        let Ok(cmd) = std::fs::read(p.join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if !needles.iter().any(|n| cmd.contains(n.as_str())) {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(p.join("stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(p.join("stat")) else {
+            continue;
+        };
         // Fields after the ")" that closes the command name.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
         let f: Vec<&str> = rest.split_whitespace().collect();
         let (ut, st) = (
             f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0),
@@ -97,7 +103,14 @@ fn cpu_of(needles: &[String]) -> f64 {
 }
 
 /// One iperf3 run: Mbit/s and the data plane's CPU seconds per GB.
-fn measure(m: &MeshLab, from: usize, to: usize, secs: u32, streams: u32, procs: &[String]) -> (f64, f64) {
+fn measure(
+    m: &MeshLab,
+    from: usize,
+    to: usize,
+    secs: u32,
+    streams: u32,
+    procs: &[String],
+) -> (f64, f64) {
     let c0 = cpu_of(procs);
     let mbit = m.iperf(from, to, secs, streams).unwrap_or(f64::NAN);
     let c1 = cpu_of(procs);
@@ -111,7 +124,14 @@ fn underlay(m: &MeshLab, from: usize, to: usize, secs: u32) -> f64 {
         .lab
         .exec(
             &m.nodes[from].name,
-            &[s("iperf3"), s("-c"), s(m.nodes[to].lan_ip), s("-t"), s(secs), s("-J")],
+            &[
+                s("iperf3"),
+                s("-c"),
+                s(m.nodes[to].lan_ip),
+                s("-t"),
+                s(secs),
+                s("-J"),
+            ],
         )
         .expect("iperf3");
     if !ok {
@@ -124,7 +144,12 @@ fn underlay(m: &MeshLab, from: usize, to: usize, secs: u32) -> f64 {
 }
 
 fn set_plain(m: &MeshLab, x: usize, y: usize, on: bool) {
-    let mut args = vec![s("set"), m.nodes[x].ifname.clone(), s("peer"), m.nodes[y].public_key.clone()];
+    let mut args = vec![
+        s("set"),
+        m.nodes[x].ifname.clone(),
+        s("peer"),
+        m.nodes[y].public_key.clone(),
+    ];
     if on {
         args.extend([
             s("endpoint"),
@@ -165,7 +190,10 @@ fn first_ping(bins: &Bins, embedded: bool, pa: NatPreset, pb: NatPreset, want: &
     m.add_router("ra", pa);
     m.add_router("rb", pb);
     let (a, b) = if embedded {
-        (m.add_embedded_node("a", "ra"), m.add_embedded_node("b", "rb"))
+        (
+            m.add_embedded_node("a", "ra"),
+            m.add_embedded_node("b", "rb"),
+        )
     } else {
         (m.add_node("a", "ra"), m.add_node("b", "rb"))
     };
@@ -177,7 +205,18 @@ fn first_ping(bins: &Bins, embedded: bool, pa: NatPreset, pb: NatPreset, want: &
         .spawn(
             "ping",
             &m.nodes[a].name,
-            &[s("ping"), s("-D"), s("-n"), s("-i"), s("0.02"), s("-W"), s("1"), s("-c"), s(500), s(m.nodes[b].overlay)],
+            &[
+                s("ping"),
+                s("-D"),
+                s("-n"),
+                s("-i"),
+                s("0.02"),
+                s("-W"),
+                s("1"),
+                s("-c"),
+                s(500),
+                s(m.nodes[b].overlay),
+            ],
             &[],
             &m.dir,
         )
@@ -207,7 +246,9 @@ fn main() {
     let secs = arg("--secs", 4);
     wgice_tests::require_root();
     let bins = wgice_tests::bins();
-    println!("data-plane benchmark: {rounds} rounds, iperf3 {secs} s, 2 cores shared by every node");
+    println!(
+        "data-plane benchmark: {rounds} rounds, iperf3 {secs} s, 2 cores shared by every node"
+    );
 
     let chacha_mtu = chacha_per_core(1420);
     let chacha_64k = chacha_per_core(65536);
@@ -223,18 +264,35 @@ fn main() {
     m.iperf_server(d);
     let ext_procs: Vec<String> = [a, b]
         .iter()
-        .flat_map(|&i| [format!("wireguard-go -f {}", m.nodes[i].ifname), m.nodes[i].config.display().to_string()])
+        .flat_map(|&i| {
+            [
+                format!("wireguard-go -f {}", m.nodes[i].ifname),
+                m.nodes[i].config.display().to_string(),
+            ]
+        })
         .collect();
-    let wg_procs: Vec<String> = ext_procs.iter().filter(|p| p.starts_with("wireguard-go")).cloned().collect();
-    let emb_procs: Vec<String> = [c, d].iter().map(|&i| m.nodes[i].config.display().to_string()).collect();
+    let wg_procs: Vec<String> = ext_procs
+        .iter()
+        .filter(|p| p.starts_with("wireguard-go"))
+        .cloned()
+        .collect();
+    let emb_procs: Vec<String> = [c, d]
+        .iter()
+        .map(|&i| m.nodes[i].config.display().to_string())
+        .collect();
 
     let mut veth = Vec::new();
     let (mut plain1, mut plain4) = (Series::default(), Series::default());
-    let (mut ext1, mut ext4, mut emb1, mut emb4) =
-        (Series::default(), Series::default(), Series::default(), Series::default());
+    let (mut ext1, mut ext4, mut emb1, mut emb4) = (
+        Series::default(),
+        Series::default(),
+        Series::default(),
+        Series::default(),
+    );
     m.start_agent(c);
     m.start_agent(d);
-    m.wait_path(c, d, "direct", Duration::from_secs(15)).expect("embedded direct");
+    m.wait_path(c, d, "direct", Duration::from_secs(15))
+        .expect("embedded direct");
     for r in 0..rounds {
         veth.push(underlay(&m, a, b, secs));
         set_plain(&m, a, b, true);
@@ -251,8 +309,10 @@ fn main() {
             m.restart_agent(a);
             m.restart_agent(b);
         }
-        m.wait_path(a, b, "direct", Duration::from_secs(15)).expect("external direct");
-        m.wait_path(b, a, "direct", Duration::from_secs(15)).expect("external direct");
+        m.wait_path(a, b, "direct", Duration::from_secs(15))
+            .expect("external direct");
+        m.wait_path(b, a, "direct", Duration::from_secs(15))
+            .expect("external direct");
         assert!(m.ping(a, b, 2), "external mode does not work");
         ext1.push(measure(&m, a, b, secs, 1, &ext_procs));
         emb1.push(measure(&m, c, d, secs, 1, &emb_procs));
@@ -281,9 +341,16 @@ fn main() {
     m.iperf_server(b);
     m.iperf_server(d);
     let procs = |nodes: &[usize], wg: bool| {
-        let mut v: Vec<String> = nodes.iter().map(|&i| m.nodes[i].config.display().to_string()).collect();
+        let mut v: Vec<String> = nodes
+            .iter()
+            .map(|&i| m.nodes[i].config.display().to_string())
+            .collect();
         if wg {
-            v.extend(nodes.iter().map(|&i| format!("wireguard-go -f {}", m.nodes[i].ifname)));
+            v.extend(
+                nodes
+                    .iter()
+                    .map(|&i| format!("wireguard-go -f {}", m.nodes[i].ifname)),
+            );
         }
         v.push(s(bins.relay.display()));
         v
@@ -292,14 +359,21 @@ fn main() {
     for i in [a, b, c, d] {
         m.start_agent(i);
     }
-    m.wait_path(a, b, "direct", Duration::from_secs(15)).expect("external direct");
-    m.wait_path(c, d, "direct", Duration::from_secs(15)).expect("embedded direct");
+    m.wait_path(a, b, "direct", Duration::from_secs(15))
+        .expect("external direct");
+    m.wait_path(c, d, "direct", Duration::from_secs(15))
+        .expect("embedded direct");
     m.cut_direct("ra", "rb");
     for (x, y) in [(a, b), (b, a), (c, d), (d, c)] {
-        m.wait_path(x, y, "relay", Duration::from_secs(15)).expect("relay");
+        m.wait_path(x, y, "relay", Duration::from_secs(15))
+            .expect("relay");
     }
-    let (mut ext_r1, mut ext_r4, mut emb_r1, mut emb_r4) =
-        (Series::default(), Series::default(), Series::default(), Series::default());
+    let (mut ext_r1, mut ext_r4, mut emb_r1, mut emb_r4) = (
+        Series::default(),
+        Series::default(),
+        Series::default(),
+        Series::default(),
+    );
     for r in 0..rounds {
         ext_r1.push(measure(&m, a, b, secs, 1, &ext_relay));
         emb_r1.push(measure(&m, c, d, secs, 1, &emb_relay));
@@ -313,10 +387,30 @@ fn main() {
 
     let mut first = Vec::new();
     for (embedded, pa, pb, want) in [
-        (false, NatPreset::Symmetric, NatPreset::PortRestricted, "relay"),
-        (true, NatPreset::Symmetric, NatPreset::PortRestricted, "relay"),
-        (false, NatPreset::PortRestricted, NatPreset::PortRestricted, "direct"),
-        (true, NatPreset::PortRestricted, NatPreset::PortRestricted, "direct"),
+        (
+            false,
+            NatPreset::Symmetric,
+            NatPreset::PortRestricted,
+            "relay",
+        ),
+        (
+            true,
+            NatPreset::Symmetric,
+            NatPreset::PortRestricted,
+            "relay",
+        ),
+        (
+            false,
+            NatPreset::PortRestricted,
+            NatPreset::PortRestricted,
+            "direct",
+        ),
+        (
+            true,
+            NatPreset::PortRestricted,
+            NatPreset::PortRestricted,
+            "direct",
+        ),
     ] {
         let (p, path) = first_ping(&bins, embedded, pa, pb, want);
         first.push((embedded, want, p, path));
@@ -325,7 +419,10 @@ fn main() {
     let md = |s: &Series| median(s.mbit.clone());
     let cpu = |s: &Series| median(s.cpu.clone());
     println!("\nphysical references (this run):");
-    println!("  veth + routers, TCP, no WireGuard: {:.0} Mbit/s", median(veth.clone()));
+    println!(
+        "  veth + routers, TCP, no WireGuard: {:.0} Mbit/s",
+        median(veth.clone())
+    );
     println!(
         "  ChaCha20-Poly1305 (ring) per core: {:.2} GB/s at 1420 B, {:.2} GB/s at 64 KiB",
         chacha_mtu / 1e9,
@@ -352,13 +449,41 @@ fn main() {
     println!("\nratios (medians; targets from issue 11):");
     let ratio = |x: f64, y: f64| x / y;
     for (what, v, target) in [
-        ("embedded direct / plain wireguard-go, 1 stream", ratio(md(&emb1), md(&plain1)), "≥ 3.5"),
-        ("embedded direct / plain wireguard-go, 4 streams", ratio(md(&emb4), md(&plain4)), "≥ 3.5"),
-        ("external / plain wireguard-go, 1 stream", ratio(md(&ext1), md(&plain1)), "≥ 0.9"),
-        ("external / plain wireguard-go, 4 streams", ratio(md(&ext4), md(&plain4)), "≥ 0.9"),
-        ("embedded relayed / embedded direct, 1 stream", ratio(md(&emb_r1), md(&emb1)), "≥ 0.6"),
-        ("embedded relayed / embedded direct, 4 streams", ratio(md(&emb_r4), md(&emb4)), "≥ 0.6"),
-        ("embedded direct / veth (no WireGuard), 1 stream", ratio(md(&emb1), median(veth.clone())), "(physical)"),
+        (
+            "embedded direct / plain wireguard-go, 1 stream",
+            ratio(md(&emb1), md(&plain1)),
+            "≥ 3.5",
+        ),
+        (
+            "embedded direct / plain wireguard-go, 4 streams",
+            ratio(md(&emb4), md(&plain4)),
+            "≥ 3.5",
+        ),
+        (
+            "external / plain wireguard-go, 1 stream",
+            ratio(md(&ext1), md(&plain1)),
+            "≥ 0.9",
+        ),
+        (
+            "external / plain wireguard-go, 4 streams",
+            ratio(md(&ext4), md(&plain4)),
+            "≥ 0.9",
+        ),
+        (
+            "embedded relayed / embedded direct, 1 stream",
+            ratio(md(&emb_r1), md(&emb1)),
+            "≥ 0.6",
+        ),
+        (
+            "embedded relayed / embedded direct, 4 streams",
+            ratio(md(&emb_r4), md(&emb4)),
+            "≥ 0.6",
+        ),
+        (
+            "embedded direct / veth (no WireGuard), 1 stream",
+            ratio(md(&emb1), median(veth.clone())),
+            "(physical)",
+        ),
     ] {
         println!("  {what}: {v:.2} (target {target})");
     }

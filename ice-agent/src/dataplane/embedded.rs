@@ -33,6 +33,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as XPublic, StaticSecret};
 use ipnet::IpNet;
 
+use super::offload::{self, VnetHdr, VNET_HDR_LEN};
 use super::tun::{Routes, Tun};
 use crate::agent::{PeerKey, Route};
 use crate::wg::{WgDevice, WgPeer};
@@ -67,6 +68,91 @@ struct PeerState {
     keepalive: u16,
     psk: Option<[u8; 32]>,
     held: VecDeque<Vec<u8>>,
+}
+
+impl PeerState {
+    /// Where packets go now: the agent's path, else the UAPI endpoint.
+    fn effective_route(&self) -> Route {
+        match (self.route, self.endpoint) {
+            (Some(r), _) => r,
+            (None, Some(e)) => Route::Direct(e),
+            (None, None) => Route::Hold,
+        }
+    }
+}
+
+/// Encrypted datagrams to one destination, back to back, sent with one
+/// `sendmsg` (UDP GSO: all `stride` bytes but the last). Sent when the
+/// destination changes, a datagram is longer than the first, after a
+/// shorter one, at 64 datagrams or 64 KiB, and after every TUN burst.
+struct Batch {
+    buf: Vec<u8>,
+    to: Option<SocketAddr>,
+    stride: usize,
+    count: usize,
+    short: bool,
+    gso: bool,
+}
+
+/// Most bytes one GSO send carries (the kernel's limit is one IP packet).
+const GSO_BYTES: usize = 65000;
+const GSO_SEGMENTS: usize = 64;
+
+impl Batch {
+    fn new(gso: bool) -> Batch {
+        Batch {
+            buf: Vec::with_capacity(GSO_BYTES + BUF),
+            to: None,
+            stride: 0,
+            count: 0,
+            short: false,
+            gso,
+        }
+    }
+
+    /// Sends what is batched if a datagram of up to `room` bytes to `to`
+    /// cannot join it.
+    fn make_room(&mut self, dev: &Device, to: SocketAddr, room: usize) {
+        if self.count > 0
+            && (self.to != Some(to)
+                || self.short
+                || !self.gso
+                || self.count >= GSO_SEGMENTS
+                || self.buf.len() + room > GSO_BYTES)
+        {
+            self.flush(dev);
+        }
+    }
+
+    /// A datagram of `len` bytes to `to` was appended.
+    fn added(&mut self, dev: &Device, to: SocketAddr, len: usize) {
+        if self.count == 0 {
+            self.to = Some(to);
+            self.stride = len;
+        } else if len > self.stride {
+            // Longer than the ones before: send those, keep this one.
+            let start = self.buf.len() - len;
+            let prev = self.buf[..start].to_vec();
+            let (stride, count) = (self.stride, self.count);
+            dev.send_batch(&prev, to, stride, count);
+            self.buf.drain(..start);
+            self.stride = len;
+            self.count = 0;
+        } else if len < self.stride {
+            self.short = true;
+        }
+        self.count += 1;
+    }
+
+    fn flush(&mut self, dev: &Device) {
+        if let (Some(to), true) = (self.to, self.count > 0) {
+            dev.send_batch(&self.buf, to, self.stride, self.count);
+        }
+        self.buf.clear();
+        self.count = 0;
+        self.short = false;
+        self.to = None;
+    }
 }
 
 impl std::fmt::Debug for PeerState {
@@ -149,6 +235,8 @@ pub struct Device {
     pending: Mutex<HashMap<PeerKey, Route>>,
     next_index: AtomicU32,
     stop: AtomicBool,
+    /// Send batches with UDP GSO (off after the kernel refused once).
+    gso: AtomicBool,
     /// Refusal counters.
     pub counters: Counters,
 }
@@ -195,6 +283,7 @@ impl Device {
         port: u16,
         private: [u8; 32],
         own: &[IpNet],
+        gso: bool,
     ) -> Device {
         let private = StaticSecret::from(private);
         let public = XPublic::from(&private);
@@ -215,6 +304,7 @@ impl Device {
             // anywhere so indices do not repeat across restarts.
             next_index: AtomicU32::new(rand::random::<u32>() & 0x7f_ffff),
             stop: AtomicBool::new(false),
+            gso: AtomicBool::new(gso),
             counters: Counters::default(),
         }
     }
@@ -250,14 +340,52 @@ impl Device {
         }
     }
 
+    /// Sends `count` datagrams of `stride` bytes (the last may be shorter)
+    /// from `buf` to `to`: one `sendmsg` with UDP GSO when there are several.
+    fn send_batch(&self, buf: &[u8], to: SocketAddr, stride: usize, count: usize) {
+        if count > 1 && self.gso.load(Ordering::Relaxed) {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&self.sock);
+            let dst = crate::udp::outward(to, self.dual);
+            match crate::udp::send_segments(fd, buf, dst, stride as u16) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut p = libc::pollfd {
+                        fd,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, 5) };
+                    if crate::udp::send_segments(fd, buf, dst, stride as u16).is_ok() {
+                        return;
+                    }
+                    self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    tracing::warn!("UDP GSO refused ({e}); sending datagrams one by one");
+                    self.gso.store(false, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    self.counters.send_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        for d in buf.chunks(stride.max(1)) {
+            self.send(d, to);
+        }
+    }
+
     /// Sends the WireGuard packet in `buf[HEADROOM..HEADROOM + len]` on the
     /// peer's path, framing it in place for a channel.
     fn transmit(&self, st: &mut PeerState, buf: &mut [u8], len: usize) {
-        let route = match (st.route, st.endpoint) {
-            (Some(r), _) => r,
-            (None, Some(e)) => Route::Direct(e),
-            (None, None) => Route::Hold,
-        };
+        let route = st.effective_route();
         match place(route, len) {
             Some((to, range, channel)) => {
                 if let Some(ch) = channel {
@@ -463,10 +591,14 @@ impl Device {
     }
 
     /// Reads the TUN, encrypts, sends: the outbound half of the data path,
-    /// on its own thread until [`Device::stop`].
+    /// on its own thread until [`Device::stop`]. With TUN offloads one read
+    /// is up to 64 KiB of one TCP flow: it is cut into segments, each is
+    /// encrypted straight into a send batch, and the batch leaves in one
+    /// `sendmsg` with UDP GSO.
     pub fn run_outbound(&self) {
         let mut inb = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF];
+        let mut seg = Vec::with_capacity(BUF);
+        let mut batch = Batch::new(self.gso.load(Ordering::Relaxed));
         while !self.stop.load(Ordering::Relaxed) {
             let mut p = libc::pollfd {
                 fd: self.tun.fd(),
@@ -486,25 +618,80 @@ impl Device {
                         break;
                     }
                 };
-                self.outbound(&inb[..n], &mut out);
+                if self.tun.offload() {
+                    let Some(h) = VnetHdr::parse(&inb[..n]) else {
+                        continue;
+                    };
+                    let pkt = &mut inb[VNET_HDR_LEN..n];
+                    let Some(peer) = self.peer_for(pkt) else {
+                        continue;
+                    };
+                    let Ok(mut st) = peer.st.lock() else { continue };
+                    let r = offload::split(&h, pkt, &mut seg, |s| {
+                        self.encrypt(&peer, &mut st, s, &mut batch)
+                    });
+                    if r.is_none() {
+                        tracing::trace!(?h, "malformed offload packet from the TUN");
+                    }
+                } else {
+                    let pkt = &inb[..n];
+                    let Some(peer) = self.peer_for(pkt) else {
+                        continue;
+                    };
+                    let Ok(mut st) = peer.st.lock() else { continue };
+                    self.encrypt(&peer, &mut st, pkt, &mut batch);
+                }
             }
+            batch.flush(self);
         }
     }
 
-    fn outbound(&self, pkt: &[u8], out: &mut [u8]) {
-        let Some(dst) = dst_addr(pkt) else { return };
-        let Some(peer) = self.table.read().ok().and_then(|t| t.lookup(dst).cloned()) else {
+    fn peer_for(&self, pkt: &[u8]) -> Option<Arc<Peer>> {
+        let dst = dst_addr(pkt)?;
+        let p = self.table.read().ok().and_then(|t| t.lookup(dst).cloned());
+        if p.is_none() {
             self.counters.no_peer.fetch_add(1, Ordering::Relaxed);
-            return;
+        }
+        p
+    }
+
+    /// Encrypts one packet for `peer` into the batch (direct and channel
+    /// paths), or sends it the slow way (no path yet, Send indications).
+    fn encrypt(&self, peer: &Peer, st: &mut PeerState, pkt: &[u8], b: &mut Batch) {
+        let route = st.effective_route();
+        let (to, head) = match route {
+            Route::Direct(to) => (to, 0),
+            Route::Channel { server, .. } => (server, HEADROOM),
+            _ => {
+                let mut out = vec![0u8; pkt.len() + 64 + 148];
+                if let TunnResult::WriteToNetwork(p) =
+                    st.tunn.encapsulate(pkt, &mut out[HEADROOM..])
+                {
+                    let len = p.len();
+                    self.transmit(st, &mut out, len);
+                }
+                return;
+            }
         };
-        let Ok(mut st) = peer.st.lock() else { return };
-        match st.tunn.encapsulate(pkt, &mut out[HEADROOM..]) {
+        let room = head + (pkt.len() + 32).max(148);
+        b.make_room(self, to, room);
+        let off = b.buf.len();
+        b.buf.resize(off + room, 0);
+        match st.tunn.encapsulate(pkt, &mut b.buf[off + head..]) {
             TunnResult::WriteToNetwork(p) => {
                 let len = p.len();
-                self.transmit(&mut st, out, len);
+                if let Route::Channel { channel, .. } = route {
+                    b.buf[off..off + 2].copy_from_slice(&channel.to_be_bytes());
+                    b.buf[off + 2..off + 4].copy_from_slice(&(len as u16).to_be_bytes());
+                }
+                b.buf.truncate(off + head + len);
+                b.added(self, to, head + len);
             }
-            TunnResult::Err(e) => tracing::trace!(peer = %peer.key, "encapsulate: {e:?}"),
-            _ => {}
+            TunnResult::Err(e) => {
+                b.buf.truncate(off);
+                tracing::trace!(peer = %peer.key, "encapsulate: {e:?}");
+            }
+            _ => b.buf.truncate(off),
         }
     }
 

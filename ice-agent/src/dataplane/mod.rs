@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod external;
+pub mod offload;
 pub mod tun;
 pub mod uapi;
 
@@ -18,6 +19,46 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::agent::{Endpoint, PeerKey, PeerRoute};
+
+/// Which kernel offloads the data plane uses. All by default; the
+/// `WGICE_OFFLOADS` environment variable (a comma-separated subset of
+/// `tso,gso,gro`, or `none`) narrows them, so each lever can be measured
+/// on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offloads {
+    /// TUN TSO and checksum offload (`IFF_VNET_HDR`).
+    pub tso: bool,
+    /// UDP GSO on sends (`UDP_SEGMENT`).
+    pub gso: bool,
+    /// UDP GRO on receives (`UDP_GRO`).
+    pub gro: bool,
+}
+
+impl Offloads {
+    /// From `WGICE_OFFLOADS`, all on when unset.
+    pub fn from_env() -> Offloads {
+        Self::parse(std::env::var("WGICE_OFFLOADS").ok().as_deref())
+    }
+
+    /// From a `WGICE_OFFLOADS` value.
+    pub fn parse(v: Option<&str>) -> Offloads {
+        match v {
+            None => Offloads {
+                tso: true,
+                gso: true,
+                gro: true,
+            },
+            Some(v) => {
+                let has = |k: &str| v.split(',').any(|x| x.trim() == k);
+                Offloads {
+                    tso: has("tso"),
+                    gso: has("gso"),
+                    gro: has("gro"),
+                }
+            }
+        }
+    }
+}
 
 /// The embedded data plane: the device, its UAPI listener and the thread
 /// that reads the TUN.

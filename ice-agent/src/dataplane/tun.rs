@@ -53,6 +53,9 @@ pub enum TunError {
 pub struct Tun {
     fd: OwnedFd,
     name: String,
+    /// Packets carry a `virtio_net_hdr` and the kernel hands over TCP
+    /// segments up to 64 KiB ([`super::offload`]).
+    offload: bool,
 }
 
 fn ifreq_for(name: &str) -> libc::ifreq {
@@ -77,8 +80,15 @@ pub fn valid_name(name: &str) -> bool {
 
 impl Tun {
     /// Creates interface `name` with `mtu`, gives it `addresses` and brings
-    /// it up. Refuses a name that exists already.
-    pub fn create(name: &str, mtu: u16, addresses: &[IpNet]) -> Result<Tun, TunError> {
+    /// it up. Refuses a name that exists already. With `offload`, asks the
+    /// kernel for TSO and checksum offload (packets then carry a
+    /// `virtio_net_hdr`); a kernel that refuses gets a plain TUN.
+    pub fn create(
+        name: &str,
+        mtu: u16,
+        addresses: &[IpNet],
+        offload: bool,
+    ) -> Result<Tun, TunError> {
         if !valid_name(name) {
             return Err(TunError::BadName(name.to_owned()));
         }
@@ -105,7 +115,8 @@ impl Tun {
             source,
         };
         let mut req = ifreq_for(name);
-        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        let vnet = if offload { libc::IFF_VNET_HDR } else { 0 };
+        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet) as libc::c_short;
         // SAFETY: TUNSETIFF takes a pointer to an ifreq.
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
             let e = io::Error::last_os_error();
@@ -117,10 +128,31 @@ impl Tun {
                 _ => setup("TUNSETIFF", e),
             });
         }
-        let tun = Tun {
+        let mut tun = Tun {
             fd,
             name: name.to_owned(),
+            offload,
         };
+        if offload {
+            let hdr: libc::c_int = super::offload::VNET_HDR_LEN as libc::c_int;
+            let flags = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+            // SAFETY: TUNSETVNETHDRSZ takes a pointer to an int, TUNSETOFFLOAD
+            // the flags as the argument itself.
+            let ok = unsafe {
+                libc::ioctl(tun.fd(), libc::TUNSETVNETHDRSZ, &hdr) == 0
+                    && libc::ioctl(tun.fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) == 0
+            };
+            if !ok {
+                // Headers stay on (the flag is set), offloads off: every
+                // packet arrives whole, with a header saying so.
+                tracing::warn!(
+                    interface = name,
+                    "the kernel refuses TUN offloads ({}); packets go one by one",
+                    io::Error::last_os_error()
+                );
+            }
+            tun.offload = true;
+        }
         tun.ctl_ioctl(libc::SIOCSIFMTU, |r| r.ifr_ifru.ifru_mtu = i32::from(mtu))
             .map_err(|e| setup(&format!("MTU {mtu}"), e))?;
         for a in addresses {
@@ -171,8 +203,34 @@ impl Tun {
         Ok(n as usize)
     }
 
+    /// Whether packets carry a `virtio_net_hdr` (reads start with one;
+    /// [`Tun::write`] adds one).
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
     /// Writes one packet.
     pub fn write(&self, pkt: &[u8]) -> io::Result<usize> {
+        if self.offload {
+            // A zero header: a whole packet, checksums complete.
+            let hdr = [0u8; super::offload::VNET_HDR_LEN];
+            let iov = [
+                libc::iovec {
+                    iov_base: hdr.as_ptr() as *mut libc::c_void,
+                    iov_len: hdr.len(),
+                },
+                libc::iovec {
+                    iov_base: pkt.as_ptr() as *mut libc::c_void,
+                    iov_len: pkt.len(),
+                },
+            ];
+            // SAFETY: two live buffers of the given lengths.
+            let n = unsafe { libc::writev(self.fd(), iov.as_ptr(), 2) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(n as usize);
+        }
         // SAFETY: writing from a live buffer of the given length.
         let n = unsafe { libc::write(self.fd(), pkt.as_ptr().cast(), pkt.len()) };
         if n < 0 {
