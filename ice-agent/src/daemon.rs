@@ -422,6 +422,7 @@ pub async fn run(
                             for d in r.datagrams(&buf) {
                                 datagram(&mut agent, &plane, r.from, r.local, d, &mut scratch);
                             }
+                            plane.flush();
                         }
                         Ok(None) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -33,7 +33,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as XPublic, StaticSecret};
 use ipnet::IpNet;
 
-use super::offload::{self, VnetHdr, VNET_HDR_LEN};
+use super::offload::{self, Gro, VnetHdr, VNET_HDR_LEN};
 use super::tun::{Routes, Tun};
 use crate::agent::{PeerKey, Route};
 use crate::wg::{WgDevice, WgPeer};
@@ -237,6 +237,8 @@ pub struct Device {
     stop: AtomicBool,
     /// Send batches with UDP GSO (off after the kernel refused once).
     gso: AtomicBool,
+    /// Decrypted packets waiting to be joined before the TUN.
+    rx: Mutex<Gro>,
     /// Refusal counters.
     pub counters: Counters,
 }
@@ -288,6 +290,7 @@ impl Device {
         let private = StaticSecret::from(private);
         let public = XPublic::from(&private);
         let routes = Routes::new(tun.name(), own);
+        let offloading = tun.offload();
         Device {
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             tun,
@@ -305,6 +308,7 @@ impl Device {
             next_index: AtomicU32::new(rand::random::<u32>() & 0x7f_ffff),
             stop: AtomicBool::new(false),
             gso: AtomicBool::new(gso),
+            rx: Mutex::new(Gro::new(offloading)),
             counters: Counters::default(),
         }
     }
@@ -559,8 +563,24 @@ impl Device {
             tracing::debug!(peer = %peer.key, %src, "decrypted packet from outside the peer's allowed IPs: dropped");
             return;
         }
-        if let Err(e) = self.tun.write(pkt) {
-            tracing::trace!("tun write: {e}");
+        if let Ok(mut rx) = self.rx.lock() {
+            rx.push(pkt, &mut |h, p| {
+                if let Err(e) = self.tun.write_with(h, p) {
+                    tracing::trace!("tun write: {e}");
+                }
+            });
+        }
+    }
+
+    /// Writes what [`Device::receive`] has collected to the TUN; the driver
+    /// calls it after each read from the socket.
+    pub fn flush_rx(&self) {
+        if let Ok(mut rx) = self.rx.lock() {
+            rx.flush(&mut |h, p| {
+                if let Err(e) = self.tun.write_with(h, p) {
+                    tracing::trace!("tun write: {e}");
+                }
+            });
         }
     }
 

@@ -160,6 +160,13 @@ impl DataPlane {
         }
     }
 
+    /// The end of a read from the socket: what was decrypted goes out.
+    pub fn flush(&self) {
+        if let DataPlane::Embedded(e) = self {
+            e.dev.flush_rx();
+        }
+    }
+
     /// Stops everything the data plane runs.
     pub fn close(&mut self) {
         match self {

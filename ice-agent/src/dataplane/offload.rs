@@ -192,6 +192,195 @@ pub fn split(
     Some(())
 }
 
+/// Receive-side coalescing for the TUN (what the kernel's GRO does for a
+/// NIC): consecutive decrypted TCP segments of one flow become one large
+/// packet written with a `virtio_net_hdr` saying how the kernel may cut it
+/// again, so the stack above sees one packet instead of up to 64. Only
+/// in-order segments with valid checksums, plain ACK/PSH flags, no IP
+/// options or fragments and identical headers are joined; everything else
+/// is written as it came.
+#[derive(Debug)]
+pub struct Gro {
+    /// The group being built (a whole IP packet).
+    buf: Vec<u8>,
+    /// Its state, when one is open.
+    open: Option<Group>,
+    /// Whether the TUN takes `virtio_net_hdr`s (without, packets pass through).
+    enabled: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    v4: bool,
+    ip_len: usize,
+    tcp_len: usize,
+    mss: usize,
+    next_seq: u32,
+    segments: usize,
+    closed: bool,
+}
+
+/// Largest coalesced packet.
+const GRO_MAX: usize = 65535 - 64;
+
+impl Gro {
+    /// A coalescer; `enabled`: the TUN carries `virtio_net_hdr`s.
+    pub fn new(enabled: bool) -> Gro {
+        Gro {
+            buf: Vec::with_capacity(65536),
+            open: None,
+            enabled,
+        }
+    }
+
+    /// Takes one decrypted packet; `write(header, packet)` is called for
+    /// what is ready to go to the TUN.
+    pub fn push(&mut self, pkt: &[u8], write: &mut impl FnMut(&[u8; VNET_HDR_LEN], &[u8])) {
+        const ZERO: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+        if !self.enabled {
+            write(&ZERO, pkt);
+            return;
+        }
+        let Some(seg) = tcp_segment(pkt) else {
+            self.flush(write);
+            write(&ZERO, pkt);
+            return;
+        };
+        if let Some(g) = self.open {
+            if self.joins(&g, pkt, &seg) {
+                self.buf.extend_from_slice(&pkt[seg.hdr..]);
+                let n = pkt.len() - seg.hdr;
+                let g = self.open.as_mut().expect("open");
+                g.next_seq = seg.seq.wrapping_add(n as u32);
+                g.segments += 1;
+                // A short segment or PSH ends the group.
+                if n < g.mss || seg.psh {
+                    g.closed = true;
+                    let l4 = g.ip_len;
+                    self.buf[l4 + 13] |= 0x08 & pkt[l4 + 13];
+                }
+                return;
+            }
+            self.flush(write);
+        }
+        self.buf.clear();
+        self.buf.extend_from_slice(pkt);
+        self.open = Some(Group {
+            v4: seg.v4,
+            ip_len: seg.ip_len,
+            tcp_len: seg.hdr - seg.ip_len,
+            mss: pkt.len() - seg.hdr,
+            next_seq: seg.seq.wrapping_add((pkt.len() - seg.hdr) as u32),
+            segments: 1,
+            closed: seg.psh,
+        });
+    }
+
+    fn joins(&self, g: &Group, pkt: &[u8], seg: &Segment) -> bool {
+        let n = pkt.len() - seg.hdr;
+        let b = &self.buf;
+        !g.closed
+            && seg.v4 == g.v4
+            && seg.ip_len == g.ip_len
+            && seg.hdr - seg.ip_len == g.tcp_len
+            && seg.seq == g.next_seq
+            && n <= g.mss
+            && g.segments < 64
+            && b.len() + n <= GRO_MAX
+            // Same addresses, ports, TOS/TTL (v4) or class/hop limit (v6).
+            && (if g.v4 {
+                b[1] == pkt[1] && b[8] == pkt[8] && b[12..20] == pkt[12..20]
+            } else {
+                b[0..4] == pkt[0..4] && b[7] == pkt[7] && b[8..40] == pkt[8..40]
+            })
+            // Ports, ack, window, options; flags but PSH.
+            && b[g.ip_len..g.ip_len + 4] == pkt[g.ip_len..g.ip_len + 4]
+            && b[g.ip_len + 8..g.ip_len + 13] == pkt[g.ip_len + 8..g.ip_len + 13]
+            && (b[g.ip_len + 13] & !0x08) == (pkt[g.ip_len + 13] & !0x08)
+            && b[g.ip_len + 14..g.ip_len + 16] == pkt[g.ip_len + 14..g.ip_len + 16]
+            && b[g.ip_len + 20..g.ip_len + g.tcp_len] == pkt[g.ip_len + 20..g.ip_len + g.tcp_len]
+    }
+
+    /// Writes the open group, if any.
+    pub fn flush(&mut self, write: &mut impl FnMut(&[u8; VNET_HDR_LEN], &[u8])) {
+        let Some(g) = self.open.take() else { return };
+        if g.segments == 1 {
+            write(&[0; VNET_HDR_LEN], &self.buf);
+            return;
+        }
+        let total = self.buf.len();
+        let l4 = g.ip_len;
+        if g.v4 {
+            self.buf[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            self.buf[10..12].copy_from_slice(&[0, 0]);
+            let c = checksum(0, &self.buf[..l4]);
+            self.buf[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            self.buf[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        }
+        // Partial checksum: the pseudo-header sum, for the kernel to finish.
+        let ps = pseudo(&self.buf, 6, total - l4).unwrap_or(0);
+        self.buf[l4 + 16..l4 + 18].copy_from_slice(&fold(ps).to_be_bytes());
+        let mut h = [0u8; VNET_HDR_LEN];
+        h[0] = F_NEEDS_CSUM;
+        h[1] = if g.v4 { GSO_TCPV4 } else { GSO_TCPV6 };
+        h[2..4].copy_from_slice(&((l4 + g.tcp_len) as u16).to_le_bytes());
+        h[4..6].copy_from_slice(&(g.mss as u16).to_le_bytes());
+        h[6..8].copy_from_slice(&(l4 as u16).to_le_bytes());
+        h[8..10].copy_from_slice(&16u16.to_le_bytes());
+        write(&h, &self.buf);
+    }
+}
+
+struct Segment {
+    v4: bool,
+    ip_len: usize,
+    hdr: usize,
+    seq: u32,
+    psh: bool,
+}
+
+/// The TCP segment in `pkt` if it may be coalesced: IPv4 without options
+/// or fragments, or IPv6 with TCP as the next header; ACK with optional
+/// PSH only; a payload; lengths consistent; checksums valid.
+fn tcp_segment(pkt: &[u8]) -> Option<Segment> {
+    let (v4, ip_len) = match pkt.first()? >> 4 {
+        4 => {
+            let ok = pkt[0] == 0x45
+                && pkt.len() >= 40
+                && usize::from(u16::from_be_bytes([pkt[2], pkt[3]])) == pkt.len()
+                && (u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff) == 0
+                && pkt[9] == 6
+                && checksum(0, &pkt[..20]) == 0;
+            (ok.then_some(true)?, 20)
+        }
+        6 => {
+            let ok = pkt.len() >= 60
+                && usize::from(u16::from_be_bytes([pkt[4], pkt[5]])) + 40 == pkt.len()
+                && pkt[6] == 6;
+            (!ok.then_some(true)?, 40)
+        }
+        _ => return None,
+    };
+    let tcp_len = usize::from(pkt.get(ip_len + 12)? >> 4) * 4;
+    let hdr = ip_len + tcp_len;
+    let flags = *pkt.get(ip_len + 13)?;
+    if tcp_len < 20 || hdr >= pkt.len() || flags & !0x08 != 0x10 {
+        return None;
+    }
+    let ps = pseudo(pkt, 6, pkt.len() - ip_len)?;
+    if checksum(ps, &pkt[ip_len..]) != 0 {
+        return None;
+    }
+    Some(Segment {
+        v4,
+        ip_len,
+        hdr,
+        seq: u32::from_be_bytes(pkt[ip_len + 4..ip_len + 8].try_into().ok()?),
+        psh: flags & 0x08 != 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +517,75 @@ mod tests {
         }
         assert!(split(&VnetHdr::default(), &mut [], &mut Vec::new(), |_| {}).is_some());
         assert!(VnetHdr::parse(&[0; 9]).is_none());
+    }
+
+    /// Valid, complete segments of one flow (what the peer's data plane sent).
+    fn flow(n: usize, payload: usize) -> Vec<Vec<u8>> {
+        let mut big = tcp4(n * payload, 0x18);
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 40,
+            gso_size: payload as u16,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        let mut v = Vec::new();
+        split(&h, &mut big, &mut Vec::new(), |s| v.push(s.to_vec())).expect("split");
+        v
+    }
+
+    #[test]
+    fn consecutive_segments_are_joined_and_cut_back_the_same() {
+        let segs = flow(5, 1000);
+        let mut g = Gro::new(true);
+        let mut out: Vec<([u8; VNET_HDR_LEN], Vec<u8>)> = Vec::new();
+        let mut w = |h: &[u8; VNET_HDR_LEN], p: &[u8]| out.push((*h, p.to_vec()));
+        for s in &segs {
+            g.push(s, &mut w);
+        }
+        g.flush(&mut w);
+        assert_eq!(out.len(), 1, "one packet for the whole run");
+        let (h, mut p) = out.pop().expect("one");
+        let h = VnetHdr::parse(&h).expect("hdr");
+        assert_eq!(
+            (h.gso_type, h.gso_size, h.csum_start, h.csum_offset),
+            (GSO_TCPV4, 1000, 20, 16)
+        );
+        assert_eq!(p.len(), 40 + 5000);
+        // What the kernel would do with it: the same five segments.
+        let mut again = Vec::new();
+        split(&h, &mut p, &mut Vec::new(), |s| again.push(s.to_vec())).expect("split");
+        assert_eq!(again, segs);
+    }
+
+    #[test]
+    fn gaps_bad_checksums_and_other_packets_are_not_joined() {
+        let segs = flow(4, 1000);
+        let mut g = Gro::new(true);
+        let mut out: Vec<([u8; VNET_HDR_LEN], Vec<u8>)> = Vec::new();
+        let mut w = |h: &[u8; VNET_HDR_LEN], p: &[u8]| out.push((*h, p.to_vec()));
+        g.push(&segs[0], &mut w);
+        g.push(&segs[2], &mut w); // a gap: segs[1] lost
+        let mut bad = segs[3].clone();
+        bad[100] ^= 1; // checksum no longer matches
+        g.push(&bad, &mut w);
+        g.push(&[0x60, 0, 0, 0], &mut w); // not even IP
+        g.flush(&mut w);
+        assert_eq!(out.len(), 4);
+        assert!(
+            out.iter().all(|(h, _)| h == &[0; VNET_HDR_LEN]),
+            "all passed through whole"
+        );
+        assert_eq!(out[0].1, segs[0]);
+        assert_eq!(out[1].1, segs[2]);
+        assert_eq!(out[2].1, bad);
+        // Disabled: everything passes as is.
+        let mut g = Gro::new(false);
+        let mut n = 0;
+        for s in &segs {
+            g.push(s, &mut |_, _| n += 1);
+        }
+        assert_eq!(n, 4);
     }
 }

@@ -209,11 +209,20 @@ impl Tun {
         self.offload
     }
 
-    /// Writes one packet.
+    /// Writes one packet (on an offloading TUN, after a zero header: a
+    /// whole packet, checksums complete).
     pub fn write(&self, pkt: &[u8]) -> io::Result<usize> {
+        self.write_with(&[0; super::offload::VNET_HDR_LEN], pkt)
+    }
+
+    /// Writes one packet with its `virtio_net_hdr` (ignored when the TUN
+    /// does not offload).
+    pub fn write_with(
+        &self,
+        hdr: &[u8; super::offload::VNET_HDR_LEN],
+        pkt: &[u8],
+    ) -> io::Result<usize> {
         if self.offload {
-            // A zero header: a whole packet, checksums complete.
-            let hdr = [0u8; super::offload::VNET_HDR_LEN];
             let iov = [
                 libc::iovec {
                     iov_base: hdr.as_ptr() as *mut libc::c_void,
