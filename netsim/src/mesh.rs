@@ -783,13 +783,13 @@ pub fn demo(bins: &Bins) -> bool {
     m.add_router("home", NatPreset::PortRestricted);
     m.add_router("carrier", NatPreset::Cgnat);
     m.add_router("mobile", NatPreset::Symmetric);
-    let alice = m.add_node("alice", "home");
-    let bob = m.add_node("bob", "carrier");
-    let carol = m.add_node("carol", "mobile");
+    let alice = m.add_embedded_node("alice", "home");
+    let bob = m.add_embedded_node("bob", "carrier");
+    let carol = m.add_embedded_node("carol", "mobile");
     let dave = m.add_node("dave", "home");
     println!(
-        "lab ready in {:.1} s: relay + signaling on the internet; per device wireguard-go \
-         and ice-agent (peers = \"auto\")",
+        "lab ready in {:.1} s: relay + signaling on the internet; per device an ice-agent \
+         (peers = \"auto\") running WireGuard itself, and dave's beside wireguard-go",
         t0.elapsed().as_secs_f64()
     );
     for (n, r) in [
@@ -799,7 +799,8 @@ pub fn demo(bins: &Bins) -> bool {
         (carol, "symmetric NAT"),
     ] {
         let n = &m.nodes[n];
-        println!("  {:<6} {:<32} overlay {}", n.name, r, n.overlay);
+        let mode = if n.embedded { "embedded" } else { "external (wireguard-go)" };
+        println!("  {:<6} {:<32} overlay {:<10} {mode}", n.name, r, n.overlay.to_string());
     }
     let started = Instant::now();
     for i in 0..m.nodes.len() {

@@ -374,11 +374,16 @@ fn main() {
         Series::default(),
         Series::default(),
     );
+    let relay_only = [s(bins.relay.display())];
+    let mut relay_share = Vec::new();
     for r in 0..rounds {
+        let r0 = cpu_of(&relay_only);
+        let e0 = cpu_of(&emb_relay);
+        emb_r4.push(measure(&m, c, d, secs, 4, &emb_relay));
+        relay_share.push((cpu_of(&relay_only) - r0) / (cpu_of(&emb_relay) - e0));
         ext_r1.push(measure(&m, a, b, secs, 1, &ext_relay));
         emb_r1.push(measure(&m, c, d, secs, 1, &emb_relay));
         ext_r4.push(measure(&m, a, b, secs, 4, &ext_relay));
-        emb_r4.push(measure(&m, c, d, secs, 4, &emb_relay));
         println!(
             "round {r} relayed: external {:.0}/{:.0} | embedded {:.0}/{:.0} Mbit/s (1/4 streams)",
             ext_r1.mbit[r], ext_r4.mbit[r], emb_r1.mbit[r], emb_r4.mbit[r]
@@ -487,6 +492,10 @@ fn main() {
     ] {
         println!("  {what}: {v:.2} (target {target})");
     }
+    println!(
+        "  (relayed, embedded, 4 streams: the relay process used {:.0} % of the data-plane CPU)",
+        100.0 * median(relay_share.clone())
+    );
     println!("\ntime to first ping answer (from both agents started):");
     for (embedded, want, p, path) in first {
         println!(
