@@ -799,8 +799,17 @@ pub fn demo(bins: &Bins) -> bool {
         (carol, "symmetric NAT"),
     ] {
         let n = &m.nodes[n];
-        let mode = if n.embedded { "embedded" } else { "external (wireguard-go)" };
-        println!("  {:<6} {:<32} overlay {:<10} {mode}", n.name, r, n.overlay.to_string());
+        let mode = if n.embedded {
+            "embedded"
+        } else {
+            "external (wireguard-go)"
+        };
+        println!(
+            "  {:<6} {:<32} overlay {:<10} {mode}",
+            n.name,
+            r,
+            n.overlay.to_string()
+        );
     }
     let started = Instant::now();
     for i in 0..m.nodes.len() {

@@ -32,6 +32,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as XPublic, StaticSecret};
 use ipnet::IpNet;
+use relay::stun::channel_data;
 
 use super::offload::{self, Gro, VnetHdr, VNET_HDR_LEN};
 use super::tun::{Routes, Tun};
@@ -393,8 +394,7 @@ impl Device {
         match place(route, len) {
             Some((to, range, channel)) => {
                 if let Some(ch) = channel {
-                    buf[0..2].copy_from_slice(&ch.to_be_bytes());
-                    buf[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                    buf[..HEADROOM].copy_from_slice(&channel_data::header(ch, len));
                 }
                 self.send(&buf[range], to);
             }
@@ -701,8 +701,7 @@ impl Device {
             TunnResult::WriteToNetwork(p) => {
                 let len = p.len();
                 if let Route::Channel { channel, .. } = route {
-                    b.buf[off..off + 2].copy_from_slice(&channel.to_be_bytes());
-                    b.buf[off + 2..off + 4].copy_from_slice(&(len as u16).to_be_bytes());
+                    b.buf[off..off + HEADROOM].copy_from_slice(&channel_data::header(channel, len));
                 }
                 b.buf.truncate(off + head + len);
                 b.added(self, to, head + len);

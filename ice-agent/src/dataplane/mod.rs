@@ -162,8 +162,9 @@ impl DataPlane {
 
     /// The end of a read from the socket: what was decrypted goes out.
     pub fn flush(&self) {
-        if let DataPlane::Embedded(e) = self {
-            e.dev.flush_rx();
+        match self {
+            DataPlane::External(p) => p.flush(),
+            DataPlane::Embedded(e) => e.dev.flush_rx(),
         }
     }
 
