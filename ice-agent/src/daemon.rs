@@ -389,7 +389,7 @@ pub async fn run(
         None => None,
     };
 
-    let mut buf = vec![0u8; 65536];
+    let mut rx = crate::udp::RecvBatch::new(16, 65536);
     // Embedded mode: decrypted packets and replies are built here.
     let mut scratch = vec![0u8; 65536 + 64];
     let mut wg_timer = tokio::time::interval(Duration::from_millis(100));
@@ -413,25 +413,26 @@ pub async fn run(
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + far);
         tokio::select! {
-            r = sock.async_io(Interest::READABLE, || crate::udp::recv(sock.as_raw_fd(), &mut buf)) => {
+            r = sock.async_io(Interest::READABLE, || rx.recv(sock.as_raw_fd())) => {
                 let mut next = r;
-                for _ in 0..64 {
+                for _ in 0..8 {
                     match next {
-                        Ok(Some(r)) => {
-                            // With GRO one read may hold several datagrams.
-                            for d in r.datagrams(&buf) {
-                                datagram(&mut agent, &plane, r.from, r.local, d, &mut scratch);
+                        Ok(_) => {
+                            // One recvmmsg; with GRO each message may hold a run.
+                            for (r, data) in rx.messages() {
+                                for d in r.datagrams(data) {
+                                    datagram(&mut agent, &plane, r.from, r.local, d, &mut scratch);
+                                }
                             }
                             plane.flush();
                         }
-                        Ok(None) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
                             tracing::debug!("agent socket: {e}");
                             break;
                         }
                     }
-                    next = sock.try_io(Interest::READABLE, || crate::udp::recv(sock.as_raw_fd(), &mut buf));
+                    next = sock.try_io(Interest::READABLE, || rx.recv(sock.as_raw_fd()));
                 }
             }
             ev = sig.recv() => {

@@ -224,13 +224,19 @@ pub fn recv(fd: i32, buf: &mut [u8]) -> io::Result<Option<Received>> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(parse(&msg, &addr, n as usize))
+}
+
+/// What the kernel wrote for one message: source, local address, GRO
+/// segment size. `None` when truncated or of an unknown family.
+fn parse(msg: &libc::msghdr, addr: &libc::sockaddr_storage, n: usize) -> Option<Received> {
     if msg.msg_flags & libc::MSG_TRUNC != 0 {
-        return Ok(None);
+        return None;
     }
     let from = match addr.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: the kernel wrote a sockaddr_in (family says so).
-            let a = unsafe { *(&addr as *const _ as *const libc::sockaddr_in) };
+            let a = unsafe { *(addr as *const _ as *const libc::sockaddr_in) };
             SocketAddr::new(
                 IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))),
                 u16::from_be(a.sin_port),
@@ -238,19 +244,20 @@ pub fn recv(fd: i32, buf: &mut [u8]) -> io::Result<Option<Received>> {
         }
         libc::AF_INET6 => {
             // SAFETY: the kernel wrote a sockaddr_in6 (family says so).
-            let a = unsafe { *(&addr as *const _ as *const libc::sockaddr_in6) };
+            let a = unsafe { *(addr as *const _ as *const libc::sockaddr_in6) };
             canonical(SocketAddr::new(
                 IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)),
                 u16::from_be(a.sin6_port),
             ))
         }
-        _ => return Ok(None),
+        _ => return None,
     };
     let mut local = None;
-    let mut segment = n as usize;
-    // SAFETY: walking the control messages the kernel wrote into `cbuf`.
+    let mut segment = n;
+    // SAFETY: walking the control messages the kernel wrote (the msghdr's
+    // control pointer and length describe them).
     unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        let mut c = libc::CMSG_FIRSTHDR(msg);
         while !c.is_null() {
             let (level, typ) = ((*c).cmsg_level, (*c).cmsg_type);
             if level == libc::IPPROTO_IP && typ == libc::IP_PKTINFO {
@@ -271,15 +278,107 @@ pub fn recv(fd: i32, buf: &mut [u8]) -> io::Result<Option<Received>> {
                     segment = s as usize;
                 }
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
+            c = libc::CMSG_NXTHDR(msg, c);
         }
     }
-    Ok(Some(Received {
-        len: n as usize,
+    Some(Received {
+        len: n,
         from,
         local,
         segment,
-    }))
+    })
+}
+
+/// Buffers for reading up to `count` messages in one `recvmmsg`.
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    addrs: Vec<libc::sockaddr_storage>,
+    cmsgs: Vec<[u64; 16]>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    got: Vec<Option<Received>>,
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("count", &self.bufs.len())
+            .finish()
+    }
+}
+
+// SAFETY: the raw pointers in `iovs`/`hdrs` only ever point into the
+// batch's own buffers, and are rewritten before every call.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    /// `count` messages of up to `size` bytes each (65536 with GRO).
+    pub fn new(count: usize, size: usize) -> RecvBatch {
+        RecvBatch {
+            bufs: (0..count).map(|_| vec![0u8; size]).collect(),
+            // SAFETY: zeroed sockaddr_storage / mmsghdr are valid values.
+            addrs: vec![unsafe { std::mem::zeroed() }; count],
+            cmsgs: vec![[0u64; 16]; count],
+            iovs: Vec::with_capacity(count),
+            hdrs: Vec::with_capacity(count),
+            got: Vec::with_capacity(count),
+        }
+    }
+
+    /// Reads what is queued (at most `count` messages) without blocking;
+    /// `WouldBlock` when nothing is.
+    pub fn recv(&mut self, fd: i32) -> io::Result<usize> {
+        let count = self.bufs.len();
+        self.iovs.clear();
+        for b in &mut self.bufs {
+            self.iovs.push(libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            });
+        }
+        self.hdrs.clear();
+        for i in 0..count {
+            // SAFETY: a zeroed mmsghdr is valid; the pointers set below
+            // point into this batch's buffers, alive for the call.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
+            h.msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &mut self.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = self.cmsgs[i].as_mut_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_controllen = std::mem::size_of::<[u64; 16]>() as _;
+            self.hdrs.push(h);
+        }
+        // SAFETY: `count` valid mmsghdrs describing live buffers.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                count as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.got.clear();
+        for i in 0..n as usize {
+            let h = &self.hdrs[i];
+            self.got
+                .push(parse(&h.msg_hdr, &self.addrs[i], h.msg_len as usize));
+        }
+        Ok(n as usize)
+    }
+
+    /// The messages the last [`RecvBatch::recv`] read (truncated ones left out).
+    pub fn messages(&self) -> impl Iterator<Item = (Received, &[u8])> {
+        self.got
+            .iter()
+            .zip(&self.bufs)
+            .filter_map(|(r, b)| r.map(|r| (r, &b[..r.len])))
+    }
 }
 
 #[cfg(test)]

@@ -204,6 +204,52 @@ fn send_run(sock: &UdpSocket, buf: &[u8], to: SocketAddr, stride: usize) {
     }
 }
 
+/// Datagrams to one destination collected into GSO runs (each behind a
+/// ChannelData header when `channel` is set).
+#[derive(Debug, Default)]
+struct Run {
+    buf: Vec<u8>,
+    stride: usize,
+    count: usize,
+    short: bool,
+}
+
+impl Run {
+    fn push(&mut self, sock: &UdpSocket, to: SocketAddr, d: &[u8], channel: Option<u16>) {
+        let len = d.len() + if channel.is_some() { 4 } else { 0 };
+        if self.count > 0
+            && (self.short
+                || len > self.stride
+                || self.count >= GSO_SEGMENTS
+                || self.buf.len() + len > GSO_BYTES)
+        {
+            self.flush(sock, to);
+        }
+        match channel {
+            Some(ch) => relay::stun::channel_data::encode(&mut self.buf, ch, d, false),
+            None => self.buf.extend_from_slice(d),
+        }
+        if self.count == 0 {
+            self.stride = len;
+        }
+        self.short |= len < self.stride;
+        self.count += 1;
+    }
+
+    fn flush(&mut self, sock: &UdpSocket, to: SocketAddr) {
+        match self.count {
+            0 => {}
+            1 => {
+                let _ = sock.try_send_to(&self.buf, to);
+            }
+            _ => send_run(sock, &self.buf, to, self.stride),
+        }
+        self.buf.clear();
+        self.count = 0;
+        self.short = false;
+    }
+}
+
 /// Packets WireGuard sends to a peer's proxy leave on the peer's route;
 /// while there is none, the last few (handshake initiations) are held so
 /// the first handshake does not wait for WireGuard's 5 s retry.
@@ -215,8 +261,9 @@ async fn proxy_loop(
     wg_addr: SocketAddr,
 ) {
     const HOLD: usize = 8;
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::with_capacity(GSO_BYTES + 2048);
+    // Pages are only touched by what arrives: idle peers cost little.
+    let mut rx = crate::udp::RecvBatch::new(8, 65536);
+    let mut run = Run::default();
     let mut one = Vec::with_capacity(2048);
     let mut held: VecDeque<Vec<u8>> = VecDeque::new();
     loop {
@@ -228,13 +275,10 @@ async fn proxy_loop(
                     continue;
                 }
                 // Drain what is queued (one wake-up for a burst).
-                for _ in 0..64 {
-                    let got = psock.try_io(tokio::io::Interest::READABLE, || {
-                        crate::udp::recv(psock.as_raw_fd(), &mut buf)
-                    });
-                    let r = match got {
-                        Ok(Some(r)) => r,
-                        Ok(None) => continue,
+                for _ in 0..8 {
+                    let got = psock.try_io(tokio::io::Interest::READABLE, || rx.recv(psock.as_raw_fd()));
+                    match got {
+                        Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
                             // Not "nothing queued": do not spin on it.
@@ -242,47 +286,40 @@ async fn proxy_loop(
                             tokio::time::sleep(Duration::from_millis(10)).await;
                             break;
                         }
-                    };
-                    // Only the local WireGuard interface speaks here.
-                    if r.from != wg_addr {
-                        continue;
                     }
+                    // Only the local WireGuard interface speaks here.
+                    let from_wg = rx.messages().filter(|(r, _)| r.from == wg_addr);
                     let rt = *route.borrow();
                     match rt {
                         Route::Hold => {
-                            for d in r.datagrams(&buf) {
-                                if held.len() == HOLD {
-                                    held.pop_front();
+                            for (r, data) in from_wg {
+                                for d in r.datagrams(data) {
+                                    if held.len() == HOLD {
+                                        held.pop_front();
+                                    }
+                                    held.push_back(d.to_vec());
                                 }
-                                held.push_back(d.to_vec());
                             }
                         }
-                        Route::Direct(to) => {
-                            // Plain forwarding, the run as it came.
+                        Route::Direct(to) | Route::Channel { server: to, .. } => {
+                            let channel = match rt {
+                                Route::Channel { channel, .. } => Some(channel),
+                                _ => None,
+                            };
                             let to = crate::udp::outward(to, dual);
-                            if r.segment < r.len {
-                                send_run(&sock, &buf[..r.len], to, r.segment);
-                            } else {
-                                send(&sock, &buf[..r.len], to).await;
+                            for (r, data) in from_wg {
+                                for d in r.datagrams(data) {
+                                    run.push(&sock, to, d, channel);
+                                }
                             }
+                            run.flush(&sock, to);
                         }
-                        Route::Channel { server, channel } => {
-                            // Each datagram behind its header, one run.
-                            out.clear();
-                            for d in r.datagrams(&buf) {
-                                relay::stun::channel_data::encode(&mut out, channel, d, false);
-                            }
-                            let to = crate::udp::outward(server, dual);
-                            if r.segment < r.len {
-                                send_run(&sock, &out, to, r.segment + 4);
-                            } else {
-                                send(&sock, &out, to).await;
-                            }
-                        }
-                        rt @ Route::Indication { .. } => {
-                            for d in r.datagrams(&buf) {
-                                if let Some(to) = rt.frame(d, &mut one, rand::random()) {
-                                    send(&sock, &one, crate::udp::outward(to, dual)).await;
+                        Route::Indication { .. } => {
+                            for (r, data) in from_wg {
+                                for d in r.datagrams(data) {
+                                    if let Some(to) = rt.frame(d, &mut one, rand::random()) {
+                                        let _ = sock.try_send_to(&one, crate::udp::outward(to, dual));
+                                    }
                                 }
                             }
                         }
@@ -297,21 +334,11 @@ async fn proxy_loop(
                 if rt != Route::Hold {
                     for pkt in held.drain(..) {
                         if let Some(to) = rt.frame(&pkt, &mut one, rand::random()) {
-                            send(&sock, &one, crate::udp::outward(to, dual)).await;
+                            let _ = sock.try_send_to(&one, crate::udp::outward(to, dual));
                         }
                     }
                 }
             }
         }
-    }
-}
-
-/// Sends without a trip through the scheduler unless the socket is full.
-async fn send(sock: &UdpSocket, data: &[u8], to: SocketAddr) {
-    match sock.try_send_to(data, to) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            let _ = sock.send_to(data, to).await;
-        }
-        _ => {}
     }
 }
