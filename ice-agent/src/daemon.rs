@@ -661,7 +661,7 @@ fn start_embedded(
         port,
         key.secret_bytes(),
         &own,
-        off.gso,
+        off,
     );
     tracing::info!(interface = %cfg.interface, mtu = cfg.mtu, ?own, ?off, "embedded WireGuard interface created");
     crate::dataplane::Embedded::start(dev).map_err(DaemonError::Uapi)

@@ -806,12 +806,25 @@ impl Lab {
     /// Kills (if running) and starts process `name` again with the same
     /// command.
     pub fn restart_process(&self, name: &str) -> Result<(), Error> {
+        self.restart_process_env(name, None)
+    }
+
+    /// Like [`Lab::restart_process`], with its environment replaced by
+    /// `env` when given.
+    pub fn restart_process_env(
+        &self,
+        name: &str,
+        env: Option<&[(String, String)]>,
+    ) -> Result<(), Error> {
         self.kill_process(name)?;
         let mut p = self
             .lock()
             .procs
             .remove(name)
             .ok_or_else(|| Error::Config(format!("no process {name:?}")))?;
+        if let Some(env) = env {
+            p.env = env.to_vec();
+        }
         let res = self.start_proc(name, &mut p);
         self.lock().procs.insert(name.to_string(), p);
         res

@@ -520,6 +520,14 @@ impl MeshLab {
             .expect("restart agent");
     }
 
+    /// Restarts node `i`'s agent with `env` as its extra environment (e.g.
+    /// `WGICE_OFFLOADS` in the data-plane benchmark).
+    pub fn restart_agent_env(&self, i: usize, env: &[(String, String)]) {
+        self.lab
+            .restart_process_env(&format!("agent-{}", self.nodes[i].name), Some(env))
+            .expect("restart agent");
+    }
+
     /// Stops node `i`'s agent with SIGTERM; returns its exit code, or
     /// `None` if it did not exit by itself within 10 s (then it is killed).
     pub fn stop_agent(&self, i: usize) -> Option<i32> {

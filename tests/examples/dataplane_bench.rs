@@ -326,6 +326,31 @@ fn main() {
             veth[r], plain1.mbit[r], plain4.mbit[r], ext1.mbit[r], ext4.mbit[r], emb1.mbit[r], emb4.mbit[r]
         );
     }
+    // Lever by lever: the embedded pair restarted with each offload set.
+    let mut levers = Vec::new();
+    for set in [
+        "none",
+        "tso",
+        "tso,coalesce",
+        "tso,coalesce,gso",
+        "tso,coalesce,gso,gro",
+    ] {
+        let env = [(s("WGICE_OFFLOADS"), s(set))];
+        m.restart_agent_env(c, &env);
+        m.restart_agent_env(d, &env);
+        m.wait_path(c, d, "direct", Duration::from_secs(15))
+            .expect("embedded direct");
+        m.wait_path(d, c, "direct", Duration::from_secs(15))
+            .expect("embedded direct");
+        assert!(m.ping(c, d, 2), "embedded ({set}) does not work");
+        let one = measure(&m, c, d, secs, 1, &emb_procs);
+        let four = measure(&m, c, d, secs, 4, &emb_procs);
+        println!(
+            "offloads {set:<22}: {:.0}/{:.0} Mbit/s (1/4 streams), {:.1}/{:.1} CPU s/GB",
+            one.0, four.0, one.1, four.1
+        );
+        levers.push((set, one, four));
+    }
     drop(m);
 
     // Relayed: routers with NAT (the relay refuses to relay to the
@@ -496,6 +521,18 @@ fn main() {
         "  (relayed, embedded, 4 streams: the relay process used {:.0} % of the data-plane CPU)",
         100.0 * median(relay_share.clone())
     );
+    println!("\nembedded direct, lever by lever (WGICE_OFFLOADS), ratio to plain wireguard-go:");
+    for (set, one, four) in &levers {
+        println!(
+            "  {set:<22} {:>5.0} Mbit/s ({:.2}x)  {:>5.0} Mbit/s ({:.2}x)  {:.1} / {:.1} CPU s/GB",
+            one.0,
+            one.0 / md(&plain1),
+            four.0,
+            four.0 / md(&plain4),
+            one.1,
+            four.1
+        );
+    }
     println!("\ntime to first ping answer (from both agents started):");
     for (embedded, want, p, path) in first {
         println!(

@@ -286,12 +286,12 @@ impl Device {
         port: u16,
         private: [u8; 32],
         own: &[IpNet],
-        gso: bool,
+        off: super::Offloads,
     ) -> Device {
         let private = StaticSecret::from(private);
         let public = XPublic::from(&private);
         let routes = Routes::new(tun.name(), own);
-        let offloading = tun.offload();
+        let coalesce = tun.offload() && off.coalesce;
         Device {
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             tun,
@@ -308,8 +308,8 @@ impl Device {
             // anywhere so indices do not repeat across restarts.
             next_index: AtomicU32::new(rand::random::<u32>() & 0x7f_ffff),
             stop: AtomicBool::new(false),
-            gso: AtomicBool::new(gso),
-            rx: Mutex::new(Gro::new(offloading)),
+            gso: AtomicBool::new(off.gso),
+            rx: Mutex::new(Gro::new(coalesce)),
             counters: Counters::default(),
         }
     }

@@ -20,14 +20,16 @@ use std::sync::Arc;
 
 use crate::agent::{Endpoint, PeerKey, PeerRoute};
 
-/// Which kernel offloads the data plane uses. All by default; the
+/// Which offloads the data plane uses. All by default; the
 /// `WGICE_OFFLOADS` environment variable (a comma-separated subset of
-/// `tso,gso,gro`, or `none`) narrows them, so each lever can be measured
-/// on its own.
+/// `tso,coalesce,gso,gro`, or `none`) narrows them, so each lever can be
+/// measured on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Offloads {
     /// TUN TSO and checksum offload (`IFF_VNET_HDR`).
     pub tso: bool,
+    /// Joining received TCP segments before the TUN (needs `tso`).
+    pub coalesce: bool,
     /// UDP GSO on sends (`UDP_SEGMENT`).
     pub gso: bool,
     /// UDP GRO on receives (`UDP_GRO`).
@@ -45,6 +47,7 @@ impl Offloads {
         match v {
             None => Offloads {
                 tso: true,
+                coalesce: true,
                 gso: true,
                 gro: true,
             },
@@ -52,6 +55,7 @@ impl Offloads {
                 let has = |k: &str| v.split(',').any(|x| x.trim() == k);
                 Offloads {
                     tso: has("tso"),
+                    coalesce: has("coalesce"),
                     gso: has("gso"),
                     gro: has("gro"),
                 }
