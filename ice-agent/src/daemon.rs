@@ -582,7 +582,8 @@ fn apply(
             });
         }
         Output::Route { peer, route } => {
-            if let Some(endpoint) = plane.route(&peer, route) {
+            // Every path is on the main socket today (index 0).
+            if let Some(endpoint) = plane.route(&peer, route, 0) {
                 let _ = wg_tx.send(WgCmd::Endpoint { peer, endpoint });
             }
         }
@@ -617,14 +618,14 @@ fn datagram(
                 crate::demux::Kind::WireGuard(_)
             )
         {
-            if let Some(peer) = e.dev.receive(from, true, data, scratch) {
+            if let Some(peer) = e.dev.receive(from, Some(0), data, scratch) {
                 agent.note_wireguard(now, peer, from, local, data.len());
             }
             return;
         }
     }
     if let Some((peer, pkt)) = agent.handle_datagram(now, from, local, data) {
-        plane.deliver(&peer, from, !relayed, pkt, scratch);
+        plane.deliver(&peer, from, (!relayed).then_some(0), pkt, scratch);
     }
 }
 

@@ -69,6 +69,8 @@ struct PeerState {
     keepalive: u16,
     psk: Option<[u8; 32]>,
     held: VecDeque<Vec<u8>>,
+    /// Which of the device's sockets the path uses.
+    via: usize,
 }
 
 impl PeerState {
@@ -88,7 +90,8 @@ impl PeerState {
 /// shorter one, at 64 datagrams or 64 KiB, and after every TUN burst.
 struct Batch {
     buf: Vec<u8>,
-    to: Option<SocketAddr>,
+    /// Destination and the socket it leaves from.
+    to: Option<(SocketAddr, usize)>,
     stride: usize,
     count: usize,
     short: bool,
@@ -113,7 +116,7 @@ impl Batch {
 
     /// Sends what is batched if a datagram of up to `room` bytes to `to`
     /// cannot join it.
-    fn make_room(&mut self, dev: &Device, to: SocketAddr, room: usize) {
+    fn make_room(&mut self, dev: &Device, to: (SocketAddr, usize), room: usize) {
         if self.count > 0
             && (self.to != Some(to)
                 || self.short
@@ -126,7 +129,7 @@ impl Batch {
     }
 
     /// A datagram of `len` bytes to `to` was appended.
-    fn added(&mut self, dev: &Device, to: SocketAddr, len: usize) {
+    fn added(&mut self, dev: &Device, to: (SocketAddr, usize), len: usize) {
         if self.count == 0 {
             self.to = Some(to);
             self.stride = len;
@@ -135,7 +138,7 @@ impl Batch {
             let start = self.buf.len() - len;
             let prev = self.buf[..start].to_vec();
             let (stride, count) = (self.stride, self.count);
-            dev.send_batch(&prev, to, stride, count);
+            dev.send_batch(&prev, to.0, to.1, stride, count);
             self.buf.drain(..start);
             self.stride = len;
             self.count = 0;
@@ -146,8 +149,8 @@ impl Batch {
     }
 
     fn flush(&mut self, dev: &Device) {
-        if let (Some(to), true) = (self.to, self.count > 0) {
-            dev.send_batch(&self.buf, to, self.stride, self.count);
+        if let (Some((to, via)), true) = (self.to, self.count > 0) {
+            dev.send_batch(&self.buf, to, via, self.stride, self.count);
         }
         self.buf.clear();
         self.count = 0;
@@ -222,7 +225,9 @@ pub struct Counters {
 /// The embedded WireGuard device.
 pub struct Device {
     tun: Tun,
-    sock: UdpSocket,
+    /// The agent's sockets: 0 is the main one; more may be added for paths
+    /// won on other ports ([`Device::add_socket`]).
+    socks: RwLock<Vec<Arc<UdpSocket>>>,
     dual: bool,
     port: u16,
     private: StaticSecret,
@@ -233,7 +238,7 @@ pub struct Device {
     allowed: Mutex<HashMap<PeerKey, Vec<IpNet>>>,
     routes: Mutex<Routes>,
     /// Paths the agent chose for peers the UAPI has not created yet.
-    pending: Mutex<HashMap<PeerKey, Route>>,
+    pending: Mutex<HashMap<PeerKey, (Route, usize)>>,
     next_index: AtomicU32,
     stop: AtomicBool,
     /// Send batches with UDP GSO (off after the kernel refused once).
@@ -295,7 +300,7 @@ impl Device {
         Device {
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             tun,
-            sock,
+            socks: RwLock::new(vec![Arc::new(sock)]),
             dual,
             port,
             private,
@@ -324,20 +329,37 @@ impl Device {
         signaling::PublicKey(self.public.to_bytes())
     }
 
-    fn send(&self, data: &[u8], to: SocketAddr) {
+    /// Adds one of the agent's sockets; returns the index a route names it by.
+    pub fn add_socket(&self, sock: UdpSocket) -> usize {
+        match self.socks.write() {
+            Ok(mut v) => {
+                v.push(Arc::new(sock));
+                v.len() - 1
+            }
+            Err(_) => 0,
+        }
+    }
+
+    fn sock(&self, via: usize) -> Option<Arc<UdpSocket>> {
+        let v = self.socks.read().ok()?;
+        v.get(via).or_else(|| v.first()).cloned()
+    }
+
+    fn send(&self, data: &[u8], to: SocketAddr, via: usize) {
+        let Some(sock) = self.sock(via) else { return };
         let to = crate::udp::outward(to, self.dual);
-        if let Err(e) = self.sock.send_to(data, to) {
+        if let Err(e) = sock.send_to(data, to) {
             if e.kind() == io::ErrorKind::WouldBlock {
                 // Full: wait for room once (backpressure on the TUN reader),
                 // then give up on this packet.
                 let mut p = libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&*sock),
                     events: libc::POLLOUT,
                     revents: 0,
                 };
                 // SAFETY: one valid pollfd.
                 unsafe { libc::poll(&mut p, 1, 5) };
-                if self.sock.send_to(data, to).is_ok() {
+                if sock.send_to(data, to).is_ok() {
                     return;
                 }
             }
@@ -347,9 +369,10 @@ impl Device {
 
     /// Sends `count` datagrams of `stride` bytes (the last may be shorter)
     /// from `buf` to `to`: one `sendmsg` with UDP GSO when there are several.
-    fn send_batch(&self, buf: &[u8], to: SocketAddr, stride: usize, count: usize) {
+    fn send_batch(&self, buf: &[u8], to: SocketAddr, via: usize, stride: usize, count: usize) {
         if count > 1 && self.gso.load(Ordering::Relaxed) {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&self.sock);
+            let Some(sock) = self.sock(via) else { return };
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*sock);
             let dst = crate::udp::outward(to, self.dual);
             match crate::udp::send_segments(fd, buf, dst, stride as u16) {
                 Ok(()) => return,
@@ -383,7 +406,7 @@ impl Device {
             }
         }
         for d in buf.chunks(stride.max(1)) {
-            self.send(d, to);
+            self.send(d, to, via);
         }
     }
 
@@ -396,7 +419,7 @@ impl Device {
                 if let Some(ch) = channel {
                     buf[..HEADROOM].copy_from_slice(&channel_data::header(ch, len));
                 }
-                self.send(&buf[range], to);
+                self.send(&buf[range], to, st.via);
             }
             None if route == Route::Hold => {
                 if st.held.len() == HOLD {
@@ -411,7 +434,7 @@ impl Device {
                 if let Some(to) =
                     route.frame(&buf[HEADROOM..HEADROOM + len], &mut out, rand::random())
                 {
-                    self.send(&out, to);
+                    self.send(&out, to, st.via);
                 }
             }
         }
@@ -419,7 +442,8 @@ impl Device {
 
     /// The agent chose a path for `peer` (`None`: stop managing it, fall back
     /// to its UAPI endpoint). Packets held for the first path are sent.
-    pub fn set_route(&self, peer: &PeerKey, route: Option<Route>) {
+    /// `via` names the socket the path uses (0: the main one).
+    pub fn set_route(&self, peer: &PeerKey, route: Option<Route>, via: usize) {
         // The table stays read-locked while the pending map is updated: a
         // peer the UAPI creates meanwhile picks the route up (same lock
         // order as `apply`).
@@ -427,7 +451,7 @@ impl Device {
         let Some(p) = table.peers.get(peer).cloned() else {
             if let Ok(mut pending) = self.pending.lock() {
                 match route {
-                    Some(r) => pending.insert(*peer, r),
+                    Some(r) => pending.insert(*peer, (r, via)),
                     None => pending.remove(peer),
                 };
             }
@@ -436,6 +460,7 @@ impl Device {
         drop(table);
         let Ok(mut st) = p.st.lock() else { return };
         st.route = route;
+        st.via = via;
         if matches!(route, Some(r) if r != Route::Hold) && !st.held.is_empty() {
             let held: Vec<Vec<u8>> = st.held.drain(..).collect();
             let mut buf = vec![0u8; BUF];
@@ -452,7 +477,7 @@ impl Device {
     fn identify(
         &self,
         from: SocketAddr,
-        direct: bool,
+        direct: Option<usize>,
         data: &[u8],
         scratch: &mut [u8],
     ) -> Option<Arc<Peer>> {
@@ -461,9 +486,9 @@ impl Device {
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 // Under load: the sender must prove its address first. (A
                 // relayed sender's address is the relay's: no cookie.)
-                if direct {
+                if let Some(via) = direct {
                     let c = cookie.to_vec();
-                    self.send(&c, from);
+                    self.send(&c, from, via);
                 }
                 return None;
             }
@@ -486,13 +511,14 @@ impl Device {
     }
 
     /// A WireGuard datagram arrived on the agent socket from `from` (for a
-    /// relayed one: the peer's address at the relay, `direct = false`).
+    /// relayed one: the relay's address, `direct = None`; else the index of
+    /// the socket it arrived on).
     /// Decrypted packets go to the TUN; replies leave on the peer's path.
     /// Returns the authenticated peer.
     pub fn receive(
         &self,
         from: SocketAddr,
-        direct: bool,
+        direct: Option<usize>,
         data: &[u8],
         scratch: &mut [u8],
     ) -> Option<PeerKey> {
@@ -541,9 +567,11 @@ impl Device {
                 }
             }
         }
-        if ok && direct && st.route.is_none() {
-            // Unmanaged peer: follow it (WireGuard roaming).
+        if let (true, Some(via), None) = (ok, direct, st.route) {
+            // Unmanaged peer: follow it (WireGuard roaming), on the socket
+            // it reached.
             st.endpoint = Some(from);
+            st.via = via;
         }
         ok.then_some(peer.key)
     }
@@ -694,7 +722,7 @@ impl Device {
             }
         };
         let room = head + (pkt.len() + 32).max(148);
-        b.make_room(self, to, room);
+        b.make_room(self, (to, st.via), room);
         let off = b.buf.len();
         b.buf.resize(off + room, 0);
         match st.tunn.encapsulate(pkt, &mut b.buf[off + head..]) {
@@ -704,7 +732,7 @@ impl Device {
                     b.buf[off..off + HEADROOM].copy_from_slice(&channel_data::header(channel, len));
                 }
                 b.buf.truncate(off + head + len);
-                b.added(self, to, head + len);
+                b.added(self, (to, st.via), head + len);
             }
             TunnResult::Err(e) => {
                 b.buf.truncate(off);
@@ -810,12 +838,14 @@ impl Device {
                         ));
                     }
                     let index = self.next_index.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
+                    let pending = self.pending.lock().ok().and_then(|mut m| m.remove(&ps.key));
                     let p = Arc::new(Peer {
                         key: ps.key,
                         index,
                         st: Mutex::new(PeerState {
                             tunn: self.new_tunn(&ps.key, None, 0, index),
-                            route: self.pending.lock().ok().and_then(|mut m| m.remove(&ps.key)),
+                            route: pending.map(|(r, _)| r),
+                            via: pending.map_or(0, |(_, v)| v),
                             endpoint: None,
                             allowed: Vec::new(),
                             keepalive: 0,

@@ -28,16 +28,20 @@ use tokio::sync::watch;
 
 use crate::agent::{Endpoint, PeerKey, PeerRoute, Route};
 
+/// A peer's path: how to frame, and which of the agent's sockets to send from.
+type Path = (Route, Arc<UdpSocket>);
+
 struct Proxy {
     sock: Arc<UdpSocket>,
-    route: watch::Sender<Route>,
+    route: watch::Sender<Path>,
     endpoint: Option<SocketAddr>,
     task: tokio::task::JoinHandle<()>,
 }
 
 /// The proxies of every managed peer.
 pub struct Proxies {
-    sock: Arc<UdpSocket>,
+    /// The agent's sockets: 0 is the main one ([`Proxies::add_socket`]).
+    socks: Vec<Arc<UdpSocket>>,
     dual: bool,
     wg_addr: SocketAddr,
     proxies: HashMap<PeerKey, Proxy>,
@@ -73,12 +77,18 @@ impl Proxies {
     /// Proxies toward the WireGuard port `wg_addr`, sending on `sock`.
     pub fn new(sock: Arc<UdpSocket>, dual: bool, wg_addr: SocketAddr) -> Proxies {
         Proxies {
-            sock,
+            socks: vec![sock],
             dual,
             wg_addr,
             proxies: HashMap::new(),
             pending: RefCell::new(Pending::default()),
         }
+    }
+
+    /// Adds one of the agent's sockets; returns the index a route names it by.
+    pub fn add_socket(&mut self, sock: Arc<UdpSocket>) -> usize {
+        self.socks.push(sock);
+        self.socks.len() - 1
     }
 
     /// Opens the peer's proxy; returns the endpoint WireGuard should use.
@@ -101,14 +111,8 @@ impl Proxies {
             }
         };
         let paddr = psock.local_addr().ok()?;
-        let (route_tx, route_rx) = watch::channel(Route::Hold);
-        let task = tokio::spawn(proxy_loop(
-            psock.clone(),
-            self.sock.clone(),
-            self.dual,
-            route_rx,
-            self.wg_addr,
-        ));
+        let (route_tx, route_rx) = watch::channel((Route::Hold, self.socks[0].clone()));
+        let task = tokio::spawn(proxy_loop(psock.clone(), self.dual, route_rx, self.wg_addr));
         self.proxies.insert(
             peer,
             Proxy {
@@ -122,9 +126,11 @@ impl Proxies {
     }
 
     /// A new path; returns the endpoint WireGuard should change to, if any.
-    pub fn route(&mut self, peer: &PeerKey, route: PeerRoute) -> Option<SocketAddr> {
+    /// `via` names the socket the path uses.
+    pub fn route(&mut self, peer: &PeerKey, route: PeerRoute, via: usize) -> Option<SocketAddr> {
+        let sock = self.socks.get(via).unwrap_or(&self.socks[0]).clone();
         let p = self.proxies.get_mut(peer)?;
-        p.route.send_replace(route.route);
+        p.route.send_replace((route.route, sock));
         let want = match route.endpoint {
             Endpoint::Proxy => p.sock.local_addr().ok(),
             Endpoint::Direct(a) => Some(a),
@@ -255,9 +261,8 @@ impl Run {
 /// the first handshake does not wait for WireGuard's 5 s retry.
 async fn proxy_loop(
     psock: Arc<UdpSocket>,
-    sock: Arc<UdpSocket>,
     dual: bool,
-    mut route: watch::Receiver<Route>,
+    mut route: watch::Receiver<Path>,
     wg_addr: SocketAddr,
 ) {
     const HOLD: usize = 8;
@@ -289,7 +294,7 @@ async fn proxy_loop(
                     }
                     // Only the local WireGuard interface speaks here.
                     let from_wg = rx.messages().filter(|(r, _)| r.from == wg_addr);
-                    let rt = *route.borrow();
+                    let (rt, sock) = route.borrow().clone();
                     match rt {
                         Route::Hold => {
                             for (r, data) in from_wg {
@@ -330,7 +335,7 @@ async fn proxy_loop(
                 if c.is_err() {
                     return;
                 }
-                let rt = *route.borrow_and_update();
+                let (rt, sock) = route.borrow_and_update().clone();
                 if rt != Route::Hold {
                     for pkt in held.drain(..) {
                         if let Some(to) = rt.frame(&pkt, &mut one, rand::random()) {

@@ -122,9 +122,10 @@ impl DataPlane {
 
     /// The peer's path changed; returns the endpoint WireGuard should be
     /// changed to, if it changes.
-    pub fn route(&mut self, peer: &PeerKey, route: PeerRoute) -> Option<SocketAddr> {
+    /// `via`: which of the agent's sockets the path uses (0: the main one).
+    pub fn route(&mut self, peer: &PeerKey, route: PeerRoute, via: usize) -> Option<SocketAddr> {
         match self {
-            DataPlane::External(p) => p.route(peer, route),
+            DataPlane::External(p) => p.route(peer, route, via),
             DataPlane::Embedded(e) => {
                 // On a LAN path the peer's WireGuard port may differ from its
                 // agent's (an external-mode peer): send straight to it.
@@ -132,7 +133,7 @@ impl DataPlane {
                     Endpoint::Direct(a) => crate::agent::Route::Direct(a),
                     Endpoint::Proxy => route.route,
                 };
-                e.dev.set_route(peer, Some(r));
+                e.dev.set_route(peer, Some(r), via);
                 None
             }
         }
@@ -142,17 +143,18 @@ impl DataPlane {
     pub fn peer_removed(&mut self, peer: &PeerKey) {
         match self {
             DataPlane::External(p) => p.remove(peer),
-            DataPlane::Embedded(e) => e.dev.set_route(peer, None),
+            DataPlane::Embedded(e) => e.dev.set_route(peer, None, 0),
         }
     }
 
     /// A WireGuard packet from `peer` that the agent accepted (relayed, or
-    /// on a path it knows), which arrived from `from`.
+    /// on a path it knows), which arrived from `from` (`direct`: on which
+    /// of the agent's sockets; `None`: through a relay).
     pub fn deliver(
         &self,
         peer: &PeerKey,
         from: SocketAddr,
-        direct: bool,
+        direct: Option<usize>,
         pkt: &[u8],
         scratch: &mut [u8],
     ) {
