@@ -643,6 +643,20 @@ impl MeshLab {
         ok
     }
 
+    /// Pings until an answer comes or `within` passes (a peer that just
+    /// restarted may need WireGuard's 5 s handshake retry first).
+    pub fn ping_within(&self, i: usize, j: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.ping(i, j, 3) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
     /// Node `i`'s WireGuard peers as `wg show dump` prints them, one row
     /// each: [public key, preshared key, endpoint, allowed ips, handshake,
     /// rx, tx, keepalive].
