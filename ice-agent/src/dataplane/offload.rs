@@ -1,6 +1,6 @@
 //! TUN offloads, sans-IO: the `virtio_net_hdr` the kernel puts in front of
 //! every packet on an `IFF_VNET_HDR` TUN, TCP segmentation of the large
-//! (TSO) packets it hands over, and checksum completion.
+//! (TSO) packets and UDP (USO) runs it hands over, and checksum completion.
 //!
 //! With `TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_CSUM` the kernel stops cutting a
 //! TCP stream into MTU-sized packets before the TUN: one read returns up to
@@ -19,6 +19,7 @@ const F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
+const GSO_UDP_L4: u8 = 5;
 const GSO_ECN: u8 = 0x80;
 
 /// A parsed `virtio_net_hdr` (little-endian on the TUN).
@@ -126,8 +127,11 @@ pub fn split(
         emit(pkt);
         return Some(());
     }
+    if gso == GSO_UDP_L4 {
+        return split_udp(h, pkt, seg, emit);
+    }
     if gso != GSO_TCPV4 && gso != GSO_TCPV6 {
-        return None; // UDP (USO) is not offered to the kernel
+        return None;
     }
     let v4 = gso == GSO_TCPV4;
     let l4 = usize::from(h.csum_start);
@@ -188,6 +192,55 @@ pub fn split(
         if payload == 0 {
             break;
         }
+    }
+    Some(())
+}
+
+/// USO: one UDP packet with `gso_size`-byte pieces of payload becomes one
+/// datagram per piece, each with its IP and UDP lengths and checksums.
+fn split_udp(
+    h: &VnetHdr,
+    pkt: &[u8],
+    seg: &mut Vec<u8>,
+    mut emit: impl FnMut(&[u8]),
+) -> Option<()> {
+    let l4 = usize::from(h.csum_start);
+    let v4 = pkt.first()? >> 4 == 4;
+    let hdr = l4 + 8;
+    let ip_ok = if v4 {
+        l4 >= 20 && pkt.len() >= 20 && usize::from(pkt[0] & 0x0f) * 4 == l4 && pkt[9] == 17
+    } else {
+        l4 == 40 && pkt.len() >= 40 && pkt[6] == 17
+    };
+    let mss = usize::from(h.gso_size);
+    if !ip_ok || hdr > pkt.len() || mss == 0 {
+        return None;
+    }
+    let id0 = if v4 {
+        u16::from_be_bytes([pkt[4], pkt[5]])
+    } else {
+        0
+    };
+    for (i, chunk) in pkt[hdr..].chunks(mss).enumerate() {
+        seg.clear();
+        seg.extend_from_slice(&pkt[..hdr]);
+        seg.extend_from_slice(chunk);
+        let total = seg.len();
+        if v4 {
+            seg[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            seg[10..12].copy_from_slice(&[0, 0]);
+            let c = checksum(0, &seg[..l4]);
+            seg[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            seg[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        }
+        let ulen = (total - l4) as u16;
+        seg[l4 + 4..l4 + 6].copy_from_slice(&ulen.to_be_bytes());
+        seg[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]);
+        let c = checksum(pseudo(seg, 17, total - l4)?, &seg[l4..]);
+        seg[l4 + 6..l4 + 8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
+        emit(seg);
     }
     Some(())
 }
@@ -587,5 +640,55 @@ mod tests {
             g.push(s, &mut |_, _| n += 1);
         }
         assert_eq!(n, 4);
+    }
+
+    #[test]
+    fn a_uso_packet_becomes_datagrams_with_valid_checksums() {
+        let payload = 2500;
+        let total = 20 + 8 + payload;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 77, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 77, 0, 2]);
+        p[20..22].copy_from_slice(&4433u16.to_be_bytes());
+        p[22..24].copy_from_slice(&443u16.to_be_bytes());
+        for (i, b) in p[28..].iter_mut().enumerate() {
+            *b = (i * 7) as u8;
+        }
+        let h = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_L4,
+            hdr_len: 28,
+            gso_size: 1200,
+            csum_start: 20,
+            csum_offset: 6,
+        };
+        let mut out = Vec::new();
+        split(&h, &mut p, &mut Vec::new(), |s| out.push(s.to_vec())).expect("split");
+        assert_eq!(
+            out.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![1228, 1228, 128]
+        );
+        let mut joined = Vec::new();
+        for s in &out {
+            assert_eq!(checksum(0, &s[..20]), 0, "IP checksum");
+            let ps = pseudo(s, 17, s.len() - 20).expect("pseudo");
+            assert_eq!(checksum(ps, &s[20..]), 0, "UDP checksum");
+            assert_eq!(
+                usize::from(u16::from_be_bytes([s[24], s[25]])),
+                s.len() - 20
+            );
+            joined.extend_from_slice(&s[28..]);
+        }
+        assert_eq!(joined, p[28..].to_vec());
+        // A UDP header past the end is refused.
+        let bad = VnetHdr {
+            csum_start: 2600,
+            ..h
+        };
+        assert!(split(&bad, &mut p, &mut Vec::new(), |_| {}).is_none());
     }
 }

@@ -135,12 +135,16 @@ impl Tun {
         };
         if offload {
             let hdr: libc::c_int = super::offload::VNET_HDR_LEN as libc::c_int;
-            let flags = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+            let tcp = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+            let udp = libc::TUN_F_USO4 | libc::TUN_F_USO6;
             // SAFETY: TUNSETVNETHDRSZ takes a pointer to an int, TUNSETOFFLOAD
-            // the flags as the argument itself.
+            // the flags as the argument itself. USO (Linux ≥ 6.2) is asked
+            // for first, then TSO alone.
             let ok = unsafe {
                 libc::ioctl(tun.fd(), libc::TUNSETVNETHDRSZ, &hdr) == 0
-                    && libc::ioctl(tun.fd(), libc::TUNSETOFFLOAD, flags as libc::c_ulong) == 0
+                    && (libc::ioctl(tun.fd(), libc::TUNSETOFFLOAD, (tcp | udp) as libc::c_ulong)
+                        == 0
+                        || libc::ioctl(tun.fd(), libc::TUNSETOFFLOAD, tcp as libc::c_ulong) == 0)
             };
             if !ok {
                 // Headers stay on (the flag is set), offloads off: every
