@@ -483,7 +483,7 @@ pub async fn run(
                 if let DataPlane::Embedded(e) = &plane {
                     e.dev.tick(&mut scratch);
                     wg_ticks = wg_ticks.wrapping_add(1);
-                    if wg_ticks % 10 == 0 {
+                    if wg_ticks.is_multiple_of(10) {
                         e.dev.reset_rate_limit();
                     }
                 }

@@ -98,9 +98,8 @@ impl Proxies {
         let psock = match std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
             .and_then(|s| s.connect(self.wg_addr).map(|_| s))
             .and_then(|s| s.set_nonblocking(true).map(|_| s))
-            .map(|s| {
+            .inspect(|s| {
                 crate::udp::enable_gro(s.as_raw_fd());
-                s
             })
             .and_then(UdpSocket::from_std)
         {
