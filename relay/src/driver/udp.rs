@@ -396,6 +396,7 @@ impl Worker {
         let mut rx = Batch::new();
         let mut peer_rx = Batch::new();
         let mut out = SendQueue::new();
+        let mut fwd_out = SendQueue::new();
         let n_listeners = self.listeners.len() as u64;
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
@@ -415,6 +416,9 @@ impl Worker {
                     let (local, ref sock) = self.listeners[token as usize];
                     let fd = sock.as_raw_fd();
                     let got = rx.recv(fd, 0, 0);
+                    // Forwards to peers leave in `sendmmsg` runs per relayed
+                    // socket (the payloads stay in `rx` until the flush).
+                    let mut fwd_fd: Option<RawFd> = None;
                     for i in 0..got {
                         let Some(remote) = from_sockaddr(&rx.addrs[i]) else {
                             continue;
@@ -427,9 +431,17 @@ impl Worker {
                         let data = &rx.bufs[i][..rx.lens[i]];
                         if let Some(fwd) = self.server.handle_client(now, client, data) {
                             if let Some(s) = self.relays.get(&fwd.relay.0) {
-                                send_to(s.as_raw_fd(), fwd.peer, fwd.payload);
+                                let rfd = s.as_raw_fd();
+                                if let Some(prev) = fwd_fd.filter(|f| *f != rfd) {
+                                    fwd_out.flush(prev);
+                                }
+                                fwd_fd = Some(rfd);
+                                fwd_out.push(fwd.peer, fwd.payload.as_ptr(), fwd.payload.len());
                             }
                         }
+                    }
+                    if let Some(f) = fwd_fd {
+                        fwd_out.flush(f);
                     }
                     self.drain(now);
                 } else {
