@@ -8,6 +8,8 @@
 //! - [`auth`], [`policy`]: credentials, nonces, rate limits, peer policy.
 //! - [`driver`]: the I/O around the core (UDP workers, TCP/TLS, metrics).
 //! - [`config`]: CLI and TOML configuration of the `relay` binary.
+//! - [`http`] (feature `http`): the `/metrics` and `/healthz` responder the
+//!   relay, signaling and the agent share.
 
 pub mod auth;
 pub mod client;
@@ -16,6 +18,8 @@ pub mod config;
 pub mod demux;
 #[cfg(feature = "server")]
 pub mod driver;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod policy;
 #[cfg(feature = "server")]
 pub mod server;

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::http::{self, Response};
 use crate::server::{Metrics, Quotas};
 
 /// Renders the Prometheus text exposition of all shards.
@@ -157,46 +157,19 @@ pub async fn serve(
     let bound = l.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let (mut s, _) = tokio::select! {
+            let (s, _) = tokio::select! {
                 r = l.accept() => match r { Ok(x) => x, Err(_) => continue },
                 _ = shutdown.changed() => return,
             };
             let shards = shards.clone();
             let quotas = quotas.clone();
-            tokio::spawn(async move {
-                // Read the request head (it may arrive in several segments).
-                let mut buf = [0u8; 2048];
-                let mut n = 0;
-                let read_head = async {
-                    while n < buf.len() {
-                        match s.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => n += k,
-                        }
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                };
-                if tokio::time::timeout(std::time::Duration::from_secs(5), read_head)
-                    .await
-                    .is_err()
-                {
-                    return;
+            tokio::spawn(http::serve(s, move |req: http::Request| async move {
+                match req.path.as_str() {
+                    "/metrics" => Response::ok(render(&shards, &quotas)),
+                    "/healthz" => Response::ok("ok\n"),
+                    _ => Response::not_found("try /metrics or /healthz\n"),
                 }
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let path = req.split_whitespace().nth(1).unwrap_or("/");
-                let (status, body) = match path {
-                    "/metrics" => ("200 OK", render(&shards, &quotas)),
-                    "/healthz" => ("200 OK", "ok\n".to_owned()),
-                    _ => ("404 Not Found", "try /metrics or /healthz\n".to_owned()),
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-            });
+            }));
         }
     });
     Ok(bound)

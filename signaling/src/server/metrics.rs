@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use relay::http::{self, Response};
 use tokio::net::TcpListener;
 
 /// Counters kept by the driver (the router keeps its own, merged on render).
@@ -158,44 +158,18 @@ pub(crate) async fn serve_http(
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
+        let Ok((sock, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let render = render.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(512);
-            let read = async {
-                let mut chunk = [0u8; 512];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 4096 {
-                    let n = sock.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read)
-                .await
-                .is_err()
-            {
-                return;
+        tokio::spawn(http::serve(sock, move |req: http::Request| async move {
+            match req.path.as_str() {
+                "/metrics" => Response::ok(render()),
+                "/healthz" => Response::ok("ok\n"),
+                _ => Response::not_found("try /metrics or /healthz\n"),
             }
-            let line = String::from_utf8_lossy(&buf);
-            let path = line.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", render()),
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                _ => ("404 Not Found", "try /metrics or /healthz\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
+        }));
     }
 }
 
