@@ -4,7 +4,7 @@ agree.
 
 - Source: every `"name", "gauge|counter"` pair in relay/src/driver/metrics.rs,
   signaling/src/server/metrics.rs (rendered with the prefix
-  wgice_signaling_) and ice-agent/src/daemon.rs (render_metrics).
+  wgice_signaling_) and ice-agent/src/metrics.rs (render_metrics).
 - docs/operating.md must name each source metric in backquotes, and every
   backquoted relay_*/wgice_* name there must exist in the source.
 - Every relay_*/wgice_* name used in the rules and the dashboard must exist.
@@ -24,12 +24,12 @@ pair = re.compile(r'"([a-z][a-z0-9_]*)",\s*"(gauge|counter|histogram|summary)"')
 sources = {
     "relay/src/driver/metrics.rs": "",
     "signaling/src/server/metrics.rs": "wgice_signaling_",
-    "ice-agent/src/daemon.rs": "",
+    "ice-agent/src/metrics.rs": "",
 }
 metrics = {}
 for path, prefix in sources.items():
     text = (root / path).read_text()
-    if path.endswith("daemon.rs"):
+    if path.startswith("ice-agent/"):
         start = text.index("fn render_metrics")
         end = text.find("\nfn ", start + 1)
         end2 = text.find("\npub fn ", start + 1)

@@ -17,8 +17,12 @@
 //!   overlay addresses to WireGuard keys).
 //! - [`status`]: what `ice-agent status` shows (table and JSON).
 //! - [`agent`]: the sans-IO core over all peers (sessions, TURN, signaling
-//!   exchange, routes); [`daemon`]: its tokio driver; [`wg`]: WireGuard
-//!   interface control (UAPI or the `wg` tool).
+//!   exchange, routes); [`daemon`]: its tokio driver (set up, main loop,
+//!   shut down); [`dataplane`]: where WireGuard packets go; [`wg`]:
+//!   WireGuard interface control (UAPI or the `wg` tool); `wgowner`: which
+//!   WireGuard peers the agent owns and how it restores them (a sans-IO
+//!   core and the `wg-control` thread); [`control`]: the control socket
+//!   and [`control::Status`]; `metrics`: `/metrics` and `/healthz`.
 //!
 //! See `docs/ice-agent.md` for the design.
 #![warn(missing_docs)]
@@ -26,18 +30,21 @@
 pub mod agent;
 pub mod cert;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
 /// Telling STUN, ChannelData and WireGuard apart (the relay crate's
 /// classifier, shared by relay, agent and netsim).
 pub use relay::demux;
 pub mod gather;
+mod metrics;
 mod path;
 mod session;
 pub mod status;
 pub mod udp;
 pub mod validate;
 pub mod wg;
+mod wgowner;
 
 pub use path::{classify, Classification, PathKind, WgicePreference};
 pub use session::{
