@@ -289,8 +289,12 @@ pub fn render_status(s: &Status) -> String {
 
 /// The lines above the peer table: who we are, signaling, relays.
 fn summary(s: &Status) -> String {
+    let mode = match s.mode.as_str() {
+        "embedded" => "  (embedded WireGuard)",
+        _ => "",
+    };
     let mut out = format!(
-        "interface {}  public key {}  agent port {}\nsignaling: {}\n",
+        "interface {}{mode}  public key {}  agent port {}\nsignaling: {}\n",
         s.interface,
         s.public_key,
         s.port,
