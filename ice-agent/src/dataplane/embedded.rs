@@ -531,6 +531,11 @@ impl Device {
         };
         let mut ok = false;
         let mut first = true;
+        // The decrypted packet (source, where in `scratch`, length): written
+        // to the TUN after the peer's lock is released (the routing check
+        // takes the table lock, which `apply` takes before peer locks).
+        let mut inner: Option<(IpAddr, usize, usize)> = None;
+        let base = scratch.as_ptr() as usize;
         loop {
             let input = if first { data } else { &[][..] };
             let r = st
@@ -557,12 +562,12 @@ impl Device {
                 }
                 TunnResult::WriteToTunnelV4(p, src) => {
                     ok = true;
-                    self.to_tun(&peer, &st, IpAddr::V4(src), p);
+                    inner = Some((IpAddr::V4(src), p.as_ptr() as usize - base, p.len()));
                     break;
                 }
                 TunnResult::WriteToTunnelV6(p, src) => {
                     ok = true;
-                    self.to_tun(&peer, &st, IpAddr::V6(src), p);
+                    inner = Some((IpAddr::V6(src), p.as_ptr() as usize - base, p.len()));
                     break;
                 }
             }
@@ -573,10 +578,16 @@ impl Device {
             st.endpoint = Some(from);
             st.via = via;
         }
+        drop(st);
+        if let Some((src, off, len)) = inner {
+            if let Some(pkt) = scratch.get(off..off + len) {
+                self.to_tun(&peer, src, pkt);
+            }
+        }
         ok.then_some(peer.key)
     }
 
-    fn to_tun(&self, peer: &Arc<Peer>, _st: &PeerState, src: IpAddr, pkt: &[u8]) {
+    fn to_tun(&self, peer: &Arc<Peer>, src: IpAddr, pkt: &[u8]) {
         if pkt.is_empty() {
             return; // keepalive
         }
