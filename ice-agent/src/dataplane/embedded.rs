@@ -1125,3 +1125,99 @@ pub fn format_get(d: &WgDevice) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K1: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
+    #[test]
+    fn uapi_set_bodies_parse_with_their_bounds() {
+        let req = parse_set([
+            "listen_port=51821",
+            "replace_peers=true",
+            &format!("public_key={K1}"),
+            "endpoint=[2001:db8::1]:51820",
+            "persistent_keepalive_interval=25",
+            "replace_allowed_ips=true",
+            "allowed_ip=10.8.0.2/32",
+            "allowed_ip=10.88.1.7/24",
+            "protocol_version=1",
+        ])
+        .expect("valid");
+        assert_eq!(req.listen_port, Some(51821));
+        assert!(req.replace_peers);
+        let p = &req.peers[0];
+        assert_eq!(p.key, signaling::PublicKey([1; 32]));
+        assert_eq!(
+            p.endpoint,
+            Some("[2001:db8::1]:51820".parse().expect("addr"))
+        );
+        assert_eq!(p.keepalive, Some(25));
+        // Host bits are cleared, as the kernel does.
+        assert_eq!(
+            p.allowed_ips,
+            vec![
+                "10.8.0.2/32".parse::<IpNet>().expect("net"),
+                "10.88.1.0/24".parse().expect("net")
+            ]
+        );
+        for (bad, line) in [
+            (vec!["public_key=zz"], 2),
+            (vec!["endpoint=1.2.3.4:5"], 2), // a peer key before it
+            (
+                vec![
+                    &format!("public_key={K1}") as &str,
+                    "allowed_ip=10.0.0.0/33",
+                ],
+                3,
+            ),
+            (vec![&format!("public_key={K1}") as &str, "remove=maybe"], 3),
+            (vec!["no equals sign"], 2),
+            (
+                vec![&format!("public_key={K1}") as &str, "protocol_version=2"],
+                3,
+            ),
+        ] {
+            match parse_set(bad.iter().copied()) {
+                Err(SetError::Parse { line: l, .. }) => assert_eq!(l, line, "{bad:?}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(parse_set(["fwmark=7"]), Err(SetError::Refused(_))));
+        // Bounded: one peer cannot carry more than MAX_ALLOWED_IPS.
+        let key = format!("public_key={K1}");
+        let many: Vec<String> = (0..=MAX_ALLOWED_IPS)
+            .map(|i| format!("allowed_ip=10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let lines = std::iter::once(key.as_str()).chain(many.iter().map(String::as_str));
+        assert!(matches!(parse_set(lines), Err(SetError::Parse { .. })));
+    }
+
+    #[test]
+    fn get_answers_parse_back_as_the_agent_reads_them() {
+        let dev = WgDevice {
+            private_key: Some([9; 32]),
+            listen_port: 51821,
+            peers: vec![WgPeer {
+                public_key: signaling::PublicKey([1; 32]),
+                preshared_key: Some([2; 32]),
+                endpoint: Some("192.0.2.7:3478".parse().expect("addr")),
+                endpoint_raw: None,
+                allowed_ips: vec!["10.8.0.2/32".parse().expect("net")],
+                last_handshake: 1_700_000_000,
+                rx_bytes: 10,
+                tx_bytes: 20,
+                keepalive: 25,
+            }],
+        };
+        let back =
+            crate::wg::parse_uapi(&format!("{}errno=0\n\n", format_get(&dev))).expect("parse");
+        assert_eq!(back.private_key, dev.private_key);
+        assert_eq!(back.listen_port, 51821);
+        let mut want = dev.peers[0].clone();
+        want.endpoint_raw = Some("192.0.2.7:3478".into());
+        assert_eq!(back.peers, vec![want]);
+    }
+}
