@@ -208,13 +208,30 @@ impl Batch {
     }
 }
 
-/// Outgoing datagrams to clients from one listening socket, sent with `sendmmsg`.
+/// Outgoing datagrams from one socket, sent with `sendmmsg`. Consecutive
+/// datagrams to the same destination of the same size (the last may be
+/// shorter) are copied back to back into one message with a UDP GSO
+/// segment size: the kernel carries the run as one packet as far as it can,
+/// and a receiver reading with UDP GRO gets it in one read.
 struct SendQueue {
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
+    cmsgs: Vec<[u64; 4]>,
+    /// Staged datagrams; never grows past its capacity (pointers into it
+    /// stay valid until `flush`).
+    arena: Vec<u8>,
+    /// The open run: destination, segment size, datagrams, ended by a
+    /// shorter one.
+    run: Option<(SocketAddr, usize, usize, bool)>,
+    /// GSO allowed (off after the kernel refused once).
+    gso: bool,
     n: usize,
 }
+
+/// Most bytes and datagrams in one GSO message.
+const GSO_BYTES: usize = 65000;
+const GSO_SEGMENTS: usize = 64;
 
 impl SendQueue {
     fn new() -> Self {
@@ -232,16 +249,59 @@ impl SendQueue {
             hdrs: (0..BATCH)
                 .map(|_| unsafe { MaybeUninit::zeroed().assume_init() })
                 .collect(),
+            cmsgs: vec![[0u64; 4]; BATCH],
+            arena: Vec::with_capacity(BATCH * BUF),
+            run: None,
+            gso: true,
             n: 0,
         }
     }
 
     /// Queues a datagram. The data must stay valid until `flush`.
     fn push(&mut self, to: SocketAddr, data: *const u8, len: usize) {
+        // SAFETY: the caller passes a live buffer of `len` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(data, len) };
+        let room = self.arena.len() + len <= self.arena.capacity();
+        if let (true, true, Some((rto, stride, count, short))) = (self.gso, room, self.run) {
+            let i = self.n - 1;
+            if rto == to
+                && !short
+                && len <= stride
+                && count < GSO_SEGMENTS
+                && self.iovs[i].iov_len + len <= GSO_BYTES
+            {
+                self.arena.extend_from_slice(bytes);
+                self.iovs[i].iov_len += len;
+                self.run = Some((to, stride, count + 1, len < stride));
+                let h = &mut self.hdrs[i].msg_hdr;
+                h.msg_control = self.cmsgs[i].as_mut_ptr() as *mut libc::c_void;
+                // SAFETY: CMSG_SPACE/CMSG_LEN are pure; the control buffer
+                // (32 bytes) holds one u16 cmsg.
+                unsafe {
+                    h.msg_controllen = libc::CMSG_SPACE(2) as _;
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, stride as u16);
+                }
+                return;
+            }
+        }
         let i = self.n;
+        let base = if self.gso && room {
+            // Staged so the next datagram can join it.
+            let start = self.arena.len();
+            self.arena.extend_from_slice(bytes);
+            self.run = Some((to, len, 1, false));
+            self.arena[start..].as_ptr()
+        } else {
+            self.run = None;
+            data
+        };
         let alen = to_sockaddr(to, &mut self.addrs[i]);
         self.iovs[i] = libc::iovec {
-            iov_base: data as *mut libc::c_void,
+            iov_base: base as *mut libc::c_void,
             iov_len: len,
         };
         let h = &mut self.hdrs[i].msg_hdr;
@@ -257,7 +317,8 @@ impl SendQueue {
     fn flush(&mut self, fd: RawFd) {
         let mut off = 0;
         while off < self.n {
-            // SAFETY: headers reference buffers the caller keeps alive until flush returns.
+            // SAFETY: headers reference buffers the caller (or the arena)
+            // keeps alive until flush returns.
             let r = unsafe {
                 libc::sendmmsg(
                     fd,
@@ -267,6 +328,28 @@ impl SendQueue {
                 )
             };
             if r <= 0 {
+                let err = io::Error::last_os_error();
+                let h = &self.hdrs[off].msg_hdr;
+                if !h.msg_control.is_null()
+                    && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP))
+                {
+                    // The kernel refuses GSO here: send this run one by one,
+                    // and stage no more runs.
+                    self.gso = false;
+                    // SAFETY: the iovec points into the arena, alive here.
+                    let run = unsafe {
+                        std::slice::from_raw_parts(self.iovs[off].iov_base as *const u8, self.iovs[off].iov_len)
+                    };
+                    if let Some(to) = from_sockaddr(&self.addrs[off]) {
+                        // SAFETY: reading the u16 segment size we wrote.
+                        let seg = unsafe {
+                            std::ptr::read_unaligned(libc::CMSG_DATA(libc::CMSG_FIRSTHDR(h)) as *const u16)
+                        };
+                        for d in run.chunks(usize::from(seg).max(1)) {
+                            send_to(fd, to, d);
+                        }
+                    }
+                }
                 // Full socket buffer or an unreachable destination: skip one and go on.
                 off += 1;
             } else {
@@ -274,6 +357,8 @@ impl SendQueue {
             }
         }
         self.n = 0;
+        self.arena.clear();
+        self.run = None;
     }
 }
 
