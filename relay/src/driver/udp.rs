@@ -331,19 +331,27 @@ impl SendQueue {
                 let err = io::Error::last_os_error();
                 let h = &self.hdrs[off].msg_hdr;
                 if !h.msg_control.is_null()
-                    && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP))
+                    && matches!(
+                        err.raw_os_error(),
+                        Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)
+                    )
                 {
                     // The kernel refuses GSO here: send this run one by one,
                     // and stage no more runs.
                     self.gso = false;
                     // SAFETY: the iovec points into the arena, alive here.
                     let run = unsafe {
-                        std::slice::from_raw_parts(self.iovs[off].iov_base as *const u8, self.iovs[off].iov_len)
+                        std::slice::from_raw_parts(
+                            self.iovs[off].iov_base as *const u8,
+                            self.iovs[off].iov_len,
+                        )
                     };
                     if let Some(to) = from_sockaddr(&self.addrs[off]) {
                         // SAFETY: reading the u16 segment size we wrote.
                         let seg = unsafe {
-                            std::ptr::read_unaligned(libc::CMSG_DATA(libc::CMSG_FIRSTHDR(h)) as *const u16)
+                            std::ptr::read_unaligned(
+                                libc::CMSG_DATA(libc::CMSG_FIRSTHDR(h)) as *const u16
+                            )
                         };
                         for d in run.chunks(usize::from(seg).max(1)) {
                             send_to(fd, to, d);
