@@ -291,7 +291,11 @@ fn parse(msg: &libc::msghdr, addr: &libc::sockaddr_storage, n: usize) -> Option<
 
 /// Buffers for reading up to `count` messages in one `recvmmsg`.
 pub struct RecvBatch {
-    bufs: Vec<Vec<u8>>,
+    /// `count` slots of `size` bytes in one allocation: large enough to be
+    /// mapped lazily, so slots never written cost no memory (a proxy per
+    /// peer holds one of these).
+    buf: Vec<u8>,
+    size: usize,
     addrs: Vec<libc::sockaddr_storage>,
     cmsgs: Vec<[u64; 16]>,
     iovs: Vec<libc::iovec>,
@@ -302,7 +306,7 @@ pub struct RecvBatch {
 impl std::fmt::Debug for RecvBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecvBatch")
-            .field("count", &self.bufs.len())
+            .field("count", &self.addrs.len())
             .finish()
     }
 }
@@ -315,7 +319,8 @@ impl RecvBatch {
     /// `count` messages of up to `size` bytes each (65536 with GRO).
     pub fn new(count: usize, size: usize) -> RecvBatch {
         RecvBatch {
-            bufs: (0..count).map(|_| vec![0u8; size]).collect(),
+            buf: vec![0u8; count * size],
+            size,
             // SAFETY: zeroed sockaddr_storage / mmsghdr are valid values.
             addrs: vec![unsafe { std::mem::zeroed() }; count],
             cmsgs: vec![[0u64; 16]; count],
@@ -328,9 +333,9 @@ impl RecvBatch {
     /// Reads what is queued (at most `count` messages) without blocking;
     /// `WouldBlock` when nothing is.
     pub fn recv(&mut self, fd: i32) -> io::Result<usize> {
-        let count = self.bufs.len();
+        let count = self.addrs.len();
         self.iovs.clear();
-        for b in &mut self.bufs {
+        for b in self.buf.chunks_mut(self.size) {
             self.iovs.push(libc::iovec {
                 iov_base: b.as_mut_ptr() as *mut libc::c_void,
                 iov_len: b.len(),
@@ -376,7 +381,7 @@ impl RecvBatch {
     pub fn messages(&self) -> impl Iterator<Item = (Received, &[u8])> {
         self.got
             .iter()
-            .zip(&self.bufs)
+            .zip(self.buf.chunks(self.size))
             .filter_map(|(r, b)| r.map(|r| (r, &b[..r.len])))
     }
 }
@@ -431,5 +436,34 @@ mod tests {
         v4.send_to(&[7u8; 100], ("127.0.0.1", port)).expect("send");
         std::thread::sleep(Duration::from_millis(20));
         assert!(matches!(recv(fd, &mut buf), Ok(None)));
+    }
+
+    #[test]
+    fn a_batch_reads_several_datagrams_and_runs_split_into_them() {
+        let b = bind(0).expect("bind");
+        let port = b.socket.local_addr().expect("addr").port();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("tx");
+        for m in [&b"one"[..], b"two", b"three"] {
+            tx.send_to(m, ("127.0.0.1", port)).expect("send");
+        }
+        // A GSO run of three 4-byte datagrams in one send.
+        let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        send_segments(tx.as_raw_fd(), b"aaaabbbbcc", to, 4).expect("gso send");
+        std::thread::sleep(Duration::from_millis(50));
+        let mut rx = RecvBatch::new(8, 65536);
+        let n = rx.recv(b.socket.as_raw_fd()).expect("recv");
+        assert!(n >= 4, "{n} messages");
+        let mut got = Vec::new();
+        for (r, data) in rx.messages() {
+            assert_eq!(r.from, tx.local_addr().expect("addr"));
+            for d in r.datagrams(data) {
+                got.push(d.to_vec());
+            }
+        }
+        let want: Vec<Vec<u8>> = ["one", "two", "three", "aaaa", "bbbb", "cc"]
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        assert_eq!(got, want);
     }
 }
