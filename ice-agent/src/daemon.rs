@@ -127,13 +127,14 @@ pub async fn run(
     };
     let bound = crate::udp::bind(cfg.port).map_err(socket_err)?;
     let (dual, std_sock) = (bound.dual, bound.socket);
-    let gro =
-        crate::dataplane::Offloads::from_env().gro && crate::udp::enable_gro(std_sock.as_raw_fd());
+    // Which offloads to use (all unless WGICE_OFFLOADS narrows them).
+    let off = crate::dataplane::Offloads::from_env();
+    let gro = off.gro && crate::udp::enable_gro(std_sock.as_raw_fd());
     let port = std_sock.local_addr().map_err(socket_err)?.port();
     // Embedded mode: the interface is ours, created before anything reads it.
     let embedded = match cfg.mode {
         Mode::External => None,
-        Mode::Embedded => Some(start_embedded(&cfg, &std_sock, dual, port)?),
+        Mode::Embedded => Some(start_embedded(&cfg, &std_sock, dual, port, off)?),
     };
     let wg = WgControl::open(&cfg.interface)?;
     let dev = wg.device()?;
@@ -408,13 +409,13 @@ fn start_embedded(
     sock: &std::net::UdpSocket,
     dual: bool,
     port: u16,
+    off: crate::dataplane::Offloads,
 ) -> Result<crate::dataplane::Embedded, DaemonError> {
     let key = cfg
         .private_key
         .as_ref()
         .ok_or_else(|| DaemonError::NoPrivateKey(cfg.interface.clone()))?;
     let own = overlay_nets(cfg);
-    let off = crate::dataplane::Offloads::from_env();
     let tun = crate::dataplane::tun::Tun::create(&cfg.interface, cfg.mtu, &own, off.tso)?;
     let handle = sock.try_clone().map_err(|source| DaemonError::Resources {
         what: "sharing the agent socket with the data plane",

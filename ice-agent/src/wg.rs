@@ -400,7 +400,8 @@ impl Drop for PskFile {
     }
 }
 
-fn hex(k: &[u8; 32]) -> String {
+/// Lowercase hex, as the UAPI writes keys.
+pub(crate) fn hex(k: &[u8; 32]) -> String {
     k.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -408,7 +409,8 @@ fn b64(k: &[u8; 32]) -> String {
     signaling::keys::encode32(k)
 }
 
-fn unhex(s: &str) -> Option<[u8; 32]> {
+/// A UAPI hex key.
+pub(crate) fn unhex(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
     }

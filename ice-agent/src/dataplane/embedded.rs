@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
@@ -255,20 +255,6 @@ impl std::fmt::Debug for Device {
             .field("tun", &self.tun)
             .field("port", &self.port)
             .finish_non_exhaustive()
-    }
-}
-
-/// A packet's destination address (IPv4 or IPv6 header), if it has one.
-pub fn dst_addr(pkt: &[u8]) -> Option<IpAddr> {
-    match pkt.first()? >> 4 {
-        4 if pkt.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(
-            pkt[16], pkt[17], pkt[18], pkt[19],
-        ))),
-        6 if pkt.len() >= 40 => {
-            let b: [u8; 16] = pkt[24..40].try_into().ok()?;
-            Some(IpAddr::V6(Ipv6Addr::from(b)))
-        }
-        _ => None,
     }
 }
 
@@ -706,7 +692,7 @@ impl Device {
     }
 
     fn peer_for(&self, pkt: &[u8]) -> Option<Arc<Peer>> {
-        let dst = dst_addr(pkt)?;
+        let dst = Tunn::dst_address(pkt)?;
         let p = self.table.read().ok().and_then(|t| t.lookup(dst).cloned());
         if p.is_none() {
             self.counters.no_peer.fetch_add(1, Ordering::Relaxed);
@@ -986,17 +972,6 @@ pub const MAX_SET_PEERS: usize = 65536;
 /// Allowed IPs per peer in one `set`.
 pub const MAX_ALLOWED_IPS: usize = 4096;
 
-fn hex32(v: &str) -> Option<[u8; 32]> {
-    if v.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(v.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 /// Parses the body of a UAPI `set=1` transaction (the lines after `set=1`,
 /// without the blank line that ends it).
 pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequest, SetError> {
@@ -1021,8 +996,8 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
                 if req.peers.len() >= MAX_SET_PEERS {
                     return Err(bad(format!("more than {MAX_SET_PEERS} peers")));
                 }
-                let key =
-                    hex32(v).ok_or_else(|| bad("public_key: expected 64 hex digits".into()))?;
+                let key = crate::wg::unhex(v)
+                    .ok_or_else(|| bad("public_key: expected 64 hex digits".into()))?;
                 req.peers.push(PeerSet {
                     key: signaling::PublicKey(key),
                     remove: false,
@@ -1036,7 +1011,8 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
             }
             ("private_key", None) => {
                 req.private_key = Some(
-                    hex32(v).ok_or_else(|| bad("private_key: expected 64 hex digits".into()))?,
+                    crate::wg::unhex(v)
+                        .ok_or_else(|| bad("private_key: expected 64 hex digits".into()))?,
                 )
             }
             ("listen_port", None) => {
@@ -1061,7 +1037,8 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
             }
             ("preshared_key", Some(p)) => {
                 p.preshared_key = Some(
-                    hex32(v).ok_or_else(|| bad("preshared_key: expected 64 hex digits".into()))?,
+                    crate::wg::unhex(v)
+                        .ok_or_else(|| bad("preshared_key: expected 64 hex digits".into()))?,
                 )
             }
             ("persistent_keepalive_interval", Some(p)) => {
@@ -1097,7 +1074,7 @@ pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequ
 /// Formats `get=1`'s answer (without the final `errno=0` and blank line).
 pub fn format_get(d: &WgDevice) -> String {
     use std::fmt::Write;
-    let hex = |b: &[u8; 32]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let hex = crate::wg::hex;
     let mut s = String::new();
     if let Some(k) = &d.private_key {
         let _ = writeln!(s, "private_key={}", hex(k));

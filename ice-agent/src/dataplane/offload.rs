@@ -299,11 +299,10 @@ impl Gro {
             write(&ZERO, pkt);
             return;
         };
-        if let Some(g) = self.open {
+        if let Some(mut g) = self.open {
             if self.joins(&g, pkt, &seg) {
                 self.buf.extend_from_slice(&pkt[seg.hdr..]);
                 let n = pkt.len() - seg.hdr;
-                let g = self.open.as_mut().expect("open");
                 g.next_seq = seg.seq.wrapping_add(n as u32);
                 g.segments += 1;
                 // A short segment or PSH ends the group.
@@ -312,6 +311,7 @@ impl Gro {
                     let l4 = g.ip_len;
                     self.buf[l4 + 13] |= 0x08 & pkt[l4 + 13];
                 }
+                self.open = Some(g);
                 return;
             }
             self.flush(write);
