@@ -319,6 +319,7 @@ fuzz_target!(|setup: Setup| {
                     Event::ReleaseRelay { token } => bound.retain(|(t, _)| *t != token),
                     // A stream driver's concern (the client keeps its slot).
                     Event::ClientAuthenticated { .. } => {}
+                    Event::FastPath { .. } => {}
                 }
             }
             while let Some(t) = server.poll_transmit() {

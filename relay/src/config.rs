@@ -126,6 +126,15 @@ pub struct Args {
     #[arg(long, value_name = "SECS")]
     pub max_lifetime: Option<u64>,
 
+    /// Forward ChannelData of UDP clients in the kernel with XDP on this
+    /// interface (repeatable; `auto`: the interfaces holding the listening
+    /// and relayed addresses). Needs specific --listen and relay addresses,
+    /// root (or CAP_BPF + CAP_NET_ADMIN); where the program cannot load the
+    /// relay says why and relays in user space.
+    #[arg(long, value_name = "IFACE")]
+    #[serde(default)]
+    pub xdp: Vec<String>,
+
     /// Prometheus /metrics and /healthz on this TCP address.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
@@ -205,6 +214,8 @@ pub struct RelayConfig {
     pub strict_amplification: bool,
     /// Highest allocation lifetime (s).
     pub max_lifetime: u64,
+    /// XDP fast path interfaces (`auto` resolved at start).
+    pub xdp: Vec<String>,
     /// Metrics address.
     pub metrics: Option<SocketAddr>,
     /// UDP workers.
@@ -262,6 +273,7 @@ impl Args {
             unauth_bytes: self.unauth_bytes.or(file.unauth_bytes),
             strict_amplification: self.strict_amplification || file.strict_amplification,
             max_lifetime: self.max_lifetime.or(file.max_lifetime),
+            xdp: vec(self.xdp, file.xdp),
             metrics: self.metrics.or(file.metrics),
             workers: self.workers.or(file.workers),
             log_format: self.log_format.or(file.log_format),
@@ -413,6 +425,16 @@ impl Args {
                 "use 600 or more",
             ));
         }
+        let xdp = a.xdp;
+        if let Some(bad) = xdp.iter().find(|i| {
+            i.is_empty() || i.len() > 15 || i.contains(['/', ' ', '\0']) || i.as_str() == "." || i.as_str() == ".."
+        }) {
+            return Err(err(
+                "xdp",
+                format!("{bad:?} is not an interface name"),
+                "give an interface such as eth0 (see `ip link`), or auto",
+            ));
+        }
         Ok(RelayConfig {
             listen,
             tcp_listen: a.tcp_listen,
@@ -433,6 +455,7 @@ impl Args {
             unauth_bytes,
             strict_amplification: a.strict_amplification,
             max_lifetime,
+            xdp,
             metrics: a.metrics,
             workers,
             log_json,

@@ -118,6 +118,7 @@ impl Sim {
                         self.bound.remove(&token.0);
                     }
                     Event::ClientAuthenticated { .. } => {}
+                    Event::FastPath { .. } => {}
                 }
             }
             while let Some(t) = self.server.poll_transmit() {

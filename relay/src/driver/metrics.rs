@@ -146,11 +146,44 @@ pub fn render(shards: &[Arc<Metrics>], quotas: &Quotas) -> String {
     out
 }
 
+/// Appends the XDP fast path's figures: what the kernel relayed (from the
+/// program's per-allocation counters) and what it did with each packet.
+pub fn render_xdp(out: &mut String, t: &super::xdp::XdpTotals) {
+    let _ = writeln!(
+        out,
+        "# HELP relay_xdp_packets_total Packets relayed by the XDP fast path (not in relay_packets_*).\n# TYPE relay_xdp_packets_total counter\nrelay_xdp_packets_total{{direction=\"to_peer\"}} {}\nrelay_xdp_packets_total{{direction=\"to_client\"}} {}",
+        t.packets_to_peer, t.packets_to_client
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_xdp_bytes_total Payload bytes relayed by the XDP fast path.\n# TYPE relay_xdp_bytes_total counter\nrelay_xdp_bytes_total{{direction=\"to_peer\"}} {}\nrelay_xdp_bytes_total{{direction=\"to_client\"}} {}",
+        t.bytes_to_peer, t.bytes_to_client
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_xdp_bindings Channel bindings installed in the XDP fast path.\n# TYPE relay_xdp_bindings gauge\nrelay_xdp_bindings {}",
+        t.bindings
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_xdp_map_errors_total Bindings the kernel maps refused (relayed in user space instead).\n# TYPE relay_xdp_map_errors_total counter\nrelay_xdp_map_errors_total {}",
+        t.map_errors
+    );
+    let _ = writeln!(
+        out,
+        "# HELP relay_xdp_outcomes_total What the XDP program did with packets of installed bindings (pass_*: left to the kernel stack and user space).\n# TYPE relay_xdp_outcomes_total counter"
+    );
+    for (name, v) in super::xdp::OUTCOMES.iter().zip(t.outcomes) {
+        let _ = writeln!(out, "relay_xdp_outcomes_total{{outcome=\"{name}\"}} {v}");
+    }
+}
+
 /// Serves `/metrics` and `/healthz` on `addr` until shutdown; returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     shards: Vec<Arc<Metrics>>,
     quotas: Arc<Quotas>,
+    xdp: Option<Arc<super::xdp::Xdp>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
     let l = TcpListener::bind(addr).await?;
@@ -163,9 +196,16 @@ pub async fn serve(
             };
             let shards = shards.clone();
             let quotas = quotas.clone();
+            let xdp = xdp.clone();
             tokio::spawn(http::serve(s, move |req: http::Request| async move {
                 match req.path.as_str() {
-                    "/metrics" => Response::ok(render(&shards, &quotas)),
+                    "/metrics" => {
+                        let mut text = render(&shards, &quotas);
+                        if let Some(x) = &xdp {
+                            render_xdp(&mut text, &x.totals());
+                        }
+                        Response::ok(text)
+                    }
                     "/healthz" => Response::ok("ok\n"),
                     _ => Response::not_found("try /metrics or /healthz\n"),
                 }

@@ -4,6 +4,7 @@
 pub mod metrics;
 pub mod stream;
 pub mod udp;
+pub mod xdp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicBool;
@@ -32,6 +33,8 @@ pub struct Relay {
     pub shard_metrics: Vec<Arc<Metrics>>,
     /// Shared quotas.
     pub quotas: Arc<Quotas>,
+    /// The XDP fast path, when loaded.
+    pub xdp: Option<Arc<xdp::Xdp>>,
     stop: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -170,6 +173,43 @@ fn load_tls(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
+/// Loads the XDP fast path when `--xdp` asks for it; `None` (with one log
+/// line saying why) when it cannot run, and the relay serves in user space.
+fn start_xdp(cfg: &RelayConfig) -> Option<Arc<xdp::Xdp>> {
+    if cfg.xdp.is_empty() {
+        return None;
+    }
+    let off = |why: String| {
+        tracing::warn!("XDP fast path off: {why}; relaying in user space");
+        None
+    };
+    let addrs: Vec<IpAddr> = cfg
+        .listen
+        .iter()
+        .map(|a| a.ip())
+        .chain(cfg.relay_ip.iter().copied())
+        .collect();
+    if addrs.iter().all(|ip| ip.is_unspecified()) {
+        return off("it needs a specific --listen or --relay-ip address (the kernel writes the source address itself), not a wildcard".into());
+    }
+    let ifaces = if cfg.xdp.iter().any(|i| i == "auto") {
+        match xdp::interfaces_of(&addrs) {
+            Ok(v) if !v.is_empty() => v,
+            Ok(_) => return off(format!("no interface holds {addrs:?} (--xdp auto)")),
+            Err(e) => return off(format!("cannot list interfaces: {e}")),
+        }
+    } else {
+        cfg.xdp.clone()
+    };
+    match xdp::Xdp::load(&ifaces) {
+        Ok(x) => {
+            tracing::info!(attached = ?x.attached, "XDP fast path on: ChannelData of UDP clients is forwarded in the kernel");
+            Some(Arc::new(x))
+        }
+        Err(e) => off(e.to_string()),
+    }
+}
+
 impl Relay {
     /// Binds everything and starts serving. Must be called inside a tokio runtime.
     pub async fn start(cfg: &RelayConfig) -> Result<Relay, StartError> {
@@ -211,6 +251,8 @@ impl Relay {
         base.strict_amplification = cfg.strict_amplification;
         base.relay_ports = cfg.relay_ports;
         base.max_lifetime = std::time::Duration::from_secs(cfg.max_lifetime);
+        let xdp = start_xdp(cfg);
+        base.fast_path = xdp.is_some();
         let quotas = Arc::new(Quotas::new(
             cfg.max_allocations,
             cfg.max_allocations_per_user,
@@ -271,7 +313,8 @@ impl Relay {
             let m = Arc::new(Metrics::default());
             shard_metrics.push(m.clone());
             let server = Server::new(sc, quotas.clone(), m, now, rand::random());
-            let worker = udp::Worker::new(server, sockets).map_err(res("UDP worker"))?;
+            let worker =
+                udp::Worker::new(server, sockets, xdp.clone()).map_err(res("UDP worker"))?;
             let stop = stop.clone();
             workers.push(
                 std::thread::Builder::new()
@@ -331,7 +374,13 @@ impl Relay {
         }
         let metrics_addr = match cfg.metrics {
             Some(a) => Some(
-                metrics::serve(a, shard_metrics.clone(), quotas.clone(), shutdown_rx)
+                metrics::serve(
+                    a,
+                    shard_metrics.clone(),
+                    quotas.clone(),
+                    xdp.clone(),
+                    shutdown_rx,
+                )
                     .await
                     .map_err(|source| StartError::Bind {
                         key: "metrics",
@@ -349,6 +398,7 @@ impl Relay {
             metrics: metrics_addr,
             shard_metrics,
             quotas,
+            xdp,
             stop,
             shutdown,
             workers,

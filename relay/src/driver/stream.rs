@@ -388,6 +388,8 @@ async fn actor(
                             authed.store(true, Ordering::Relaxed);
                         }
                     }
+                    // Stream clients never get kernel entries.
+                    Event::FastPath { .. } => {}
                 }
             }
             while let Some(t) = server.poll_transmit() {

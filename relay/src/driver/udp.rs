@@ -393,6 +393,7 @@ pub struct Worker {
     listeners: Vec<(SocketAddr, UdpSocket)>,
     relays: HashMap<u64, UdpSocket>,
     epoll: Epoll,
+    xdp: Option<Arc<super::xdp::Xdp>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -405,7 +406,11 @@ impl std::fmt::Debug for Worker {
 
 impl Worker {
     /// A worker serving `listeners` (already bound, non-blocking) with `server`.
-    pub fn new(server: Server, listeners: Vec<UdpSocket>) -> io::Result<Self> {
+    pub fn new(
+        server: Server,
+        listeners: Vec<UdpSocket>,
+        xdp: Option<Arc<super::xdp::Xdp>>,
+    ) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         let mut ls = Vec::new();
         for (i, s) in listeners.into_iter().enumerate() {
@@ -417,6 +422,7 @@ impl Worker {
             listeners: ls,
             relays: HashMap::new(),
             epoll,
+            xdp,
         })
     }
 
@@ -452,6 +458,11 @@ impl Worker {
                     }
                     // UDP has no connection to keep.
                     Event::ClientAuthenticated { .. } => {}
+                    Event::FastPath { entry, install } => {
+                        if let Some(x) = &self.xdp {
+                            x.apply(&entry, install);
+                        }
+                    }
                 }
             }
             while let Some(t) = self.server.poll_transmit() {

@@ -60,6 +60,8 @@ pub(super) struct Allocation {
     pub(super) allocate_tid: stun::TransactionId,
     /// Success response once both sockets are bound; None while pending.
     pub(super) allocate_response: Option<Vec<u8>>,
+    /// Channel bindings installed in the kernel fast path.
+    pub(super) fast: Vec<super::FastPath>,
 }
 
 impl Allocation {
@@ -177,6 +179,7 @@ impl Server {
             bucket: self.cfg.bandwidth_limit.map(|l| Bucket::new(l, now)),
             allocate_tid: tid,
             allocate_response: None,
+            fast: Vec::new(),
         });
         self.by_client.insert(client, slot);
         self.events.extend(binds);
@@ -452,6 +455,10 @@ impl Server {
             return;
         };
         self.by_client.remove(&a.client);
+        self.events.extend(a.fast.iter().map(|&entry| Event::FastPath {
+            entry,
+            install: false,
+        }));
         for (r, ports, live) in [
             (&a.v4, &mut self.ports_v4, self.quotas.live_ports(false)),
             (&a.v6, &mut self.ports_v6, self.quotas.live_ports(true)),
@@ -530,6 +537,7 @@ impl Server {
         if let Some(a) = self.slots[slot].as_mut() {
             a.expires = now + lifetime;
         }
+        self.sync_fast_path(slot, now);
         self.success_lifetime(&r, lifetime.as_secs() as u32);
     }
 }

@@ -83,6 +83,9 @@ pub struct ServerConfig {
     pub nonces: NonceSigner,
     /// Clock relation for REST expiry.
     pub clock: ClockBase,
+    /// Emit [`super::Event::FastPath`] for channel bindings a kernel fast
+    /// path may forward on its own (the driver's XDP program loaded).
+    pub fast_path: bool,
 }
 
 impl ServerConfig {
@@ -129,6 +132,7 @@ impl ServerConfig {
                 instant: now,
                 unix: unix_now,
             },
+            fast_path: false,
         }
     }
 }

@@ -20,6 +20,7 @@
 //! Files: `mod.rs` (this type, its API, dispatch), `allocation.rs`
 //! (Allocate, ports, BindRelay, Refresh), `permissions.rs`
 //! (CreatePermission, ChannelBind, expiry), `hot_path.rs` (the data paths),
+//! `fast_path.rs` (what a kernel fast path may forward on its own),
 //! `auth.rs` (integrity, nonces, challenges), `reply.rs` (answers),
 //! `binding.rs` (Binding, RFC 5780), `quotas.rs`, `metrics.rs`,
 //! `config.rs`, `roles.rs` (newtypes: `PeerAddr`, `AllocationPort`).
@@ -28,6 +29,7 @@ mod allocation;
 mod auth;
 mod binding;
 mod config;
+mod fast_path;
 mod hot_path;
 mod metrics;
 mod permissions;
@@ -36,6 +38,7 @@ mod reply;
 mod roles;
 
 pub use config::{AltAddress, ClockBase, ServerConfig};
+pub use fast_path::FastPath;
 pub use metrics::Metrics;
 pub use quotas::Quotas;
 
@@ -147,6 +150,14 @@ pub enum Event {
     ClientAuthenticated {
         /// The client.
         client: ClientSocket,
+    },
+    /// Install (or refresh) a channel binding in the kernel fast path, or
+    /// remove it. Only with [`ServerConfig::fast_path`].
+    FastPath {
+        /// The binding, its expiry and its cap.
+        entry: FastPath,
+        /// True to install or refresh, false to remove.
+        install: bool,
     },
 }
 
@@ -300,6 +311,7 @@ impl Server {
             self.remove_allocation(i);
         }
         self.expire_permissions_and_channels(now);
+        self.sweep_fast_path(now);
     }
 
     /// A datagram (or one framed TCP message) from a client. Returns a payload

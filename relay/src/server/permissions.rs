@@ -130,6 +130,7 @@ impl Server {
             }
         }
         self.update_credentials(slot, &auth);
+        self.sync_fast_path(slot, now);
         self.success(&r, &[]);
     }
 
@@ -163,6 +164,7 @@ impl Server {
         match bound {
             Ok(true) => {
                 self.update_credentials(slot, &auth);
+                self.sync_fast_path(slot, now);
                 self.success(&r, &[]);
             }
             Ok(false) => {}
