@@ -19,8 +19,8 @@
 // the user-space relay: STUN, Send and Data indications, IP options, IPv6
 // extension headers, fragments, VLAN tags, unknown channels, padded
 // ChannelData, mixed families, zero IPv6 checksums, expired entries, routes
-// the kernel cannot resolve (no neighbour yet), and packets the egress MTU
-// would not carry. Over its bandwidth cap a packet is dropped, as user space
+// the kernel cannot resolve (no neighbour yet, or forwarding off on the
+// interface), and packets the egress MTU would not carry. Over its bandwidth cap a packet is dropped, as user space
 // drops it.
 //
 // Addresses are kept as 16 bytes (IPv4 as ::ffff:a.b.c.d). Checksums are
@@ -108,6 +108,7 @@ enum {
 	C_PASS_TOO_BIG,
 	C_PASS_OTHER,
 	C_DROP_BANDWIDTH,
+	C_PASS_FWD_OFF,
 	C_MAX,
 };
 
@@ -272,9 +273,14 @@ static __always_inline int route(struct xdp_md *ctx, struct ethhdr *eth, int v6,
 		__builtin_memcpy(&p.ipv4_dst, dst + 12, 4);
 	}
 	p.tot_len = l3_len;
-	// The relay originates these packets: an output lookup, so the host
-	// need not be a router (forwarding may stay off).
-	long rc = bpf_fib_lookup(ctx, &p, sizeof(p), BPF_FIB_LOOKUP_OUTPUT);
+	// The kernel answers route lookups from XDP only for interfaces with
+	// forwarding on (even with BPF_FIB_LOOKUP_OUTPUT); the relay checks it
+	// for IPv4 at start.
+	long rc = bpf_fib_lookup(ctx, &p, sizeof(p), 0);
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+		*why = C_PASS_FWD_OFF;
+		return -1;
+	}
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		*why = C_PASS_TOO_BIG;
 		return -1;
@@ -288,10 +294,12 @@ static __always_inline int route(struct xdp_md *ctx, struct ethhdr *eth, int v6,
 	return p.ifindex;
 }
 
-static __always_inline int send(struct xdp_md *ctx, int ifindex)
+// Out of the interface the route names, the ingress one included: a
+// redirect rather than XDP_TX, because veth drops XDP_TX frames of packets
+// that reached it as sk_buffs (seen on 6.18) while redirect works on every
+// driver with XDP transmit.
+static __always_inline int send(int ifindex)
 {
-	if ((__u32)ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
 	return bpf_redirect(ifindex, 0);
 }
 
@@ -462,7 +470,7 @@ int relay_xdp(struct xdp_md *ctx)
 		udp->check = csum;
 		account(token, 1, new_plen);
 		count(C_TO_PEER, 0);
-		return send(ctx, oif);
+		return send(oif);
 	}
 
 from_peer:;
@@ -566,7 +574,7 @@ from_peer:;
 	__builtin_memcpy(cd + 2, &cdlen, 2);
 	account(token2, 0, plen);
 	count(C_TO_CLIENT, 0);
-	return send(ctx, oif2);
+	return send(oif2);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -201,6 +201,20 @@ fn start_xdp(cfg: &RelayConfig) -> Option<Arc<xdp::Xdp>> {
     } else {
         cfg.xdp.clone()
     };
+    // The kernel resolves routes for XDP only on interfaces that forward.
+    let forwarding = |family: &str, i: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/{family}/conf/{i}/forwarding"))
+            .map(|v| v.trim() != "0")
+            .unwrap_or(false)
+    };
+    if let Some(i) = ifaces.iter().find(|i| !forwarding("ipv4", i)) {
+        return off(format!("forwarding is off on {i}, and the kernel resolves routes for XDP only where it is on (sysctl -w net.ipv4.conf.{i}.forwarding=1; the firewall's forward policy still decides what else the host routes)"));
+    }
+    if cfg.relay_ip.iter().any(|ip| ip.is_ipv6()) {
+        for i in ifaces.iter().filter(|i| !forwarding("ipv6", i)) {
+            tracing::warn!(interface = %i, "IPv6 forwarding is off there: IPv6 channel bindings stay in user space (net.ipv6.conf.{i}.forwarding=1 turns it on, and also stops accepting router advertisements unless accept_ra=2)");
+        }
+    }
     match xdp::Xdp::load(&ifaces) {
         Ok(x) => {
             tracing::info!(attached = ?x.attached, "XDP fast path on: ChannelData of UDP clients is forwarded in the kernel");

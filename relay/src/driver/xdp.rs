@@ -105,7 +105,7 @@ unsafe impl aya::Pod for AllocStats {}
 unsafe impl aya::Pod for Bucket {}
 
 /// The program's per-packet outcomes (the `counters` map), in its order.
-pub const OUTCOMES: [&str; 7] = [
+pub const OUTCOMES: [&str; 8] = [
     "to_peer",
     "to_client",
     "pass_expired",
@@ -113,6 +113,7 @@ pub const OUTCOMES: [&str; 7] = [
     "pass_too_big",
     "pass_other",
     "drop_bandwidth",
+    "pass_forwarding_off",
 ];
 
 /// Why the fast path is off; one line for the log.
@@ -138,7 +139,7 @@ pub struct XdpTotals {
     /// Map updates the kernel refused (the binding stays in user space).
     pub map_errors: u64,
     /// Packets per outcome, in [`OUTCOMES`] order.
-    pub outcomes: [u64; 7],
+    pub outcomes: [u64; 8],
 }
 
 struct Maps {
@@ -400,7 +401,7 @@ impl Xdp {
                 add(&mut s, &sum(&v));
             }
         }
-        let mut outcomes = [0u64; 7];
+        let mut outcomes = [0u64; 8];
         for (i, o) in outcomes.iter_mut().enumerate() {
             if let Ok(v) = m.counters.get(&(i as u32), 0) {
                 *o = v.iter().sum();
