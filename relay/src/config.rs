@@ -126,6 +126,16 @@ pub struct Args {
     #[arg(long, value_name = "SECS")]
     pub max_lifetime: Option<u64>,
 
+    /// Channel binding lifetime in seconds (default 600, as RFC 8656 says;
+    /// like coturn's flag of that name, only for tests and drills).
+    #[arg(long, value_name = "SECS", hide = true)]
+    pub channel_lifetime: Option<u64>,
+
+    /// Permission lifetime in seconds (default 300, as RFC 8656 says; only
+    /// for tests and drills).
+    #[arg(long, value_name = "SECS", hide = true)]
+    pub permission_lifetime: Option<u64>,
+
     /// Forward ChannelData of UDP clients in the kernel with XDP on this
     /// interface (repeatable; `auto`: the interfaces holding the listening
     /// and relayed addresses). Needs specific --listen and relay addresses,
@@ -216,6 +226,10 @@ pub struct RelayConfig {
     pub max_lifetime: u64,
     /// XDP fast path interfaces (`auto` resolved at start).
     pub xdp: Vec<String>,
+    /// Channel binding lifetime (s).
+    pub channel_lifetime: u64,
+    /// Permission lifetime (s).
+    pub permission_lifetime: u64,
     /// Metrics address.
     pub metrics: Option<SocketAddr>,
     /// UDP workers.
@@ -274,6 +288,8 @@ impl Args {
             strict_amplification: self.strict_amplification || file.strict_amplification,
             max_lifetime: self.max_lifetime.or(file.max_lifetime),
             xdp: vec(self.xdp, file.xdp),
+            channel_lifetime: self.channel_lifetime.or(file.channel_lifetime),
+            permission_lifetime: self.permission_lifetime.or(file.permission_lifetime),
             metrics: self.metrics.or(file.metrics),
             workers: self.workers.or(file.workers),
             log_format: self.log_format.or(file.log_format),
@@ -426,8 +442,26 @@ impl Args {
             ));
         }
         let xdp = a.xdp;
+        let channel_lifetime = a.channel_lifetime.unwrap_or(600);
+        let permission_lifetime = a.permission_lifetime.unwrap_or(300);
+        for (key, v) in [
+            ("channel-lifetime", channel_lifetime),
+            ("permission-lifetime", permission_lifetime),
+        ] {
+            if !(1..=3600).contains(&v) {
+                return Err(err(
+                    key,
+                    format!("{v} s"),
+                    "use 1 to 3600 (RFC 8656: 600 for channels, 300 for permissions)",
+                ));
+            }
+        }
         if let Some(bad) = xdp.iter().find(|i| {
-            i.is_empty() || i.len() > 15 || i.contains(['/', ' ', '\0']) || i.as_str() == "." || i.as_str() == ".."
+            i.is_empty()
+                || i.len() > 15
+                || i.contains(['/', ' ', '\0'])
+                || i.as_str() == "."
+                || i.as_str() == ".."
         }) {
             return Err(err(
                 "xdp",
@@ -456,6 +490,8 @@ impl Args {
             strict_amplification: a.strict_amplification,
             max_lifetime,
             xdp,
+            channel_lifetime,
+            permission_lifetime,
             metrics: a.metrics,
             workers,
             log_json,

@@ -265,6 +265,8 @@ impl Relay {
         base.strict_amplification = cfg.strict_amplification;
         base.relay_ports = cfg.relay_ports;
         base.max_lifetime = std::time::Duration::from_secs(cfg.max_lifetime);
+        base.channel_lifetime = std::time::Duration::from_secs(cfg.channel_lifetime);
+        base.permission_lifetime = std::time::Duration::from_secs(cfg.permission_lifetime);
         let xdp = start_xdp(cfg);
         base.fast_path = xdp.is_some();
         let quotas = Arc::new(Quotas::new(
@@ -395,12 +397,12 @@ impl Relay {
                     xdp.clone(),
                     shutdown_rx,
                 )
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        key: "metrics",
-                        addr: a,
-                        source,
-                    })?,
+                .await
+                .map_err(|source| StartError::Bind {
+                    key: "metrics",
+                    addr: a,
+                    source,
+                })?,
             ),
             None => None,
         };

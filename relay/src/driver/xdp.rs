@@ -247,7 +247,8 @@ impl Xdp {
             ebpf.take_map(name)
                 .ok_or_else(|| XdpError(format!("map {name} missing from the object")))
         };
-        let to_peer = HashMap::try_from(take("to_peer")?).map_err(|e| err("to_peer")(e.to_string()))?;
+        let to_peer =
+            HashMap::try_from(take("to_peer")?).map_err(|e| err("to_peer")(e.to_string()))?;
         let to_client =
             HashMap::try_from(take("to_client")?).map_err(|e| err("to_client")(e.to_string()))?;
         let stats = PerCpuHashMap::try_from(take("alloc_stats")?)
@@ -256,8 +257,7 @@ impl Xdp {
             HashMap::try_from(take("buckets")?).map_err(|e| err("buckets")(e.to_string()))?;
         let counters =
             PerCpuArray::try_from(take("counters")?).map_err(|e| err("counters")(e.to_string()))?;
-        let nr_cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| XdpError(format!("{what}: {e}")))?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| XdpError(format!("{what}: {e}")))?;
         Ok(Xdp {
             maps: Mutex::new(Maps {
                 to_peer,
@@ -350,9 +350,11 @@ impl Xdp {
         let new_alloc = !m.allocs.contains_key(&e.allocation);
         if new_alloc {
             let zeros = PerCpuValues::try_from(vec![AllocStats::default(); self.nr_cpus]);
-            let ok = zeros
-                .map_err(|e| e.to_string())
-                .and_then(|z| m.stats.insert(e.allocation, z, 0).map_err(|e| e.to_string()));
+            let ok = zeros.map_err(|e| e.to_string()).and_then(|z| {
+                m.stats
+                    .insert(e.allocation, z, 0)
+                    .map_err(|e| e.to_string())
+            });
             if let Err(why) = ok {
                 return self.refused(&mut m, e, &why);
             }

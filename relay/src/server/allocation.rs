@@ -455,10 +455,11 @@ impl Server {
             return;
         };
         self.by_client.remove(&a.client);
-        self.events.extend(a.fast.iter().map(|&entry| Event::FastPath {
-            entry,
-            install: false,
-        }));
+        self.events
+            .extend(a.fast.iter().map(|&entry| Event::FastPath {
+                entry,
+                install: false,
+            }));
         for (r, ports, live) in [
             (&a.v4, &mut self.ports_v4, self.quotas.live_ports(false)),
             (&a.v6, &mut self.ports_v6, self.quotas.live_ports(true)),

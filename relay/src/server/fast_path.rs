@@ -45,9 +45,19 @@ pub struct FastPath {
 impl FastPath {
     /// Same binding (expiry aside).
     fn same_binding(&self, other: &FastPath) -> bool {
-        (self.allocation, self.client, self.listen, self.channel, self.peer)
-            == (other.allocation, other.client, other.listen, other.channel, other.peer)
-            && self.relayed == other.relayed
+        (
+            self.allocation,
+            self.client,
+            self.listen,
+            self.channel,
+            self.peer,
+        ) == (
+            other.allocation,
+            other.client,
+            other.listen,
+            other.channel,
+            other.peer,
+        ) && self.relayed == other.relayed
     }
 }
 
