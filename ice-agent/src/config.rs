@@ -33,6 +33,7 @@
 //! url = "turn:relay.example.org:3478"   # stun:, turn: (UDP), turn:…?transport=tcp, turns: (TLS)
 //! username = "alice"
 //! password = "…"                        # or secret = "…" for TURN REST credentials
+//! # pin_sha256 = "<hex>"                # turns:/TLS: the relay certificate's SHA-256 (or ca_file = PATH)
 //!
 //! # [[peers]]
 //! # public_key = "<base64>"
@@ -120,6 +121,19 @@ pub struct Relay {
     pub transport: RelayTransport,
     /// Credentials.
     pub auth: RelayAuth,
+    /// How to check the relay's TLS certificate (`pin_sha256` or
+    /// `ca_file`); `None`: not configured (netcheck then reports a TLS
+    /// handshake as unverified).
+    pub tls_trust: Option<RelayTrust>,
+}
+
+/// How the relay's TLS certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayTrust {
+    /// The leaf certificate's SHA-256 (a self-signed relay).
+    Pin([u8; 32]),
+    /// Roots from a PEM file (the chain and the host name are verified).
+    CaFile(PathBuf),
 }
 
 /// Which peers the agent manages.
@@ -261,6 +275,8 @@ struct RelaySection {
     username: Option<String>,
     password: Option<String>,
     secret: Option<String>,
+    pin_sha256: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -479,11 +495,34 @@ impl AgentConfig {
                     ))
                 }
             };
+            let tls_trust = match (&r.pin_sha256, &r.ca_file) {
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        &format!("{key}.pin_sha256"),
+                        "both pin_sha256 and ca_file are set".into(),
+                        "keep one of them",
+                    ))
+                }
+                (Some(h), None) => Some(RelayTrust::Pin(parse_hex32(h).ok_or_else(|| {
+                    err(
+                        &format!("{key}.pin_sha256"),
+                        format!("{h:?} is not 64 hex digits"),
+                        "the SHA-256 of the relay's DER certificate (colons allowed)",
+                    )
+                })?)),
+                (None, Some(p)) => Some(RelayTrust::CaFile(if p.is_relative() {
+                    dir.map(|d| d.join(p)).unwrap_or_else(|| p.clone())
+                } else {
+                    p.clone()
+                })),
+                (None, None) => None,
+            };
             relays.push(Relay {
                 host,
                 port,
                 transport,
                 auth,
+                tls_trust,
             });
         }
         if relays.is_empty() {
