@@ -819,13 +819,14 @@ mod tests {
     #[test]
     fn classifies_modelled_nats() {
         use Filtering::*;
-        let cases: [(
-            &str,
+        type Case = (
+            &'static str,
             Filtering,
             Option<Mapping>,
             Option<PortAllocation>,
             bool,
-        ); 5] = [
+        );
+        let cases: [Case; 5] = [
             ("none", EndpointIndependent, Some(Mapping::None), None, true),
             (
                 "eim",
