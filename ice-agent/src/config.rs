@@ -834,6 +834,33 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn relay_tls_trust_is_checked() {
+        let text = base("peers = \"auto\"\n");
+        let c = AgentConfig::parse(&text, "a.toml", None).expect("valid");
+        assert_eq!(c.relays[0].tls_trust, None);
+        let pinned = format!("{text}pin_sha256 = \"{}\"\n", "ab:".repeat(31) + "ab");
+        let c = AgentConfig::parse(&pinned, "a.toml", None).expect("pinned");
+        assert_eq!(c.relays[0].tls_trust, Some(RelayTrust::Pin([0xab; 32])));
+        let ca = format!("{text}ca_file = \"relay-ca.pem\"\n");
+        let c = AgentConfig::parse(&ca, "a.toml", Some(Path::new("/etc/wgice"))).expect("ca");
+        assert_eq!(
+            c.relays[0].tls_trust,
+            Some(RelayTrust::CaFile(PathBuf::from("/etc/wgice/relay-ca.pem")))
+        );
+        for extra in [
+            "pin_sha256 = \"abc\"\n".to_owned(),
+            format!(
+                "pin_sha256 = \"{}\"\nca_file = \"x.pem\"\n",
+                "00".repeat(32)
+            ),
+        ] {
+            let e =
+                AgentConfig::parse(&format!("{text}{extra}"), "a.toml", None).expect_err(&extra);
+            assert_eq!(e.key, "relays[0].pin_sha256", "{e}");
+        }
+    }
+
     fn base(top: &str) -> String {
         format!(
             "{top}[wireguard]\ninterface = \"wg0\"\nprivate_key = \"{KEY}\"\n\n[signaling]\nurl = \"quic://127.0.0.1:4433\"\npin_sha256 = \"{PIN}\"\nmesh_token = \"0123456789abcdef0123\"\n\n[[relays]]\nurl = \"turn:127.0.0.1:3478\"\nusername = \"u\"\npassword = \"p\"\n"

@@ -295,6 +295,8 @@ fn netcheck(config: &std::path::Path, json: bool, no_gateway: bool) -> ExitCode 
     let mut opts = ice_agent::netcheck::Options::default();
     opts.gateway = !no_gateway;
     let report = rt.block_on(ice_agent::netcheck::run(&cfg, &opts));
+    // A name lookup still stuck in the resolver must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(t) => println!("{t}"),

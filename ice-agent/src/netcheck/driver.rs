@@ -164,10 +164,6 @@ pub async fn run(cfg: &AgentConfig, opts: &Options) -> Report {
     let plan = Plan {
         targets,
         main_port: local_port,
-        main6_port: main6
-            .as_ref()
-            .and_then(|s| s.local_addr().ok())
-            .map_or(0, |a| a.port()),
         local_ips: super::local_ips(),
         seed: rand::random(),
     };

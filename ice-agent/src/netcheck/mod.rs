@@ -240,7 +240,18 @@ pub fn render(r: &Report) -> String {
     let mut s = String::new();
     let n = &r.nat;
     let _ = writeln!(s, "Report:");
-    let _ = writeln!(s, "\t* UDP: {}", yes_no(n.udp));
+    let udp_tested = r
+        .relays
+        .iter()
+        .any(|x| x.udp_addr.is_some() || x.udp6_addr.is_some());
+    if n.udp || udp_tested {
+        let _ = writeln!(s, "\t* UDP: {}", yes_no(n.udp));
+    } else {
+        let _ = writeln!(
+            s,
+            "\t* UDP: not tested (no stun:/turn: relay over UDP with an address)"
+        );
+    }
     match n.public_ipv4 {
         Some(a) => {
             let _ = writeln!(s, "\t* IPv4: yes, {a}");

@@ -89,8 +89,6 @@ pub struct Plan {
     pub targets: Vec<UdpTarget>,
     /// Port of [`Socket::Main`].
     pub main_port: u16,
-    /// Port of [`Socket::Main6`].
-    pub main6_port: u16,
     /// This host's interface addresses (to recognise "no NAT").
     pub local_ips: Vec<IpAddr>,
     /// Seed of the transaction-id generator.
@@ -723,7 +721,6 @@ mod tests {
                     v6: None,
                 }],
                 main_port: local_port(Socket::Main),
-                main6_port: 0,
                 local_ips: vec![LOCAL_IP.parse().expect("ip")],
                 seed: 7,
             };
@@ -906,7 +903,6 @@ mod tests {
                 v6: None,
             }],
             main_port: 5000,
-            main6_port: 0,
             local_ips: vec![],
             seed: 1,
         };
