@@ -203,6 +203,22 @@ impl Probe {
     }
 }
 
+/// Whether a relay's OTHER-ADDRESS may be sent to: same family, another
+/// address than the relay's, a port, and no address the relay could use to
+/// aim our probes at this host or a group (unspecified, broadcast,
+/// multicast, loopback unless the relay itself is on loopback).
+fn usable_other(relay: SocketAddr, other: SocketAddr) -> bool {
+    let ip = other.ip();
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    other.is_ipv4() == relay.is_ipv4()
+        && other != relay
+        && other.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && !broadcast
+        && (!ip.is_loopback() || relay.ip().is_loopback())
+}
+
 /// What the UDP probes found.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Outcome {
@@ -362,7 +378,7 @@ impl Prober {
                     .address(attr::OTHER_ADDRESS)
                     .and_then(Result::ok)
                     .map(crate::udp::canonical)
-                    .filter(|o| o.is_ipv4() == probe.to.is_ipv4() && *o != probe.to);
+                    .filter(|o| usable_other(probe.to, *o));
                 probe.state = State::Answered { mapped, rtt, other };
                 if let Kind::Filter(Change::None) = probe.kind {
                     let grace = FILTER_GRACE.max(rtt * 4);
@@ -945,5 +961,25 @@ mod tests {
         p.handle_datagram(now, Socket::Main, relay, &good);
         assert_eq!(p.outcome().public_ipv4, Some(mapped));
         assert_eq!(p.outcome().relays[0].rtt_v4, Some(Duration::from_millis(3)));
+    }
+
+    #[test]
+    fn other_address_cannot_aim_probes_anywhere() {
+        let relay: SocketAddr = "198.51.100.2:3478".parse().expect("addr");
+        let ok = |s: &str| usable_other(relay, s.parse().expect("addr"));
+        assert!(ok("198.51.100.3:3479"));
+        for bad in [
+            "198.51.100.2:3478",
+            "198.51.100.3:0",
+            "0.0.0.0:3479",
+            "255.255.255.255:3479",
+            "239.255.255.250:1900",
+            "127.0.0.1:3479",
+            "[2001:db8::3]:3479",
+        ] {
+            assert!(!ok(bad), "{bad}");
+        }
+        let lo: SocketAddr = "127.0.0.1:3478".parse().expect("addr");
+        assert!(usable_other(lo, "127.0.0.2:3479".parse().expect("addr")));
     }
 }
