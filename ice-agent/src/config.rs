@@ -33,6 +33,7 @@
 //! url = "turn:relay.example.org:3478"   # stun:, turn: (UDP), turn:…?transport=tcp, turns: (TLS)
 //! username = "alice"
 //! password = "…"                        # or secret = "…" for TURN REST credentials
+//! # pin_sha256 = "<hex>"                # turns:/TLS: the relay certificate's SHA-256 (or ca_file = PATH)
 //!
 //! # [[peers]]
 //! # public_key = "<base64>"
@@ -120,6 +121,19 @@ pub struct Relay {
     pub transport: RelayTransport,
     /// Credentials.
     pub auth: RelayAuth,
+    /// How to check the relay's TLS certificate (`pin_sha256` or
+    /// `ca_file`); `None`: not configured (netcheck then reports a TLS
+    /// handshake as unverified).
+    pub tls_trust: Option<RelayTrust>,
+}
+
+/// How the relay's TLS certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayTrust {
+    /// The leaf certificate's SHA-256 (a self-signed relay).
+    Pin([u8; 32]),
+    /// Roots from a PEM file (the chain and the host name are verified).
+    CaFile(PathBuf),
 }
 
 /// Which peers the agent manages.
@@ -261,6 +275,8 @@ struct RelaySection {
     username: Option<String>,
     password: Option<String>,
     secret: Option<String>,
+    pin_sha256: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -479,11 +495,34 @@ impl AgentConfig {
                     ))
                 }
             };
+            let tls_trust = match (&r.pin_sha256, &r.ca_file) {
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        &format!("{key}.pin_sha256"),
+                        "both pin_sha256 and ca_file are set".into(),
+                        "keep one of them",
+                    ))
+                }
+                (Some(h), None) => Some(RelayTrust::Pin(parse_hex32(h).ok_or_else(|| {
+                    err(
+                        &format!("{key}.pin_sha256"),
+                        format!("{h:?} is not 64 hex digits"),
+                        "the SHA-256 of the relay's DER certificate (colons allowed)",
+                    )
+                })?)),
+                (None, Some(p)) => Some(RelayTrust::CaFile(if p.is_relative() {
+                    dir.map(|d| d.join(p)).unwrap_or_else(|| p.clone())
+                } else {
+                    p.clone()
+                })),
+                (None, None) => None,
+            };
             relays.push(Relay {
                 host,
                 port,
                 transport,
                 auth,
+                tls_trust,
             });
         }
         if relays.is_empty() {
@@ -793,6 +832,33 @@ mod tests {
             assert_eq!(e.key, key, "{e}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn relay_tls_trust_is_checked() {
+        let text = base("peers = \"auto\"\n");
+        let c = AgentConfig::parse(&text, "a.toml", None).expect("valid");
+        assert_eq!(c.relays[0].tls_trust, None);
+        let pinned = format!("{text}pin_sha256 = \"{}\"\n", "ab:".repeat(31) + "ab");
+        let c = AgentConfig::parse(&pinned, "a.toml", None).expect("pinned");
+        assert_eq!(c.relays[0].tls_trust, Some(RelayTrust::Pin([0xab; 32])));
+        let ca = format!("{text}ca_file = \"relay-ca.pem\"\n");
+        let c = AgentConfig::parse(&ca, "a.toml", Some(Path::new("/etc/wgice"))).expect("ca");
+        assert_eq!(
+            c.relays[0].tls_trust,
+            Some(RelayTrust::CaFile(PathBuf::from("/etc/wgice/relay-ca.pem")))
+        );
+        for extra in [
+            "pin_sha256 = \"abc\"\n".to_owned(),
+            format!(
+                "pin_sha256 = \"{}\"\nca_file = \"x.pem\"\n",
+                "00".repeat(32)
+            ),
+        ] {
+            let e =
+                AgentConfig::parse(&format!("{text}{extra}"), "a.toml", None).expect_err(&extra);
+            assert_eq!(e.key, "relays[0].pin_sha256", "{e}");
+        }
     }
 
     fn base(top: &str) -> String {

@@ -23,6 +23,9 @@
 //!   WireGuard peers the agent owns and how it restores them (a sans-IO
 //!   core and the `wg-control` thread); [`control`]: the control socket
 //!   and [`control::Status`]; `metrics`: `/metrics` and `/healthz`.
+//! - [`netcheck`]: `ice-agent netcheck` (UDP, NAT mapping and filtering,
+//!   hairpin, port mapping on the gateway, relay latency and TCP/TLS
+//!   reachability); [`netcheck::NatFacts`] is the part peers can use.
 //!
 //! See `docs/ice-agent.md` for the design.
 #![warn(missing_docs)]
@@ -38,6 +41,7 @@ pub mod dataplane;
 pub use relay::demux;
 pub mod gather;
 mod metrics;
+pub mod netcheck;
 mod path;
 mod session;
 pub mod status;

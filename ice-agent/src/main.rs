@@ -4,6 +4,7 @@
 //! ice-agent up --config /etc/wgice/agent.toml     # run (foreground; SIGTERM stops it cleanly)
 //! ice-agent status [--json] [--interface wg0]     # ask the running agent
 //! ice-agent check --config agent.toml             # validate a config and exit
+//! ice-agent netcheck [--config agent.toml] [--json]  # what the network lets this node do
 //! ice-agent ca init --dir /etc/wgice/ca           # operator CA (Ed25519)
 //! ice-agent ca sign --ca-key /etc/wgice/ca/ca.key --key PUB --name db-1 \
 //!     --address 10.8.0.5/32 [--route 10.244.3.0/24] --expires 90d > db-1.cert
@@ -74,6 +75,20 @@ enum Cmd {
         /// agent.toml.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Measure what the network lets this node do: UDP, public addresses,
+    /// NAT mapping and filtering, hairpin, UPnP/NAT-PMP/PCP on the gateway,
+    /// latency and TCP/TLS reachability of every configured relay.
+    Netcheck {
+        /// agent.toml (its [[relays]] and wireguard.port are used).
+        #[arg(long, short, default_value = "/etc/wgice/agent.toml")]
+        config: PathBuf,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Do not ask the default gateway for UPnP-IGD / NAT-PMP / PCP.
+        #[arg(long)]
+        no_gateway: bool,
     },
     /// Membership certificates: an operator CA binds each node's name,
     /// overlay addresses and routed ranges to its WireGuard key.
@@ -151,6 +166,11 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Netcheck {
+            config,
+            json,
+            no_gateway,
+        } => netcheck(&config, json, no_gateway),
         Cmd::Status {
             json,
             control,
@@ -251,6 +271,44 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn netcheck(config: &std::path::Path, json: bool, no_gateway: bool) -> ExitCode {
+    let cfg = match AgentConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ice-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ice-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut opts = ice_agent::netcheck::Options::default();
+    opts.gateway = !no_gateway;
+    let report = rt.block_on(ice_agent::netcheck::run(&cfg, &opts));
+    // A name lookup still stuck in the resolver must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(t) => println!("{t}"),
+            Err(e) => {
+                eprintln!("ice-agent: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", ice_agent::netcheck::render(&report));
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_logs(json: bool, filter: &str) {
