@@ -40,6 +40,8 @@ struct Sim {
     /// Datagrams the server sent to peers: (relayed addr, peer, payload).
     to_peers: Vec<(relay::server::RelayToken, SocketAddr, Vec<u8>)>,
     bound: std::collections::HashMap<u64, SocketAddr>,
+    /// Kernel fast path changes the server asked for: (entry, install).
+    fast: Vec<(relay::server::FastPath, bool)>,
 }
 
 fn config(now: Instant) -> ServerConfig {
@@ -75,6 +77,7 @@ impl Sim {
             clients: Vec::new(),
             to_peers: Vec::new(),
             bound: Default::default(),
+            fast: Vec::new(),
         }
     }
 
@@ -118,7 +121,7 @@ impl Sim {
                         self.bound.remove(&token.0);
                     }
                     Event::ClientAuthenticated { .. } => {}
-                    Event::FastPath { .. } => {}
+                    Event::FastPath { entry, install } => self.fast.push((entry, install)),
                 }
             }
             while let Some(t) = self.server.poll_transmit() {
@@ -1529,4 +1532,84 @@ fn same_seeds_give_byte_identical_runs_and_other_seeds_differ() {
     assert_ne!(run_c[0], run[0], "client's first Allocate");
     let tid = |m: &[u8]| Message::parse(m).expect("stun").transaction_id();
     assert_ne!(tid(&run_c[0]), tid(&run[0]));
+}
+
+#[test]
+fn fast_path_entries_follow_channels_permissions_and_the_allocation() {
+    // Off by default: no events.
+    let mut off = Sim::new(|_| {}, Quotas::default());
+    let c = off.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    off.allocate(c);
+    let now = off.now;
+    off.clients[c].1.bind_channel(now, sa("203.0.113.5:51820"));
+    off.settle();
+    assert!(off.fast.is_empty());
+
+    let mut s = Sim::new(
+        |c| {
+            c.fast_path = true;
+            c.bandwidth_limit = Some(1_000_000);
+        },
+        Quotas::default(),
+    );
+    let c = s.add_client("192.0.2.10:40000", ClientConfig::new("alice", "wonderland"));
+    let relayed = s.allocate(c);
+    let peer = sa("203.0.113.5:51820");
+    let now = s.now;
+    let ch = s.clients[c].1.bind_channel(now, peer).expect("channel");
+    s.settle();
+    let (e, install) = s.fast.pop().expect("an entry for the new channel");
+    assert!(install && s.fast.is_empty());
+    assert_eq!(
+        (e.client, e.listen, e.channel, e.relayed, e.peer, e.bandwidth),
+        (sa("192.0.2.10:40000"), sa(SERVER), ch, relayed, peer, Some(1_000_000))
+    );
+    // The permission (300 s) ends before the channel (600 s).
+    assert_eq!(e.expires, now + Duration::from_secs(300));
+
+    // The client refreshes its permission and channel before they end: the
+    // entry moves with them, never a gap.
+    s.advance(Duration::from_secs(290));
+    let moved: Vec<_> = s.fast.drain(..).collect();
+    assert!(!moved.is_empty(), "no refresh reached the fast path");
+    assert!(moved.iter().all(|(f, i)| *i && f.expires > now + Duration::from_secs(300)));
+
+    // A relay-to-relay channel (the relay's own address) stays in user space.
+    let c2 = s.add_client("192.0.2.11:40000", ClientConfig::new("bob", "builder"));
+    let relayed2 = s.allocate(c2);
+    let now = s.now;
+    s.clients[c].1.bind_channel(now, relayed2);
+    s.settle();
+    assert!(s.fast.iter().all(|(f, _)| f.peer != relayed2), "{:?}", s.fast);
+    s.fast.clear();
+
+    // Deleting the allocation removes its entry.
+    let now = s.now;
+    s.clients[c].1.deallocate(now);
+    s.settle();
+    assert!(
+        s.fast.iter().any(|(f, i)| !*i && f.peer == peer),
+        "deletion left the entry: {:?}",
+        s.fast
+    );
+
+    // Silence: the sweep removes entries whose permission ended.
+    let c3 = s.add_client("192.0.2.12:40000", ClientConfig::new("bob", "builder"));
+    s.allocate(c3);
+    let now = s.now;
+    s.clients[c3].1.bind_channel(now, peer);
+    s.settle();
+    s.fast.clear();
+    // Stop driving the client's timers: nothing refreshes.
+    let end = s.now + Duration::from_secs(301);
+    while s.now < end {
+        s.now += Duration::from_secs(1);
+        s.server.handle_timeout(s.now);
+        s.settle();
+    }
+    assert!(
+        s.fast.iter().any(|(f, i)| !*i && f.peer == peer),
+        "expiry left the entry: {:?}",
+        s.fast
+    );
 }
