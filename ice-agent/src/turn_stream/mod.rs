@@ -114,15 +114,17 @@ impl Framer {
 
 /// Appends `frame` to `out` for a stream: ChannelData (header and payload,
 /// unpadded as on UDP) gets zero padding to 4 bytes; STUN is copied as is.
-/// A ChannelData frame whose length field disagrees with its size is
-/// dropped (never put on the stream: it would desynchronise the relay).
+/// Anything else — a ChannelData frame shorter than its length field, or
+/// bytes that are not exactly one STUN message — is dropped, never put on
+/// the stream, where it would desynchronise the relay's framing.
 pub fn frame_for_stream(out: &mut Vec<u8>, frame: &[u8]) {
     if channel_data::is_channel_data(frame) {
         let Some((ch, payload)) = channel_data::decode(frame) else {
             return;
         };
         channel_data::encode(out, ch, payload, true);
-    } else if frame.len() >= stun::HEADER_LEN && frame.len().is_multiple_of(4) {
+    } else if stun::stream_frame_len(frame) == Ok(Some(frame.len())) {
+        // Exactly one STUN message, as its header announces.
         out.extend_from_slice(frame);
     }
 }
