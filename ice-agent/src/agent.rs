@@ -507,7 +507,8 @@ const REOFFER_AFTER: Duration = Duration::from_secs(5);
 const RELAY_PROBE_AFTER: Duration = Duration::from_secs(5);
 /// UDP to a relay that has not answered at all this long is taken as
 /// blocked, and the next path (TCP, then TLS) is tried. The TURN client has
-/// sent its Allocate three times by then (0, 0.5, 1.5 s).
+/// sent its Allocate three times by then (0, 0.5, 1.5 s). Not used when UDP
+/// is the path that last allocated.
 const UDP_FALLBACK_AFTER: Duration = Duration::from_millis(1600);
 /// A session that heard nothing this long yields to an offer with an older
 /// id (the peer restarted with its clock behind).
@@ -1741,7 +1742,11 @@ impl Agent {
                 let mut t = TurnClient::new(cfg.clone(), seed);
                 t.allocate(now);
                 r.turn = Some(t);
-                if r.step + 1 < r.spec.paths.len() {
+                // Quick fallback only where UDP has not worked yet: a relay
+                // that allocated over UDP and is silent now is more likely
+                // restarting than blocked (the TURN client's own timeout,
+                // ~40 s, still moves on to the next path).
+                if r.step + 1 < r.spec.paths.len() && r.good != Some(r.step) {
                     r.udp_deadline = Some(now + UDP_FALLBACK_AFTER);
                 }
             }

@@ -66,6 +66,24 @@ fn sends_to(out: &[Output], server: SocketAddr) -> Vec<Vec<u8>> {
 /// Plays the relay for one Allocate exchange (401, then success) over
 /// whatever carries `requests`; returns what the agent sent meanwhile.
 fn allocate(a: &mut Agent, now: Instant, server: SocketAddr, first: Vec<u8>) -> Vec<Output> {
+    allocate_on(a, now, server, first, true)
+}
+
+fn allocate_on(
+    a: &mut Agent,
+    now: Instant,
+    server: SocketAddr,
+    first: Vec<u8>,
+    stream: bool,
+) -> Vec<Output> {
+    let feed = |a: &mut Agent, m: &[u8]| {
+        if stream {
+            assert!(a.handle_stream_frame(now, server, m).is_none());
+        } else {
+            let local = Some("192.168.1.10".parse().expect("ip"));
+            assert!(a.handle_datagram(now, server, local, m).is_none());
+        }
+    };
     let req = Message::parse(&first).expect("stun");
     assert_eq!(req.method(), method::ALLOCATE);
     let mut challenge = Vec::new();
@@ -78,7 +96,7 @@ fn allocate(a: &mut Agent, now: Instant, server: SocketAddr, first: Vec<u8>) -> 
     .error(401, "Unauthorized")
     .attr(attr::REALM, b"wgice.test")
     .attr(attr::NONCE, b"nonce-123");
-    assert!(a.handle_stream_frame(now, server, &challenge).is_none());
+    feed(a, &challenge);
     let out = outputs(a);
     let again = sends_to(&out, server);
     assert_eq!(again.len(), 1, "{out:?}");
@@ -101,7 +119,7 @@ fn allocate(a: &mut Agent, now: Instant, server: SocketAddr, first: Vec<u8>) -> 
     )
     .u32_attr(attr::LIFETIME, 600)
     .integrity(Integrity::Sha1, &key);
-    assert!(a.handle_stream_frame(now, server, &ok).is_none());
+    feed(a, &ok);
     outputs(a)
 }
 
@@ -196,4 +214,35 @@ fn a_turns_url_goes_to_tls_at_once_and_blames_no_one() {
     assert!(sends_to(&out, server).is_empty(), "no UDP at all");
     assert_eq!(connects(&out)[0].transport, Transport::Tls);
     assert_eq!(a.relay_status()[0].4.as_deref(), Some("TLS 443"));
+}
+
+#[test]
+fn a_udp_relay_that_goes_silent_is_not_taken_for_blocked_udp() {
+    let t0 = Instant::now();
+    let (mut a, server) = agent(t0, false);
+    a.handle_timeout(t0);
+    let reqs = sends_to(&outputs(&mut a), server);
+    let out = allocate_on(&mut a, t0, server, reqs[0].clone(), false);
+    assert_eq!(
+        a.relay_status()[0].1.len(),
+        1,
+        "allocated over UDP: {:?} {out:?}",
+        a.relay_status()
+    );
+    assert_eq!(a.relay_status()[0].4, None, "UDP: no transport note");
+    // The relay goes silent (restarting, or gone): the liveness Refresh
+    // gets no answer, the allocation is lost, the agent allocates again
+    // over UDP — and keeps at it for the TURN client's full timeout before
+    // trying a stream.
+    let mut now = t0;
+    let mut first_connect = None;
+    while now < t0 + Duration::from_secs(120) && first_connect.is_none() {
+        now = a.poll_timeout().expect("timer").max(now);
+        a.handle_timeout(now);
+        if !connects(&outputs(&mut a)).is_empty() {
+            first_connect = Some(now - t0);
+        }
+    }
+    let at = first_connect.expect("a stream is tried in the end");
+    assert!(at >= Duration::from_secs(30), "stream tried after {at:?}");
 }
