@@ -165,16 +165,19 @@ fn main() -> ExitCode {
                     if r.transport == RelayTransport::StunOnly {
                         continue;
                     }
+                    let what = if r.transport == RelayTransport::Tls {
+                        "TURN over TLS"
+                    } else {
+                        "TURN over TLS (used when UDP to the relay is blocked)"
+                    };
                     match ice_agent::turn_stream::driver::Tls::for_relay(r) {
                         Err(e) => eprintln!(
-                            "warning: {}: relays[{i}]: TURN over TLS (used when UDP to the relay \
-                             is blocked) is unavailable: {e}",
+                            "warning: {}: relays[{i}]: {what} is unavailable: {e}",
                             config.display()
                         ),
                         Ok(_) if r.tls_trust.is_none() => eprintln!(
-                            "note: {}: relays[{i}]: TURN over TLS (used when UDP to the relay is \
-                             blocked) checks the relay's certificate against the system roots; \
-                             a self-signed relay needs pin_sha256",
+                            "note: {}: relays[{i}]: {what} checks the relay's certificate \
+                             against the system roots; a self-signed relay needs pin_sha256",
                             config.display()
                         ),
                         Ok(_) => {}
