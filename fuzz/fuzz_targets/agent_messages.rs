@@ -190,10 +190,10 @@ fuzz_target!(|steps: Vec<Step>| {
         wg_port: Some(51820),
         port: 51821,
         host: vec!["192.0.2.1/24".parse().expect("net")],
-        relays: vec![RelaySpec {
-            server: relay,
-            turn: Some(ClientConfig::new("alice", "wonderland")),
-        }],
+        relays: vec![RelaySpec::udp(
+            relay,
+            Some(ClientConfig::new("alice", "wonderland")),
+        )],
         auto_peers: true,
         peers: Vec::new(),
         vanish_after: Duration::from_secs(60),

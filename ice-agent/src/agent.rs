@@ -32,6 +32,7 @@ use crate::session::{
     is_controlling, PathReport, PeerSession, SessionConfig, SessionEvent, Transmit, Via,
 };
 use crate::status::PeerStatus;
+use crate::turn_stream::Transport;
 use crate::validate::{self, Refusal};
 use crate::{Candidate, IceCreds, PathKind};
 use relay::demux::{self, Kind};
@@ -43,11 +44,13 @@ mod membership;
 pub type PeerKey = signaling::PublicKey;
 
 /// A relay in status: server, our relayed addresses, our mapped address,
-/// why it is unusable.
+/// why it is unusable, and how it is reached when not over UDP ("TLS 443 —
+/// UDP to the relay blocked").
 pub type RelayRow = (
     SocketAddr,
     Vec<SocketAddr>,
     Option<SocketAddr>,
+    Option<String>,
     Option<String>,
 );
 
@@ -58,10 +61,46 @@ type Description = (u64, String, String, Vec<String>, Option<u16>);
 /// One configured relay, resolved.
 #[derive(Debug, Clone)]
 pub struct RelaySpec {
-    /// Its UDP address.
+    /// The relay's name in routes and outputs: its UDP address (for
+    /// `turn:` URLs), or its stream address (`?transport=tcp`, `turns:`).
     pub server: SocketAddr,
     /// TURN credentials, or `None` for a STUN-only server.
     pub turn: Option<TurnConfig>,
+    /// The ways to reach it, tried in order until one allocates (e.g. UDP,
+    /// then TCP at the same port, then TLS on 443). Empty means UDP at
+    /// `server`.
+    pub paths: Vec<RelayPath>,
+    /// The URL asked for a stream (`?transport=tcp`, `turns:`): status
+    /// does not blame UDP.
+    pub stream_only: bool,
+}
+
+impl RelaySpec {
+    /// A relay reached over UDP only.
+    pub fn udp(server: SocketAddr, turn: Option<TurnConfig>) -> RelaySpec {
+        RelaySpec {
+            server,
+            turn,
+            paths: Vec::new(),
+            stream_only: false,
+        }
+    }
+
+    fn path(&self, step: usize) -> RelayPath {
+        self.paths.get(step).copied().unwrap_or(RelayPath {
+            transport: Transport::Udp,
+            addr: self.server,
+        })
+    }
+}
+
+/// One way to reach a relay: a transport and the address to use it on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayPath {
+    /// UDP, TCP or TLS.
+    pub transport: Transport,
+    /// Where.
+    pub addr: SocketAddr,
 }
 
 /// What the agent starts from.
@@ -208,7 +247,8 @@ pub struct PeerRoute {
 /// What the driver must do.
 #[derive(Debug, Clone)]
 pub enum Output {
-    /// Send a datagram from the agent socket.
+    /// Send a datagram from the agent socket; to a relay reached over a
+    /// stream ([`Output::RelayConnect`]), put it on that stream instead.
     Send {
         /// Destination.
         to: SocketAddr,
@@ -250,6 +290,31 @@ pub enum Output {
         /// Peer.
         peer: PeerKey,
     },
+    /// Open a TCP or TLS connection to the relay `server` at `path` (any
+    /// earlier one to it is closed first), then report it with
+    /// [`Agent::handle_relay_stream`]. Frames read from it go to
+    /// [`Agent::handle_datagram`] with `server` as the source, and sends to
+    /// `server` go on it while it is open.
+    RelayConnect {
+        /// The relay.
+        server: SocketAddr,
+        /// Where and how.
+        path: RelayPath,
+    },
+    /// Close the stream to `server` (its sends go over UDP again).
+    RelayClose {
+        /// The relay.
+        server: SocketAddr,
+    },
+}
+
+/// What a relay stream did ([`Agent::handle_relay_stream`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// Connected (TLS: handshake done, certificate accepted).
+    Connected,
+    /// Could not connect, or the connection ended.
+    Closed(String),
 }
 
 /// Counters of dropped input, by reason (`wgice_dropped_total{reason}`).
@@ -366,6 +431,18 @@ struct Peer {
 struct RelayState {
     spec: RelaySpec,
     turn: Option<TurnClient>,
+    /// Which of `spec.paths` is in use (or being tried).
+    step: usize,
+    /// The path that last allocated: reconnects start there.
+    good: Option<usize>,
+    /// A stream connection is asked for or open.
+    stream: bool,
+    /// Over UDP: when to give up waiting for any answer and try the next path.
+    udp_deadline: Option<Instant>,
+    /// Anything heard from the relay on the current path.
+    answered: bool,
+    /// UDP got no answer (the reason a stream is used).
+    udp_blocked: bool,
     /// Local address the relay's answers arrived on (base of srflx/relayed).
     base: Option<IpAddr>,
     relayed: Vec<SocketAddr>,
@@ -428,6 +505,11 @@ const MAX_QUARANTINE: usize = 16 * 1024;
 const REOFFER_AFTER: Duration = Duration::from_secs(5);
 /// A relay silent this long gets a Refresh to prove it still has us.
 const RELAY_PROBE_AFTER: Duration = Duration::from_secs(5);
+/// UDP to a relay that has not answered at all this long is taken as
+/// blocked, and the next path (TCP, then TLS) is tried. The TURN client has
+/// sent its Allocate three times by then (0, 0.5, 1.5 s). Not used when UDP
+/// is the path that last allocated.
+const UDP_FALLBACK_AFTER: Duration = Duration::from_millis(1600);
 /// A session that heard nothing this long yields to an offer with an older
 /// id (the peer restarted with its clock behind).
 const STALE_SESSION: Duration = Duration::from_secs(15);
@@ -509,6 +591,7 @@ impl Agent {
                     r.relayed.clone(),
                     r.mapped,
                     r.problem.clone(),
+                    transport_note(r),
                 )
             })
             .collect()
@@ -534,6 +617,7 @@ impl Agent {
         }
         for r in &self.relays {
             consider(r.retry_at);
+            consider(r.udp_deadline);
             consider(r.turn.as_ref().and_then(|t| t.poll_timeout()));
             consider(relay_probe_at(r));
         }
@@ -558,6 +642,15 @@ impl Agent {
             if self.relays[i].retry_at.is_some_and(|t| t <= now) {
                 self.relays[i].retry_at = None;
                 self.start_relay(now, i);
+            }
+            if self.relays[i].udp_deadline.is_some_and(|t| t <= now) {
+                self.relays[i].udp_deadline = None;
+                if !self.relays[i].answered {
+                    // Not a word back over UDP: take the next path.
+                    self.relays[i].udp_blocked = true;
+                    self.relays[i].turn = None;
+                    self.next_path(now, i, "no answer over UDP".into());
+                }
             }
             if relay_probe_at(&self.relays[i]).is_some_and(|t| t <= now) {
                 // Silent for a while: make sure the allocation still exists
@@ -609,7 +702,7 @@ impl Agent {
         data: &'a [u8],
     ) -> Option<(PeerKey, &'a [u8])> {
         if let Some(i) = self.relays.iter().position(|r| r.spec.server == source) {
-            return self.handle_from_relay(now, i, local, data);
+            return self.handle_from_relay(now, i, local, false, data);
         }
         let local_ip = local
             .or_else(|| self.opts.host.first().map(|n| n.addr()))
@@ -623,14 +716,23 @@ impl Agent {
         now: Instant,
         i: usize,
         local: Option<IpAddr>,
+        stream: bool,
         data: &'a [u8],
     ) -> Option<(PeerKey, &'a [u8])> {
-        if local.is_some() {
+        if stream != self.relays[i].stream {
+            // A datagram while we talk over a stream (or a frame while we
+            // talk over UDP) is left over from the other path.
+            return None;
+        }
+        if local.is_some() && !stream {
             self.relays[i].base = local;
         }
         self.relays[i].last_rx = Some(now);
+        self.relays[i].answered = true;
         let Some(turn) = self.relays[i].turn.as_mut() else {
-            self.handle_binding_response(now, i, data);
+            if self.relays[i].spec.turn.is_none() {
+                self.handle_binding_response(now, i, data);
+            }
             return None;
         };
         let relayed = turn.relayed().first().copied();
@@ -703,6 +805,66 @@ impl Agent {
             _ => {
                 self.drops.malformed += 1;
                 None
+            }
+        }
+    }
+
+    /// A whole frame (STUN or ChannelData, padding removed) read from the
+    /// stream to the relay `server`; like [`Agent::handle_datagram`]
+    /// otherwise.
+    pub fn handle_stream_frame<'a>(
+        &mut self,
+        now: Instant,
+        server: SocketAddr,
+        data: &'a [u8],
+    ) -> Option<(PeerKey, &'a [u8])> {
+        let i = self.relays.iter().position(|r| r.spec.server == server)?;
+        self.handle_from_relay(now, i, None, true, data)
+    }
+
+    /// The stream [`Output::RelayConnect`] asked for to `server` connected
+    /// or closed (or never connected).
+    pub fn handle_relay_stream(&mut self, now: Instant, server: SocketAddr, ev: StreamEvent) {
+        let Some(i) = self.relays.iter().position(|r| r.spec.server == server) else {
+            return;
+        };
+        if !self.relays[i].stream {
+            return;
+        }
+        match ev {
+            StreamEvent::Connected => {
+                let Some(mut cfg) = self.relays[i].spec.turn.clone() else {
+                    return;
+                };
+                let path = self.relays[i].spec.path(self.relays[i].step);
+                tracing::info!(%server, transport = %path.transport, addr = %path.addr, "relay stream connected; allocating over it");
+                cfg.reliable = true;
+                let seed = self.rng.random();
+                let mut t = TurnClient::new(cfg, seed);
+                t.allocate(now);
+                let r = &mut self.relays[i];
+                r.turn = Some(t);
+                r.permitted.clear();
+                r.channels.clear();
+                self.drain_relay(now, i);
+            }
+            StreamEvent::Closed(why) => {
+                let path = self.relays[i].spec.path(self.relays[i].step);
+                let allocated = self.relays[i]
+                    .turn
+                    .as_ref()
+                    .is_some_and(|t| t.is_allocated());
+                self.relays[i].stream = false;
+                self.relays[i].turn = None;
+                let why = format!("{} {}: {why}", path.transport, path.addr);
+                if allocated {
+                    // It worked on this path: the relay went away (restart)
+                    // or the connection broke. Reconnect the same way, at
+                    // once the first time.
+                    self.relay_down(now, i, why, true);
+                } else {
+                    self.next_path(now, i, why);
+                }
             }
         }
     }
@@ -1053,6 +1215,12 @@ impl Agent {
         self.relays.push(RelayState {
             spec,
             turn: None,
+            step: 0,
+            good: None,
+            stream: false,
+            udp_deadline: None,
+            answered: false,
+            udp_blocked: false,
             base: None,
             relayed: Vec::new(),
             mapped: None,
@@ -1143,6 +1311,18 @@ impl Agent {
                             } else {
                                 "connecting: peer is not online in signaling".into()
                             };
+                        }
+                        if let (true, Some(local)) = (r.via_relay, r.local) {
+                            // Say how the relay itself is reached when it
+                            // is not over UDP.
+                            if let Some(note) = self
+                                .relays
+                                .iter()
+                                .find(|x| x.relayed.contains(&local))
+                                .and_then(transport_note)
+                            {
+                                r.reason = format!("{} (relayed over {note})", r.reason);
+                            }
                         }
                         (r, s.ice.stats().path_changes, s.ice.stats().failovers)
                     }
@@ -1543,13 +1723,32 @@ impl Agent {
         // read as a retransmission to the server.
         let seed = self.rng.random();
         let r = &mut self.relays[i];
+        r.answered = false;
+        r.udp_deadline = None;
         match &r.spec.turn {
             Some(cfg) => {
+                r.permitted.clear();
+                r.channels.clear();
+                let path = r.spec.path(r.step);
+                if path.transport != Transport::Udp {
+                    // The TURN client starts once the stream is up.
+                    r.turn = None;
+                    r.stream = true;
+                    let server = r.spec.server;
+                    tracing::info!(%server, transport = %path.transport, addr = %path.addr, "connecting to the relay over a stream");
+                    self.out.push_back(Output::RelayConnect { server, path });
+                    return;
+                }
                 let mut t = TurnClient::new(cfg.clone(), seed);
                 t.allocate(now);
                 r.turn = Some(t);
-                r.permitted.clear();
-                r.channels.clear();
+                // Quick fallback only where UDP has not worked yet: a relay
+                // that allocated over UDP and is silent now is more likely
+                // restarting than blocked (the TURN client's own timeout,
+                // ~40 s, still moves on to the next path).
+                if r.step + 1 < r.spec.paths.len() && r.good != Some(r.step) {
+                    r.udp_deadline = Some(now + UDP_FALLBACK_AFTER);
+                }
             }
             None => {
                 let tid: stun::TransactionId = self.rng.random();
@@ -1656,12 +1855,24 @@ impl Agent {
                 ClientEvent::Allocated {
                     relayed, mapped, ..
                 } => {
-                    tracing::info!(%server, ?relayed, ?mapped, "TURN allocation ready");
                     let r = &mut self.relays[i];
+                    let path = r.spec.path(r.step);
+                    tracing::info!(%server, ?relayed, ?mapped, transport = %path.transport, "TURN allocation ready");
                     r.failures = 0;
                     r.problem = None;
+                    r.good = Some(r.step);
+                    r.udp_deadline = None;
+                    if path.transport == Transport::Udp {
+                        r.udp_blocked = false;
+                    }
                     r.relayed = relayed.clone();
-                    self.set_mapped(now, i, mapped);
+                    // Over a stream the mapped address is our TCP mapping,
+                    // which says nothing about UDP: no server-reflexive
+                    // candidate from it. (Relayed candidates are UDP either
+                    // way: the relay relays UDP to peers.)
+                    if path.transport == Transport::Udp {
+                        self.set_mapped(now, i, mapped);
+                    }
                     for a in relayed {
                         if let Some(base) = self.base_for(i, a.ip()) {
                             if let Ok(c) = Candidate::relayed(a, base, "udp") {
@@ -1672,6 +1883,14 @@ impl Agent {
                 }
                 ClientEvent::ChannelBound { peer, channel } => {
                     self.channel_ready(server, peer, channel);
+                }
+                ClientEvent::Failed {
+                    request: "Allocate",
+                    code: 0,
+                    reason,
+                } => {
+                    // No answer on this path: the next one, if any.
+                    self.next_path(now, i, format!("Allocate failed: {reason}"));
                 }
                 ClientEvent::Failed {
                     request: "Allocate",
@@ -1696,11 +1915,48 @@ impl Agent {
         }
     }
 
+    /// The current path to relay `i` got nowhere: try the next one at once,
+    /// or, after the last, back off and start again where it last worked.
+    fn next_path(&mut self, now: Instant, i: usize, why: String) {
+        let r = &mut self.relays[i];
+        if r.step + 1 < r.spec.paths.len() {
+            let from = r.spec.path(r.step);
+            if from.transport == Transport::Udp {
+                r.udp_blocked = true;
+            }
+            r.step += 1;
+            let to = r.spec.path(r.step);
+            tracing::info!(server = %r.spec.server, "relay: {why} on {} {}; trying {} {}", from.transport, from.addr.port(), to.transport, to.addr.port());
+            self.close_stream(i);
+            self.start_relay(now, i);
+        } else {
+            self.relay_down(now, i, why, false);
+        }
+    }
+
+    fn close_stream(&mut self, i: usize) {
+        let r = &mut self.relays[i];
+        if std::mem::take(&mut r.stream) {
+            self.out.push_back(Output::RelayClose {
+                server: r.spec.server,
+            });
+        }
+    }
+
     /// `alive`: the server answered (it lost our allocation, e.g. it
     /// restarted), so the first retry goes out at once.
     fn relay_down(&mut self, now: Instant, i: usize, why: String, alive: bool) {
+        self.close_stream(i);
         let r = &mut self.relays[i];
+        r.udp_deadline = None;
         r.failures += 1;
+        // Start again on the path that last worked (a UDP-blocked network
+        // stays blocked), unless it keeps failing: then from the top, so a
+        // network that lets UDP through again gets UDP back.
+        if r.failures >= 3 {
+            r.good = None;
+        }
+        r.step = r.good.unwrap_or(0);
         let wait = if alive && r.failures == 1 {
             Duration::ZERO
         } else {
@@ -1884,6 +2140,21 @@ impl Agent {
 }
 
 /// When to check that a silent relay still holds our allocation.
+/// How a relay is reached when not over UDP, for status: "TLS 443 — UDP to
+/// the relay blocked".
+fn transport_note(r: &RelayState) -> Option<String> {
+    r.spec.turn.as_ref()?;
+    let path = r.spec.path(r.step);
+    if path.transport == Transport::Udp {
+        return None;
+    }
+    let mut note = format!("{} {}", path.transport, path.addr.port());
+    if r.udp_blocked && !r.spec.stream_only {
+        note.push_str(" — UDP to the relay blocked");
+    }
+    Some(note)
+}
+
 fn relay_probe_at(r: &RelayState) -> Option<Instant> {
     let t = r.turn.as_ref()?;
     if !t.is_allocated() {

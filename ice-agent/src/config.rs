@@ -1014,9 +1014,9 @@ mod deploy_example {
             "private_key = \"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\"",
         );
         let c = AgentConfig::parse(&text, "deploy/agent.toml", None).expect("example is valid");
-        assert_eq!(c.relays.len(), 2);
-        assert_eq!(c.relays[1].transport, RelayTransport::Tls);
-        assert_eq!(c.relays[1].port, 443);
+        assert_eq!(c.relays.len(), 1);
+        assert_eq!(c.relays[0].transport, RelayTransport::Udp);
+        assert_eq!(c.relays[0].port, 3478);
         assert!(matches!(c.relays[0].auth, RelayAuth::Rest { .. }));
     }
 }

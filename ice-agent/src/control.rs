@@ -64,6 +64,10 @@ pub struct RelayStatus {
     pub mapped: Option<SocketAddr>,
     /// Why it is not usable, if it is not.
     pub problem: Option<String>,
+    /// How it is reached when not over UDP: "TLS 443 — UDP to the relay
+    /// blocked", "TCP 3478".
+    #[serde(default)]
+    pub transport: Option<String>,
 }
 
 /// What the main loop answers a query with: the status, and the counters
@@ -112,12 +116,15 @@ pub(crate) fn snapshot(
             relays: agent
                 .relay_status()
                 .into_iter()
-                .map(|(server, relayed, mapped, problem)| RelayStatus {
-                    server,
-                    relayed,
-                    mapped,
-                    problem,
-                })
+                .map(
+                    |(server, relayed, mapped, problem, transport)| RelayStatus {
+                        server,
+                        relayed,
+                        mapped,
+                        problem,
+                        transport,
+                    },
+                )
                 .collect(),
             peers: rows.into_iter().map(|(_, r, _)| r).collect(),
             dropped,
@@ -335,7 +342,12 @@ fn summary(s: &Status) -> String {
             .mapped
             .map(|m| format!(", we appear as {m}"))
             .unwrap_or_default();
-        out += &format!("relay {}: {state}{mapped}\n", r.server);
+        let over = r
+            .transport
+            .as_ref()
+            .map(|t| format!(" over {t}"))
+            .unwrap_or_default();
+        out += &format!("relay {}: {state}{over}{mapped}\n", r.server);
     }
     out.push('\n');
     out

@@ -28,13 +28,15 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::agent::{Agent, AgentOptions, Output, PeerKey, RelaySpec};
+use crate::agent::{Agent, AgentOptions, Output, PeerKey, RelayPath, RelaySpec};
 use crate::config::{AgentConfig, Mode, Relay, RelayAuth, RelayTransport};
 use crate::control;
 use crate::dataplane::external::Proxies;
 use crate::dataplane::DataPlane;
 use crate::gather::{self, HostFilter};
 use crate::metrics;
+use crate::turn_stream::driver::{Delivery, Streams, Table, Tls};
+use crate::turn_stream::Transport;
 use crate::wg::{WgControl, WgError};
 use crate::wgowner::{Command, WgOwner};
 
@@ -132,9 +134,19 @@ pub async fn run(
     let gro = off.gro && crate::udp::enable_gro(std_sock.as_raw_fd());
     let port = std_sock.local_addr().map_err(socket_err)?.port();
     // Embedded mode: the interface is ours, created before anything reads it.
+    // Relays reached over TCP/TLS: the agent's sends and both data planes
+    // find their streams here.
+    let stream_table = Table::default();
     let embedded = match cfg.mode {
         Mode::External => None,
-        Mode::Embedded => Some(start_embedded(&cfg, &std_sock, dual, port, off)?),
+        Mode::Embedded => Some(start_embedded(
+            &cfg,
+            &std_sock,
+            dual,
+            port,
+            off,
+            stream_table.clone(),
+        )?),
     };
     let wg = WgControl::open(&cfg.interface)?;
     let dev = wg.device()?;
@@ -151,13 +163,19 @@ pub async fn run(
         Some(e) => DataPlane::Embedded(e),
         None => {
             let wg_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dev.listen_port);
-            DataPlane::External(Proxies::new(sock.clone(), dual, wg_addr))
+            DataPlane::External(Proxies::new(
+                sock.clone(),
+                dual,
+                wg_addr,
+                stream_table.clone(),
+            ))
         }
     };
     let filter = host_filter(&cfg);
     let host = host_nets(&filter, dual);
     tracing::info!(interface = %cfg.interface, mode = ?cfg.mode, backend = wg.backend_name(), port, gro, ?host, "starting");
-    let (relay_specs, mut relays) = Relays::resolve(&cfg.relays).await;
+    let mut streams = Streams::new(stream_table);
+    let (relay_specs, mut relays) = Relays::resolve(&cfg.relays, &mut streams).await;
     let public = private.public_key();
     let opts = agent_options(&cfg, public, wg_port, port, host, relay_specs);
     let mut agent = Agent::new(opts, Instant::now());
@@ -192,7 +210,7 @@ pub async fn run(
     // signaling, a timer, or a status query.
     loop {
         while let Some(o) = agent.poll_output() {
-            apply(o, &sock, dual, &sig, &owner, &mut plane);
+            apply(o, &sock, dual, &sig, &owner, &mut plane, &mut streams);
         }
         let deadline = agent
             .poll_timeout()
@@ -243,7 +261,20 @@ pub async fn run(
                 }
             }
             _ = iface_tick.tick() => agent.set_host_addrs(Instant::now(), host_nets(&filter, dual)),
-            Some(late) = relays.late.recv() => relays.add_late(&mut agent, late),
+            Some(input) = streams.rx.recv() => match streams.accept(input) {
+                // relay stream → TURN → ICE / WireGuard, like a datagram from the relay.
+                Some(Delivery::Frames(server, frames)) => {
+                    for f in &frames {
+                        stream_frame(&mut agent, &plane, server, f, &mut scratch);
+                    }
+                    plane.flush();
+                }
+                Some(Delivery::Event(server, ev)) => {
+                    agent.handle_relay_stream(Instant::now(), server, ev);
+                }
+                None => {}
+            },
+            Some(late) = relays.late.recv() => relays.add_late(&mut agent, &mut streams, late),
             _ = rest_tick.tick() => relays.remint(&mut agent),
             _ = &mut shutdown => break,
         }
@@ -257,10 +288,12 @@ pub async fn run(
     );
     agent.shutdown(Instant::now());
     while let Some(o) = agent.poll_output() {
-        apply(o, &sock, dual, &sig, &owner, &mut plane);
+        apply(o, &sock, dual, &sig, &owner, &mut plane, &mut streams);
     }
-    // Let the signaling client flush the goodbyes.
+    // Let the signaling client flush the goodbyes (and relay streams their
+    // deallocations).
     tokio::time::sleep(Duration::from_millis(100)).await;
+    streams.close_all();
     owner.restore_all(Duration::from_secs(10)).await;
     // The normal exit restored WireGuard: the panic hook's job (and its
     // handle on the wg thread) is over.
@@ -300,13 +333,20 @@ fn apply(
     sig: &SigClient,
     owner: &WgOwner,
     plane: &mut DataPlane,
+    streams: &mut Streams,
 ) {
     match o {
         Output::Send { to, data } => {
+            // A relay reached over TCP/TLS gets it on its stream.
+            if streams.table.send(to, [&data[..]]) {
+                return;
+            }
             if let Err(e) = sock.try_send_to(&data, crate::udp::outward(to, dual)) {
                 tracing::debug!(%to, "send: {e}");
             }
         }
+        Output::RelayConnect { server, path } => streams.connect(server, path),
+        Output::RelayClose { server } => streams.close(server),
         Output::Signal { to, message } => {
             // Never wait on signaling here: this loop also carries packets.
             if let Err(e) = sig.try_send(&to, &message) {
@@ -372,6 +412,20 @@ fn datagram(
     }
 }
 
+/// One frame from a relay's TCP/TLS stream: TURN → ICE / WireGuard, as a
+/// datagram from the relay would go.
+fn stream_frame(
+    agent: &mut Agent,
+    plane: &DataPlane,
+    server: SocketAddr,
+    data: &[u8],
+    scratch: &mut [u8],
+) {
+    if let Some((peer, pkt)) = agent.handle_stream_frame(Instant::now(), server, data) {
+        plane.deliver(&peer, server, None, pkt, scratch);
+    }
+}
+
 /// One event from the signaling client.
 fn signaling_event(agent: &mut Agent, ev: SigEvent, signaling_up: &mut bool) {
     let now = Instant::now();
@@ -410,6 +464,7 @@ fn start_embedded(
     dual: bool,
     port: u16,
     off: crate::dataplane::Offloads,
+    streams: Table,
 ) -> Result<crate::dataplane::Embedded, DaemonError> {
     let key = cfg
         .private_key
@@ -429,7 +484,8 @@ fn start_embedded(
         key.secret_bytes(),
         &own,
         off,
-    );
+    )
+    .with_streams(streams);
     tracing::info!(interface = %cfg.interface, mtu = cfg.mtu, ?own, ?off, "embedded WireGuard interface created");
     crate::dataplane::Embedded::start(dev).map_err(DaemonError::Uapi)
 }
@@ -574,8 +630,13 @@ fn host_nets(filter: &HostFilter, dual: bool) -> Vec<IpNet> {
     }
 }
 
-/// A relay that resolved late, and its REST user and secret if it has them.
-type LateRelay = (RelaySpec, Option<(String, String)>);
+/// A relay that resolved late, its REST user and secret if it has them,
+/// and its TLS settings if it may be reached over TLS.
+type LateRelay = (
+    RelaySpec,
+    Option<(String, String)>,
+    Option<Result<Tls, String>>,
+);
 
 /// The configured relays after start: those whose name did not resolve yet
 /// (booted before DNS) are retried every 30 s by a task and handed to the
@@ -588,22 +649,22 @@ struct Relays {
 }
 
 impl Relays {
-    /// Resolves the UDP relays; returns those that resolved, for the agent.
-    async fn resolve(configured: &[Relay]) -> (Vec<RelaySpec>, Relays) {
+    /// Resolves the relays; returns those that resolved, for the agent
+    /// (and gives `streams` the TLS settings of those reachable over TLS).
+    async fn resolve(configured: &[Relay], streams: &mut Streams) -> (Vec<RelaySpec>, Relays) {
         let mut specs = Vec::new();
         let mut rest = Vec::new();
         let (late_tx, late) = mpsc::channel::<LateRelay>(16);
         let mut unresolved = Vec::new();
         for r in configured {
-            if matches!(r.transport, RelayTransport::Tcp | RelayTransport::Tls) {
-                tracing::warn!(relay = %r.host, "TURN over TCP/TLS is not used by the agent yet; skipping");
-                continue;
-            }
             match resolve(&r.host, r.port).await {
                 Some(server) => {
-                    let (spec, creds) = relay_spec(server, &r.auth);
+                    let (spec, creds, tls) = relay_spec(server, r);
                     if let Some((user, secret)) = creds {
                         rest.push((server, user, secret));
+                    }
+                    if let Some(tls) = tls {
+                        streams.set_tls(server, tls);
                     }
                     specs.push(spec);
                 }
@@ -622,7 +683,7 @@ impl Relays {
                         match resolve(&r.host, r.port).await {
                             Some(server) => {
                                 tracing::info!(relay = %r.host, %server, "relay resolved");
-                                if late_tx.send(relay_spec(server, &r.auth)).await.is_err() {
+                                if late_tx.send(relay_spec(server, &r)).await.is_err() {
                                     return;
                                 }
                             }
@@ -642,9 +703,17 @@ impl Relays {
     }
 
     /// A relay that resolved late joins the agent.
-    fn add_late(&mut self, agent: &mut Agent, (spec, creds): LateRelay) {
+    fn add_late(
+        &mut self,
+        agent: &mut Agent,
+        streams: &mut Streams,
+        (spec, creds, tls): LateRelay,
+    ) {
         if let Some((user, secret)) = creds {
             self.rest.push((spec.server, user, secret));
+        }
+        if let Some(tls) = tls {
+            streams.set_tls(spec.server, tls);
         }
         agent.add_relay(Instant::now(), spec);
     }
@@ -673,28 +742,54 @@ async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
     None
 }
 
-/// A relay's spec at `server`, and its REST user and secret if it has them.
-fn relay_spec(server: SocketAddr, auth: &RelayAuth) -> (RelaySpec, Option<(String, String)>) {
-    match auth {
-        RelayAuth::None => (RelaySpec { server, turn: None }, None),
+/// A relay's spec at `server` (with the paths to try: a `turn:` relay over
+/// UDP, then TCP at its port, then TLS on 443; `?transport=tcp` over TCP,
+/// then TLS on 443; `turns:` over TLS), its REST user and secret if it has
+/// them, and its TLS settings if a path is TLS.
+fn relay_spec(server: SocketAddr, r: &Relay) -> LateRelay {
+    let (turn, creds) = match &r.auth {
+        RelayAuth::None => (None, None),
         RelayAuth::Static { username, password } => (
-            RelaySpec {
-                server,
-                turn: Some(relay::client::ClientConfig::new(username, password)),
-            },
+            Some(relay::client::ClientConfig::new(username, password)),
             None,
         ),
         RelayAuth::Rest { user, secret } => {
             let (username, password) = mint_rest(user, secret);
             (
-                RelaySpec {
-                    server,
-                    turn: Some(relay::client::ClientConfig::new(&username, &password)),
-                },
+                Some(relay::client::ClientConfig::new(&username, &password)),
                 Some((user.clone(), secret.clone())),
             )
         }
+    };
+    let at = |transport, port| RelayPath {
+        transport,
+        addr: SocketAddr::new(server.ip(), port),
+    };
+    let tls443 = at(Transport::Tls, 443);
+    let (paths, stream_only) = match r.transport {
+        RelayTransport::StunOnly => (Vec::new(), false),
+        RelayTransport::Udp => (
+            vec![
+                at(Transport::Udp, server.port()),
+                at(Transport::Tcp, server.port()),
+                tls443,
+            ],
+            false,
+        ),
+        RelayTransport::Tcp => (vec![at(Transport::Tcp, server.port()), tls443], true),
+        RelayTransport::Tls => (vec![at(Transport::Tls, server.port())], true),
+    };
+    let tls = paths
+        .iter()
+        .any(|p| p.transport == Transport::Tls)
+        .then(|| Tls::for_relay(r));
+    if let Some(Err(e)) = &tls {
+        tracing::warn!(relay = %r.host, "TURN over TLS unavailable: {e}");
     }
+    let mut spec = RelaySpec::udp(server, turn);
+    spec.paths = paths;
+    spec.stream_only = stream_only;
+    (spec, creds, tls)
 }
 
 const REST_LIFETIME: u64 = 24 * 3600;

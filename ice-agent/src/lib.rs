@@ -45,6 +45,7 @@ pub mod netcheck;
 mod path;
 mod session;
 pub mod status;
+pub mod turn_stream;
 pub mod udp;
 pub mod validate;
 pub mod wg;

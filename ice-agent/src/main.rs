@@ -158,6 +158,31 @@ fn main() -> ExitCode {
                         config.display()
                     );
                 }
+                // TURN over TLS (turns:, and the fallback of turn: relays
+                // when UDP is blocked) must be able to check the certificate.
+                for (i, r) in c.relays.iter().enumerate() {
+                    use ice_agent::config::RelayTransport;
+                    if r.transport == RelayTransport::StunOnly {
+                        continue;
+                    }
+                    let what = if r.transport == RelayTransport::Tls {
+                        "TURN over TLS"
+                    } else {
+                        "TURN over TLS (used when UDP to the relay is blocked)"
+                    };
+                    match ice_agent::turn_stream::driver::Tls::for_relay(r) {
+                        Err(e) => eprintln!(
+                            "warning: {}: relays[{i}]: {what} is unavailable: {e}",
+                            config.display()
+                        ),
+                        Ok(_) if r.tls_trust.is_none() => eprintln!(
+                            "note: {}: relays[{i}]: {what} checks the relay's certificate \
+                             against the system roots; a self-signed relay needs pin_sha256",
+                            config.display()
+                        ),
+                        Ok(_) => {}
+                    }
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }

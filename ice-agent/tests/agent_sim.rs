@@ -308,10 +308,8 @@ fn a_relay_added_later_is_allocated_at_once() {
     let mut a = Agent::new(opts(KA, "198.51.100.1/24", true, vec![]), now);
     while a.poll_output().is_some() {}
     let server: SocketAddr = "192.0.2.10:3478".parse().expect("addr");
-    let spec = ice_agent::agent::RelaySpec {
-        server,
-        turn: Some(relay::client::ClientConfig::new("u", "p")),
-    };
+    let spec =
+        ice_agent::agent::RelaySpec::udp(server, Some(relay::client::ClientConfig::new("u", "p")));
     a.add_relay(now, spec.clone());
     a.add_relay(now, spec);
     assert!(a.poll_timeout().is_some_and(|t| t <= now));

@@ -85,6 +85,11 @@ pub struct MeshLab {
     tag: String,
     public_ip: Ipv4Addr,
     pin: String,
+    /// Where signaling listens (QUIC and TLS over TCP).
+    signaling: SocketAddr,
+    /// The relay serves TURN over TLS on `public_ip:443` with signaling's
+    /// certificate, pinned in the agents' configs.
+    relay_tls: bool,
     /// Nodes in the order they were added.
     pub nodes: Vec<Node>,
 }
@@ -103,14 +108,33 @@ pub fn s(x: impl ToString) -> String {
 impl MeshLab {
     /// A lab with a public host running the relay and signaling.
     pub fn new(bins: &Bins) -> MeshLab {
+        MeshLab::build(bins, false)
+    }
+
+    /// A lab for UDP-blocked networks (which let only TCP 443 out): the
+    /// relay also serves TURN over TLS on its address's port 443 (with a
+    /// self-signed certificate the agents pin), and signaling listens on
+    /// port 443 of a second address of the public host.
+    pub fn new_with_relay_tls(bins: &Bins) -> MeshLab {
+        MeshLab::build(bins, true)
+    }
+
+    fn build(bins: &Bins, relay_tls: bool) -> MeshLab {
         let lab = Lab::new().expect("lab");
         let dir = lab.work_dir().join("mesh");
         std::fs::create_dir_all(&dir).expect("mkdir");
         // Interface names must be unique across labs (shared UAPI directory)
         // and at most 15 characters.
         let tag = format!("{:06x}", fxhash(lab.prefix()) & 0xff_ffff);
-        let ips = lab.add_public_host("pub", 1).expect("public host");
+        let ips = lab
+            .add_public_host("pub", if relay_tls { 2 } else { 1 })
+            .expect("public host");
         let public_ip = ips[0];
+        let signaling = if relay_tls {
+            SocketAddr::from((ips[1], 443))
+        } else {
+            SocketAddr::from((public_ip, 4443))
+        };
         let certs = dir.join("sig-cert");
         let out = Command::new(&bins.signaling)
             .args(["fingerprint", "--self-signed-dir"])
@@ -125,28 +149,37 @@ impl MeshLab {
             .to_owned();
         assert_eq!(pin.len(), 64, "fingerprint: {out:?}");
         let relay_addr = SocketAddr::from((public_ip, 3478));
-        lab.spawn(
-            "relay",
-            "pub",
-            &[
-                s(bins.relay.display()),
-                s("--listen"),
+        let mut relay_args = vec![
+            s(bins.relay.display()),
+            s("--listen"),
+            s(relay_addr),
+            s("--user"),
+            s("agent:agent-pass"),
+            s("--workers"),
+            s("1"),
+            // The lab's "public" addresses are documentation ranges,
+            // which the relay refuses as peers by default.
+            s("--allow-peer"),
+            s("203.0.113.0/24"),
+            s("--allow-peer"),
+            s("198.51.100.0/24"),
+        ];
+        if relay_tls {
+            // TCP on 3478 beside UDP, TLS on 443 with signaling's
+            // self-signed certificate (so one pin serves both).
+            relay_args.extend([
+                s("--tcp-listen"),
                 s(relay_addr),
-                s("--user"),
-                s("agent:agent-pass"),
-                s("--workers"),
-                s("1"),
-                // The lab's "public" addresses are documentation ranges,
-                // which the relay refuses as peers by default.
-                s("--allow-peer"),
-                s("203.0.113.0/24"),
-                s("--allow-peer"),
-                s("198.51.100.0/24"),
-            ],
-            &[],
-            &dir,
-        )
-        .expect("spawn relay");
+                s("--tls-listen"),
+                s(SocketAddr::from((public_ip, 443))),
+                s("--cert"),
+                s(certs.join("cert.pem").display()),
+                s("--key"),
+                s(certs.join("key.pem").display()),
+            ]);
+        }
+        lab.spawn("relay", "pub", &relay_args, &[], &dir)
+            .expect("spawn relay");
         lab.spawn(
             "signaling",
             "pub",
@@ -154,7 +187,7 @@ impl MeshLab {
                 s(bins.signaling.display()),
                 s("serve"),
                 s("--listen"),
-                s(SocketAddr::from((public_ip, 4443))),
+                s(signaling),
                 s("--self-signed-dir"),
                 s(certs.display()),
                 s("--mesh"),
@@ -179,17 +212,23 @@ impl MeshLab {
         {
             assert!(Instant::now() < deadline, "relay did not start");
         }
-        let sig = SocketAddr::from((public_ip, 4443));
+        let sig = signaling;
+        let tls = SocketAddr::from((public_ip, 443));
         loop {
             let up = lab
                 .in_node("pub", move || {
                     TcpStream::connect_timeout(&sig, Duration::from_millis(200)).is_ok()
+                        && (!relay_tls
+                            || TcpStream::connect_timeout(&tls, Duration::from_millis(200)).is_ok())
                 })
                 .expect("in_node");
             if up {
                 break;
             }
-            assert!(Instant::now() < deadline, "signaling did not start");
+            assert!(
+                Instant::now() < deadline,
+                "signaling (or the relay's TLS listener) did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         MeshLab {
@@ -199,6 +238,8 @@ impl MeshLab {
             tag,
             public_ip,
             pin,
+            signaling,
+            relay_tls,
             nodes: Vec::new(),
         }
     }
@@ -297,15 +338,21 @@ impl MeshLab {
         };
         let control = self.dir.join(format!("{name}.ctl"));
         let config = self.dir.join(format!("{name}.toml"));
+        let relay_pin = if self.relay_tls {
+            format!("pin_sha256 = \"{}\"\n", self.pin)
+        } else {
+            String::new()
+        };
         std::fs::write(
             &config,
             format!(
                 "peers = \"auto\"\n\n[wireguard]\ninterface = \"{ifname}\"\nport = {AGENT_PORT}\n\
-                 {wg_lines}\n[signaling]\nurl = \"quic://{ip}:4443\"\n\
+                 {wg_lines}\n[signaling]\nurl = \"quic://{sig}\"\n\
                  pin_sha256 = \"{pin}\"\nmesh = \"lab\"\nmesh_token = \"{TOKEN}\"\n\n\
-                 [[relays]]\nurl = \"turn:{ip}:3478\"\nusername = \"agent\"\npassword = \"agent-pass\"\n\n\
+                 [[relays]]\nurl = \"turn:{ip}:3478\"\nusername = \"agent\"\npassword = \"agent-pass\"\n{relay_pin}\n\
                  [agent]\ncontrol = \"{control}\"\nmetrics = \"127.0.0.1:9586\"\n",
                 ip = self.public_ip,
+                sig = self.signaling,
                 pin = self.pin,
                 control = control.display()
             ),
@@ -349,7 +396,7 @@ impl MeshLab {
     /// The signaling server's address and certificate pin (for a test that
     /// joins the mesh with a client of its own).
     pub fn signaling_endpoint(&self) -> (SocketAddr, String) {
-        (SocketAddr::from((self.public_ip, 4443)), self.pin.clone())
+        (self.signaling, self.pin.clone())
     }
 
     /// Creates an operator CA in `dir` with `ice-agent ca init`; returns its

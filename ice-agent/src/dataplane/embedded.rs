@@ -247,6 +247,8 @@ pub struct Device {
     rx: Mutex<Gro>,
     /// Refusal counters.
     pub counters: Counters,
+    /// Relays reached over TCP/TLS: what is sent to them goes on the stream.
+    streams: crate::turn_stream::driver::Table,
 }
 
 impl std::fmt::Debug for Device {
@@ -302,7 +304,15 @@ impl Device {
             gso: AtomicBool::new(off.gso),
             rx: Mutex::new(Gro::new(coalesce)),
             counters: Counters::default(),
+            streams: Default::default(),
         }
+    }
+
+    /// Relays reached over TCP/TLS (the daemon's stream table): what the
+    /// device sends to them goes on their streams.
+    pub fn with_streams(mut self, streams: crate::turn_stream::driver::Table) -> Device {
+        self.streams = streams;
+        self
     }
 
     /// The interface name.
@@ -332,6 +342,9 @@ impl Device {
     }
 
     fn send(&self, data: &[u8], to: SocketAddr, via: usize) {
+        if self.streams.send(to, [data]) {
+            return; // a relay reached over TCP/TLS
+        }
         let Some(sock) = self.sock(via) else { return };
         let to = crate::udp::outward(to, self.dual);
         if let Err(e) = sock.send_to(data, to) {
@@ -356,6 +369,11 @@ impl Device {
     /// Sends `count` datagrams of `stride` bytes (the last may be shorter)
     /// from `buf` to `to`: one `sendmsg` with UDP GSO when there are several.
     fn send_batch(&self, buf: &[u8], to: SocketAddr, via: usize, stride: usize, count: usize) {
+        // A relay reached over TCP/TLS: the run's ChannelData messages go on
+        // its stream, each padded.
+        if self.streams.send(to, buf.chunks(stride.max(1))) {
+            return;
+        }
         if count > 1 && self.gso.load(Ordering::Relaxed) {
             let Some(sock) = self.sock(via) else { return };
             let fd = std::os::fd::AsRawFd::as_raw_fd(&*sock);

@@ -27,6 +27,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::agent::{Endpoint, PeerKey, PeerRoute, Route};
+use crate::turn_stream::driver::Table;
 
 /// A peer's path: how to frame, and which of the agent's sockets to send from.
 type Path = (Route, Arc<UdpSocket>);
@@ -45,6 +46,8 @@ pub struct Proxies {
     dual: bool,
     wg_addr: SocketAddr,
     proxies: HashMap<PeerKey, Proxy>,
+    /// Relays reached over TCP/TLS: relayed packets to them go there.
+    streams: Table,
     /// Datagrams for one peer's WireGuard, delivered together at the end
     /// of a read from the agent socket.
     pending: RefCell<Pending>,
@@ -74,13 +77,15 @@ impl std::fmt::Debug for Proxies {
 }
 
 impl Proxies {
-    /// Proxies toward the WireGuard port `wg_addr`, sending on `sock`.
-    pub fn new(sock: Arc<UdpSocket>, dual: bool, wg_addr: SocketAddr) -> Proxies {
+    /// Proxies toward the WireGuard port `wg_addr`, sending on `sock`, or
+    /// on a relay's stream when `streams` has one.
+    pub fn new(sock: Arc<UdpSocket>, dual: bool, wg_addr: SocketAddr, streams: Table) -> Proxies {
         Proxies {
             socks: vec![sock],
             dual,
             wg_addr,
             proxies: HashMap::new(),
+            streams,
             pending: RefCell::new(Pending::default()),
         }
     }
@@ -111,7 +116,13 @@ impl Proxies {
         };
         let paddr = psock.local_addr().ok()?;
         let (route_tx, route_rx) = watch::channel((Route::Hold, self.socks[0].clone()));
-        let task = tokio::spawn(proxy_loop(psock.clone(), self.dual, route_rx, self.wg_addr));
+        let task = tokio::spawn(proxy_loop(
+            psock.clone(),
+            self.dual,
+            route_rx,
+            self.wg_addr,
+            self.streams.clone(),
+        ));
         self.proxies.insert(
             peer,
             Proxy {
@@ -263,6 +274,7 @@ async fn proxy_loop(
     dual: bool,
     mut route: watch::Receiver<Path>,
     wg_addr: SocketAddr,
+    streams: Table,
 ) {
     const HOLD: usize = 8;
     // Pages are only touched by what arrives: idle peers cost little.
@@ -294,6 +306,19 @@ async fn proxy_loop(
                     // Only the local WireGuard interface speaks here.
                     let from_wg = rx.messages().filter(|(r, _)| r.from == wg_addr);
                     let (rt, sock) = route.borrow().clone();
+                    // A relay reached over TCP/TLS: every packet as a frame on its stream.
+                    if let Some(server) = stream_relay(&rt, &streams) {
+                        let mut out = Vec::new();
+                        for (r, data) in from_wg {
+                            for d in r.datagrams(data) {
+                                if rt.frame(d, &mut one, rand::random()).is_some() {
+                                    crate::turn_stream::frame_for_stream(&mut out, &one);
+                                }
+                            }
+                        }
+                        streams.send_stream(server, out);
+                        continue;
+                    }
                     match rt {
                         Route::Hold => {
                             for (r, data) in from_wg {
@@ -336,13 +361,31 @@ async fn proxy_loop(
                 }
                 let (rt, sock) = route.borrow_and_update().clone();
                 if rt != Route::Hold {
+                    let stream = stream_relay(&rt, &streams);
                     for pkt in held.drain(..) {
                         if let Some(to) = rt.frame(&pkt, &mut one, rand::random()) {
-                            let _ = sock.try_send_to(&one, crate::udp::outward(to, dual));
+                            match stream {
+                                Some(server) => {
+                                    streams.send(server, [&one[..]]);
+                                }
+                                None => {
+                                    let _ = sock.try_send_to(&one, crate::udp::outward(to, dual));
+                                }
+                            }
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// The relay a relayed route goes through, when it is reached over a stream.
+fn stream_relay(rt: &Route, streams: &Table) -> Option<SocketAddr> {
+    match *rt {
+        Route::Channel { server, .. } | Route::Indication { server, .. } if streams.has(server) => {
+            Some(server)
+        }
+        _ => None,
     }
 }

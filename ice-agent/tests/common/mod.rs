@@ -117,6 +117,8 @@ impl World {
                     Output::AllowedIps { peer, allowed_ips } => {
                         self.seen[i].allowed.push((peer, allowed_ips))
                     }
+                    // No relay in this world.
+                    Output::RelayConnect { .. } | Output::RelayClose { .. } => {}
                 }
             }
         }
