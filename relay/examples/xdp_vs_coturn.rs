@@ -86,7 +86,11 @@ fn sweep_stale() {
         let Some(rest) = name.strip_prefix("wgxb") else {
             continue;
         };
-        let pid: u32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let pid: u32 = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         if pid != 0 && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
@@ -103,12 +107,19 @@ fn setup() -> Ns {
         ip(&format!("netns add {n}"));
         ip(&format!("-n {n} link set lo up"));
     }
-    ip(&format!("link add g0 netns {g} type veth peer name r1 netns {r}"));
-    ip(&format!("link add p0 netns {p} type veth peer name r2 netns {r}"));
+    ip(&format!(
+        "link add g0 netns {g} type veth peer name r1 netns {r}"
+    ));
+    ip(&format!(
+        "link add p0 netns {p} type veth peer name r2 netns {r}"
+    ));
     exec(&g, "ip addr add 10.91.1.2/24 dev g0 && ip link set g0 up && ip route add default via 10.91.1.1");
     exec(&r, "ip addr add 10.91.1.1/24 dev r1 && ip link set r1 up && ip addr add 10.91.2.1/24 dev r2 && ip link set r2 up");
     exec(&p, "ip addr add 10.91.2.2/24 dev p0 && ip link set p0 up && ip route add default via 10.91.2.1");
-    exec(&r, "sysctl -qw net.ipv4.conf.r1.forwarding=1 net.ipv4.conf.r2.forwarding=1");
+    exec(
+        &r,
+        "sysctl -qw net.ipv4.conf.r1.forwarding=1 net.ipv4.conf.r2.forwarding=1",
+    );
     exec(&g, "ethtool -K g0 tx off gro on >/dev/null");
     exec(&p, "ethtool -K p0 tx off gro on >/dev/null");
     ns
@@ -431,13 +442,22 @@ fn main() {
         &dir.join("peer.log"),
     );
     let (fixed_m, fixed_n) = if quick { (10, 3000) } else { (20, 10000) };
-    let steps: &[u32] = if quick { &[20, 60] } else { &[25, 50, 75, 100, 150] };
+    let steps: &[u32] = if quick {
+        &[20, 60]
+    } else {
+        &[25, 50, 75, 100, 150]
+    };
     println!(
         "xdp_vs_coturn: ChannelData, 1200-byte payloads, echoed; {} cores; fixed load {fixed_m} clients x 1 msg/ms",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     let mut results = Vec::new();
-    for kind in [Kind::Coturn, Kind::Relay, Kind::RelayXdp, Kind::RelayXdpGeneric] {
+    for kind in [
+        Kind::Coturn,
+        Kind::Relay,
+        Kind::RelayXdp,
+        Kind::RelayXdpGeneric,
+    ] {
         let server = start(kind, &ns, &relay_bin, &dir);
         let k0 = kernel_relayed(&ns);
         let fixed = load(&ns, &server, fixed_m, 1, fixed_n);
@@ -501,7 +521,14 @@ fn main() {
 /// Packets the XDP program relayed so far (0 without it), from `/metrics`.
 fn kernel_relayed(ns: &Ns) -> u64 {
     let Ok(out) = Command::new("ip")
-        .args(["netns", "exec", &ns.name("relay"), "curl", "-s", "http://127.0.0.1:9464/metrics"])
+        .args([
+            "netns",
+            "exec",
+            &ns.name("relay"),
+            "curl",
+            "-s",
+            "http://127.0.0.1:9464/metrics",
+        ])
         .output()
     else {
         return 0;

@@ -1561,8 +1561,22 @@ fn fast_path_entries_follow_channels_permissions_and_the_allocation() {
     let (e, install) = s.fast.pop().expect("an entry for the new channel");
     assert!(install && s.fast.is_empty());
     assert_eq!(
-        (e.client, e.listen, e.channel, e.relayed, e.peer, e.bandwidth),
-        (sa("192.0.2.10:40000"), sa(SERVER), ch, relayed, peer, Some(1_000_000))
+        (
+            e.client,
+            e.listen,
+            e.channel,
+            e.relayed,
+            e.peer,
+            e.bandwidth
+        ),
+        (
+            sa("192.0.2.10:40000"),
+            sa(SERVER),
+            ch,
+            relayed,
+            peer,
+            Some(1_000_000)
+        )
     );
     // The permission (300 s) ends before the channel (600 s).
     assert_eq!(e.expires, now + Duration::from_secs(300));
@@ -1572,7 +1586,9 @@ fn fast_path_entries_follow_channels_permissions_and_the_allocation() {
     s.advance(Duration::from_secs(290));
     let moved: Vec<_> = s.fast.drain(..).collect();
     assert!(!moved.is_empty(), "no refresh reached the fast path");
-    assert!(moved.iter().all(|(f, i)| *i && f.expires > now + Duration::from_secs(300)));
+    assert!(moved
+        .iter()
+        .all(|(f, i)| *i && f.expires > now + Duration::from_secs(300)));
 
     // A relay-to-relay channel (the relay's own address) stays in user space.
     let c2 = s.add_client("192.0.2.11:40000", ClientConfig::new("bob", "builder"));
@@ -1580,7 +1596,11 @@ fn fast_path_entries_follow_channels_permissions_and_the_allocation() {
     let now = s.now;
     s.clients[c].1.bind_channel(now, relayed2);
     s.settle();
-    assert!(s.fast.iter().all(|(f, _)| f.peer != relayed2), "{:?}", s.fast);
+    assert!(
+        s.fast.iter().all(|(f, _)| f.peer != relayed2),
+        "{:?}",
+        s.fast
+    );
     s.fast.clear();
 
     // Deleting the allocation removes its entry.

@@ -228,7 +228,11 @@ impl Xdp {
         let mut attached = Vec::new();
         let generic_only = std::env::var("WGICE_XDP_GENERIC").is_ok_and(|v| v == "1");
         for name in interfaces {
-            let first = if generic_only { XdpMode::Skb } else { XdpMode::Driver };
+            let first = if generic_only {
+                XdpMode::Skb
+            } else {
+                XdpMode::Driver
+            };
             let mode = match prog.attach(name, first) {
                 Ok(_) if generic_only => "generic",
                 Ok(_) => "native",
