@@ -520,3 +520,39 @@ fn xdp_load_failures_fall_back_to_user_space() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn xdp_enforces_the_bandwidth_cap() {
+    // 40,000 B/s: a bucket of a quarter second plus 64 KiB (75,536 bytes,
+    // 62 payloads of 1200 bytes), refilled at 40 bytes per millisecond.
+    let x = XdpLab::new(&["--xdp", "eth0", "--bandwidth-limit", "40000"]);
+    let peer_addr = SocketAddr::from((x.peer_ip, 4000));
+    let peer = x.lab.udp_socket("peer", 4000).expect("peer socket");
+    let mut t = x.turn_client(SocketAddr::from((x.relay_ip, 3478)), false);
+    t.bind(peer_addr);
+    let start = Instant::now();
+    for _ in 0..300 {
+        t.send(peer_addr, &[0x55; 1200]);
+    }
+    let sending = start.elapsed();
+    let mut got = 0u64;
+    while recv_on(&peer, Duration::from_millis(300)).is_some() {
+        got += 1;
+    }
+    let allowed = (75_536 + 40_000 * (sending.as_millis() as u64 + 400) / 1000) / 1200 + 1;
+    let dropped = x.metric("relay_xdp_outcomes_total{outcome=\"drop_bandwidth\"}");
+    assert!(
+        got <= allowed && got >= 50,
+        "the peer got {got} of 300 packets in {sending:?}; the cap allows about {allowed}"
+    );
+    assert!(
+        dropped + got >= 290,
+        "kernel dropped {dropped}, peer got {got}"
+    );
+    assert_eq!(
+        x.user("to_peer"),
+        0,
+        "the cap was applied in user space, not the program"
+    );
+}
