@@ -505,6 +505,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn xdp_and_lifetime_flags_are_checked() {
+        let ok = Args::parse_from([
+            "relay",
+            "--listen",
+            "192.0.2.1:3478",
+            "--user",
+            "a:b",
+            "--xdp",
+            "eth0",
+            "--xdp",
+            "auto",
+            "--channel-lifetime",
+            "5",
+        ])
+        .resolve()
+        .expect("config");
+        assert_eq!(ok.xdp, ["eth0", "auto"]);
+        assert_eq!((ok.channel_lifetime, ok.permission_lifetime), (5, 300));
+        for (flag, v) in [
+            ("--xdp", "../eth0"),
+            ("--xdp", "an-interface-name-too-long"),
+            ("--channel-lifetime", "0"),
+            ("--permission-lifetime", "7200"),
+        ] {
+            let e = Args::parse_from([
+                "relay",
+                "--listen",
+                "192.0.2.1:3478",
+                "--user",
+                "a:b",
+                flag,
+                v,
+            ])
+            .resolve()
+            .expect_err(v);
+            assert_eq!(e.key, flag.trim_start_matches("--"), "{e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key_and_fix() {
         let a = Args::parse_from(["relay", "--listen", "127.0.0.1:3478"]);
         let e = a.resolve().expect_err("no users");
