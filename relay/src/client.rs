@@ -308,6 +308,10 @@ impl Client {
         if let Some((n, _, _)) = self.channels.get(&peer) {
             return Some(n.get());
         }
+        // The ChannelBind installs the permission for 300 s, but the channel
+        // is refreshed only after 480 s: the permission needs its own
+        // refreshes in between, or both directions stop at 300 s.
+        self.permissions.entry(peer.ip()).or_insert(now);
         self.released
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < CHANNEL_QUARANTINE);
         // The server may still hold this peer's old binding: only that
