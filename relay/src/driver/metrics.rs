@@ -146,32 +146,55 @@ pub fn render(shards: &[Arc<Metrics>], quotas: &Quotas) -> String {
     out
 }
 
+/// The `# HELP` and `# TYPE` lines of one metric.
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 /// Appends the XDP fast path's figures: what the kernel relayed (from the
 /// program's per-allocation counters) and what it did with each packet.
 pub fn render_xdp(out: &mut String, t: &super::xdp::XdpTotals) {
+    head(
+        out,
+        "relay_xdp_packets_total",
+        "counter",
+        "Packets relayed by the XDP fast path (not in relay_packets_*).",
+    );
     let _ = writeln!(
         out,
-        "# HELP relay_xdp_packets_total Packets relayed by the XDP fast path (not in relay_packets_*).\n# TYPE relay_xdp_packets_total counter\nrelay_xdp_packets_total{{direction=\"to_peer\"}} {}\nrelay_xdp_packets_total{{direction=\"to_client\"}} {}",
+        "relay_xdp_packets_total{{direction=\"to_peer\"}} {}\nrelay_xdp_packets_total{{direction=\"to_client\"}} {}",
         t.packets_to_peer, t.packets_to_client
     );
+    head(
+        out,
+        "relay_xdp_bytes_total",
+        "counter",
+        "Payload bytes relayed by the XDP fast path.",
+    );
     let _ = writeln!(
         out,
-        "# HELP relay_xdp_bytes_total Payload bytes relayed by the XDP fast path.\n# TYPE relay_xdp_bytes_total counter\nrelay_xdp_bytes_total{{direction=\"to_peer\"}} {}\nrelay_xdp_bytes_total{{direction=\"to_client\"}} {}",
+        "relay_xdp_bytes_total{{direction=\"to_peer\"}} {}\nrelay_xdp_bytes_total{{direction=\"to_client\"}} {}",
         t.bytes_to_peer, t.bytes_to_client
     );
-    let _ = writeln!(
+    head(
         out,
-        "# HELP relay_xdp_bindings Channel bindings installed in the XDP fast path.\n# TYPE relay_xdp_bindings gauge\nrelay_xdp_bindings {}",
-        t.bindings
+        "relay_xdp_bindings",
+        "gauge",
+        "Channel bindings installed in the XDP fast path.",
     );
-    let _ = writeln!(
+    let _ = writeln!(out, "relay_xdp_bindings {}", t.bindings);
+    head(
         out,
-        "# HELP relay_xdp_map_errors_total Bindings the kernel maps refused (relayed in user space instead).\n# TYPE relay_xdp_map_errors_total counter\nrelay_xdp_map_errors_total {}",
-        t.map_errors
+        "relay_xdp_map_errors_total",
+        "counter",
+        "Bindings the kernel maps refused (relayed in user space instead).",
     );
-    let _ = writeln!(
+    let _ = writeln!(out, "relay_xdp_map_errors_total {}", t.map_errors);
+    head(
         out,
-        "# HELP relay_xdp_outcomes_total What the XDP program did with packets of installed bindings (pass_*: left to the kernel stack and user space).\n# TYPE relay_xdp_outcomes_total counter"
+        "relay_xdp_outcomes_total",
+        "counter",
+        "What the XDP program did with packets of installed bindings (pass_*: left to the kernel stack and user space).",
     );
     for (name, v) in super::xdp::OUTCOMES.iter().zip(t.outcomes) {
         let _ = writeln!(out, "relay_xdp_outcomes_total{{outcome=\"{name}\"}} {v}");
