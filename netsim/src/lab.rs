@@ -397,14 +397,15 @@ impl Lab {
         ];
         self.spawn(&format!("gateway-{name}"), name, &argv, &[], &dir)?;
         // Its UDP mappings also apply to outbound flows (see `NatBox::upnp`):
-        // a watcher copies the lease file into the `upnp` map (within 100 ms).
+        // a watcher copies the lease file into the `upnp` map (within 20 ms
+        // and an `nft` run, before the agent has its peers' candidates).
         let leases = dir.join(format!("miniupnpd-{name}.leases"));
         let watch = format!(
             "last=; while :; do cur=$(cat '{leases}' 2>/dev/null); \
              if [ \"$cur\" != \"$last\" ]; then \
              els=$(printf '%s\\n' \"$cur\" | awk -F: '$1==\"UDP\" {{ printf \"%s%s . %s : {wan} . %s\", sep, $3, $4, $2; sep=\", \" }}'); \
              {{ echo 'flush map ip wgnat upnp'; [ -n \"$els\" ] && echo \"add element ip wgnat upnp {{ $els }}\"; }} | nft -f - && last=$cur; \
-             fi; sleep 0.1; done",
+             fi; sleep 0.02; done",
             leases = leases.display(),
             wan = r.wan_ip,
         );

@@ -56,6 +56,25 @@ fn gateway_rules(m: &MeshLab) -> String {
     out
 }
 
+/// The lab router's copy of the gateway's UDP mappings (`NatBox::upnp`).
+fn upnp_map(m: &MeshLab) -> String {
+    let (_, out) = m
+        .lab
+        .exec(
+            "ra",
+            &[
+                s("nft"),
+                s("list"),
+                s("map"),
+                s("ip"),
+                s("wgnat"),
+                s("upnp"),
+            ],
+        )
+        .expect("nft");
+    out
+}
+
 #[test]
 #[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn a_port_mapped_node_behind_a_symmetric_nat_goes_direct_and_deletes_the_mapping_on_exit() {
@@ -65,16 +84,27 @@ fn a_port_mapped_node_behind_a_symmetric_nat_goes_direct_and_deletes_the_mapping
     let ra_wan = m.lab.ip("ra").expect("ra");
     let t0 = Instant::now();
     m.start_agent(a);
+    // The gateway has the mapping (and the lab's router applies it to
+    // outbound flows too: its watcher lags miniupnpd by up to ~20 ms, a
+    // real gateway does not) before b's candidates reach a.
+    while !upnp_map(&m).contains(&a_lan.to_string()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no mapping at the gateway: {}\n{}",
+            upnp_map(&m),
+            m.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("mapped at the gateway {:?} after a started", t0.elapsed());
+    let t0 = Instant::now();
     m.start_agent(b);
     let (row, took) = m
         .wait_path(a, b, "direct", Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", m.logs()));
     m.wait_path(b, a, "direct", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e}\n{}", m.logs()));
-    println!(
-        "direct after {took:?} (agents started {:?} ago)",
-        t0.elapsed()
-    );
+    println!("direct after {took:?} (b started {:?} ago)", t0.elapsed());
     println!("a → b: {row:#}");
     // a's status names the mapping; b talks to exactly that address.
     let status = m.status(a).expect("status");

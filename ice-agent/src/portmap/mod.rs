@@ -244,7 +244,12 @@ impl PortMapper {
                     // No PCP answer yet: maybe the gateway speaks NAT-PMP only.
                     self.send_step(now, Step::NatPmpExternal);
                 } else {
-                    self.give_up(format!("no answer from {} to {:?}", self.gateway, step));
+                    let what = match (step, self.mapping.is_some()) {
+                        (_, true) => "the renewal",
+                        (Step::NatPmpMap, false) => "the NAT-PMP mapping request",
+                        _ => "PCP or NAT-PMP (no port-mapping gateway?)",
+                    };
+                    self.give_up(format!("no answer to {what}"));
                 }
             }
         }
