@@ -5,7 +5,8 @@
 //! sends raw datagrams and moves time. The run must end (no timer left)
 //! within a bounded virtual time after the last input, send a bounded number
 //! of datagrams, and its outcome must be self-consistent. The NAT-PMP/PCP,
-//! SSDP and `/proc/net/route` parsers get raw bytes.
+//! SSDP and `/proc/net/route` parsers get raw bytes, and so does the port
+//! mapper (`portmap::PortMapper`) as its gateway's answers.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -70,6 +71,13 @@ fuzz_target!(|steps: Vec<Step>| {
         seed: 1,
     };
     let mut p = Prober::new(plan, t0);
+    let mut pm = ice_agent::portmap::PortMapper::new(
+        "192.168.1.1".parse().expect("gateway"),
+        "192.168.1.10".parse().expect("client"),
+        51821,
+        [7; 12],
+        t0,
+    );
     let mut now = t0;
     let mut sent: Vec<Transmit> = Vec::new();
     let mut total = 0usize;
@@ -124,14 +132,30 @@ fuzz_target!(|steps: Vec<Step>| {
             Step::Wait(ms) => {
                 now += Duration::from_millis(u64::from(ms % 2000));
                 p.handle_timeout(now);
+                pm.handle_timeout(now);
             }
             Step::Gateway(bytes) => {
+                // The same bytes as the gateway's answer to the port mapper.
+                pm.handle_datagram(now, pm.gateway(), &bytes);
+                let _ = ice_agent::portmap::parse_pcp_map(&bytes);
+                let _ = ice_agent::portmap::parse_natpmp(&bytes);
                 let _ = gateway::parse_port_mapping(&bytes);
                 let _ = gateway::parse_ssdp(&bytes);
                 let _ = gateway::default_route(&String::from_utf8_lossy(&bytes));
             }
         }
         drain(&mut p, &mut sent, &mut total);
+        // The port mapper sends only its fixed-size requests, and only
+        // reports mappings with a usable address and a renewal timer.
+        while let Some(d) = pm.poll_transmit() {
+            assert!(matches!(d.len(), 2 | 12 | 60), "{}", d.len());
+        }
+        while let Some(e) = pm.poll_event() {
+            if let ice_agent::portmap::Event::Mapped { external, .. } = e {
+                assert!(!external.ip().is_unspecified() && external.port() != 0);
+                assert!(pm.poll_timeout().is_some_and(|t| t > now));
+            }
+        }
     }
     // With no more input the run ends, and soon.
     let last = now;

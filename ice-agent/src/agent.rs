@@ -488,6 +488,10 @@ pub struct Agent {
     log_budget: (Instant, u32),
     /// All the core's randomness, seeded by `opts.seed`.
     rng: StdRng,
+    /// The address the gateway mapped to our port (PCP / NAT-PMP).
+    port_mapped: Option<SocketAddr>,
+    /// Port mapping, as status shows it (`None`: turned off).
+    port_mapping_status: Option<String>,
 }
 
 const MAX_PENDING_CANDIDATES: usize = 64;
@@ -533,6 +537,8 @@ impl Agent {
             started: now,
             log_budget: (now, REFUSAL_LOGS),
             rng: StdRng::from_seed(opts.seed),
+            port_mapped: None,
+            port_mapping_status: None,
             opts,
         };
         for spec in specs {
@@ -1207,6 +1213,58 @@ impl Agent {
         }
     }
 
+    /// The gateway mapped `mapped` to our port (PCP / NAT-PMP), or the
+    /// mapping is gone (`None`): offer it as a server-reflexive candidate
+    /// ranked above the STUN one, or withdraw it. `status` is what
+    /// `ice-agent status` shows.
+    pub fn set_port_mapping(&mut self, now: Instant, mapped: Option<SocketAddr>, status: String) {
+        self.port_mapping_status = Some(status);
+        if mapped == self.port_mapped {
+            return;
+        }
+        let srflx = |local: &[Candidate], a: SocketAddr| {
+            local
+                .iter()
+                .find(|c| c.addr() == a && c.kind() == crate::CandidateKind::ServerReflexive)
+                .cloned()
+        };
+        if let Some(old) = self.port_mapped.take() {
+            if let Some(c) = srflx(&self.local, old) {
+                self.remove_local(now, &c);
+            }
+        }
+        self.port_mapped = mapped;
+        for p in self.peers.values_mut() {
+            if let Some(s) = p.session.as_mut() {
+                s.ice.set_port_mapped(mapped);
+            }
+        }
+        let Some(m) = mapped else { return };
+        // STUN may already offer the same address (a NAT that preserves
+        // ports): offer it again with the port-mapped rank.
+        if let Some(c) = srflx(&self.local, m) {
+            self.remove_local(now, &c);
+        }
+        let base = self
+            .opts
+            .host
+            .iter()
+            .map(|n| n.addr())
+            .find(|a| a.is_ipv4() == m.is_ipv4());
+        if let Some(ip) = base {
+            if let Ok(c) =
+                Candidate::server_reflexive(m, SocketAddr::new(ip, self.opts.port), "udp")
+            {
+                self.add_local(now, c);
+            }
+        }
+    }
+
+    /// Port mapping as status shows it (`None`: turned off).
+    pub fn port_mapping(&self) -> Option<&str> {
+        self.port_mapping_status.as_deref()
+    }
+
     /// A relay that became usable later (its name resolved): allocate now.
     pub fn add_relay(&mut self, now: Instant, spec: RelaySpec) {
         if self.relays.iter().any(|r| r.spec.server == spec.server) {
@@ -1454,6 +1512,7 @@ impl Agent {
             pass: ice_chars(&mut self.rng, 24),
         });
         cfg.local_networks = self.opts.host.iter().map(|n| n.trunc()).collect();
+        cfg.port_mapped = self.port_mapped;
         let mut ice = PeerSession::new(cfg, now);
         for c in &self.local {
             let _ = ice.add_local_candidate(now, c.clone());
@@ -1800,7 +1859,8 @@ impl Agent {
         }
         self.relays[i].mapped = mapped;
         if let Some(old) = old {
-            let still = self.relays.iter().any(|r| r.mapped == Some(old));
+            let still =
+                self.relays.iter().any(|r| r.mapped == Some(old)) || self.port_mapped == Some(old);
             if !still {
                 if let Some(c) = self
                     .local

@@ -24,6 +24,9 @@
 //! exclude_interfaces = ["docker0"]           # never used for host candidates
 //! max_peers = 1000                           # default: from the open-file limit
 //!
+//! [ice]                      # all optional
+//! port_mapping = true        # ask the gateway (PCP / NAT-PMP) to forward our port
+//!
 //! [membership]               # optional: an operator CA binds names and addresses to keys
 //! ca = ["<base64 CA public key>"]            # pinned CA keys (several while rotating)
 //! certificate_file = "/etc/wgice/node.cert"  # this node's certificate (`ice-agent ca sign`)
@@ -199,6 +202,8 @@ pub struct AgentConfig {
     pub certificate: Option<String>,
     /// Without a CA: how long a vanished member's addresses wait.
     pub address_quarantine: std::time::Duration,
+    /// Ask the default gateway for a port mapping (`[ice] port_mapping`).
+    pub port_mapping: bool,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +218,25 @@ struct File {
     agent: AgentSection,
     #[serde(default)]
     membership: MembershipSection,
+    #[serde(default)]
+    ice: IceSection,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IceSection {
+    #[serde(default = "yes")]
+    port_mapping: bool,
+}
+
+impl Default for IceSection {
+    fn default() -> Self {
+        IceSection { port_mapping: true }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize, Default)]
@@ -658,6 +682,7 @@ impl AgentConfig {
             max_peers: f.agent.max_peers,
             membership_ca,
             certificate,
+            port_mapping: f.ice.port_mapping,
             address_quarantine: std::time::Duration::from_secs(
                 f.membership.address_quarantine_secs.unwrap_or(600),
             ),
@@ -797,6 +822,26 @@ mod tests {
         )
         .expect_err("bad address");
         assert_eq!(e.key, "wireguard.address[0]");
+    }
+
+    #[test]
+    fn port_mapping_is_on_unless_turned_off() {
+        let text = base("peers = \"auto\"\n");
+        let on = AgentConfig::parse(&text, "a.toml", None).expect("default");
+        assert!(on.port_mapping);
+        let off = AgentConfig::parse(
+            &format!("{text}\n[ice]\nport_mapping = false\n"),
+            "a.toml",
+            None,
+        )
+        .expect("off");
+        assert!(!off.port_mapping);
+        assert!(AgentConfig::parse(
+            &format!("{text}\n[ice]\nportmapping = false\n"),
+            "a.toml",
+            None
+        )
+        .is_err());
     }
 
     #[test]

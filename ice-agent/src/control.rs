@@ -51,6 +51,10 @@ pub struct Status {
     /// Whether membership certificates are required (a CA is pinned).
     #[serde(default)]
     pub certificates: bool,
+    /// Port mapping at the gateway (PCP / NAT-PMP): the mapped address or
+    /// why there is none; `None` when turned off.
+    #[serde(default)]
+    pub port_mapping: Option<String>,
 }
 
 /// One relay in [`Status`].
@@ -129,6 +133,7 @@ pub(crate) fn snapshot(
             peers: rows.into_iter().map(|(_, r, _)| r).collect(),
             dropped,
             max_peers: agent.max_peers(),
+            port_mapping: agent.port_mapping().map(str::to_owned),
             certificates: agent.certificates_required(),
         },
         failovers,
@@ -325,6 +330,10 @@ fn summary(s: &Status) -> String {
             n => format!(", {n} members refused at the limit"),
         }
     );
+    match &s.port_mapping {
+        Some(p) => out += &format!("port mapping: {p}\n"),
+        None => out += "port mapping: off ([ice] port_mapping = false)\n",
+    }
     for r in &s.relays {
         let state = match (&r.problem, r.relayed.is_empty()) {
             (Some(p), _) => format!("unusable: {p}"),

@@ -193,6 +193,13 @@ pub async fn run(
         None => None,
     };
 
+    // Port mapping at the gateway (PCP / NAT-PMP) for the agent's port.
+    let (pm_tx, mut pm_rx) = mpsc::channel(8);
+    let portmap = cfg.port_mapping.then(|| {
+        agent.set_port_mapping(Instant::now(), None, "asking the gateway".into());
+        crate::portmap::driver::spawn(port, pm_tx)
+    });
+
     let mut rx = crate::udp::RecvBatch::new(16, 65536);
     // Embedded mode: decrypted packets and replies are built here.
     let mut scratch = vec![0u8; 65536 + 64];
@@ -276,6 +283,13 @@ pub async fn run(
             },
             Some(late) = relays.late.recv() => relays.add_late(&mut agent, &mut streams, late),
             _ = rest_tick.tick() => relays.remint(&mut agent),
+            Some(u) = pm_rx.recv() => {
+                let mapped = match &u {
+                    crate::portmap::driver::Update::Mapped { external, .. } => Some(SocketAddr::V4(*external)),
+                    crate::portmap::driver::Update::Unmapped { .. } => None,
+                };
+                agent.set_port_mapping(Instant::now(), mapped, crate::portmap::driver::describe(&u));
+            }
             _ = &mut shutdown => break,
         }
     }
@@ -289,6 +303,10 @@ pub async fn run(
     agent.shutdown(Instant::now());
     while let Some(o) = agent.poll_output() {
         apply(o, &sock, dual, &sig, &owner, &mut plane, &mut streams);
+    }
+    // The gateway forgets our port.
+    if let Some(pm) = portmap {
+        pm.release(Duration::from_millis(500)).await;
     }
     // Let the signaling client flush the goodbyes (and relay streams their
     // deallocations).

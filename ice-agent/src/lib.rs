@@ -43,6 +43,7 @@ pub mod gather;
 mod metrics;
 pub mod netcheck;
 mod path;
+pub mod portmap;
 mod session;
 pub mod status;
 pub mod turn_stream;

@@ -145,14 +145,26 @@ pub(crate) fn is_private(ip: IpAddr) -> bool {
 ///   found) ranks above a public host address;
 /// - IPv6 ranks slightly above IPv4 of the same sort;
 /// - every candidate stays unique (`same_kind` steps of 2, as RFC 8445
-///   §5.1.2.1 requires).
+///   §5.1.2.1 requires);
+/// - a server-reflexive address the gateway mapped for us (PCP / NAT-PMP,
+///   [`crate::portmap`]) ranks above one learnt by STUN: it takes any
+///   sender, where a STUN-learnt one behind a symmetric NAT takes none.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct WgicePreference;
+pub struct WgicePreference {
+    /// The port-mapped address, if any.
+    pub port_mapped: Option<SocketAddr>,
+}
 
 impl WgicePreference {
     /// The preference of candidate `c`, the `same_kind`-th of its type and IP
-    /// version added so far.
+    /// version added so far (no port mapping known).
     pub fn preference(c: &Candidate, same_kind: usize) -> u32 {
+        WgicePreference::default().of(c, same_kind)
+    }
+
+    /// The preference of candidate `c`, the `same_kind`-th of its type and IP
+    /// version added so far.
+    pub fn of(&self, c: &Candidate, same_kind: usize) -> u32 {
         let band_top: u32 = match c.kind() {
             CandidateKind::Host => 65_535,
             CandidateKind::PeerReflexive => 49_151,
@@ -164,6 +176,9 @@ impl WgicePreference {
         let mut penalty: u32 = 0;
         if c.kind() == CandidateKind::Host && !is_private(ip) {
             penalty += 4096; // private (LAN) host addresses first
+        }
+        if c.kind() == CandidateKind::ServerReflexive && self.port_mapped != Some(c.addr()) {
+            penalty += 4096; // port-mapped first
         }
         if !normalise(ip).is_ipv6() {
             penalty += 2048; // IPv6 slightly ahead of IPv4
@@ -178,7 +193,7 @@ impl WgicePreference {
 
 impl is::LocalPreference for WgicePreference {
     fn calculate(&self, c: &Candidate, same_kind: usize) -> u32 {
-        Self::preference(c, same_kind)
+        self.of(c, same_kind)
     }
 }
 
@@ -269,6 +284,16 @@ mod tests {
         let p_srflx = WgicePreference::preference(&srflx, 0);
         let p_relay = WgicePreference::preference(&relay, 0);
         assert!(p_pub4 > p_srflx && p_srflx > p_relay);
+        // The port-mapped server-reflexive address ranks above the STUN one
+        // (even when added later), still below host and above relayed.
+        let mapped = Candidate::server_reflexive(sa("198.51.100.9:7"), sa("10.0.1.5:1"), "udp")
+            .expect("mapped");
+        let pref = WgicePreference {
+            port_mapped: Some(sa("198.51.100.9:7")),
+        };
+        let p_mapped = pref.of(&mapped, 1);
+        assert!(p_pub4 > p_mapped && p_mapped > pref.of(&srflx, 0) && p_mapped > p_relay);
+        assert_eq!(pref.of(&srflx, 0), p_srflx);
         // Unique per candidate of the same kind.
         assert_ne!(
             WgicePreference::preference(&host("10.0.1.5:1"), 0),

@@ -220,6 +220,8 @@ pub struct SessionConfig {
     pub retry_max: Duration,
     /// Seed for the retry jitter (tests pass a fixed one).
     pub rng_seed: u64,
+    /// Our port-mapped address (ranked above STUN's server-reflexive one).
+    pub port_mapped: Option<SocketAddr>,
 }
 
 impl SessionConfig {
@@ -239,6 +241,7 @@ impl SessionConfig {
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_secs(60),
             rng_seed,
+            port_mapped: None,
         }
     }
 }
@@ -340,7 +343,9 @@ impl PeerSession {
             .unwrap_or_else(IceCreds::new);
         let mut ice = IceAgent::new(creds);
         ice.set_controlling(config.controlling);
-        ice.set_local_preference(WgicePreference);
+        ice.set_local_preference(WgicePreference {
+            port_mapped: config.port_mapped,
+        });
         ice.set_initial_stun_rto(config.initial_rto);
         ice.set_max_stun_rto(config.keepalive_interval);
         ice.set_max_stun_retransmits(config.max_retransmits);
@@ -422,6 +427,14 @@ impl PeerSession {
         self.local.push(added.clone());
         self.after_mutation(now);
         Ok(added)
+    }
+
+    /// Our port-mapped address changed: candidates added from now on are
+    /// ranked with it (add the mapped candidate after this).
+    pub fn set_port_mapped(&mut self, mapped: Option<SocketAddr>) {
+        self.ice.set_local_preference(WgicePreference {
+            port_mapped: mapped,
+        });
     }
 
     /// Withdraws a local candidate (an interface went away, a TURN

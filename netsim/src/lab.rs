@@ -396,6 +396,26 @@ impl Lab {
             pid.display().to_string(),
         ];
         self.spawn(&format!("gateway-{name}"), name, &argv, &[], &dir)?;
+        // Its UDP mappings also apply to outbound flows (see `NatBox::upnp`):
+        // a watcher copies the lease file into the `upnp` map (within 20 ms
+        // and an `nft` run, before the agent has its peers' candidates).
+        let leases = dir.join(format!("miniupnpd-{name}.leases"));
+        let watch = format!(
+            "last=; while :; do cur=$(cat '{leases}' 2>/dev/null); \
+             if [ \"$cur\" != \"$last\" ]; then \
+             els=$(printf '%s\\n' \"$cur\" | awk -F: '$1==\"UDP\" {{ printf \"%s%s . %s : {wan} . %s\", sep, $3, $4, $2; sep=\", \" }}'); \
+             {{ echo 'flush map ip wgnat upnp'; [ -n \"$els\" ] && echo \"add element ip wgnat upnp {{ $els }}\"; }} | nft -f - && last=$cur; \
+             fi; sleep 0.02; done",
+            leases = leases.display(),
+            wan = r.wan_ip,
+        );
+        self.spawn(
+            &format!("gateway-map-{name}"),
+            name,
+            &["sh".into(), "-c".into(), watch],
+            &[],
+            &dir,
+        )?;
         // Ready when UDP 5351 is bound in the router's namespace.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -426,13 +446,16 @@ impl Lab {
             timeout_s: r.cfg.mapping_timeout_s,
             wan_ip,
             lan_cidr,
+            upnp: false,
         };
         let home_nat = if r.cfg.nat == NatPreset::Cgnat {
             NatPreset::PortRestricted
         } else {
             r.cfg.nat
         };
-        let mut layers = vec![(r.ns.clone(), layer(home_nat, r.wan_ip, r.lan_cidr()))];
+        let mut home = layer(home_nat, r.wan_ip, r.lan_cidr());
+        home.upnp = r.cfg.upnp;
+        let mut layers = vec![(r.ns.clone(), home)];
         if let Some(cgn) = &r.cgn_ns {
             let outer = layer(
                 NatPreset::PortRestricted,

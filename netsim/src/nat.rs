@@ -165,6 +165,12 @@ pub(crate) struct NatBox {
     pub(crate) wan_ip: Ipv4Addr,
     /// LAN prefix, e.g. `192.168.3.0/24`.
     pub(crate) lan_cidr: String,
+    /// A port-mapping gateway runs here: its UDP mappings (map `upnp`,
+    /// kept in step with miniupnpd's lease file by the router's watcher)
+    /// also translate outbound flows from the mapped internal port, ahead
+    /// of the preset's own SNAT — as a gateway that maps a port must, or a
+    /// symmetric NAT would still give each destination another port.
+    pub(crate) upnp: bool,
 }
 
 /// Builds the nftables ruleset for one NAT box (a full replacement: it deletes
@@ -204,10 +210,18 @@ pub(crate) fn ruleset(b: &NatBox) -> String {
     }
     s.push_str("  }\n");
 
+    if b.upnp {
+        s.push_str("  map upnp { type ipv4_addr . inet_service : ipv4_addr . inet_service; }\n");
+    }
     // Postrouting NAT: the mapping behaviour.
     s.push_str(
         "  chain nat_post {\n    type nat hook postrouting priority srcnat; policy accept;\n",
     );
+    if b.upnp {
+        s.push_str(
+            "    oif \"wan\" meta l4proto udp ip saddr . udp sport @upnp snat ip to ip saddr . udp sport map @upnp\n",
+        );
+    }
     if b.hairpin {
         s.push_str(&format!(
             "    ip saddr {lan} ip daddr {lan} ct status dnat snat ip to {wan}\n"
@@ -285,6 +299,7 @@ mod tests {
             timeout_s: 30,
             wan_ip: Ipv4Addr::new(203, 0, 113, 11),
             lan_cidr: "192.168.1.0/24".into(),
+            upnp: false,
         })
     }
 
@@ -310,6 +325,20 @@ mod tests {
         assert!(rules(NatPreset::PortRestricted, true).contains("snat ip to 203.0.113.11"));
         assert!(!rules(NatPreset::PortRestricted, false).contains("snat ip to"));
         assert!(rules(NatPreset::FullCone, false).contains("timeout 30s"));
+        let gw = ruleset(&NatBox {
+            nat: NatPreset::Symmetric,
+            hairpin: false,
+            timeout_s: 30,
+            wan_ip: Ipv4Addr::new(11, 0, 0, 3),
+            lan_cidr: "192.168.1.0/24".into(),
+            upnp: true,
+        });
+        let (pinned, masq) = (
+            gw.find("map @upnp")
+                .expect("port mappings translate outbound"),
+            gw.find("masquerade fully-random").expect("symmetric"),
+        );
+        assert!(pinned < masq, "mappings come first:\n{gw}");
         // Unsolicited WAN traffic is dropped, never rejected.
         for p in NatPreset::ALL.into_iter().filter(|p| p.translates()) {
             let r = rules(p, false);
