@@ -142,6 +142,8 @@ fuzz_target!(|steps: Vec<Step>| {
                 let _ = gateway::parse_port_mapping(&bytes);
                 let _ = gateway::parse_ssdp(&bytes);
                 let _ = gateway::default_route(&String::from_utf8_lossy(&bytes));
+                // The same bytes as a UPnP-IGD gateway's HTTP answers.
+                igd_answer(&bytes);
             }
         }
         drain(&mut p, &mut sent, &mut total);
@@ -181,3 +183,23 @@ fuzz_target!(|steps: Vec<Step>| {
         assert!(o.mapping.is_some_and(|m| m.endpoint_dependent()), "{o:?}");
     }
 });
+
+/// Feeds `bytes` to every UPnP-IGD parser, as a description document and
+/// as a SOAP answer (the gateway's HTTP server is as hostile as its UDP).
+fn igd_answer(bytes: &[u8]) {
+    use ice_agent::portmap::igd;
+    let gw = std::net::Ipv4Addr::new(192, 168, 1, 1);
+    let text = String::from_utf8_lossy(bytes);
+    let _ = igd::parse_url(&text, gw);
+    let _ = igd::element(&text, "URLBase");
+    if let Ok(location) = igd::parse_url("http://192.168.1.1:5000/rootDesc.xml", gw) {
+        let _ = igd::resolve(&location, &text);
+        let _ = igd::find_service(&text, &location);
+    }
+    if let Ok(r) = igd::parse_response(bytes) {
+        let _ = igd::external_ip(&r);
+        let _ = igd::after_add(&r, 1, 40000, 3600);
+        let _ = igd::fault("AddPortMapping", &r);
+        let _ = igd::upnp_error(&r.body);
+    }
+}

@@ -377,14 +377,14 @@ impl Lab {
         std::fs::write(
             &conf,
             format!(
-                "ext_ifname=wan\nlistening_ip=lan\nhttp_port=0\nenable_natpmp=yes\nenable_upnp=yes\n\
+                "ext_ifname=wan\nlistening_ip=lan\nhttp_port=0\nenable_natpmp={}\nenable_upnp=yes\n\
                  secure_mode=yes\nsystem_uptime=yes\nlease_file={}\n\
                  uuid=3ded2a8e-0a53-4c0a-8f1b-{:012x}\n\
                  allow 1024-65535 {a}.{b}.{c}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+                if r.cfg.upnp_only { "no" } else { "yes" },
                 dir.join(format!("miniupnpd-{name}.leases")).display(),
                 r.index
-            )
-
+            ),
         )?;
         let pid = dir.join(format!("miniupnpd-{name}.pid"));
         let argv: Vec<String> = vec![
@@ -416,12 +416,18 @@ impl Lab {
             &[],
             &dir,
         )?;
-        // Ready when UDP 5351 is bound in the router's namespace.
+        // Ready when UDP 5351 (NAT-PMP/PCP), or for a UPnP-only gateway
+        // UDP 1900 (SSDP), is bound in the router's namespace.
+        let (port, what) = if r.cfg.upnp_only {
+            (":076C ", "UDP 1900 (SSDP)")
+        } else {
+            (":14E7 ", "UDP 5351")
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let bound = sys::in_netns(&r.ns, || {
+            let bound = sys::in_netns(&r.ns, move || {
                 std::fs::read_to_string("/proc/thread-self/net/udp")
-                    .map(|t| t.contains(":14E7 "))
+                    .map(|t| t.contains(port))
                     .unwrap_or(false)
             })?;
             if bound {
@@ -431,7 +437,7 @@ impl Lab {
                 let log = std::fs::read_to_string(dir.join(format!("gateway-{name}.stderr")))
                     .unwrap_or_default();
                 return Err(Error::Config(format!(
-                    "router {name}: miniupnpd did not start listening on 5351: {}",
+                    "router {name}: miniupnpd did not start listening on {what}: {}",
                     log.trim()
                 )));
             }
@@ -946,7 +952,7 @@ impl Lab {
                 r.cfg.nat, cfg.nat
             )));
         }
-        if cfg.upnp != r.cfg.upnp {
+        if cfg.upnp != r.cfg.upnp || cfg.upnp_only != r.cfg.upnp_only {
             return Err(Error::Config(format!(
                 "router {router}: the UPnP gateway cannot be switched at run time"
             )));

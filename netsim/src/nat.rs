@@ -135,6 +135,10 @@ pub struct RouterConfig {
     /// only reachable inside the lab).
     #[serde(default)]
     pub upnp: bool,
+    /// With `upnp`: NAT-PMP and PCP off, so only UPnP-IGD maps ports (a
+    /// gateway of the kind that speaks nothing else).
+    #[serde(default)]
+    pub upnp_only: bool,
 }
 
 fn default_timeout() -> u32 {
@@ -149,6 +153,7 @@ impl RouterConfig {
             hairpin: false,
             mapping_timeout_s: DEFAULT_MAPPING_TIMEOUT_S,
             upnp: false,
+            upnp_only: false,
         }
     }
 }

@@ -64,6 +64,9 @@ pub struct RouterSpec {
     /// Run a UPnP-IGD / NAT-PMP / PCP gateway (miniupnpd).
     #[serde(default)]
     pub upnp: bool,
+    /// With `upnp`: UPnP-IGD only (NAT-PMP and PCP off).
+    #[serde(default)]
+    pub upnp_only: bool,
     /// Loss probability on its uplink, each direction.
     #[serde(default)]
     pub loss: f64,
@@ -310,7 +313,8 @@ pub fn build(sc: &Scenario, out_dir: &Path) -> Result<Running, Error> {
             nat: r.nat,
             hairpin: r.hairpin,
             mapping_timeout_s: r.mapping_timeout_s.unwrap_or(DEFAULT_MAPPING_TIMEOUT_S),
-            upnp: r.upnp,
+            upnp: r.upnp || r.upnp_only,
+            upnp_only: r.upnp_only,
         };
         lab.add_router(&r.name, cfg)?;
         if r.loss > 0.0 || r.delay_ms > 0 {

@@ -18,12 +18,14 @@ fn setup() -> Bins {
 /// The agents' ICE port in a mesh lab.
 const AGENT_PORT: u16 = 51821;
 
-/// `a` behind a symmetric NAT with a port-mapping gateway, `b` behind a
-/// port-restricted one; `a`'s port mapping on or off.
-fn lab(bins: &Bins, port_mapping: bool) -> (MeshLab, usize, usize) {
+/// `a` behind a symmetric NAT with a port-mapping gateway (UPnP-IGD only,
+/// or with NAT-PMP and PCP too), `b` behind a port-restricted one; `a`'s
+/// port mapping on or off.
+fn lab(bins: &Bins, port_mapping: bool, upnp_only: bool) -> (MeshLab, usize, usize) {
     let mut m = MeshLab::new(bins);
     let mut gw = RouterConfig::new(NatPreset::Symmetric);
     gw.upnp = true;
+    gw.upnp_only = upnp_only;
     m.lab.add_router("ra", gw).expect("gateway router");
     m.add_router("rb", NatPreset::PortRestricted);
     let a = m.add_node("a", "ra");
@@ -78,8 +80,20 @@ fn upnp_map(m: &MeshLab) -> String {
 #[test]
 #[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn a_port_mapped_node_behind_a_symmetric_nat_goes_direct_and_deletes_the_mapping_on_exit() {
+    direct_with_mapping(false);
+}
+
+/// The same with a gateway that speaks only UPnP-IGD: the agent finds it
+/// by SSDP, maps with `AddPortMapping` and deletes with `DeletePortMapping`.
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn a_upnp_igd_only_gateway_maps_the_port_too() {
+    direct_with_mapping(true);
+}
+
+fn direct_with_mapping(upnp_only: bool) {
     let bins = setup();
-    let (m, a, b) = lab(&bins, true);
+    let (m, a, b) = lab(&bins, true, upnp_only);
     let a_lan = m.nodes[a].lan_ip;
     let ra_wan = m.lab.ip("ra").expect("ra");
     let t0 = Instant::now();
@@ -113,8 +127,13 @@ fn a_port_mapped_node_behind_a_symmetric_nat_goes_direct_and_deletes_the_mapping
         .unwrap_or_default()
         .to_owned();
     println!("port mapping: {pm}");
+    let by = if upnp_only {
+        pm.contains("UPnP-IGD")
+    } else {
+        pm.contains("PCP") || pm.contains("NAT-PMP")
+    };
     assert!(
-        pm.contains(&format!("{ra_wan}:")) && (pm.contains("PCP") || pm.contains("NAT-PMP")),
+        pm.contains(&format!("{ra_wan}:")) && by,
         "{pm:?}\n{}",
         m.logs()
     );
@@ -158,7 +177,7 @@ fn a_port_mapped_node_behind_a_symmetric_nat_goes_direct_and_deletes_the_mapping
 #[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn without_the_port_mapping_the_same_pair_is_relayed() {
     let bins = setup();
-    let (m, a, b) = lab(&bins, false);
+    let (m, a, b) = lab(&bins, false, false);
     m.start_agent(a);
     m.start_agent(b);
     m.wait_path(a, b, "relay", Duration::from_secs(15))

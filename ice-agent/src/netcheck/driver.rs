@@ -568,16 +568,16 @@ async fn probe_gateway(limit: Duration) -> Option<GatewayReport> {
     };
     let (pm, ssdp) = tokio::join!(
         port_mapping_probe(route.gateway, src, limit),
-        ssdp_probe(route.gateway, src, limit)
+        ssdp_discover(route.gateway, src, limit)
     );
     if let Some((nat_pmp, external, pcp)) = pm {
         g.nat_pmp = nat_pmp;
         g.nat_pmp_external = external;
         g.pcp = pcp;
     }
-    if let Some(server) = ssdp {
+    if let Some(a) = ssdp {
         g.upnp = true;
-        g.upnp_server = server;
+        g.upnp_server = a.server;
     }
     Some(g)
 }
@@ -637,9 +637,14 @@ async fn port_mapping_probe(
     Some((nat_pmp, external, pcp))
 }
 
-/// SSDP M-SEARCH for an IGD on the default route's interface; `Some(server)`
-/// when the gateway answered as one.
-async fn ssdp_probe(gw: Ipv4Addr, src: Ipv4Addr, limit: Duration) -> Option<Option<String>> {
+/// SSDP M-SEARCH for an IGD on the default route's interface (from
+/// `src`); the gateway's answer when it answered as one (answers from any
+/// other address are ignored). Also used by the port mapper.
+pub(crate) async fn ssdp_discover(
+    gw: Ipv4Addr,
+    src: Ipv4Addr,
+    limit: Duration,
+) -> Option<gateway::SsdpAnswer> {
     let std_sock = std::net::UdpSocket::bind((src, 0)).ok()?;
     std_sock.set_multicast_ttl_v4(2).ok()?;
     set_multicast_if(&std_sock, src).ok()?;
@@ -664,7 +669,7 @@ async fn ssdp_probe(gw: Ipv4Addr, src: Ipv4Addr, limit: Duration) -> Option<Opti
                 continue;
             }
             if let Some(a) = gateway::parse_ssdp(&buf[..n]) {
-                return Some(a.server);
+                return Some(a);
             }
         }
     }

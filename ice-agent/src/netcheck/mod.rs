@@ -14,7 +14,7 @@
 //! latencies, TCP/TLS reachability, the gateway).
 
 pub mod classify;
-mod driver;
+pub(crate) mod driver;
 pub mod gateway;
 pub mod probe;
 

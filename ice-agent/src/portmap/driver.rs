@@ -1,6 +1,8 @@
 //! The tokio side of [`super::PortMapper`]: finds the default gateway,
-//! owns one UDP socket connected to its port 5351, maps the agent's port,
-//! and reports to the main loop. Re-reads the default route every 10 s (a
+//! owns one UDP socket connected to its port 5351, maps the agent's port
+//! (PCP, then NAT-PMP; UPnP-IGD through `super::igd_driver` when neither
+//! answers, with the SSDP search started at once beside them), and reports
+//! to the main loop. Re-reads the default route every 10 s (a
 //! new gateway means a new mapping) and retries every 30 s when no gateway
 //! maps. [`Handle::release`] deletes the mapping on exit.
 
@@ -17,7 +19,7 @@ use crate::netcheck::gateway::{default_route, DefaultRoute};
 /// Wait between attempts when no gateway maps.
 const RETRY: Duration = Duration::from_secs(30);
 /// How often the default route is re-read.
-const ROUTE_CHECK: Duration = Duration::from_secs(10);
+pub(super) const ROUTE_CHECK: Duration = Duration::from_secs(10);
 
 /// What the main loop hears.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,12 +100,12 @@ pub fn spawn(port: u16, tx: mpsc::Sender<Update>) -> Handle {
     }
 }
 
-enum Outcome {
+pub(super) enum Outcome {
     Released,
     Stopped(String),
 }
 
-fn route() -> Option<DefaultRoute> {
+pub(super) fn route() -> Option<DefaultRoute> {
     default_route(&std::fs::read_to_string("/proc/net/route").ok()?)
 }
 
@@ -129,6 +131,14 @@ async fn run_once(
         Ok(SocketAddr::V4(a)) => *a.ip(),
         _ => return Outcome::Stopped("no IPv4 address towards the gateway".into()),
     };
+    // UPnP-IGD is searched for at once, so a gateway that speaks only UPnP
+    // is not kept waiting for the PCP and NAT-PMP timeouts.
+    let ssdp = tokio::spawn(crate::netcheck::driver::ssdp_discover(
+        r.gateway,
+        client,
+        Duration::from_millis(1200),
+    ));
+    let mut ssdp = AbortOnDrop(ssdp);
     let mut m = PortMapper::new(r.gateway, client, port, rand::random(), Instant::now());
     let mut route_tick = tokio::time::interval(ROUTE_CHECK);
     route_tick.tick().await;
@@ -161,8 +171,15 @@ async fn run_once(
                         })
                         .await;
                 }
-                Event::Lost { reason } | Event::Unavailable { reason } => {
+                Event::Lost { reason } => {
                     return Outcome::Stopped(format!("gateway {}: {reason}", r.gateway));
+                }
+                Event::Unavailable { reason } => {
+                    let found = (&mut ssdp.0).await.ok().flatten();
+                    return super::igd_driver::run(
+                        port, &r, client, found, tx, release_rx, &reason,
+                    )
+                    .await;
                 }
             }
         }
@@ -187,8 +204,14 @@ async fn run_once(
             }
             got = sock.recv(&mut buf) => match got {
                 Ok(n) => m.handle_datagram(Instant::now(), gateway, &buf[..n]),
-                // ICMP unreachable on a connected socket: the gateway has no
-                // server on 5351 (or is gone); the timers decide.
+                // ICMP port unreachable on a connected socket: nothing
+                // listens on 5351 (before any mapping: no PCP, no NAT-PMP,
+                // so on to UPnP-IGD at once); otherwise the timers decide.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && m.mapping().is_none() => {
+                    let found = (&mut ssdp.0).await.ok().flatten();
+                    return super::igd_driver::run(port, &r, client, found, tx, release_rx, "nothing listens on UDP 5351 (no PCP or NAT-PMP)")
+                        .await;
+                }
                 Err(e) => tracing::trace!("port mapping: recv: {e}"),
             },
             _ = tokio::time::sleep_until(deadline) => m.handle_timeout(Instant::now()),
@@ -198,6 +221,15 @@ async fn run_once(
                 }
             }
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -1,6 +1,7 @@
 //! Port mapping: asking the default gateway to forward a UDP port to the
-//! agent's ICE port, with PCP (RFC 6887) MAP and, where the gateway does
-//! not speak PCP, NAT-PMP (RFC 6886).
+//! agent's ICE port, with PCP (RFC 6887) MAP, where the gateway does not
+//! speak PCP with NAT-PMP (RFC 6886), and where it speaks neither with
+//! UPnP-IGD `AddPortMapping` ([`igd`]).
 //!
 //! [`PortMapper`] is sans-IO: it builds requests, parses answers (every
 //! byte from the gateway is hostile: fixed sizes, checked fields, a nonce,
@@ -16,10 +17,12 @@
 //! and [`PortMapper::poll_event`]; then wait for a datagram or
 //! [`PortMapper::poll_timeout`].
 //!
-//! UPnP-IGD (`AddPortMapping` over SOAP) is not spoken here: see
-//! docs/ice-agent.md ("Port mapping") for why.
+//! UPnP-IGD is a request/response exchange over HTTP: its parsers and
+//! decisions are in [`igd`], its calls in the driver.
 
 pub mod driver;
+pub mod igd;
+mod igd_driver;
 
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -54,6 +57,8 @@ pub enum Protocol {
     Pcp,
     /// NAT-PMP, RFC 6886.
     NatPmp,
+    /// UPnP-IGD `AddPortMapping` (WANIPConnection / WANPPPConnection).
+    UpnpIgd,
 }
 
 impl Protocol {
@@ -62,6 +67,7 @@ impl Protocol {
         match self {
             Protocol::Pcp => "PCP",
             Protocol::NatPmp => "NAT-PMP",
+            Protocol::UpnpIgd => "UPnP-IGD",
         }
     }
 }
@@ -285,8 +291,12 @@ impl PortMapper {
             let req = match m.protocol {
                 Protocol::Pcp => pcp_map_request(self.client, self.internal_port, 0, &self.nonce),
                 Protocol::NatPmp => natpmp_map_request(self.internal_port, 0, 0).to_vec(),
+                // Never made here (the driver's UPnP-IGD calls own it).
+                Protocol::UpnpIgd => Vec::new(),
             };
-            self.out.push_back(req);
+            if !req.is_empty() {
+                self.out.push_back(req);
+            }
             self.events.push_back(Event::Lost {
                 reason: "released".into(),
             });
