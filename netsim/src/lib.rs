@@ -11,6 +11,7 @@
 //!
 //! Everything here needs root (network namespaces, nftables).
 
+pub mod agent_matrix;
 pub mod impair;
 pub mod lab;
 pub mod matrix;

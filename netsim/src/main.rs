@@ -55,6 +55,20 @@ enum Cmd {
         /// port-restricted to go direct.
         #[arg(long, default_value_t = 0)]
         predict: u16,
+        /// Run the real suite per pair instead of the punching probe
+        /// (relay, signaling, wireguard-go and ice-agent on both nodes):
+        /// path, time to first ping, time to the final path. `--pair`
+        /// also takes `a:a:lan` / `a:a:hairpin` (one router) and the side
+        /// `upnp-symmetric`. Needs the workspace binaries built.
+        #[arg(long)]
+        agents: bool,
+        /// With --agents: runs per pair (the times are medians).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// With --agents: write the Markdown table here (e.g.
+        /// docs/matrix.md) and the JSON beside it (.json).
+        #[arg(long)]
+        markdown: Option<PathBuf>,
     },
     /// Classify every preset (or the given ones) with the RFC 5780 probe.
     Classify {
@@ -115,7 +129,13 @@ fn main() -> Result<()> {
             lan,
             pair,
             predict,
+            agents,
+            runs,
+            markdown,
         } => {
+            if agents {
+                return agent_matrix(&pair, runs, parallel, json, markdown);
+            }
             let t0 = Instant::now();
             let pairs = if pair.is_empty() {
                 matrix::pairs(lan)
@@ -228,10 +248,7 @@ fn main() -> Result<()> {
             println!("{}\n", sc.description.trim());
             run_scenario(&sc, keep, None)?;
             // Then the product itself, with the binaries built beside netsim.
-            let dir = std::env::current_exe()?
-                .parent()
-                .map(PathBuf::from)
-                .unwrap_or_default();
+            let dir = bin_dir()?;
             println!("\n== wgice across the same NATs ==");
             match netsim::mesh::Bins::in_dir(&dir) {
                 Ok(bins) => {
@@ -253,6 +270,93 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `netsim matrix --agents`.
+fn agent_matrix(
+    pair: &[String],
+    runs: usize,
+    parallel: usize,
+    json: bool,
+    markdown: Option<PathBuf>,
+) -> Result<()> {
+    use netsim::agent_matrix as am;
+    if !netsim::is_root() {
+        bail!("netsim matrix --agents needs root (network namespaces)");
+    }
+    let cases = if pair.is_empty() {
+        am::cases()
+    } else {
+        pair.iter()
+            .map(|p| am::Case::parse(p).map_err(anyhow::Error::msg))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let bins = netsim::mesh::Bins::in_dir(&bin_dir()?).map_err(anyhow::Error::msg)?;
+    let t0 = Instant::now();
+    let total = cases.len() * runs.max(1);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let rows = am::run(&bins, &cases, runs, parallel, &|c, smp| {
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        eprintln!(
+            "[{n}/{total} {:.0} s] {}: {} (first ping {:?} ms){}",
+            t0.elapsed().as_secs_f64(),
+            c.label(),
+            smp.path,
+            smp.first_ping_ms,
+            smp.error
+                .as_deref()
+                .map(|e| format!(" error: {e}"))
+                .unwrap_or_default()
+        );
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", am::table(&rows));
+    }
+    let failed = rows.iter().filter(|r| !r.ok).count();
+    eprintln!(
+        "{} pairs × {} run(s) in {secs:.0} s ({parallel} labs in parallel); {failed} failed",
+        rows.len(),
+        runs.max(1)
+    );
+    if let Some(md) = markdown {
+        let doc = format!(
+            "{}\n{}\n{}",
+            MATRIX_HEAD.trim_end(),
+            am::markdown(&rows),
+            format_args!(
+                "\n{} pairs, {} run(s) each (times are medians), {secs:.0} s with {parallel} labs \
+                 in parallel; {failed} failed. Written by `netsim matrix --agents --runs {} \
+                 --markdown {}`.\n",
+                rows.len(),
+                runs.max(1),
+                runs.max(1),
+                md.display()
+            )
+        );
+        std::fs::write(&md, doc).with_context(|| format!("writing {}", md.display()))?;
+        let js = md.with_extension("json");
+        std::fs::write(&js, serde_json::to_string_pretty(&rows)? + "\n")
+            .with_context(|| format!("writing {}", js.display()))?;
+        eprintln!("wrote {} and {}", md.display(), js.display());
+    }
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// The head of `docs/matrix.md` (the table and a summary follow).
+const MATRIX_HEAD: &str = include_str!("matrix_head.md");
+
+/// Where the workspace binaries are: beside this one.
+fn bin_dir() -> Result<PathBuf> {
+    Ok(std::env::current_exe()?
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default())
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
