@@ -492,6 +492,9 @@ pub struct Agent {
     port_mapped: Option<SocketAddr>,
     /// Port mapping, as status shows it (`None`: turned off).
     port_mapping_status: Option<String>,
+    /// The last network change the kernel reported, and how many so far.
+    network_change: Option<(Instant, String)>,
+    network_changes: u64,
 }
 
 const MAX_PENDING_CANDIDATES: usize = 64;
@@ -539,6 +542,8 @@ impl Agent {
             rng: StdRng::from_seed(opts.seed),
             port_mapped: None,
             port_mapping_status: None,
+            network_change: None,
+            network_changes: 0,
             opts,
         };
         for spec in specs {
@@ -1178,8 +1183,69 @@ impl Agent {
     /// The host addresses changed (interfaces up/down, roaming): offer the
     /// new ones, withdraw the gone ones and retry direct at once.
     pub fn set_host_addrs(&mut self, now: Instant, host: Vec<IpNet>) {
+        if self.update_host(now, host) {
+            self.retry_all_direct(now);
+        }
+    }
+
+    /// The kernel reported a network change (an address, link or default
+    /// route came or went; `why` says which): re-gather everything at once.
+    /// Host candidates follow `host`; each relay gets a Refresh (a node that
+    /// moved behind another NAT is a new 5-tuple to the relay, which answers
+    /// 437 and the allocation is made again at once; unmoved, the Refresh
+    /// just succeeds), a STUN-only server a new Binding, a relay waiting to
+    /// retry is tried now; every peer's direct pairs are checked again.
+    pub fn network_changed(&mut self, now: Instant, host: Vec<IpNet>, why: String) {
+        tracing::info!("network changed ({why}): re-gathering, re-checking relays and direct paths");
+        self.network_change = Some((now, why));
+        self.network_changes += 1;
+        self.update_host(now, host);
+        for i in 0..self.relays.len() {
+            let r = &mut self.relays[i];
+            if r.stream {
+                // A stream whose route went away ends by itself and is
+                // reconnected on the new one.
+                continue;
+            }
+            match (r.spec.turn.is_some(), r.turn.as_mut()) {
+                (true, Some(t)) => t.refresh_now(now),
+                (true, None) | (false, _) => {
+                    if r.retry_at.is_some() {
+                        r.retry_at = Some(now);
+                    }
+                }
+            }
+        }
+        self.handle_timeout(now);
+        self.retry_all_direct(now);
+    }
+
+    /// The last network change the kernel reported: how long ago, and what.
+    pub fn network_change(&self, now: Instant) -> Option<(Duration, &str)> {
+        self.network_change
+            .as_ref()
+            .map(|(t, why)| (now.saturating_duration_since(*t), why.as_str()))
+    }
+
+    /// Network changes reported so far.
+    pub fn network_changes(&self) -> u64 {
+        self.network_changes
+    }
+
+    fn retry_all_direct(&mut self, now: Instant) {
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            if let Some(s) = self.peers.get_mut(&k).and_then(|p| p.session.as_mut()) {
+                s.ice.retry_direct_now(now);
+            }
+            self.drain_session(now, &k);
+        }
+    }
+
+    /// Takes `host` as our host addresses; true when they changed.
+    fn update_host(&mut self, now: Instant, host: Vec<IpNet>) -> bool {
         if host == self.opts.host {
-            return;
+            return false;
         }
         let gone: Vec<Candidate> = self
             .local
@@ -1204,13 +1270,7 @@ impl Agent {
                 self.add_local(now, c);
             }
         }
-        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
-        for k in keys {
-            if let Some(s) = self.peers.get_mut(&k).and_then(|p| p.session.as_mut()) {
-                s.ice.retry_direct_now(now);
-            }
-            self.drain_session(now, &k);
-        }
+        true
     }
 
     /// The gateway mapped `mapped` to our port (PCP / NAT-PMP), or the

@@ -55,6 +55,10 @@ pub struct Status {
     /// why there is none; `None` when turned off.
     #[serde(default)]
     pub port_mapping: Option<String>,
+    /// The last network change the kernel reported ("2.1 s ago: address
+    /// 192.168.2.2 added on eth0 (+2 more changes)"); `None` before the first.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// One relay in [`Status`].
@@ -134,6 +138,9 @@ pub(crate) fn snapshot(
             dropped,
             max_peers: agent.max_peers(),
             port_mapping: agent.port_mapping().map(str::to_owned),
+            network: agent
+                .network_change(now)
+                .map(|(ago, why)| format!("{:.1} s ago: {why}", ago.as_secs_f64())),
             certificates: agent.certificates_required(),
         },
         failovers,
@@ -333,6 +340,9 @@ fn summary(s: &Status) -> String {
     match &s.port_mapping {
         Some(p) => out += &format!("port mapping: {p}\n"),
         None => out += "port mapping: off ([ice] port_mapping = false)\n",
+    }
+    if let Some(n) = &s.network {
+        out += &format!("network changed {n}\n");
     }
     for r in &s.relays {
         let state = match (&r.problem, r.relayed.is_empty()) {

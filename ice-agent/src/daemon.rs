@@ -205,7 +205,20 @@ pub async fn run(
     let mut scratch = vec![0u8; 65536 + 64];
     let mut wg_timer = interval(Duration::from_millis(100));
     let mut wg_ticks = 0u32;
-    let mut iface_tick = interval(Duration::from_secs(5));
+    // Network changes from the kernel (rtnetlink); the interface poll stays
+    // as a slow safety net (every 5 s where netlink is unavailable).
+    let (nw_tx, mut nw_rx) = mpsc::channel(256);
+    let poll_every = match crate::netwatch::driver::spawn(nw_tx) {
+        Ok(()) => Duration::from_secs(30),
+        Err(e) => {
+            tracing::warn!("no netlink socket ({e}): polling the interfaces every 5 s");
+            Duration::from_secs(5)
+        }
+    };
+    let mut netwatch = crate::netwatch::NetWatch::new();
+    let mut ignored_ifs = filter.exclude.clone();
+    ignored_ifs.push("lo".into());
+    let mut iface_tick = interval(poll_every);
     let mut signaling_up = false;
     // TURN REST credentials last 24 h: re-mint them every 6 h.
     let mut rest_tick =
@@ -268,6 +281,15 @@ pub async fn run(
                 }
             }
             _ = iface_tick.tick() => agent.set_host_addrs(Instant::now(), host_nets(&filter, dual)),
+            Some(change) = nw_rx.recv() => {
+                let ignored = crate::netwatch::driver::indexes(&ignored_ifs);
+                netwatch.handle(Instant::now(), &change, &ignored, &crate::netwatch::driver::ifname);
+            }
+            _ = sleep_until_opt(netwatch.poll_timeout()) => {
+                if let Some(r) = netwatch.poll(Instant::now()) {
+                    agent.network_changed(Instant::now(), host_nets(&filter, dual), r.why());
+                }
+            }
             Some(input) = streams.rx.recv() => match streams.accept(input) {
                 // relay stream → TURN → ICE / WireGuard, like a datagram from the relay.
                 Some(Delivery::Frames(server, frames)) => {
@@ -541,6 +563,15 @@ fn overlay_nets(cfg: &AgentConfig) -> Vec<IpNet> {
 
 /// Which interface addresses are host candidates: not the WireGuard
 /// interface's, not the overlay's, not the excluded interfaces'.
+/// Sleeps until `at`, or forever without one (a `select!` branch that is
+/// off while there is nothing to wait for).
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn host_filter(cfg: &AgentConfig) -> HostFilter {
     let mut filter = HostFilter {
         exclude: vec![cfg.interface.clone()],

@@ -42,6 +42,7 @@ pub use relay::demux;
 pub mod gather;
 mod metrics;
 pub mod netcheck;
+pub mod netwatch;
 mod path;
 pub mod portmap;
 mod session;

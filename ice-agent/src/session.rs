@@ -309,6 +309,10 @@ pub struct PeerSession {
     local: Vec<Candidate>,
     /// Remote candidates as the peer signalled them.
     remote: Vec<Candidate>,
+    /// The peer's relayed addresses replaced by a newer one on the same
+    /// relay host (it re-allocated: roamed, rebound, or the relay
+    /// restarted); never chosen again.
+    superseded: Vec<SocketAddr>,
     /// What `is` nominated last, (source, destination).
     nominated: Option<PairKey>,
     seen: HashMap<PairKey, PairSeen>,
@@ -361,6 +365,7 @@ impl PeerSession {
             ice,
             local: Vec::new(),
             remote: Vec::new(),
+            superseded: Vec::new(),
             nominated: None,
             seen: HashMap::new(),
             checks: HashMap::new(),
@@ -473,9 +478,57 @@ impl PeerSession {
         {
             return false;
         }
+        let direct_kind = candidate.kind() != CandidateKind::Relayed;
+        if !direct_kind {
+            // An agent holds one allocation per relay: a new relayed address
+            // on the same host replaces the old one, whose traffic now goes
+            // to where the peer was. Leave it at once instead of after
+            // `failover_after` of silence.
+            let a = candidate.addr();
+            let before = self.superseded.len();
+            for c in &self.remote {
+                if c.kind() == CandidateKind::Relayed
+                    && c.addr().ip() == a.ip()
+                    && c.addr() != a
+                    && !self.superseded.contains(&c.addr())
+                {
+                    self.superseded.push(c.addr());
+                }
+            }
+            if self.superseded.len() > before {
+                // The peer moved: what other relay pairs heard from it
+                // before says nothing about now. Pairs that still work
+                // answer again within a check interval.
+                let stale: Vec<PairKey> = self
+                    .seen
+                    .keys()
+                    .filter(|k| k.1 != a && self.pair_kind(**k).0 == PathKind::Relay)
+                    .copied()
+                    .collect();
+                for k in stale {
+                    if let Some(s) = self.seen.get_mut(&k) {
+                        s.last_rx = None;
+                    }
+                }
+            }
+        }
         self.remote.push(candidate.clone());
         self.ice.add_remote_candidate(candidate);
-        self.after_mutation(now);
+        // A new direct candidate from a peer that was direct before, or
+        // whose checks had run out: it moved (roamed, got a new mapping) or
+        // gained a network. `is` does not nominate again on its own once
+        // it nominated, so the pairs are formed afresh and checked now. At
+        // the start of a session the candidates just trickle in.
+        let had_direct = self.path.kind.is_direct()
+            || matches!(
+                self.relay_cause,
+                RelayCause::Failover { .. } | RelayCause::NoDirect
+            );
+        if direct_kind && had_direct {
+            self.retry_direct_now(now);
+        } else {
+            self.after_mutation(now);
+        }
         true
     }
 
@@ -783,7 +836,11 @@ impl PeerSession {
         if let (PathKind::Relay, Some(l), Some(r)) =
             (self.path.kind, self.path.local, self.path.remote)
         {
-            let still_ours = !self.is_local_relayed(l) || self.local.iter().any(|c| c.addr() == l);
+            // Every path's local end is one of our candidates (a host
+            // address or our relayed address); one that was withdrawn (a
+            // lost allocation, a vanished interface) is not kept.
+            let still_ours =
+                self.local.iter().any(|c| c.addr() == l) && !self.superseded.contains(&r);
             if still_ours && self.alive((l, r), now) {
                 return Some((l, r));
             }
@@ -802,7 +859,11 @@ impl PeerSession {
         let alive = self
             .seen
             .iter()
-            .filter(|(k, _)| self.alive(**k, now) && self.pair_kind(**k).0 == PathKind::Relay)
+            .filter(|(k, _)| {
+                self.alive(**k, now)
+                    && self.pair_kind(**k).0 == PathKind::Relay
+                    && !self.superseded.contains(&k.1)
+            })
             .max_by_key(|(k, s)| {
                 (
                     Some(**k) == self.nominated,
@@ -833,6 +894,7 @@ impl PeerSession {
         self.remote
             .iter()
             .filter(|c| c.addr().is_ipv4() == relayed.is_ipv4())
+            .filter(|c| !self.superseded.contains(&c.addr()))
             .filter(|c| c.kind() != CandidateKind::Host || !is_private(c.addr().ip()))
             .min_by_key(|c| rank(c.kind()))
             .map(|c| (relayed, c.addr()))

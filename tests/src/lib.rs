@@ -7,6 +7,9 @@ pub use netsim::mesh;
 
 pub use netsim::require_root;
 
+pub mod netchange;
+pub mod ping_trace;
+
 /// A binary of this workspace built into the same target profile as the
 /// running test (`cargo build --workspace --bins` first; `scripts/test`
 /// does). A missing binary fails the test.
