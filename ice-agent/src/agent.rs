@@ -495,6 +495,12 @@ pub struct Agent {
     /// The last network change the kernel reported, and how many so far.
     network_change: Option<(Instant, String)>,
     network_changes: u64,
+    /// When every session was last restarted because our address changed,
+    /// and how many sessions that restarted in all.
+    last_restart: Option<Instant>,
+    restarts: u64,
+    /// When a silent relayed peer last made us refresh our allocations.
+    last_silence_probe: Option<Instant>,
 }
 
 const MAX_PENDING_CANDIDATES: usize = 64;
@@ -510,6 +516,13 @@ const MAX_OWNED: usize = 64 * 1024;
 /// Quarantined addresses remembered at once.
 const MAX_QUARANTINE: usize = 16 * 1024;
 const REOFFER_AFTER: Duration = Duration::from_secs(5);
+/// Sessions restart for a changed public address at most this often.
+const RESTART_SPACING: Duration = Duration::from_secs(1);
+/// A relayed peer silent this long (its 500 ms keepalives unanswered) makes
+/// us check our allocations ...
+const SILENT_PROBE_AFTER: Duration = Duration::from_millis(600);
+/// ... until this long.
+const SILENT_PROBE_UNTIL: Duration = Duration::from_secs(3);
 /// A relay silent this long gets a Refresh to prove it still has us.
 const RELAY_PROBE_AFTER: Duration = Duration::from_secs(5);
 /// UDP to a relay that has not answered at all this long is taken as
@@ -544,6 +557,9 @@ impl Agent {
             port_mapping_status: None,
             network_change: None,
             network_changes: 0,
+            last_restart: None,
+            restarts: 0,
+            last_silence_probe: None,
             opts,
         };
         for spec in specs {
@@ -649,6 +665,7 @@ impl Agent {
     /// Advances every timer to `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire_memberships(now);
+        self.probe_relays_if_silent(now);
         for i in 0..self.relays.len() {
             if self.relays[i].retry_at.is_some_and(|t| t <= now) {
                 self.relays[i].retry_at = None;
@@ -1232,6 +1249,11 @@ impl Agent {
         self.network_changes
     }
 
+    /// Sessions restarted because our public address changed, so far.
+    pub fn address_restarts(&self) -> u64 {
+        self.restarts
+    }
+
     fn retry_all_direct(&mut self, now: Instant) {
         let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
         for k in keys {
@@ -1588,6 +1610,70 @@ impl Agent {
             unanswered: 0,
         });
         self.drain_session(now, &key);
+    }
+
+    /// A relayed peer fell silent (its keepalive answers stopped): our NAT
+    /// may have rebound, which no kernel event tells. A Refresh to each
+    /// relay finds out: from a new 5-tuple it is answered 437, the
+    /// allocation is made again, and the new mapping restarts the sessions
+    /// ([`Agent::restart_all`]). Only for a fresh silence (between
+    /// [`SILENT_PROBE_AFTER`] and [`SILENT_PROBE_UNTIL`]; a peer gone for
+    /// longer is the vanish logic's), at most once per second.
+    fn probe_relays_if_silent(&mut self, now: Instant) {
+        if self
+            .last_silence_probe
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        let silent = self.peers.values().any(|p| {
+            p.session.as_ref().is_some_and(|s| {
+                s.ice.path().kind == PathKind::Relay
+                    && s.ice.last_heard().is_some_and(|t| {
+                        let quiet = now.saturating_duration_since(t);
+                        (SILENT_PROBE_AFTER..SILENT_PROBE_UNTIL).contains(&quiet)
+                    })
+            })
+        });
+        if !silent {
+            return;
+        }
+        self.last_silence_probe = Some(now);
+        tracing::debug!("a relayed peer fell silent: refreshing our allocations");
+        for r in &mut self.relays {
+            if let Some(t) = r.turn.as_mut() {
+                t.refresh_now(now);
+            }
+        }
+    }
+
+    /// Our public address changed from `old` to `new` (a relay allocated
+    /// again and reports another mapping): restart ICE with every peer, as
+    /// WebRTC does after a network change. The peer rebuilds its session
+    /// on the new offer, so both start over from the relay (first path in
+    /// one signaling round trip) and check direct pairs afresh, instead of
+    /// each waiting out `failover_after` on paths that end at `old`. At
+    /// most once per [`RESTART_SPACING`].
+    fn restart_all(&mut self, now: Instant, old: SocketAddr, new: SocketAddr) {
+        if self
+            .last_restart
+            .is_some_and(|t| now.saturating_duration_since(t) < RESTART_SPACING)
+        {
+            return;
+        }
+        self.last_restart = Some(now);
+        let keys: Vec<PeerKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.session.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        tracing::info!(%old, %new, peers = keys.len(), "our public address changed: restarting ICE with every peer");
+        self.restarts += keys.len() as u64;
+        for k in keys {
+            self.new_session(now, k);
+            self.send_offer(now, k);
+        }
     }
 
     fn drop_session(&mut self, now: Instant, key: PeerKey) {
@@ -1990,6 +2076,15 @@ impl Agent {
                     // which says nothing about UDP: no server-reflexive
                     // candidate from it. (Relayed candidates are UDP either
                     // way: the relay relays UDP to peers.)
+                    // The relay sees us at another address than before: we
+                    // roamed or our NAT rebound. Every path the peers know
+                    // ends at the old one.
+                    let moved = match (r.mapped, mapped) {
+                        (Some(old), Some(new)) if path.transport == Transport::Udp && old != new => {
+                            Some((old, new))
+                        }
+                        _ => None,
+                    };
                     if path.transport == Transport::Udp {
                         self.set_mapped(now, i, mapped);
                     }
@@ -1999,6 +2094,9 @@ impl Agent {
                                 self.add_local(now, c);
                             }
                         }
+                    }
+                    if let Some((old, new)) = moved {
+                        self.restart_all(now, old, new);
                     }
                 }
                 ClientEvent::ChannelBound { peer, channel } => {

@@ -258,6 +258,13 @@ struct PairSeen {
 
 type PairKey = (SocketAddr, SocketAddr);
 
+/// A relay pair hearing the peer from a new port of the same address
+/// replaces the current pair when that one has been silent this much
+/// longer ...
+const REBIND_SILENT: Duration = Duration::from_millis(250);
+/// ... and the new one heard within this.
+const REBIND_FRESH: Duration = Duration::from_millis(500);
+
 /// Why the data path is on the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RelayCause {
@@ -841,6 +848,32 @@ impl PeerSession {
             // lost allocation, a vanished interface) is not kept.
             let still_ours =
                 self.local.iter().any(|c| c.addr() == l) && !self.superseded.contains(&r);
+            // The peer's NAT rebound (its mapping was flushed, it got a new
+            // port): the same local end now hears it from another port of
+            // the same address while the current pair fell silent. Follow
+            // it, as WireGuard follows an endpoint, instead of waiting out
+            // `failover_after`.
+            if still_ours {
+                let cur_rx = self.seen.get(&(l, r)).and_then(|s| s.last_rx);
+                let rebound = self
+                    .seen
+                    .iter()
+                    .filter(|(k, s)| {
+                        k.0 == l
+                            && k.1 != r
+                            && k.1.ip() == r.ip()
+                            && !self.superseded.contains(&k.1)
+                            && s.last_rx.is_some_and(|t| {
+                                now.saturating_duration_since(t) < REBIND_FRESH
+                                    && cur_rx.is_none_or(|c| t > c + REBIND_SILENT)
+                            })
+                    })
+                    .max_by_key(|(_, s)| s.last_rx)
+                    .map(|(k, _)| *k);
+                if rebound.is_some() {
+                    return rebound;
+                }
+            }
             if still_ours && self.alive((l, r), now) {
                 return Some((l, r));
             }

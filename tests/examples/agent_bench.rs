@@ -16,28 +16,11 @@
 //!   set by hand) vs. through the agents, same lab, same link.
 
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use netsim::nat::NatPreset;
 use wgice_tests::mesh::{s, Bins, MeshLab};
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// Timestamps (`ping -D`) of the answers in a ping log.
-fn reply_times(log: &str) -> Vec<f64> {
-    log.lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| {
-            let t = l.strip_prefix('[')?.split(']').next()?;
-            t.parse().ok()
-        })
-        .collect()
-}
+use wgice_tests::ping_trace::{reply_times, unix_now};
 
 fn start_ping(m: &MeshLab, from: usize, to: usize, name: &str, count: u32) {
     m.lab

@@ -64,13 +64,19 @@ pub fn ping_trace(m: &MeshLab, i: usize, j: usize, secs: u32) -> Trace {
             ],
         )
         .expect("exec ping");
-    let replies = out
-        .lines()
+    Trace {
+        replies: reply_times(&out),
+        start,
+    }
+}
+
+/// When each answer in a `ping -D` log arrived (Unix seconds).
+pub fn reply_times(log: &str) -> Vec<f64> {
+    log.lines()
         .filter(|l| l.contains("bytes from"))
         .filter_map(|l| {
             let ts = l.strip_prefix('[')?.split(']').next()?;
             ts.parse::<f64>().ok()
         })
-        .collect();
-    Trace { replies, start }
+        .collect()
 }

@@ -171,3 +171,73 @@ pub fn indexes(names: &[String]) -> Vec<u32> {
         .filter(|&i| i != 0)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_route::address::AddressMessage;
+    use netlink_packet_route::route::RouteMessage;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn bytes(msg: RouteNetlinkMessage) -> Vec<u8> {
+        let mut m = NetlinkMessage::from(msg);
+        m.finalize();
+        let mut buf = vec![0; m.buffer_len()];
+        m.serialize(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn reads_address_and_route_messages_several_per_datagram() {
+        let mut a = AddressMessage::default();
+        a.header.index = 3;
+        a.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(192, 168, 2, 10))));
+        let mut r = RouteMessage::default();
+        r.header.table = 254;
+        r.attributes.push(RouteAttribute::Oif(3));
+        let mut buf = bytes(RouteNetlinkMessage::NewAddress(a));
+        buf.extend(bytes(RouteNetlinkMessage::DelRoute(r)));
+        let mut out = Vec::new();
+        parse(&buf, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Change::Address {
+                    index: 3,
+                    addr: IpAddr::V4(Ipv4Addr::new(192, 168, 2, 10)),
+                    added: true
+                },
+                Change::Route {
+                    table: 254,
+                    prefix_len: 0,
+                    oif: Some(3),
+                    added: false
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_change_never_a_panic() {
+        let mut out = Vec::new();
+        parse(&[0xff; 7], &mut out);
+        assert_eq!(out, vec![Change::Unreadable]);
+        // A header claiming more than there is, and every truncation of a
+        // real message.
+        let mut a = AddressMessage::default();
+        a.attributes
+            .push(AddressAttribute::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))));
+        let good = bytes(RouteNetlinkMessage::NewAddress(a));
+        for cut in 0..good.len() {
+            out.clear();
+            parse(&good[..cut], &mut out);
+            assert!(out.iter().all(|c| *c == Change::Unreadable), "{cut}: {out:?}");
+        }
+        let mut bad = good.clone();
+        bad[0] = 0xff; // length 255 > what is there
+        out.clear();
+        parse(&bad, &mut out);
+        assert_eq!(out, vec![Change::Unreadable]);
+    }
+}
