@@ -1213,7 +1213,9 @@ impl Agent {
     /// just succeeds), a STUN-only server a new Binding, a relay waiting to
     /// retry is tried now; every peer's direct pairs are checked again.
     pub fn network_changed(&mut self, now: Instant, host: Vec<IpNet>, why: String) {
-        tracing::info!("network changed ({why}): re-gathering, re-checking relays and direct paths");
+        tracing::info!(
+            "network changed ({why}): re-gathering, re-checking relays and direct paths"
+        );
         self.network_change = Some((now, why));
         self.network_changes += 1;
         self.update_host(now, host);
@@ -2080,7 +2082,9 @@ impl Agent {
                     // roamed or our NAT rebound. Every path the peers know
                     // ends at the old one.
                     let moved = match (r.mapped, mapped) {
-                        (Some(old), Some(new)) if path.transport == Transport::Udp && old != new => {
+                        (Some(old), Some(new))
+                            if path.transport == Transport::Udp && old != new =>
+                        {
                             Some((old, new))
                         }
                         _ => None,

@@ -33,7 +33,10 @@ fn main() {
         "{:<26} {:>18} {:>18} {:>18}",
         "drill", "first ping s", "longest gap s", "final path s"
     );
-    println!("{:<26} {:>18} {:>18} {:>18}", "", "median / worst", "median / worst", "median / worst");
+    println!(
+        "{:<26} {:>18} {:>18} {:>18}",
+        "", "median / worst", "median / worst", "median / worst"
+    );
     let mut missed = Vec::new();
     for d in Drill::ALL {
         let (mut first, mut gap, mut path) = (Vec::new(), Vec::new(), Vec::new());

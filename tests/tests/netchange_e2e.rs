@@ -22,11 +22,20 @@ fn drill(d: Drill, first_ping_bound: f64, path_bound: f64) {
         o.row
     );
     let first = o.first_ping_s.expect("no ping answered after the change");
-    assert!(first <= first_ping_bound, "{}: first ping after {first:.2} s", d.name());
+    assert!(
+        first <= first_ping_bound,
+        "{}: first ping after {first:.2} s",
+        d.name()
+    );
     let back = o
         .path_again_s
         .unwrap_or_else(|| panic!("{}: never back on {}: {}", d.name(), d.path(), o.row));
-    assert!(back <= path_bound, "{}: back on {} after {back:.2} s", d.name(), d.path());
+    assert!(
+        back <= path_bound,
+        "{}: back on {} after {back:.2} s",
+        d.name(),
+        d.path()
+    );
 }
 
 #[test]

@@ -42,7 +42,9 @@ pub fn spawn(tx: mpsc::Sender<Change>) -> io::Result<()> {
                 match sock.recv_from_full() {
                     Ok((buf, _)) => parse(&buf, &mut out),
                     // Overrun: we lost messages, so something changed.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => out.push(Change::Unreadable),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        out.push(Change::Unreadable)
+                    }
                     Err(e) => {
                         tracing::warn!("netlink: {e}; network changes are polled from now on");
                         return;
@@ -192,7 +194,9 @@ mod tests {
         let mut a = AddressMessage::default();
         a.header.index = 3;
         a.attributes
-            .push(AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(192, 168, 2, 10))));
+            .push(AddressAttribute::Local(IpAddr::V4(Ipv4Addr::new(
+                192, 168, 2, 10,
+            ))));
         let mut r = RouteMessage::default();
         r.header.table = 254;
         r.attributes.push(RouteAttribute::Oif(3));
@@ -227,12 +231,17 @@ mod tests {
         // real message.
         let mut a = AddressMessage::default();
         a.attributes
-            .push(AddressAttribute::Address(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))));
+            .push(AddressAttribute::Address(IpAddr::V4(Ipv4Addr::new(
+                10, 0, 0, 1,
+            ))));
         let good = bytes(RouteNetlinkMessage::NewAddress(a));
         for cut in 0..good.len() {
             out.clear();
             parse(&good[..cut], &mut out);
-            assert!(out.iter().all(|c| *c == Change::Unreadable), "{cut}: {out:?}");
+            assert!(
+                out.iter().all(|c| *c == Change::Unreadable),
+                "{cut}: {out:?}"
+            );
         }
         let mut bad = good.clone();
         bad[0] = 0xff; // length 255 > what is there

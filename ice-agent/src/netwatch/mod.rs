@@ -83,7 +83,11 @@ impl Change {
     /// A short description for logs and status.
     pub fn describe(&self, name: &dyn Fn(u32) -> String) -> String {
         match self {
-            Change::Link { index, deleted: true, .. } => format!("link {} removed", name(*index)),
+            Change::Link {
+                index,
+                deleted: true,
+                ..
+            } => format!("link {} removed", name(*index)),
             Change::Link { index, up, .. } => {
                 format!("link {} {}", name(*index), if *up { "up" } else { "down" })
             }
@@ -177,7 +181,13 @@ impl NetWatch {
 
     /// A notification arrived at `now`; `name` names interfaces for the
     /// description.
-    pub fn handle(&mut self, now: Instant, c: &Change, ignored: &[u32], name: &dyn Fn(u32) -> String) {
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        c: &Change,
+        ignored: &[u32],
+        name: &dyn Fn(u32) -> String,
+    ) {
         self.counters.seen += 1;
         if !Self::relevant(c, ignored) {
             self.counters.ignored += 1;
@@ -250,10 +260,28 @@ mod tests {
         let mut w = NetWatch::new();
         let ms = |n| t0 + Duration::from_millis(n);
         // Old link removed (its address and route with it), new one added.
-        w.handle(ms(0), &Change::Link { index: 2, up: false, deleted: true }, &[], &name);
+        w.handle(
+            ms(0),
+            &Change::Link {
+                index: 2,
+                up: false,
+                deleted: true,
+            },
+            &[],
+            &name,
+        );
         w.handle(ms(1), &addr(2, [192, 168, 1, 2], false), &[], &name);
         assert!(w.poll(ms(20)).is_none(), "still in the burst");
-        w.handle(ms(12), &Change::Link { index: 3, up: true, deleted: false }, &[], &name);
+        w.handle(
+            ms(12),
+            &Change::Link {
+                index: 3,
+                up: true,
+                deleted: false,
+            },
+            &[],
+            &name,
+        );
         w.handle(ms(14), &addr(3, [192, 168, 2, 2], true), &[], &name);
         let route = Change::Route {
             table: MAIN_TABLE,
@@ -277,7 +305,12 @@ mod tests {
         let t0 = Instant::now();
         let mut w = NetWatch::new();
         for n in 0..20u64 {
-            w.handle(t0 + Duration::from_millis(n * 10), &addr(2, [10, 0, 0, 1], true), &[], &name);
+            w.handle(
+                t0 + Duration::from_millis(n * 10),
+                &addr(2, [10, 0, 0, 1], true),
+                &[],
+                &name,
+            );
             if let Some(r) = w.poll(t0 + Duration::from_millis(n * 10)) {
                 assert_eq!(r.since, t0);
                 assert!(n * 10 >= MAX_DELAY.as_millis() as u64);
@@ -297,7 +330,12 @@ mod tests {
         // The agent's own routes on the WireGuard interface (embedded mode).
         w.handle(
             t0,
-            &Change::Route { table: MAIN_TABLE, prefix_len: 0, oif: Some(wg), added: true },
+            &Change::Route {
+                table: MAIN_TABLE,
+                prefix_len: 0,
+                oif: Some(wg),
+                added: true,
+            },
             &ignored,
             &name,
         );
@@ -305,13 +343,23 @@ mod tests {
         // A subnet route, a local-table route, a link-local address.
         w.handle(
             t0,
-            &Change::Route { table: MAIN_TABLE, prefix_len: 24, oif: Some(2), added: true },
+            &Change::Route {
+                table: MAIN_TABLE,
+                prefix_len: 24,
+                oif: Some(2),
+                added: true,
+            },
             &ignored,
             &name,
         );
         w.handle(
             t0,
-            &Change::Route { table: 255, prefix_len: 0, oif: Some(2), added: true },
+            &Change::Route {
+                table: 255,
+                prefix_len: 0,
+                oif: Some(2),
+                added: true,
+            },
             &ignored,
             &name,
         );
