@@ -439,6 +439,8 @@ struct RelayState {
     stream: bool,
     /// Over UDP: when to give up waiting for any answer and try the next path.
     udp_deadline: Option<Instant>,
+    /// Over TCP with TLS still to try: when to give up on the connection.
+    stream_deadline: Option<Instant>,
     /// Anything heard from the relay on the current path.
     answered: bool,
     /// UDP got no answer (the reason a stream is used).
@@ -530,6 +532,9 @@ const RELAY_PROBE_AFTER: Duration = Duration::from_secs(5);
 /// sent its Allocate three times by then (0, 0.5, 1.5 s). Not used when UDP
 /// is the path that last allocated.
 const UDP_FALLBACK_AFTER: Duration = Duration::from_millis(1600);
+/// A TCP connection to a relay that has not come up this long is given up
+/// for the next path (TLS on 443) when TCP never worked before.
+const TCP_CONNECT_BUDGET: Duration = Duration::from_millis(400);
 /// A session that heard nothing this long yields to an offer with an older
 /// id (the peer restarted with its clock behind).
 const STALE_SESSION: Duration = Duration::from_secs(15);
@@ -645,6 +650,7 @@ impl Agent {
         for r in &self.relays {
             consider(r.retry_at);
             consider(r.udp_deadline);
+            consider(r.stream_deadline);
             consider(r.turn.as_ref().and_then(|t| t.poll_timeout()));
             consider(relay_probe_at(r));
         }
@@ -678,6 +684,16 @@ impl Agent {
                     self.relays[i].udp_blocked = true;
                     self.relays[i].turn = None;
                     self.next_path(now, i, "no answer over UDP".into());
+                }
+            }
+            if self.relays[i].stream_deadline.is_some_and(|t| t <= now) {
+                self.relays[i].stream_deadline = None;
+                if self.relays[i].stream && self.relays[i].turn.is_none() {
+                    self.next_path(
+                        now,
+                        i,
+                        format!("no TCP connection within {TCP_CONNECT_BUDGET:?}"),
+                    );
                 }
             }
             if relay_probe_at(&self.relays[i]).is_some_and(|t| t <= now) {
@@ -861,6 +877,7 @@ impl Agent {
         }
         match ev {
             StreamEvent::Connected => {
+                self.relays[i].stream_deadline = None;
                 let Some(mut cfg) = self.relays[i].spec.turn.clone() else {
                     return;
                 };
@@ -1361,6 +1378,7 @@ impl Agent {
             good: None,
             stream: false,
             udp_deadline: None,
+            stream_deadline: None,
             answered: false,
             udp_blocked: false,
             base: None,
@@ -1932,6 +1950,7 @@ impl Agent {
         let r = &mut self.relays[i];
         r.answered = false;
         r.udp_deadline = None;
+        r.stream_deadline = None;
         match &r.spec.turn {
             Some(cfg) => {
                 r.permitted.clear();
@@ -1941,6 +1960,14 @@ impl Agent {
                     // The TURN client starts once the stream is up.
                     r.turn = None;
                     r.stream = true;
+                    // A firewall that drops UDP usually drops TCP to 3478
+                    // too (silently: the SYN gets no answer). Where TLS on
+                    // 443 is still to try, TCP gets a short budget instead
+                    // of the whole connect timeout.
+                    r.stream_deadline = (path.transport == Transport::Tcp
+                        && r.step + 1 < r.spec.paths.len()
+                        && r.good != Some(r.step))
+                    .then(|| now + TCP_CONNECT_BUDGET);
                     let server = r.spec.server;
                     tracing::info!(%server, transport = %path.transport, addr = %path.addr, "connecting to the relay over a stream");
                     self.out.push_back(Output::RelayConnect { server, path });
@@ -2171,6 +2198,7 @@ impl Agent {
         self.close_stream(i);
         let r = &mut self.relays[i];
         r.udp_deadline = None;
+        r.stream_deadline = None;
         r.failures += 1;
         // Start again on the path that last worked (a UDP-blocked network
         // stays blocked), unless it keeps failing: then from the top, so a

@@ -602,7 +602,7 @@ async fn establish(
     prefer_tcp_until: &mut Option<Instant>,
 ) -> Result<Session, ClientError> {
     let addr = resolve(&cfg.server).await?;
-    let attempt = |transport: Transport, ep: Option<quinn::Endpoint>| {
+    let attempt = |transport: Transport, ep: Option<quinn::Endpoint>, limit: Duration| {
         let fut = async move {
             Session::connect(
                 connector,
@@ -618,29 +618,36 @@ async fn establish(
             .await
         };
         async move {
-            tokio::time::timeout(cfg.connect_timeout, fut)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ClientError::Connect {
-                        server: cfg.server.clone(),
-                        reason: format!("{transport:?} attempt timed out"),
-                    })
+            tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+                Err(ClientError::Connect {
+                    server: cfg.server.clone(),
+                    reason: format!("{transport:?} attempt timed out"),
                 })
+            })
         }
+    };
+    let full = cfg.connect_timeout;
+    // With TLS over TCP to fall back on, QUIC gets less: a handshake that
+    // has not finished after one lost first flight (quinn's first PTO is
+    // about 1 s) is more likely blocked than slow, and a node behind a
+    // UDP-blocking firewall should not wait the whole timeout first.
+    let quic_limit = match cfg.transport {
+        TransportMode::Auto => full.min(QUIC_AUTO_TIMEOUT),
+        _ => full,
     };
     let quic_attempt = async |endpoint: &mut Option<quinn::Endpoint>| {
         if endpoint.is_none() {
             *endpoint = Some(Connector::endpoint_for(addr)?);
         }
-        attempt(Transport::Quic, endpoint.clone()).await
+        attempt(Transport::Quic, endpoint.clone(), quic_limit).await
     };
     match cfg.transport {
         TransportMode::QuicOnly => quic_attempt(endpoint).await,
-        TransportMode::TcpOnly => attempt(Transport::Tcp, None).await,
+        TransportMode::TcpOnly => attempt(Transport::Tcp, None, full).await,
         // QUIC failed recently but TCP worked: UDP is probably blocked, so
         // don't spend a QUIC timeout on every reconnect for a while.
         TransportMode::Auto if prefer_tcp_until.is_some_and(|t| Instant::now() < t) => {
-            match attempt(Transport::Tcp, None).await {
+            match attempt(Transport::Tcp, None, full).await {
                 Ok(s) => Ok(s),
                 Err(e @ ClientError::Refused { .. }) => Err(e),
                 Err(_) => quic_attempt(endpoint).await,
@@ -652,13 +659,17 @@ async fn establish(
             Err(e @ ClientError::Refused { .. }) => Err(e),
             Err(e) => {
                 debug!("QUIC failed ({e}); trying TLS over TCP");
-                let s = attempt(Transport::Tcp, None).await?;
+                let s = attempt(Transport::Tcp, None, full).await?;
                 *prefer_tcp_until = Some(Instant::now() + PREFER_TCP_FOR);
                 Ok(s)
             }
         },
     }
 }
+
+/// In `auto` mode a QUIC connection attempt is given up after this (then
+/// TLS over TCP is tried), unless `connect_timeout` is shorter.
+pub const QUIC_AUTO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// After QUIC failed and TLS/TCP worked, reconnects try TCP first this long.
 const PREFER_TCP_FOR: Duration = Duration::from_secs(300);
