@@ -14,7 +14,7 @@
 //! [`PeerSession::poll_timeout`] and call [`PeerSession::handle_timeout`].
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -258,6 +258,23 @@ struct PairSeen {
 
 type PairKey = (SocketAddr, SocketAddr);
 
+/// What the agent's relay health says (`agent/relays.rs`), for choosing
+/// among relayed pairs when several relays are configured. The default (all
+/// empty) leaves the choice to the pairs' own answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayView {
+    /// Our relayed addresses on the chosen relay (lowest latency, healthy).
+    pub preferred: Vec<SocketAddr>,
+    /// IPs of the chosen relay (its server and relayed addresses): a peer's
+    /// relayed candidate there makes the shortest relayed path.
+    pub preferred_ips: Vec<IpAddr>,
+    /// Our relayed addresses on relays that are down.
+    pub down: Vec<SocketAddr>,
+    /// IPs of the relays that are down: a peer's relayed candidate there is
+    /// dead too.
+    pub down_ips: Vec<IpAddr>,
+}
+
 /// Why the data path is on the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RelayCause {
@@ -332,6 +349,8 @@ pub struct PeerSession {
     events: VecDeque<SessionEvent>,
     stats: SessionStats,
     last_now: Instant,
+    /// Relay health as the agent last told it.
+    relays: RelayView,
 }
 
 impl PeerSession {
@@ -386,6 +405,7 @@ impl PeerSession {
             events: VecDeque::new(),
             stats: SessionStats::default(),
             last_now: now,
+            relays: RelayView::default(),
             config,
         };
         s.drain_ice(now);
@@ -558,6 +578,28 @@ impl PeerSession {
                 self.evaluate(now);
             }
         }
+    }
+
+    /// Tells the session which relay the agent chose and which relays are
+    /// down: relayed pairs over a down relay are left at once (without
+    /// waiting for `failover_after` of silence), and a live pair over the
+    /// chosen relay is preferred to pairs over the others.
+    pub fn set_relays(&mut self, now: Instant, view: RelayView) {
+        if self.relays != view {
+            self.relays = view;
+            self.last_now = self.last_now.max(now);
+            self.evaluate(now);
+        }
+    }
+
+    /// Whether a relayed pair runs over a relay the agent declared down.
+    fn over_down_relay(&self, (local, remote): PairKey) -> bool {
+        self.relays.down.contains(&local) || self.relays.down_ips.contains(&remote.ip())
+    }
+
+    /// Whether a pair starts on the chosen relay.
+    fn on_preferred(&self, (local, _): PairKey) -> bool {
+        self.relays.preferred.contains(&local)
     }
 
     /// Advances timers to `now`.
@@ -771,58 +813,72 @@ impl PeerSession {
 
     /// Best relay path.
     ///
-    /// Sticky: the current relay path stays while it answers (or while it
-    /// is younger than `failover_after` and so had no chance to). Otherwise
-    /// an answering relay-kind pair (what `is` nominated first, then one
-    /// ending on the peer's relayed address, then the most recent answer),
-    /// else the static guess: our relayed address to the peer's relayed
-    /// candidate, or its server-reflexive one — never a private address the
-    /// relay would refuse to reach.
+    /// Never a pair over a relay the agent declared down. Sticky: the
+    /// current relay path stays while it answers (or while it is younger
+    /// than `failover_after` and so had no chance to), unless it is not on
+    /// the relay the agent chose and a pair on that one answers. Otherwise
+    /// an answering relay-kind pair (on the chosen relay first, ending at
+    /// that relay too, then what `is` nominated, then one ending on the
+    /// peer's relayed address, then the most recent answer), else the
+    /// static guess: our relayed address to the peer's relayed candidate,
+    /// or its server-reflexive one — never a private address the relay
+    /// would refuse to reach.
     fn relay_choice(&self, now: Instant) -> Option<PairKey> {
         let guess = self.static_relay_guess();
-        if let (PathKind::Relay, Some(l), Some(r)) =
-            (self.path.kind, self.path.local, self.path.remote)
-        {
-            let still_ours = !self.is_local_relayed(l) || self.local.iter().any(|c| c.addr() == l);
-            if still_ours && self.alive((l, r), now) {
-                return Some((l, r));
-            }
-            let young = now.saturating_duration_since(self.path.since) < self.config.failover_after;
-            // A young guess that has not answered yet may still give way to
-            // a better guess (the peer's relayed candidate arrived).
-            let better_guess = guess.is_some_and(|g| {
-                g != (l, r)
-                    && self.remote_kind(g.1) == CandidateKind::Relayed
-                    && self.remote_kind(r) != CandidateKind::Relayed
-            });
-            if still_ours && young && !better_guess {
-                return Some((l, r));
-            }
-        }
+        let usable = |k: PairKey| self.alive(k, now) && !self.over_down_relay(k);
         let alive = self
             .seen
             .iter()
-            .filter(|(k, _)| self.alive(**k, now) && self.pair_kind(**k).0 == PathKind::Relay)
+            .filter(|(k, _)| usable(**k) && self.pair_kind(**k).0 == PathKind::Relay)
             .max_by_key(|(k, s)| {
                 (
+                    self.on_preferred(**k),
+                    self.relays.preferred_ips.contains(&k.1.ip()),
                     Some(**k) == self.nominated,
                     self.remote_kind(k.1) == CandidateKind::Relayed,
                     s.last_rx,
                 )
             })
             .map(|(k, _)| *k);
+        if let (PathKind::Relay, Some(l), Some(r)) =
+            (self.path.kind, self.path.local, self.path.remote)
+        {
+            let cur = (l, r);
+            let still_ours = (!self.is_local_relayed(l)
+                || self.local.iter().any(|c| c.addr() == l))
+                && !self.over_down_relay(cur);
+            // A live pair on the chosen relay beats a live one elsewhere.
+            let better_relay =
+                !self.on_preferred(cur) && alive.is_some_and(|a| self.on_preferred(a));
+            if still_ours && self.alive(cur, now) && !better_relay {
+                return Some(cur);
+            }
+            let young = now.saturating_duration_since(self.path.since) < self.config.failover_after;
+            // A young guess that has not answered yet may still give way to
+            // a better guess (the peer's relayed candidate arrived).
+            let better_guess = guess.is_some_and(|g| {
+                g != cur
+                    && self.remote_kind(g.1) == CandidateKind::Relayed
+                    && self.remote_kind(r) != CandidateKind::Relayed
+            });
+            if still_ours && young && !better_guess && !better_relay {
+                return Some(cur);
+            }
+        }
         alive.or(guess)
     }
 
-    /// Our relayed address to the peer's relayed candidate (relay to relay
-    /// needs no hole in any NAT), else its server-reflexive one, else a
+    /// Our relayed address (on the chosen relay, never on a down one) to the
+    /// peer's relayed candidate (relay to relay needs no hole in any NAT;
+    /// one at the same relay first), else its server-reflexive one, else a
     /// public host address; never a private address the relay would refuse
     /// to reach.
     fn static_relay_guess(&self) -> Option<PairKey> {
         let relayed = self
             .local
             .iter()
-            .find(|c| c.kind() == CandidateKind::Relayed)?
+            .filter(|c| c.kind() == CandidateKind::Relayed && !self.relays.down.contains(&c.addr()))
+            .min_by_key(|c| !self.relays.preferred.contains(&c.addr()))?
             .addr();
         let rank = |k: CandidateKind| match k {
             CandidateKind::Relayed => 0,
@@ -834,7 +890,13 @@ impl PeerSession {
             .iter()
             .filter(|c| c.addr().is_ipv4() == relayed.is_ipv4())
             .filter(|c| c.kind() != CandidateKind::Host || !is_private(c.addr().ip()))
-            .min_by_key(|c| rank(c.kind()))
+            .filter(|c| !self.relays.down_ips.contains(&c.addr().ip()))
+            .min_by_key(|c| {
+                (
+                    rank(c.kind()),
+                    !self.relays.preferred_ips.contains(&c.addr().ip()),
+                )
+            })
             .map(|c| (relayed, c.addr()))
     }
 
