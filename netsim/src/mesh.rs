@@ -644,6 +644,49 @@ impl MeshLab {
         }
     }
 
+    /// The relay (index in [`MeshLab::relays`]) whose relayed address node
+    /// `i`'s path to node `j` starts from, if that path is relayed.
+    pub fn relay_in_use(&self, i: usize, j: usize) -> Option<usize> {
+        let row = self.peer_status(i, j)?;
+        if row["path"] != "relay" {
+            return None;
+        }
+        let local: SocketAddr = row["local"].as_str()?.parse().ok()?;
+        self.relays.iter().position(|r| r.addr.ip() == local.ip())
+    }
+
+    /// Waits until node `i` has an allocation and an RTT on every relay,
+    /// none down, and one active; returns the active one's index.
+    pub fn wait_relays_ready(&self, i: usize, timeout: Duration) -> Result<usize, String> {
+        let t0 = Instant::now();
+        let mut last = None;
+        while t0.elapsed() < timeout {
+            if let Some(st) = self.status(i) {
+                let rows = st["relays"].as_array().cloned().unwrap_or_default();
+                let ready = rows.len() == self.relays.len()
+                    && rows.iter().all(|r| {
+                        r["rtt_ms"].is_number()
+                            && r["down"] != true
+                            && r["relayed"].as_array().is_some_and(|a| !a.is_empty())
+                    });
+                let active = rows.iter().position(|r| r["active"] == true);
+                if let (true, Some(k)) = (ready, active) {
+                    let server: Option<SocketAddr> =
+                        rows[k]["server"].as_str().and_then(|s| s.parse().ok());
+                    if let Some(idx) = self.relays.iter().position(|r| Some(r.addr) == server) {
+                        return Ok(idx);
+                    }
+                }
+                last = Some(st["relays"].clone());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "{}: relays never all ready within {timeout:?}; last: {last:#?}",
+            self.nodes[i].name
+        ))
+    }
+
     /// Starts node `i`'s agent.
     pub fn start_agent(&self, i: usize) {
         let n = &self.nodes[i];

@@ -254,6 +254,8 @@ impl Relays {
         for h in &mut self.relays {
             if h.healthy() && h.missed >= MISSED_FOR_DOWN && h.silent_for(now) >= DOWN_AFTER {
                 h.down = true;
+                // Its latency is measured afresh when it is back.
+                h.rtts.clear();
                 changed = true;
                 tracing::warn!(server = %h.server, missed = h.missed, silent = ?h.silent_for(now), "relay down");
             }
