@@ -787,8 +787,17 @@ impl Agent {
             && data[8..20]
                 .try_into()
                 .is_ok_and(|tid| self.health.answer(now, server, &tid));
+        let was_down = self.health.is_down(server);
         if self.health.heard(now, server) == relays::Change::Choice {
             self.push_relay_view(now);
+        }
+        if was_down {
+            // Back after a silence: it may have restarted and forgotten our
+            // allocation; find out now, not at the next quiet-time check.
+            if let Some(t) = self.relays[i].turn.as_mut() {
+                t.refresh_now(now);
+            }
+            self.drain_relay(now, i);
         }
         if answer {
             // A probe answer proves the server runs, not that it still
@@ -2164,8 +2173,11 @@ impl Agent {
                 continue;
             };
             addrs.extend(r.relayed.iter().copied());
-            ips.push(r.spec.server.ip());
-            ips.extend(r.relayed.iter().map(|a| a.ip()));
+            for ip in std::iter::once(r.spec.server.ip()).chain(r.relayed.iter().map(|a| a.ip())) {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
         }
         if view == self.relay_view {
             return;

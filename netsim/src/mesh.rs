@@ -651,8 +651,13 @@ impl MeshLab {
         if row["path"] != "relay" {
             return None;
         }
-        let local: SocketAddr = row["local"].as_str()?.parse().ok()?;
-        self.relays.iter().position(|r| r.addr.ip() == local.ip())
+        // Our relayed address, or (from a host address) the peer's.
+        let ends: Vec<SocketAddr> = ["local", "remote"]
+            .iter()
+            .filter_map(|f| row[*f].as_str()?.parse().ok())
+            .collect();
+        ends.iter()
+            .find_map(|e| self.relays.iter().position(|r| r.addr.ip() == e.ip()))
     }
 
     /// Waits until node `i` has an allocation and an RTT on every relay,

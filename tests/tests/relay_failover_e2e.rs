@@ -50,6 +50,12 @@ fn killing_the_active_relay_moves_pings_to_the_other_within_2s() {
     std::thread::sleep(Duration::from_secs(2));
     m.kill_relay(k);
     let gaps = stream.finish().expect("ping output");
+    if std::env::var("RELAY_DEBUG").is_ok() {
+        for n in &m.nodes {
+            let p = m.dir.join(format!("agent-{}.stderr", n.name));
+            let _ = std::fs::copy(&p, format!("/tmp/relays-{}.log", n.name));
+        }
+    }
     println!(
         "relay {} killed: longest gap {:?} (from {:?}), {} of {} answered",
         m.relays[k].addr, gaps.max_gap, gaps.gap_started, gaps.replies, gaps.sent

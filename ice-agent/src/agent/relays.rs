@@ -163,6 +163,11 @@ impl Relays {
         Change::None
     }
 
+    /// Whether `server` is declared down.
+    pub(crate) fn is_down(&self, server: SocketAddr) -> bool {
+        self.find(server).is_some_and(|i| self.relays[i].down)
+    }
+
     /// Whether `tid` is one of our probes to `server`; if so its RTT is
     /// recorded (call [`Relays::heard`] as for any datagram).
     pub(crate) fn answer(&mut self, now: Instant, server: SocketAddr, tid: &TransactionId) -> bool {
