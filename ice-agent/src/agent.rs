@@ -2122,19 +2122,41 @@ impl Agent {
         // replaces it if the mapping changed.
     }
 
-    /// Servers of the relays that carry a relayed path now.
+    /// Servers of the relays that carry a relayed path now: ours (the
+    /// route goes to it) and the peer's (the path ends at its relayed
+    /// address there), since either dying cuts the path.
     fn carrying(&self) -> Vec<SocketAddr> {
         if !self.opts.fast_relay_failover {
             return Vec::new();
         }
         let mut v: Vec<SocketAddr> = Vec::new();
-        for p in self.peers.values() {
-            let server = match p.route.map(|r| r.route) {
-                Some(Route::Channel { server, .. } | Route::Indication { server, .. }) => server,
-                _ => continue,
-            };
+        let mut add = |server: SocketAddr| {
             if !v.contains(&server) {
                 v.push(server);
+            }
+        };
+        for p in self.peers.values() {
+            if let Some(Route::Channel { server, .. } | Route::Indication { server, .. }) =
+                p.route.map(|r| r.route)
+            {
+                add(server);
+            }
+            let Some(s) = p.session.as_ref() else {
+                continue;
+            };
+            let path = s.ice.path();
+            if path.kind != PathKind::Relay {
+                continue;
+            }
+            if let Some(remote) = path.remote {
+                for r in &self.relays {
+                    if r.spec.turn.is_some()
+                        && (r.spec.server.ip() == remote.ip()
+                            || r.relayed.iter().any(|a| a.ip() == remote.ip()))
+                    {
+                        add(r.spec.server);
+                    }
+                }
             }
         }
         v

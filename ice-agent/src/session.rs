@@ -847,9 +847,17 @@ impl PeerSession {
             let still_ours = (!self.is_local_relayed(l)
                 || self.local.iter().any(|c| c.addr() == l))
                 && !self.over_down_relay(cur);
-            // A live pair on the chosen relay beats a live one elsewhere.
-            let better_relay =
-                !self.on_preferred(cur) && alive.is_some_and(|a| self.on_preferred(a));
+            // A live pair on the chosen relay beats a live one elsewhere,
+            // and one that stays on it (both relayed ends there) beats one
+            // that also needs another relay.
+            let ends_on_preferred = |k: PairKey| self.relays.preferred_ips.contains(&k.1.ip());
+            let better_relay = alive.is_some_and(|a| {
+                (!self.on_preferred(cur) && self.on_preferred(a))
+                    || (self.on_preferred(a)
+                        && ends_on_preferred(a)
+                        && !ends_on_preferred(cur)
+                        && self.remote_kind(cur.1) == CandidateKind::Relayed)
+            });
             if still_ours && self.alive(cur, now) && !better_relay {
                 return Some(cur);
             }
