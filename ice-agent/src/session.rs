@@ -1227,6 +1227,57 @@ mod tests {
     }
 
     /// Two sessions that know each other, and one check from `a` to `b`.
+    #[test]
+    fn a_down_relay_is_left_at_once_for_the_chosen_one_ending_there_too() {
+        let now = Instant::now();
+        let mut a = PeerSession::new(SessionConfig::new(true, 1), now);
+        let b = PeerSession::new(SessionConfig::new(false, 2), now);
+        let base: SocketAddr = "192.168.1.10:51821".parse().expect("base");
+        let r1: SocketAddr = "198.51.100.2:50001".parse().expect("r1");
+        let r2: SocketAddr = "198.51.100.3:50002".parse().expect("r2");
+        for r in [r1, r2] {
+            a.add_local_candidate(now, Candidate::relayed(r, base, "udp").expect("relayed"))
+                .expect("add");
+        }
+        a.set_remote_credentials(now, b.local_credentials().clone());
+        let b1: SocketAddr = "198.51.100.2:60001".parse().expect("b1");
+        let b2: SocketAddr = "198.51.100.3:60002".parse().expect("b2");
+        let b_base: SocketAddr = "192.168.2.10:51821".parse().expect("b base");
+        for r in [b1, b2] {
+            a.add_remote_candidate(now, Candidate::relayed(r, b_base, "udp").expect("relayed"));
+        }
+        // Relay first, on the first relay (nothing known about either yet).
+        assert_eq!(a.path().kind, PathKind::Relay);
+        assert_eq!((a.path().local, a.path().remote), (Some(r1), Some(b1)));
+        while a.poll_event().is_some() {}
+        // Without a view nothing moves while the young path may still answer.
+        let t = now + Duration::from_millis(300);
+        a.handle_timeout(t);
+        assert_eq!(a.path().local, Some(r1));
+        // Relay 1 declared down, relay 2 chosen: moved at once, to the
+        // peer's relayed address on relay 2 (one relay on the path).
+        let ip = |s: SocketAddr| s.ip();
+        a.set_relays(
+            t,
+            RelayView {
+                preferred: vec![r2],
+                preferred_ips: vec![ip(r2)],
+                down: vec![r1],
+                down_ips: vec![ip(r1)],
+            },
+        );
+        assert_eq!((a.path().local, a.path().remote), (Some(r2), Some(b2)));
+        assert!(
+            std::iter::from_fn(|| a.poll_event())
+                .any(|e| matches!(e, SessionEvent::PathChanged(p) if p.local == Some(r2))),
+            "no PathChanged event"
+        );
+        // The same view again changes nothing.
+        let changes = a.stats().path_changes;
+        a.set_relays(t, a.relays.clone());
+        assert_eq!(a.stats().path_changes, changes);
+    }
+
     fn pair_and_check() -> (PeerSession, PeerSession, Transmit, Instant) {
         let now = Instant::now();
         let mut a = PeerSession::new(SessionConfig::new(true, 1), now);

@@ -246,7 +246,10 @@ impl Relays {
                 }
             };
             consider(self.next_probe_of(h, carrying));
-            if h.healthy() && h.missed > 0 {
+            // Only once enough probes went unanswered: before that the
+            // next probe is the wake-up (a deadline already passed would
+            // have the caller spin).
+            if h.healthy() && h.missed >= MISSED_FOR_DOWN {
                 consider(h.last_heard.map(|t| t + DOWN_AFTER));
             }
         }
