@@ -20,9 +20,23 @@ const CONNECT: Duration = Duration::from_secs(20);
 
 /// Two relays, a and b behind symmetric NATs, relayed and pinging.
 fn two_relays(bins: &Bins) -> (MeshLab, usize, usize) {
+    two_relays_mode(bins, false)
+}
+
+/// [`two_relays`], with both agents in embedded mode when `embedded`.
+fn two_relays_mode(bins: &Bins, embedded: bool) -> (MeshLab, usize, usize) {
     let mut m = MeshLab::new(bins);
     m.add_relay();
-    let (a, b) = m.pair(NatPreset::Symmetric, NatPreset::Symmetric);
+    let (a, b) = if embedded {
+        m.add_router("ra", NatPreset::Symmetric);
+        m.add_router("rb", NatPreset::Symmetric);
+        (
+            m.add_embedded_node("a", "ra"),
+            m.add_embedded_node("b", "rb"),
+        )
+    } else {
+        m.pair(NatPreset::Symmetric, NatPreset::Symmetric)
+    };
     m.start_and_wait(&[a, b], "relay");
     for i in [a, b] {
         if let Err(e) = m.wait_relays_ready(i, CONNECT) {
@@ -50,12 +64,6 @@ fn killing_the_active_relay_moves_pings_to_the_other_within_2s() {
     std::thread::sleep(Duration::from_secs(2));
     m.kill_relay(k);
     let gaps = stream.finish().expect("ping output");
-    if std::env::var("RELAY_DEBUG").is_ok() {
-        for n in &m.nodes {
-            let p = m.dir.join(format!("agent-{}.stderr", n.name));
-            let _ = std::fs::copy(&p, format!("/tmp/relays-{}.log", n.name));
-        }
-    }
     println!(
         "relay {} killed: longest gap {:?} (from {:?}), {} of {} answered",
         m.relays[k].addr, gaps.max_gap, gaps.gap_started, gaps.replies, gaps.sent
@@ -177,4 +185,28 @@ fn a_clearly_slower_relay_gives_way_to_the_faster_one() {
         rtt(other)
     );
     assert!(m.ping(a, b, 3), "no ping after the move\n{}", m.logs());
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn embedded_agents_move_to_the_other_relay_within_2s() {
+    let bins = setup();
+    let (m, a, b) = two_relays_mode(&bins, true);
+    let k = m
+        .relay_in_use(a, b)
+        .unwrap_or_else(|| panic!("a's path uses no lab relay\n{}", m.logs()));
+    let stream = m.ping_stream(a, b, Duration::from_millis(50), Duration::from_secs(8));
+    std::thread::sleep(Duration::from_secs(2));
+    m.kill_relay(k);
+    let gaps = stream.finish().expect("ping output");
+    println!(
+        "embedded: relay {} killed: longest gap {:?}, {} of {} answered",
+        m.relays[k].addr, gaps.max_gap, gaps.replies, gaps.sent
+    );
+    assert!(
+        gaps.replies > gaps.sent / 2 && gaps.max_gap <= Duration::from_secs(2),
+        "{gaps:?}\n{}",
+        m.logs()
+    );
+    assert_eq!(m.relay_in_use(a, b), Some(1 - k), "{:#?}", m.status(a));
 }
