@@ -39,8 +39,13 @@ pub struct Status {
     pub port: u16,
     /// Whether signaling is connected.
     pub signaling: bool,
-    /// Relays: server, relayed addresses, mapped address, problem.
+    /// Relays: server, relayed addresses, mapped address, problem, RTT,
+    /// which one relayed paths use.
     pub relays: Vec<RelayStatus>,
+    /// The last move of relayed paths between relays ("moved from relay A
+    /// to B: A silent 0.6 s").
+    #[serde(default)]
+    pub relay_note: Option<String>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
     /// Dropped input, by reason.
@@ -76,6 +81,15 @@ pub struct RelayStatus {
     /// blocked", "TCP 3478".
     #[serde(default)]
     pub transport: Option<String>,
+    /// Median RTT of the last five STUN probes, milliseconds.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    /// Relayed paths use this relay (lowest latency, healthy, sticky).
+    #[serde(default)]
+    pub active: bool,
+    /// Declared down (probes unanswered, silent).
+    #[serde(default)]
+    pub down: bool,
 }
 
 /// What the main loop answers a query with: the status, and the counters
@@ -110,6 +124,7 @@ pub(crate) fn snapshot(
         dropped.wg_rejected = c.wg_rejected.load(Ordering::Relaxed);
         dropped.wg_bad_source = c.wg_bad_source.load(Ordering::Relaxed);
     }
+    let (choice, relay_note) = agent.relay_choice();
     let failovers = rows
         .iter()
         .map(|(_, r, f)| (r.public_key.clone(), *f))
@@ -124,16 +139,21 @@ pub(crate) fn snapshot(
             relays: agent
                 .relay_status()
                 .into_iter()
-                .map(
-                    |(server, relayed, mapped, problem, transport)| RelayStatus {
+                .map(|(server, relayed, mapped, problem, transport)| {
+                    let c = choice.iter().find(|c| c.server == server);
+                    RelayStatus {
                         server,
                         relayed,
                         mapped,
                         problem,
                         transport,
-                    },
-                )
+                        rtt_ms: c.and_then(|c| c.rtt).map(|d| d.as_secs_f64() * 1e3),
+                        active: c.is_some_and(|c| c.active),
+                        down: c.is_some_and(|c| c.down),
+                    }
+                })
                 .collect(),
+            relay_note,
             peers: rows.into_iter().map(|(_, r, _)| r).collect(),
             dropped,
             max_peers: agent.max_peers(),
@@ -366,7 +386,20 @@ fn summary(s: &Status) -> String {
             .as_ref()
             .map(|t| format!(" over {t}"))
             .unwrap_or_default();
-        out += &format!("relay {}: {state}{over}{mapped}\n", r.server);
+        let mut health = String::new();
+        if let Some(rtt) = r.rtt_ms {
+            health += &format!(", rtt {rtt:.1} ms");
+        }
+        if r.down {
+            health += ", down (not answering)";
+        }
+        if r.active {
+            health += ", active";
+        }
+        out += &format!("relay {}: {state}{over}{mapped}{health}\n", r.server);
+    }
+    if let Some(note) = &s.relay_note {
+        out += &format!("relays: {note}\n");
     }
     out.push('\n');
     out

@@ -629,6 +629,9 @@ fn agent_options(
         address_quarantine: cfg.address_quarantine,
         own_ports: cfg.metrics.map(|m| m.port()).into_iter().collect(),
         seed: rand::random(),
+        // `WGICE_RELAY_FAILOVER=slow` turns fast relay failover off (only
+        // for measuring what it gains: the failover benchmark's "before").
+        fast_relay_failover: std::env::var("WGICE_RELAY_FAILOVER").as_deref() != Ok("slow"),
     }
 }
 

@@ -55,7 +55,7 @@ mod wgowner;
 
 pub use path::{classify, Classification, PathKind, WgicePreference};
 pub use session::{
-    is_controlling, should_switch, PathReport, PathStatus, PeerSession, SessionConfig,
+    is_controlling, should_switch, PathReport, PathStatus, PeerSession, RelayView, SessionConfig,
     SessionError, SessionEvent, SessionStats, Transmit, Via,
 };
 

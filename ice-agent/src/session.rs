@@ -14,7 +14,7 @@
 //! [`PeerSession::poll_timeout`] and call [`PeerSession::handle_timeout`].
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -265,6 +265,23 @@ const REBIND_SILENT: Duration = Duration::from_millis(250);
 /// ... and the new one heard within this.
 const REBIND_FRESH: Duration = Duration::from_millis(500);
 
+/// What the agent's relay health says (`agent/relays.rs`), for choosing
+/// among relayed pairs when several relays are configured. The default (all
+/// empty) leaves the choice to the pairs' own answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayView {
+    /// Our relayed addresses on the chosen relay (lowest latency, healthy).
+    pub preferred: Vec<SocketAddr>,
+    /// IPs of the chosen relay (its server and relayed addresses): a peer's
+    /// relayed candidate there makes the shortest relayed path.
+    pub preferred_ips: Vec<IpAddr>,
+    /// Our relayed addresses on relays that are down.
+    pub down: Vec<SocketAddr>,
+    /// IPs of the relays that are down: a peer's relayed candidate there is
+    /// dead too.
+    pub down_ips: Vec<IpAddr>,
+}
+
 /// Why the data path is on the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RelayCause {
@@ -343,6 +360,8 @@ pub struct PeerSession {
     events: VecDeque<SessionEvent>,
     stats: SessionStats,
     last_now: Instant,
+    /// Relay health as the agent last told it.
+    relays: RelayView,
 }
 
 impl PeerSession {
@@ -398,6 +417,7 @@ impl PeerSession {
             events: VecDeque::new(),
             stats: SessionStats::default(),
             last_now: now,
+            relays: RelayView::default(),
             config,
         };
         s.drain_ice(now);
@@ -620,6 +640,28 @@ impl PeerSession {
         }
     }
 
+    /// Tells the session which relay the agent chose and which relays are
+    /// down: relayed pairs over a down relay are left at once (without
+    /// waiting for `failover_after` of silence), and a live pair over the
+    /// chosen relay is preferred to pairs over the others.
+    pub fn set_relays(&mut self, now: Instant, view: RelayView) {
+        if self.relays != view {
+            self.relays = view;
+            self.last_now = self.last_now.max(now);
+            self.evaluate(now);
+        }
+    }
+
+    /// Whether a relayed pair runs over a relay the agent declared down.
+    fn over_down_relay(&self, (local, remote): PairKey) -> bool {
+        self.relays.down.contains(&local) || self.relays.down_ips.contains(&remote.ip())
+    }
+
+    /// Whether a pair starts on the chosen relay.
+    fn on_preferred(&self, (local, _): PairKey) -> bool {
+        self.relays.preferred.contains(&local)
+    }
+
     /// Advances timers to `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         // Forget pairs silent for 10 minutes (old NAT mappings, peer-reflexive
@@ -831,30 +873,53 @@ impl PeerSession {
 
     /// Best relay path.
     ///
-    /// Sticky: the current relay path stays while it answers (or while it
-    /// is younger than `failover_after` and so had no chance to). Otherwise
-    /// an answering relay-kind pair (what `is` nominated first, then one
-    /// ending on the peer's relayed address, then the most recent answer),
-    /// else the static guess: our relayed address to the peer's relayed
-    /// candidate, or its server-reflexive one — never a private address the
-    /// relay would refuse to reach.
+    /// Never a pair over a relay the agent declared down. Sticky: the
+    /// current relay path stays while it answers (or while it is younger
+    /// than `failover_after` and so had no chance to), unless it is not on
+    /// the relay the agent chose and a pair on that one answers. Otherwise
+    /// an answering relay-kind pair (on the chosen relay first, ending at
+    /// that relay too, then what `is` nominated, then one ending on the
+    /// peer's relayed address, then the most recent answer), else the
+    /// static guess: our relayed address to the peer's relayed candidate,
+    /// or its server-reflexive one — never a private address the relay
+    /// would refuse to reach.
     fn relay_choice(&self, now: Instant) -> Option<PairKey> {
         let guess = self.static_relay_guess();
+        let usable = |k: PairKey| {
+            self.alive(k, now) && !self.over_down_relay(k) && !self.superseded.contains(&k.1)
+        };
+        let alive = self
+            .seen
+            .iter()
+            .filter(|(k, _)| usable(**k) && self.pair_kind(**k).0 == PathKind::Relay)
+            .max_by_key(|(k, s)| {
+                (
+                    self.on_preferred(**k),
+                    self.relays.preferred_ips.contains(&k.1.ip()),
+                    Some(**k) == self.nominated,
+                    self.remote_kind(k.1) == CandidateKind::Relayed,
+                    s.last_rx,
+                )
+            })
+            .map(|(k, _)| *k);
         if let (PathKind::Relay, Some(l), Some(r)) =
             (self.path.kind, self.path.local, self.path.remote)
         {
+            let cur = (l, r);
             // Every path's local end is one of our candidates (a host
             // address or our relayed address); one that was withdrawn (a
-            // lost allocation, a vanished interface) is not kept.
-            let still_ours =
-                self.local.iter().any(|c| c.addr() == l) && !self.superseded.contains(&r);
+            // lost allocation, a vanished interface) is not kept, nor one
+            // over a relay that is down or to a superseded relayed address.
+            let still_ours = self.local.iter().any(|c| c.addr() == l)
+                && !self.superseded.contains(&r)
+                && !self.over_down_relay(cur);
             // The peer's NAT rebound (its mapping was flushed, it got a new
             // port): the same local end now hears it from another port of
             // the same address while the current pair fell silent. Follow
             // it, as WireGuard follows an endpoint, instead of waiting out
             // `failover_after`.
             if still_ours {
-                let cur_rx = self.seen.get(&(l, r)).and_then(|s| s.last_rx);
+                let cur_rx = self.seen.get(&cur).and_then(|s| s.last_rx);
                 let rebound = self
                     .seen
                     .iter()
@@ -863,6 +928,7 @@ impl PeerSession {
                             && k.1 != r
                             && k.1.ip() == r.ip()
                             && !self.superseded.contains(&k.1)
+                            && !self.over_down_relay(**k)
                             && s.last_rx.is_some_and(|t| {
                                 now.saturating_duration_since(t) < REBIND_FRESH
                                     && cur_rx.is_none_or(|c| t > c + REBIND_SILENT)
@@ -874,49 +940,46 @@ impl PeerSession {
                     return rebound;
                 }
             }
-            if still_ours && self.alive((l, r), now) {
-                return Some((l, r));
+            // A live pair on the chosen relay beats a live one elsewhere,
+            // and one that stays on it (both relayed ends there) beats one
+            // that also needs another relay.
+            let ends_on_preferred = |k: PairKey| self.relays.preferred_ips.contains(&k.1.ip());
+            let better_relay = alive.is_some_and(|a| {
+                (!self.on_preferred(cur) && self.on_preferred(a))
+                    || (self.on_preferred(a)
+                        && ends_on_preferred(a)
+                        && !ends_on_preferred(cur)
+                        && self.remote_kind(cur.1) == CandidateKind::Relayed)
+            });
+            if still_ours && self.alive(cur, now) && !better_relay {
+                return Some(cur);
             }
             let young = now.saturating_duration_since(self.path.since) < self.config.failover_after;
             // A young guess that has not answered yet may still give way to
             // a better guess (the peer's relayed candidate arrived).
             let better_guess = guess.is_some_and(|g| {
-                g != (l, r)
+                g != cur
                     && self.remote_kind(g.1) == CandidateKind::Relayed
                     && self.remote_kind(r) != CandidateKind::Relayed
             });
-            if still_ours && young && !better_guess {
-                return Some((l, r));
+            if still_ours && young && !better_guess && !better_relay {
+                return Some(cur);
             }
         }
-        let alive = self
-            .seen
-            .iter()
-            .filter(|(k, _)| {
-                self.alive(**k, now)
-                    && self.pair_kind(**k).0 == PathKind::Relay
-                    && !self.superseded.contains(&k.1)
-            })
-            .max_by_key(|(k, s)| {
-                (
-                    Some(**k) == self.nominated,
-                    self.remote_kind(k.1) == CandidateKind::Relayed,
-                    s.last_rx,
-                )
-            })
-            .map(|(k, _)| *k);
         alive.or(guess)
     }
 
-    /// Our relayed address to the peer's relayed candidate (relay to relay
-    /// needs no hole in any NAT), else its server-reflexive one, else a
+    /// Our relayed address (on the chosen relay, never on a down one) to the
+    /// peer's relayed candidate (relay to relay needs no hole in any NAT;
+    /// one at the same relay first), else its server-reflexive one, else a
     /// public host address; never a private address the relay would refuse
     /// to reach.
     fn static_relay_guess(&self) -> Option<PairKey> {
         let relayed = self
             .local
             .iter()
-            .find(|c| c.kind() == CandidateKind::Relayed)?
+            .filter(|c| c.kind() == CandidateKind::Relayed && !self.relays.down.contains(&c.addr()))
+            .min_by_key(|c| !self.relays.preferred.contains(&c.addr()))?
             .addr();
         let rank = |k: CandidateKind| match k {
             CandidateKind::Relayed => 0,
@@ -929,7 +992,13 @@ impl PeerSession {
             .filter(|c| c.addr().is_ipv4() == relayed.is_ipv4())
             .filter(|c| !self.superseded.contains(&c.addr()))
             .filter(|c| c.kind() != CandidateKind::Host || !is_private(c.addr().ip()))
-            .min_by_key(|c| rank(c.kind()))
+            .filter(|c| !self.relays.down_ips.contains(&c.addr().ip()))
+            .min_by_key(|c| {
+                (
+                    rank(c.kind()),
+                    !self.relays.preferred_ips.contains(&c.addr().ip()),
+                )
+            })
             .map(|c| (relayed, c.addr()))
     }
 
@@ -1252,6 +1321,57 @@ mod tests {
     }
 
     /// Two sessions that know each other, and one check from `a` to `b`.
+    #[test]
+    fn a_down_relay_is_left_at_once_for_the_chosen_one_ending_there_too() {
+        let now = Instant::now();
+        let mut a = PeerSession::new(SessionConfig::new(true, 1), now);
+        let b = PeerSession::new(SessionConfig::new(false, 2), now);
+        let base: SocketAddr = "192.168.1.10:51821".parse().expect("base");
+        let r1: SocketAddr = "198.51.100.2:50001".parse().expect("r1");
+        let r2: SocketAddr = "198.51.100.3:50002".parse().expect("r2");
+        for r in [r1, r2] {
+            a.add_local_candidate(now, Candidate::relayed(r, base, "udp").expect("relayed"))
+                .expect("add");
+        }
+        a.set_remote_credentials(now, b.local_credentials().clone());
+        let b1: SocketAddr = "198.51.100.2:60001".parse().expect("b1");
+        let b2: SocketAddr = "198.51.100.3:60002".parse().expect("b2");
+        let b_base: SocketAddr = "192.168.2.10:51821".parse().expect("b base");
+        for r in [b1, b2] {
+            a.add_remote_candidate(now, Candidate::relayed(r, b_base, "udp").expect("relayed"));
+        }
+        // Relay first, on the first relay (nothing known about either yet).
+        assert_eq!(a.path().kind, PathKind::Relay);
+        assert_eq!((a.path().local, a.path().remote), (Some(r1), Some(b1)));
+        while a.poll_event().is_some() {}
+        // Without a view nothing moves while the young path may still answer.
+        let t = now + Duration::from_millis(300);
+        a.handle_timeout(t);
+        assert_eq!(a.path().local, Some(r1));
+        // Relay 1 declared down, relay 2 chosen: moved at once, to the
+        // peer's relayed address on relay 2 (one relay on the path).
+        let ip = |s: SocketAddr| s.ip();
+        a.set_relays(
+            t,
+            RelayView {
+                preferred: vec![r2],
+                preferred_ips: vec![ip(r2)],
+                down: vec![r1],
+                down_ips: vec![ip(r1)],
+            },
+        );
+        assert_eq!((a.path().local, a.path().remote), (Some(r2), Some(b2)));
+        assert!(
+            std::iter::from_fn(|| a.poll_event())
+                .any(|e| matches!(e, SessionEvent::PathChanged(p) if p.local == Some(r2))),
+            "no PathChanged event"
+        );
+        // The same view again changes nothing.
+        let changes = a.stats().path_changes;
+        a.set_relays(t, a.relays.clone());
+        assert_eq!(a.stats().path_changes, changes);
+    }
+
     fn pair_and_check() -> (PeerSession, PeerSession, Transmit, Instant) {
         let now = Instant::now();
         let mut a = PeerSession::new(SessionConfig::new(true, 1), now);

@@ -246,3 +246,57 @@ fn a_udp_relay_that_goes_silent_is_not_taken_for_blocked_udp() {
     let at = first_connect.expect("a stream is tried in the end");
     assert!(at >= Duration::from_secs(30), "stream tried after {at:?}");
 }
+
+#[test]
+fn probe_answers_give_an_rtt_but_never_stand_in_for_the_allocation_check() {
+    let t0 = Instant::now();
+    let (mut a, server) = agent(t0, false);
+    a.handle_timeout(t0);
+    let reqs = sends_to(&outputs(&mut a), server);
+    allocate_on(&mut a, t0, server, reqs[0].clone(), false);
+    let local = Some("192.168.1.10".parse().expect("ip"));
+    let rtt = Duration::from_millis(3);
+    let (mut now, mut probes, mut refreshes) = (t0, 0, 0);
+    for _ in 0..10_000 {
+        if now >= t0 + Duration::from_secs(12) {
+            break;
+        }
+        now = a.poll_timeout().expect("timer").max(now);
+        a.handle_timeout(now);
+        for d in sends_to(&outputs(&mut a), server) {
+            let m = Message::parse(&d).expect("stun");
+            if m.method() == method::BINDING {
+                // The relay answers every probe after `rtt`.
+                probes += 1;
+                let mut ok = Vec::new();
+                MessageBuilder::new(&mut ok, method::BINDING, Class::Success, m.transaction_id())
+                    .xor_address(
+                        attr::XOR_MAPPED_ADDRESS,
+                        "203.0.113.7:40000".parse().expect("addr"),
+                    );
+                now += rtt;
+                assert!(a.handle_datagram(now, server, local, &ok).is_none());
+            } else if m.method() == method::REFRESH {
+                refreshes += 1;
+            }
+        }
+    }
+    assert!(
+        now >= t0 + Duration::from_secs(12),
+        "the timer loop stalled"
+    );
+    // 1 s apart at start: probes at 0..4 s, then 9 s.
+    assert!(probes >= 6, "{probes} probes");
+    // Nothing but probe answers for 12 s: the allocation is still checked
+    // (a Refresh after 5 s of quiet), since a Binding answer does not
+    // prove the relay still holds it.
+    assert!(
+        refreshes >= 1,
+        "probe answers stood in for the allocation check"
+    );
+    let (rows, note) = a.relay_choice();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].rtt, Some(rtt));
+    assert!(rows[0].active && !rows[0].down, "{rows:?}");
+    assert_eq!(note, None, "one relay: never moved");
+}

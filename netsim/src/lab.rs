@@ -806,6 +806,22 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills process `name` (its whole group) with SIGKILL at once: no
+    /// SIGTERM first, so it cannot say goodbye to anyone (a crashed relay,
+    /// a power cut). [`Lab::restart_process`] starts it again.
+    pub fn kill_process_hard(&self, name: &str) -> Result<(), Error> {
+        let mut st = self.lock();
+        let p = st
+            .procs
+            .get_mut(name)
+            .ok_or_else(|| Error::Config(format!("no process {name:?}")))?;
+        if let Some(mut c) = p.child.take() {
+            sys::kill_group(c.id(), libc::SIGKILL);
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
     /// Sends SIGTERM to process `name` (its group) and waits up to
     /// `timeout` for it to exit by itself. Returns its exit code, or `None`
     /// if it had to be killed (SIGKILL) after the timeout.

@@ -83,7 +83,6 @@ pub struct MeshLab {
     pub dir: PathBuf,
     bins: Bins,
     tag: String,
-    public_ip: Ipv4Addr,
     pin: String,
     /// Where signaling listens (QUIC and TLS over TCP).
     signaling: SocketAddr,
@@ -92,6 +91,98 @@ pub struct MeshLab {
     relay_tls: bool,
     /// Nodes in the order they were added.
     pub nodes: Vec<Node>,
+    /// Relays in the order agents list them: (public host, process name,
+    /// TURN address). The first is `relay` on `pub`.
+    pub relays: Vec<LabRelay>,
+}
+
+/// One relay of a [`MeshLab`].
+#[derive(Debug, Clone)]
+pub struct LabRelay {
+    /// The public host it runs on (impair it with `lab.set_impairment`).
+    pub host: String,
+    /// Its process name in the lab.
+    pub process: String,
+    /// Where it serves STUN/TURN over UDP.
+    pub addr: SocketAddr,
+}
+
+/// The longest silence in an overlay ping stream ([`MeshLab::ping_stream`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PingGaps {
+    /// Echo requests sent.
+    pub sent: u32,
+    /// Replies received.
+    pub replies: u32,
+    /// Longest time between two consecutive replies (from the start and to
+    /// the end of the stream too).
+    pub max_gap: Duration,
+    /// When that gap began, counted from the start of the stream.
+    pub gap_started: Duration,
+}
+
+/// A running `ping -D` through the overlay; [`PingStream::finish`] waits for
+/// it and measures the gaps.
+#[derive(Debug)]
+pub struct PingStream {
+    child: std::process::Child,
+    started: std::time::SystemTime,
+    duration: Duration,
+}
+
+impl PingStream {
+    /// Waits until the stream ends and returns its gaps (`None` if ping's
+    /// output could not be read).
+    pub fn finish(self) -> Option<PingGaps> {
+        let out = self.child.wait_with_output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let start = self
+            .started
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64();
+        Some(ping_gaps(&text, start, self.duration.as_secs_f64()))
+    }
+}
+
+/// Gaps between the replies in `ping -D` output (`[unix.us] 64 bytes from
+/// …: icmp_seq=N …`), over a stream from `start` (Unix seconds) lasting
+/// `duration` seconds.
+pub fn ping_gaps(text: &str, start: f64, duration: f64) -> PingGaps {
+    let mut sent = 0u32;
+    let mut times = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix('[') {
+            let Some((ts, tail)) = rest.split_once(']') else {
+                continue;
+            };
+            if tail.contains("bytes from") && tail.contains("icmp_seq=") {
+                if let Ok(t) = ts.parse::<f64>() {
+                    times.push(t);
+                }
+            }
+        }
+        if let Some(p) = line.find(" packets transmitted") {
+            sent = line[..p].trim().parse().unwrap_or(0);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let mut edges = vec![start];
+    edges.extend(times.iter().copied());
+    edges.push(start + duration);
+    let (mut max_gap, mut at) = (0.0f64, 0.0f64);
+    for w in edges.windows(2) {
+        if w[1] - w[0] > max_gap {
+            max_gap = w[1] - w[0];
+            at = w[0] - start;
+        }
+    }
+    PingGaps {
+        sent,
+        replies: times.len() as u32,
+        max_gap: Duration::from_secs_f64(max_gap.max(0.0)),
+        gap_started: Duration::from_secs_f64(at.max(0.0)),
+    }
 }
 
 /// The lab mesh's token (mesh `lab`): any holder may join, which is what
@@ -99,6 +190,33 @@ pub struct MeshLab {
 pub const TOKEN: &str = "mesh-token-for-the-netsim-lab-0123456789";
 const WG_PORT: u16 = 51820;
 const AGENT_PORT: u16 = 51821;
+
+/// The relay's command line on `addr` (the lab's user, one worker, the
+/// lab's public ranges allowed as peers).
+fn relay_argv(bins: &Bins, addr: SocketAddr) -> Vec<String> {
+    vec![
+        s(bins.relay.display()),
+        s("--listen"),
+        s(addr),
+        s("--user"),
+        s("agent:agent-pass"),
+        s("--workers"),
+        s("1"),
+        // The lab's "public" addresses are documentation ranges,
+        // which the relay refuses as peers by default.
+        s("--allow-peer"),
+        s("203.0.113.0/24"),
+        s("--allow-peer"),
+        s("198.51.100.0/24"),
+    ]
+}
+
+/// A `[[relays]]` entry of an agent config for the lab relay at `addr`.
+fn relay_toml(addr: SocketAddr, pin: &str) -> String {
+    format!(
+        "[[relays]]\nurl = \"turn:{addr}\"\nusername = \"agent\"\npassword = \"agent-pass\"\n{pin}\n"
+    )
+}
 
 /// One argv element (`s("ip")`, `s(addr)`).
 pub fn s(x: impl ToString) -> String {
@@ -149,21 +267,7 @@ impl MeshLab {
             .to_owned();
         assert_eq!(pin.len(), 64, "fingerprint: {out:?}");
         let relay_addr = SocketAddr::from((public_ip, 3478));
-        let mut relay_args = vec![
-            s(bins.relay.display()),
-            s("--listen"),
-            s(relay_addr),
-            s("--user"),
-            s("agent:agent-pass"),
-            s("--workers"),
-            s("1"),
-            // The lab's "public" addresses are documentation ranges,
-            // which the relay refuses as peers by default.
-            s("--allow-peer"),
-            s("203.0.113.0/24"),
-            s("--allow-peer"),
-            s("198.51.100.0/24"),
-        ];
+        let mut relay_args = relay_argv(bins, relay_addr);
         if relay_tls {
             // TCP on 3478 beside UDP, TLS on 443 with signaling's
             // self-signed certificate (so one pin serves both).
@@ -236,11 +340,15 @@ impl MeshLab {
             dir,
             bins: bins.clone(),
             tag,
-            public_ip,
             pin,
             signaling,
             relay_tls,
             nodes: Vec::new(),
+            relays: vec![LabRelay {
+                host: "pub".into(),
+                process: "relay".into(),
+                addr: relay_addr,
+            }],
         }
     }
 
@@ -343,15 +451,23 @@ impl MeshLab {
         } else {
             String::new()
         };
+        let relay_lines: String = self
+            .relays
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                let pin = if k == 0 { relay_pin.as_str() } else { "" };
+                relay_toml(r.addr, pin)
+            })
+            .collect();
         std::fs::write(
             &config,
             format!(
                 "peers = \"auto\"\n\n[wireguard]\ninterface = \"{ifname}\"\nport = {AGENT_PORT}\n\
                  {wg_lines}\n[signaling]\nurl = \"quic://{sig}\"\n\
                  pin_sha256 = \"{pin}\"\nmesh = \"lab\"\nmesh_token = \"{TOKEN}\"\n\n\
-                 [[relays]]\nurl = \"turn:{ip}:3478\"\nusername = \"agent\"\npassword = \"agent-pass\"\n{relay_pin}\n\
+                 {relay_lines}\
                  [agent]\ncontrol = \"{control}\"\nmetrics = \"127.0.0.1:9586\"\n",
-                ip = self.public_ip,
                 sig = self.signaling,
                 pin = self.pin,
                 control = control.display()
@@ -438,6 +554,142 @@ impl MeshLab {
                 cert_file.display()
             );
         std::fs::write(&n.config, text).expect("write config");
+    }
+
+    /// Starts another relay on a public host of its own (`pub2`, `pub3`,
+    /// …, so it can be impaired alone) and lists it after the others in
+    /// every node's config (nodes added later get it too). Call before
+    /// starting the agents. Returns its index in [`MeshLab::relays`].
+    pub fn add_relay(&mut self) -> usize {
+        let k = self.relays.len() + 1;
+        let host = format!("pub{k}");
+        let ip = self.lab.add_public_host(&host, 1).expect("public host")[0];
+        let addr = SocketAddr::from((ip, 3478));
+        let process = format!("relay{k}");
+        self.lab
+            .spawn(
+                &process,
+                &host,
+                &relay_argv(&self.bins, addr),
+                &[],
+                &self.dir,
+            )
+            .expect("spawn relay");
+        let sock = self.lab.udp_socket(&host, 0).expect("socket");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while StunClient
+            .binding(&sock, addr, Change::default(), Duration::from_millis(200))
+            .expect("io")
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "{process} did not start");
+        }
+        for n in &self.nodes {
+            let mut text = std::fs::read_to_string(&n.config).expect("read config");
+            text.push_str(&relay_toml(addr, ""));
+            std::fs::write(&n.config, text).expect("write config");
+        }
+        self.relays.push(LabRelay {
+            host,
+            process,
+            addr,
+        });
+        self.relays.len() - 1
+    }
+
+    /// Kills relay `k` with SIGKILL (no goodbye: its allocations vanish
+    /// and it stops answering at once).
+    pub fn kill_relay(&self, k: usize) {
+        self.lab
+            .kill_process_hard(&self.relays[k].process)
+            .expect("kill relay");
+    }
+
+    /// Starts relay `k` again (a fresh process: it has forgotten every
+    /// allocation).
+    pub fn restart_relay(&self, k: usize) {
+        self.lab
+            .restart_process(&self.relays[k].process)
+            .expect("restart relay");
+    }
+
+    /// Starts `ping -D -i interval` from node `i` to node `j`'s overlay
+    /// address for `duration`; [`PingStream::finish`] waits for it and
+    /// returns the longest gap between replies.
+    pub fn ping_stream(
+        &self,
+        i: usize,
+        j: usize,
+        interval: Duration,
+        duration: Duration,
+    ) -> PingStream {
+        let ns = self.lab.ns(&self.nodes[i].name).expect("ns");
+        let started = std::time::SystemTime::now();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "ping", "-D", "-n", "-W", "1"])
+            .arg("-i")
+            .arg(format!("{:.3}", interval.as_secs_f64()))
+            .arg("-w")
+            .arg(duration.as_secs().max(1).to_string())
+            .arg(self.nodes[j].overlay.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ping");
+        PingStream {
+            child,
+            started,
+            duration: Duration::from_secs(duration.as_secs().max(1)),
+        }
+    }
+
+    /// The relay (index in [`MeshLab::relays`]) whose relayed address node
+    /// `i`'s path to node `j` starts from, if that path is relayed.
+    pub fn relay_in_use(&self, i: usize, j: usize) -> Option<usize> {
+        let row = self.peer_status(i, j)?;
+        if row["path"] != "relay" {
+            return None;
+        }
+        // Our relayed address, or (from a host address) the peer's.
+        let ends: Vec<SocketAddr> = ["local", "remote"]
+            .iter()
+            .filter_map(|f| row[*f].as_str()?.parse().ok())
+            .collect();
+        ends.iter()
+            .find_map(|e| self.relays.iter().position(|r| r.addr.ip() == e.ip()))
+    }
+
+    /// Waits until node `i` has an allocation and an RTT on every relay,
+    /// none down, and one active; returns the active one's index.
+    pub fn wait_relays_ready(&self, i: usize, timeout: Duration) -> Result<usize, String> {
+        let t0 = Instant::now();
+        let mut last = None;
+        while t0.elapsed() < timeout {
+            if let Some(st) = self.status(i) {
+                let rows = st["relays"].as_array().cloned().unwrap_or_default();
+                let ready = rows.len() == self.relays.len()
+                    && rows.iter().all(|r| {
+                        r["rtt_ms"].is_number()
+                            && r["down"] != true
+                            && r["relayed"].as_array().is_some_and(|a| !a.is_empty())
+                    });
+                let active = rows.iter().position(|r| r["active"] == true);
+                if let (true, Some(k)) = (ready, active) {
+                    let server: Option<SocketAddr> =
+                        rows[k]["server"].as_str().and_then(|s| s.parse().ok());
+                    if let Some(idx) = self.relays.iter().position(|r| Some(r.addr) == server) {
+                        return Ok(idx);
+                    }
+                }
+                last = Some(st["relays"].clone());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "{}: relays never all ready within {timeout:?}; last: {last:#?}",
+            self.nodes[i].name
+        ))
     }
 
     /// Starts node `i`'s agent.
