@@ -39,6 +39,7 @@ pub mod dataplane;
 /// Telling STUN, ChannelData and WireGuard apart (the relay crate's
 /// classifier, shared by relay, agent and netsim).
 pub use relay::demux;
+pub mod blackhole;
 pub mod gather;
 mod metrics;
 pub mod netcheck;
