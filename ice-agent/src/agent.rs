@@ -1397,6 +1397,7 @@ impl Agent {
                             via_relay: false,
                             rtt_ms: None,
                             since_secs: now.saturating_duration_since(p.created).as_secs(),
+                            blackhole: None,
                         },
                         0,
                         0,

@@ -55,8 +55,8 @@ mod wgowner;
 
 pub use path::{classify, Classification, PathKind, WgicePreference};
 pub use session::{
-    is_controlling, should_switch, PathReport, PathStatus, PeerSession, SessionConfig,
-    SessionError, SessionEvent, SessionStats, Transmit, Via,
+    is_controlling, should_switch, BlackholeInfo, BlackholeReport, PathReport, PathStatus,
+    PeerSession, SessionConfig, SessionError, SessionEvent, SessionStats, Transmit, Via,
 };
 
 /// Re-exported `is` types that appear in this crate's API.
