@@ -641,6 +641,15 @@ impl Agent {
         best
     }
 
+    /// The data plane's cumulative count of WireGuard traffic sent to
+    /// `peer` (datagrams or bytes: only growth matters), for blackhole
+    /// detection on its direct pair. The daemon calls it every 100 ms.
+    pub fn note_data_tx(&mut self, now: Instant, peer: &PeerKey, total: u64) {
+        if let Some(s) = self.peers.get_mut(peer).and_then(|p| p.session.as_mut()) {
+            s.ice.note_data_tx(now, total);
+        }
+    }
+
     /// Advances every timer to `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire_memberships(now);

@@ -205,6 +205,8 @@ pub async fn run(
     let mut scratch = vec![0u8; 65536 + 64];
     let mut wg_timer = interval(Duration::from_millis(100));
     let mut wg_ticks = 0u32;
+    // Blackhole detection asks what each peer was sent.
+    let mut tx_tick = interval(Duration::from_millis(100));
     let mut iface_tick = interval(Duration::from_secs(5));
     let mut signaling_up = false;
     // TURN REST credentials last 24 h: re-mint them every 6 h.
@@ -265,6 +267,12 @@ pub async fn run(
                     if wg_ticks.is_multiple_of(10) {
                         e.dev.reset_rate_limit();
                     }
+                }
+            }
+            _ = tx_tick.tick() => {
+                let now = Instant::now();
+                for (peer, total) in plane.tx_counts() {
+                    agent.note_data_tx(now, &peer, total);
                 }
             }
             _ = iface_tick.tick() => agent.set_host_addrs(Instant::now(), host_nets(&filter, dual)),

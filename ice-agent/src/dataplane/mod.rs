@@ -174,6 +174,16 @@ impl DataPlane {
         }
     }
 
+    /// WireGuard traffic sent to each peer so far (external: datagrams
+    /// through its proxy; embedded: bytes boringtun encrypted for it). Only
+    /// growth matters: blackhole detection probes while it grows.
+    pub fn tx_counts(&self) -> Vec<(PeerKey, u64)> {
+        match self {
+            DataPlane::External(p) => p.tx_counts(),
+            DataPlane::Embedded(e) => e.dev.tx_counts(),
+        }
+    }
+
     /// Stops everything the data plane runs.
     pub fn close(&mut self) {
         match self {
