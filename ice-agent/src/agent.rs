@@ -644,9 +644,11 @@ impl Agent {
     /// The data plane's cumulative count of WireGuard traffic sent to
     /// `peer` (datagrams or bytes: only growth matters), for blackhole
     /// detection on its direct pair. The daemon calls it every 100 ms.
-    pub fn note_data_tx(&mut self, now: Instant, peer: &PeerKey, total: u64) {
+    /// `large`: datagrams above `blackhole::LARGE_DATAGRAM` bytes among
+    /// them, when the data plane counts them.
+    pub fn note_data_tx(&mut self, now: Instant, peer: &PeerKey, total: u64, large: Option<u64>) {
         if let Some(s) = self.peers.get_mut(peer).and_then(|p| p.session.as_mut()) {
-            s.ice.note_data_tx(now, total);
+            s.ice.note_data_tx(now, total, large);
         }
     }
 

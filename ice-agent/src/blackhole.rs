@@ -47,6 +47,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use relay::stun::{self, attr, method, Class, Integrity, Message, MessageBuilder};
 
+/// Datagrams above this many bytes count as large: full-size probes go
+/// only while the driver reports some (an MTU blackhole cannot hurt
+/// smaller ones). A driver that does not count them gets full-size probes
+/// whenever data flows.
+pub const LARGE_DATAGRAM: usize = 1000;
+
 /// The private attribute carried by probes and their answers
 /// (comprehension-optional range: a STUN agent that does not know it
 /// ignores it).
@@ -393,6 +399,9 @@ pub struct Blackhole {
     /// Our data counters: sent (as the driver reports it), received.
     tx_total: u64,
     tx_changed_at: Option<Instant>,
+    /// Datagrams above [`LARGE_DATAGRAM`] sent, when the driver counts them.
+    large_total: Option<u64>,
+    large_changed_at: Option<Instant>,
     rx_total: u64,
     data_attempt: u32,
     mtu_attempt: u32,
@@ -416,6 +425,8 @@ impl Blackhole {
             watch: None,
             tx_total: 0,
             tx_changed_at: None,
+            large_total: None,
+            large_changed_at: None,
             rx_total: 0,
             data_attempt: 0,
             mtu_attempt: 0,
@@ -428,8 +439,18 @@ impl Blackhole {
     }
 
     /// The driver's cumulative count of WireGuard packets (or bytes) sent
-    /// to the peer. O(1).
-    pub fn note_tx(&mut self, now: Instant, total: u64) {
+    /// to the peer, and of those larger than [`LARGE_DATAGRAM`] when it
+    /// knows (`None`: full-size probes go whenever data flows). O(1).
+    pub fn note_tx(&mut self, now: Instant, total: u64, large: Option<u64>) {
+        match large {
+            Some(n) => {
+                if self.large_total.unwrap_or(0) != n {
+                    self.large_changed_at = Some(now);
+                }
+                self.large_total = Some(n);
+            }
+            None => self.large_total = None,
+        }
         if total != self.tx_total {
             self.tx_total = total;
             self.tx_changed_at = Some(now);
@@ -488,9 +509,7 @@ impl Blackhole {
             });
         }
         self.expire(now);
-        let active = self
-            .tx_changed_at
-            .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.active_after_tx);
+        let (active, large) = self.activity(now);
         if let Some(w) = self.watch.clone() {
             if now.saturating_duration_since(w.since) >= self.cfg.clean_after
                 && (self.data_attempt > 0 || self.mtu_attempt > 0)
@@ -509,7 +528,7 @@ impl Blackhole {
                         w.next_small = now + self.cfg.data_probe_interval;
                     }
                 }
-                if now >= w.next_full {
+                if large && now >= w.next_full {
                     self.send(now, w.pair, ProbeKind::Full, 0);
                     if let Some(w) = self.watch.as_mut() {
                         w.next_full = now + self.cfg.mtu_probe_interval;
@@ -518,8 +537,12 @@ impl Blackhole {
             } else if let Some(w) = self.watch.as_mut() {
                 // Idle: start on time when data resumes; nothing unacknowledged.
                 w.next_small = w.next_small.max(now);
-                w.next_full = w.next_full.max(now);
                 w.unacked_since = None;
+            }
+            if !large {
+                if let Some(w) = self.watch.as_mut() {
+                    w.next_full = w.next_full.max(now);
+                }
             }
         }
         // Leave notices and sweeps due.
@@ -572,14 +595,14 @@ impl Blackhole {
     /// When [`Blackhole::tick`] has work next.
     #[must_use]
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
-        let active = self
-            .tx_changed_at
-            .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.active_after_tx);
+        let (active, large) = self.activity(now);
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
         if let Some(w) = &self.watch {
             if active {
                 consider(w.next_small);
+            }
+            if large {
                 consider(w.next_full);
             }
             let timeout = self.timeout(w.rtt);
@@ -687,6 +710,21 @@ impl Blackhole {
             data_rx: self.rx_total,
             data_tx: self.tx_total,
         }
+    }
+
+    /// Whether data flows (small probes), and whether large datagrams do
+    /// (full-size probes; always with data when the driver does not count
+    /// them).
+    fn activity(&self, now: Instant) -> (bool, bool) {
+        let recent = |t: Option<Instant>| {
+            t.is_some_and(|t| now.saturating_duration_since(t) < self.cfg.active_after_tx)
+        };
+        let active = recent(self.tx_changed_at);
+        let large = match self.large_total {
+            None => active,
+            Some(_) => recent(self.large_changed_at),
+        };
+        (active, large)
     }
 
     fn timeout(&self, rtt: Option<Duration>) -> Duration {
@@ -926,7 +964,7 @@ mod tests {
                 if data_ok {
                     self.peer_rx += 1;
                 }
-                self.bh.note_tx(self.now, self.tx);
+                self.bh.note_tx(self.now, self.tx, None);
                 let path = (self.bh.ban(PAIR, self.now).is_none()).then_some(PAIR);
                 self.bh.tick(self.now, path);
                 while let Some(p) = self.bh.poll_probe() {
@@ -1013,6 +1051,32 @@ mod tests {
             }
         );
         assert_eq!(ban.until - ban.since, Duration::from_secs(4));
+    }
+
+    #[test]
+    fn small_packets_only_get_no_full_size_probes() {
+        let mut bh = Blackhole::new(BlackholeConfig::default(), 1);
+        let mut now = Instant::now();
+        let mut sizes = Vec::new();
+        for i in 0..500u64 {
+            now += Duration::from_millis(10);
+            // Data flows, none of it large.
+            bh.note_tx(now, i, Some(0));
+            bh.tick(now, Some(PAIR));
+            while let Some(p) = bh.poll_probe() {
+                sizes.push(p.target_len);
+            }
+        }
+        assert!(sizes.len() >= 19, "{}", sizes.len());
+        assert!(sizes.iter().all(|s| *s == 0), "{sizes:?}");
+        // Large datagrams start: full-size probes too.
+        bh.note_tx(now, 1000, Some(1));
+        bh.tick(now, Some(PAIR));
+        let mut full = 0;
+        while let Some(p) = bh.poll_probe() {
+            full += usize::from(p.target_len == 1452);
+        }
+        assert_eq!(full, 1);
     }
 
     #[test]

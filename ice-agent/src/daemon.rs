@@ -271,8 +271,8 @@ pub async fn run(
             }
             _ = tx_tick.tick() => {
                 let now = Instant::now();
-                for (peer, total) in plane.tx_counts() {
-                    agent.note_data_tx(now, &peer, total);
+                for (peer, total, large) in plane.tx_counts() {
+                    agent.note_data_tx(now, &peer, total, large);
                 }
             }
             _ = iface_tick.tick() => agent.set_host_addrs(Instant::now(), host_nets(&filter, dual)),

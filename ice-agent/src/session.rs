@@ -640,10 +640,14 @@ impl PeerSession {
     }
 
     /// The driver's cumulative count of WireGuard packets (or bytes) sent
-    /// to this peer; call it every 100 ms or so. Blackhole probes go out
-    /// only while this grows. O(1); changes [`PeerSession::poll_timeout`].
-    pub fn note_data_tx(&mut self, now: Instant, total: u64) {
-        self.blackhole.note_tx(now, total);
+    /// to this peer, and of datagrams above
+    /// [`blackhole::LARGE_DATAGRAM`] bytes among them if it counts them;
+    /// call it every 100 ms or so. Blackhole probes go out only while
+    /// `total` grows, full-size ones only while `large` does (or, with
+    /// `None`, while `total` does). O(1); changes
+    /// [`PeerSession::poll_timeout`].
+    pub fn note_data_tx(&mut self, now: Instant, total: u64, large: Option<u64>) {
+        self.blackhole.note_tx(now, total, large);
     }
 
     /// Advances timers to `now`.

@@ -386,7 +386,7 @@ impl Sim {
         if let (Some(local), Some(remote)) = (p.local, p.remote) {
             self.nodes[i].data_tx += 1;
             let (now, tx) = (self.now, self.nodes[i].data_tx);
-            self.nodes[i].session.note_data_tx(now, tx);
+            self.nodes[i].session.note_data_tx(now, tx, None);
             let mut data = vec![4u8, 0, 0, 0];
             data.extend_from_slice(&[0u8; 28]);
             self.send(

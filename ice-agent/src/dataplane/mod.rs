@@ -175,12 +175,19 @@ impl DataPlane {
     }
 
     /// WireGuard traffic sent to each peer so far (external: datagrams
-    /// through its proxy; embedded: bytes boringtun encrypted for it). Only
-    /// growth matters: blackhole detection probes while it grows.
-    pub fn tx_counts(&self) -> Vec<(PeerKey, u64)> {
+    /// through its proxy, and those above
+    /// [`crate::blackhole::LARGE_DATAGRAM`] bytes; embedded: bytes
+    /// boringtun encrypted for it, sizes not counted). Only growth
+    /// matters: blackhole detection probes while it grows.
+    pub fn tx_counts(&self) -> Vec<(PeerKey, u64, Option<u64>)> {
         match self {
             DataPlane::External(p) => p.tx_counts(),
-            DataPlane::Embedded(e) => e.dev.tx_counts(),
+            DataPlane::Embedded(e) => e
+                .dev
+                .tx_counts()
+                .into_iter()
+                .map(|(k, n)| (k, n, None))
+                .collect(),
         }
     }
 
