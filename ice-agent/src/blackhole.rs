@@ -60,6 +60,8 @@ pub const PROBE_ATTR: u16 = 0xC057;
 
 /// Length of the attribute's value, version 1.
 const PROBE_VALUE_LEN: usize = 20;
+/// Most pairs banned at once (the peer's "leave" flags beyond are ignored).
+const MAX_BANS: usize = 64;
 /// Wire format version.
 const VERSION: u8 = 1;
 
@@ -698,7 +700,8 @@ impl Blackhole {
             None
         };
         if let Some(cause) = leave {
-            if self.ban(pair, now).is_none() {
+            // Bounded: a peer cannot make us hold more than MAX_BANS.
+            if self.ban(pair, now).is_none() && self.bans.len() < MAX_BANS {
                 tracing::info!(local = %pair.0, remote = %pair.1, ?cause, "the peer left this direct pair (blackhole); leaving it too");
                 self.stats.peer_leaves += 1;
                 self.verdict(now, pair, cause, true);
