@@ -121,8 +121,9 @@ pub struct PathStatus {
     pub since: Instant,
     /// Last measured STUN round-trip time on this pair.
     pub rtt: Option<Duration>,
-    /// Set while a direct pair is left because it is a blackhole.
-    pub blackhole: Option<BlackholeInfo>,
+    /// Set while a direct pair is left because it is a blackhole (boxed:
+    /// rare, and events carry this struct).
+    pub blackhole: Option<Box<BlackholeInfo>>,
 }
 
 /// A direct pair left because it answers checks but loses what matters.
@@ -166,7 +167,7 @@ impl PathStatus {
             via_relay: matches!(self.via, Via::Turn { .. }),
             rtt_ms: self.rtt.map(|r| r.as_secs_f64() * 1000.0),
             since_secs: now.saturating_duration_since(self.since).as_secs(),
-            blackhole: self.blackhole.map(|b| BlackholeReport {
+            blackhole: self.blackhole.as_deref().map(|b| BlackholeReport {
                 kind: match b.cause {
                     Cause::Data => "data".into(),
                     Cause::Mtu { .. } => "mtu".into(),
@@ -1268,14 +1269,14 @@ impl PeerSession {
         };
         let rtt = self.rtt_of(key);
         self.path.blackhole = if kind == PathKind::Relay {
-            self.blackhole
-                .latest_ban(now)
-                .map(|(pair, b)| BlackholeInfo {
+            self.blackhole.latest_ban(now).map(|(pair, b)| {
+                Box::new(BlackholeInfo {
                     pair,
                     cause: b.cause,
                     by_peer: b.by_peer,
                     until: b.until,
                 })
+            })
         } else {
             None
         };
