@@ -670,6 +670,9 @@ impl Blackhole {
         } else if w
             .unacked_since
             .is_some_and(|t| o.sent.saturating_duration_since(t) >= data_stall)
+            // Full-size probes are being lost too: the data is lost for its
+            // size, and the MTU verdict (with the size) is on its way.
+            && w.full_lost == 0
         {
             tracing::info!(
                 local = %pair.0, remote = %pair.1,

@@ -155,6 +155,8 @@ struct Sim {
     candidates_exchanged: Option<Instant>,
     /// Datagrams the blackhole ate.
     blackhole_drops: u64,
+    /// Data packets are full-size (an MTU blackhole then eats them too).
+    full_size_data: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +166,9 @@ enum SimBlackhole {
     /// Drops UDP payloads above this many bytes.
     Above(usize),
 }
+
+/// A data packet as big as a full WireGuard datagram (1452 bytes).
+const FULL_DATA: usize = 1452;
 
 struct NodeSpec {
     lan: usize,
@@ -216,6 +221,7 @@ impl Sim {
             relay_stun: sa("203.0.113.1:3478"),
             candidates_exchanged: None,
             blackhole_drops: 0,
+            full_size_data: false,
         };
         sim.gather();
         sim
@@ -388,7 +394,7 @@ impl Sim {
             let (now, tx) = (self.now, self.nodes[i].data_tx);
             self.nodes[i].session.note_data_tx(now, tx, None);
             let mut data = vec![4u8, 0, 0, 0];
-            data.extend_from_slice(&[0u8; 28]);
+            data.resize(if self.full_size_data { FULL_DATA } else { 32 }, 0);
             self.send(
                 i,
                 Transmit {
@@ -996,8 +1002,9 @@ fn symmetric_to_symmetric_meets_relay_to_relay() {
 /// A blackhole on the direct path: both nodes leave it for the relay within
 /// 3 s (data moving again both ways), the status names the cause, and the
 /// pair is retried after the backoff.
-fn blackhole_drill(bh: SimBlackhole) -> (Duration, Vec<String>) {
+fn blackhole_drill(bh: SimBlackhole, full_size_data: bool) -> (Duration, Vec<String>) {
     let mut sim = port_restricted_pair();
+    sim.full_size_data = full_size_data;
     sim.run_until(sim.at(5_000));
     assert_eq!(sim.kind(0), PathKind::Direct);
     assert_eq!(sim.kind(1), PathKind::Direct);
@@ -1029,7 +1036,7 @@ fn blackhole_drill(bh: SimBlackhole) -> (Duration, Vec<String>) {
 
 #[test]
 fn data_blackhole_goes_relayed_within_3s_and_says_why() {
-    let (_, reasons) = blackhole_drill(SimBlackhole::WireguardData);
+    let (_, reasons) = blackhole_drill(SimBlackhole::WireguardData, false);
     for r in &reasons {
         assert!(
             r.starts_with("direct path answers checks but drops data: relayed"),
@@ -1040,12 +1047,16 @@ fn data_blackhole_goes_relayed_within_3s_and_says_why() {
 
 #[test]
 fn mtu_blackhole_goes_relayed_within_3s_and_names_the_limit() {
-    let (_, reasons) = blackhole_drill(SimBlackhole::Above(1300));
-    for r in &reasons {
-        assert!(
-            r.starts_with("direct path drops datagrams above 1292 bytes: relayed"),
-            "{r}"
-        );
+    // Small data passes the MTU blackhole; full-size data is lost with the
+    // probes, and still the verdict names the size, not "drops data".
+    for full in [false, true] {
+        let (_, reasons) = blackhole_drill(SimBlackhole::Above(1300), full);
+        for r in &reasons {
+            assert!(
+                r.starts_with("direct path drops datagrams above 1292 bytes: relayed"),
+                "full-size data {full}: {r}"
+            );
+        }
     }
 }
 
