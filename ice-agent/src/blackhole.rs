@@ -376,7 +376,7 @@ struct Watch {
 pub struct BlackholeStats {
     /// Probes sent (all kinds).
     pub probes_sent: u64,
-    /// Bytes of probes sent (UDP payload).
+    /// Bytes of probes sent (UDP payload; unpadded ones counted as 100).
     pub probe_bytes: u64,
     /// Answers to our probes accepted.
     pub answers: u64,
