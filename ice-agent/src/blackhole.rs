@@ -1060,6 +1060,19 @@ mod tests {
     }
 
     #[test]
+    fn full_size_data_lost_to_an_mtu_blackhole_is_named_by_size() {
+        // Data is lost too (it is full-size), but so are full-size probes:
+        // the verdict is MTU, not "drops data", though the data stall alone
+        // would come first.
+        let mut d = Drill::new();
+        // Slow full-size probes, so that the data stall is due first.
+        d.bh.cfg.mtu_probe_interval = Duration::from_millis(700);
+        assert_eq!(d.run(Duration::from_secs(3), true, 1452), None);
+        let (_, cause) = d.run(Duration::from_secs(5), false, 1300).expect("verdict");
+        assert_eq!(cause, Cause::Mtu { largest_ok: None });
+    }
+
+    #[test]
     fn small_packets_only_get_no_full_size_probes() {
         let mut bh = Blackhole::new(BlackholeConfig::default(), 1);
         let mut now = Instant::now();

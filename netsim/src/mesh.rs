@@ -863,6 +863,9 @@ impl MeshLab {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.lab.kill_process(&name);
+        // Let the peer's side settle (its size sweep answers) before the
+        // status rows are read.
+        std::thread::sleep(Duration::from_millis(500));
         let text = log();
         let sent = text.lines().filter(|l| l.contains("icmp_seq=")).count();
         BlackholeDrill {
