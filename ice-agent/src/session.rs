@@ -3,13 +3,15 @@
 //! [`PeerSession`] wraps an [`is::IceAgent`] and decides which pair carries
 //! WireGuard: the relay at once, a direct pair as soon as one works, back to
 //! the relay within seconds when the direct pair goes silent, and direct
-//! again (retried with bounded backoff) when it answers.
+//! again (retried with bounded backoff) when it answers; and away from a
+//! direct pair that answers checks but loses data or big datagrams
+//! ([`crate::blackhole`]).
 //!
 //! # Run loop
 //!
 //! Like `is`, the session never reads the clock and owns no socket. After
 //! any call that mutates it (`add_*`, `handle_stun`, `note_data_rx`,
-//! `handle_timeout`), drain [`PeerSession::poll_transmit`] and
+//! `note_data_tx`, `handle_timeout`), drain [`PeerSession::poll_transmit`] and
 //! [`PeerSession::poll_event`] until they return `None`, then sleep until
 //! [`PeerSession::poll_timeout`] and call [`PeerSession::handle_timeout`].
 
