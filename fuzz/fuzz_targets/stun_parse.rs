@@ -1,5 +1,8 @@
 //! `relay::stun`: message parsing, every attribute accessor, MESSAGE-INTEGRITY
 //! and FINGERPRINT checks, stream framing; and the builder's round trip.
+//! Also the agent's blackhole probes (`ice_agent::blackhole::parse`): any
+//! datagram is recognised, refused or ignored without a panic, and a probe
+//! re-encoded keeps its attribute and verifies.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -8,6 +11,7 @@ use relay::stun::{self, attr, long_term_key, Integrity, Message, MessageBuilder}
 const KEY: &[u8] = b"VOkJxbRl1RmTxUk/WvJxBt";
 
 fuzz_target!(|data: &[u8]| {
+    blackhole_probe(data);
     let _ = stun::stream_frame_len(data);
     let is_stun = stun::is_stun(data);
     let Ok(m) = Message::parse(data) else {
@@ -109,3 +113,33 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+fn blackhole_probe(data: &[u8]) {
+    use ice_agent::blackhole::{self, ProbeAttr};
+    let Ok(Some(p)) = blackhole::parse(data) else {
+        return;
+    };
+    let _ = p.verify(KEY);
+    let again = ProbeAttr::from_bytes(&{
+        let mut v = Vec::new();
+        blackhole::encode_response(&mut v, p.tid, "192.0.2.1:1".parse().expect("addr"), KEY, p.attr);
+        v
+    }[20 + 12 + 4..20 + 12 + 4 + 20]);
+    assert_eq!(again, Ok(p.attr));
+    if p.response {
+        return;
+    }
+    let mut buf = Vec::new();
+    let user = p.username.unwrap_or("u:v");
+    if user.len() > 1000 {
+        return;
+    }
+    blackhole::encode_request(&mut buf, p.tid, user, KEY, p.attr, data.len().min(1500));
+    let q = blackhole::parse(&buf)
+        .expect("our request parses")
+        .expect("our request is a probe");
+    assert!(q.verify(KEY));
+    assert_eq!((q.attr.flags, q.attr.data_rx, q.attr.data_tx), (p.attr.flags, p.attr.data_rx, p.attr.data_tx));
+    assert_eq!(usize::from(q.attr.size), buf.len());
+    assert_eq!(q.username, Some(user));
+}

@@ -714,6 +714,17 @@ impl Agent {
         best
     }
 
+    /// The data plane's cumulative count of WireGuard traffic sent to
+    /// `peer` (datagrams or bytes: only growth matters), for blackhole
+    /// detection on its direct pair. The daemon calls it every 100 ms.
+    /// `large`: datagrams above `blackhole::LARGE_DATAGRAM` bytes among
+    /// them, when the data plane counts them.
+    pub fn note_data_tx(&mut self, now: Instant, peer: &PeerKey, total: u64, large: Option<u64>) {
+        if let Some(s) = self.peers.get_mut(peer).and_then(|p| p.session.as_mut()) {
+            s.ice.note_data_tx(now, total, large);
+        }
+    }
+
     /// Advances every timer to `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire_memberships(now);
@@ -1573,6 +1584,7 @@ impl Agent {
                             via_relay: false,
                             rtt_ms: None,
                             since_secs: now.saturating_duration_since(p.created).as_secs(),
+                            blackhole: None,
                         },
                         0,
                         0,

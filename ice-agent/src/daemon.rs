@@ -205,6 +205,8 @@ pub async fn run(
     let mut scratch = vec![0u8; 65536 + 64];
     let mut wg_timer = interval(Duration::from_millis(100));
     let mut wg_ticks = 0u32;
+    // Blackhole detection asks what each peer was sent.
+    let mut tx_tick = interval(Duration::from_millis(100));
     // Network changes from the kernel (rtnetlink); the interface poll stays
     // as a slow safety net (every 5 s where netlink is unavailable).
     let (nw_tx, mut nw_rx) = mpsc::channel(256);
@@ -278,6 +280,12 @@ pub async fn run(
                     if wg_ticks.is_multiple_of(10) {
                         e.dev.reset_rate_limit();
                     }
+                }
+            }
+            _ = tx_tick.tick() => {
+                let now = Instant::now();
+                for (peer, total, large) in plane.tx_counts() {
+                    agent.note_data_tx(now, &peer, total, large);
                 }
             }
             _ = iface_tick.tick() => agent.set_host_addrs(Instant::now(), host_nets(&filter, dual)),

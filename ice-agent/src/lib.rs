@@ -39,6 +39,7 @@ pub mod dataplane;
 /// Telling STUN, ChannelData and WireGuard apart (the relay crate's
 /// classifier, shared by relay, agent and netsim).
 pub use relay::demux;
+pub mod blackhole;
 pub mod gather;
 mod metrics;
 pub mod netcheck;
@@ -55,8 +56,8 @@ mod wgowner;
 
 pub use path::{classify, Classification, PathKind, WgicePreference};
 pub use session::{
-    is_controlling, should_switch, PathReport, PathStatus, PeerSession, RelayView, SessionConfig,
-    SessionError, SessionEvent, SessionStats, Transmit, Via,
+    is_controlling, should_switch, BlackholeInfo, BlackholeReport, PathReport, PathStatus,
+    PeerSession, RelayView, SessionConfig, SessionError, SessionEvent, SessionStats, Transmit, Via,
 };
 
 /// Re-exported `is` types that appear in this crate's API.

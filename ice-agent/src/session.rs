@@ -3,13 +3,15 @@
 //! [`PeerSession`] wraps an [`is::IceAgent`] and decides which pair carries
 //! WireGuard: the relay at once, a direct pair as soon as one works, back to
 //! the relay within seconds when the direct pair goes silent, and direct
-//! again (retried with bounded backoff) when it answers.
+//! again (retried with bounded backoff) when it answers; and away from a
+//! direct pair that answers checks but loses data or big datagrams
+//! ([`crate::blackhole`]).
 //!
 //! # Run loop
 //!
 //! Like `is`, the session never reads the clock and owns no socket. After
 //! any call that mutates it (`add_*`, `handle_stun`, `note_data_rx`,
-//! `handle_timeout`), drain [`PeerSession::poll_transmit`] and
+//! `note_data_tx`, `handle_timeout`), drain [`PeerSession::poll_transmit`] and
 //! [`PeerSession::poll_event`] until they return `None`, then sleep until
 //! [`PeerSession::poll_timeout`] and call [`PeerSession::handle_timeout`].
 
@@ -23,6 +25,7 @@ use is::{Candidate, CandidateKind, IceAgent, IceAgentEvent, IceConnectionState, 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::blackhole::{self, Blackhole, BlackholeConfig, BlackholeStats, Cause};
 use crate::path::{classify, is_private, PathKind, WgicePreference};
 
 /// Errors the session reports to its caller.
@@ -120,6 +123,38 @@ pub struct PathStatus {
     pub since: Instant,
     /// Last measured STUN round-trip time on this pair.
     pub rtt: Option<Duration>,
+    /// Set while a direct pair is left because it is a blackhole (boxed:
+    /// rare, and events carry this struct).
+    pub blackhole: Option<Box<BlackholeInfo>>,
+}
+
+/// A direct pair left because it answers checks but loses what matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlackholeInfo {
+    /// The pair left, (local, remote).
+    pub pair: (SocketAddr, SocketAddr),
+    /// What was found.
+    pub cause: Cause,
+    /// The peer found it and told us.
+    pub by_peer: bool,
+    /// When direct is tried again.
+    pub until: Instant,
+}
+
+/// [`BlackholeInfo`] as status output shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlackholeReport {
+    /// `"data"` (answers checks, drops WireGuard data) or `"mtu"` (drops
+    /// big datagrams).
+    pub kind: String,
+    /// MTU: the largest UDP payload the size sweep got through.
+    pub largest_ok: Option<u16>,
+    /// The pair left, `local→remote`.
+    pub pair: String,
+    /// The peer found it (and told us).
+    pub by_peer: bool,
+    /// Seconds until direct is tried again.
+    pub retry_in_secs: u64,
 }
 
 impl PathStatus {
@@ -134,6 +169,19 @@ impl PathStatus {
             via_relay: matches!(self.via, Via::Turn { .. }),
             rtt_ms: self.rtt.map(|r| r.as_secs_f64() * 1000.0),
             since_secs: now.saturating_duration_since(self.since).as_secs(),
+            blackhole: self.blackhole.as_deref().map(|b| BlackholeReport {
+                kind: match b.cause {
+                    Cause::Data => "data".into(),
+                    Cause::Mtu { .. } => "mtu".into(),
+                },
+                largest_ok: match b.cause {
+                    Cause::Mtu { largest_ok } => largest_ok,
+                    Cause::Data => None,
+                },
+                pair: format!("{}→{}", b.pair.0, b.pair.1),
+                by_peer: b.by_peer,
+                retry_in_secs: b.until.saturating_duration_since(now).as_secs(),
+            }),
         }
     }
 }
@@ -155,6 +203,9 @@ pub struct PathReport {
     pub rtt_ms: Option<f64>,
     /// Seconds on this path.
     pub since_secs: u64,
+    /// Why a direct pair was left as a blackhole (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blackhole: Option<BlackholeReport>,
 }
 
 /// Something the driver should know about.
@@ -189,6 +240,11 @@ pub struct SessionStats {
     pub direct_checks_sent: u64,
     /// STUN packets handed to `handle_stun` that were not for this session.
     pub stun_rejected: u64,
+    /// Blackhole probes refused (garbled attribute, bad credentials or
+    /// integrity, or an answer to nothing we sent).
+    pub probes_rejected: u64,
+    /// Blackhole detection's counters.
+    pub blackhole: BlackholeStats,
 }
 
 /// Configuration of a [`PeerSession`].
@@ -222,6 +278,9 @@ pub struct SessionConfig {
     pub rng_seed: u64,
     /// Our port-mapped address (ranked above STUN's server-reflexive one).
     pub port_mapped: Option<SocketAddr>,
+    /// Blackhole detection on the direct pair that carries data (`None`:
+    /// off; probes from the peer are still answered).
+    pub blackhole: Option<BlackholeConfig>,
 }
 
 impl SessionConfig {
@@ -242,6 +301,7 @@ impl SessionConfig {
             retry_max: Duration::from_secs(60),
             rng_seed,
             port_mapped: None,
+            blackhole: Some(BlackholeConfig::default()),
         }
     }
 }
@@ -362,6 +422,9 @@ pub struct PeerSession {
     last_now: Instant,
     /// Relay health as the agent last told it.
     relays: RelayView,
+    blackhole: Blackhole,
+    /// Scratch for encoding probes.
+    probe_buf: Vec<u8>,
 }
 
 impl PeerSession {
@@ -387,7 +450,13 @@ impl PeerSession {
             attempt: 0,
             rng: StdRng::seed_from_u64(config.rng_seed),
         };
+        let blackhole = Blackhole::new(
+            config.blackhole.clone().unwrap_or_default(),
+            config.rng_seed ^ 0xb1ac_4013,
+        );
         let mut s = PeerSession {
+            blackhole,
+            probe_buf: Vec::new(),
             ice,
             local: Vec::new(),
             remote: Vec::new(),
@@ -403,6 +472,7 @@ impl PeerSession {
                 reason: "connecting: waiting for the peer's candidates".into(),
                 since: now,
                 rtt: None,
+                blackhole: None,
             },
             relay_cause: RelayCause::Checking,
             first_remote_at: None,
@@ -584,6 +654,15 @@ impl PeerSession {
         destination: SocketAddr,
         datagram: &[u8],
     ) -> bool {
+        match blackhole::parse(datagram) {
+            Ok(None) => {}
+            Ok(Some(probe)) => return self.handle_probe(now, source, destination, &probe),
+            Err(e) => {
+                self.stats.probes_rejected += 1;
+                tracing::debug!(%source, "blackhole probe refused: {e}");
+                return false;
+            }
+        }
         let Ok(message) = StunMessage::parse(datagram) else {
             self.stats.stun_rejected += 1;
             return false;
@@ -625,6 +704,9 @@ impl PeerSession {
     /// alive just as STUN does. O(1) while the pair is alive, so it can be
     /// called for every packet.
     pub fn note_data_rx(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr) {
+        // The count the peer's blackhole probes ask for: every packet the
+        // driver attributes to this peer.
+        self.blackhole.note_rx();
         let key = (destination, source);
         // Only pairs we know of: data from anywhere else is not evidence.
         let known = self.seen.contains_key(&key)
@@ -662,6 +744,17 @@ impl PeerSession {
         self.relays.preferred.contains(&local)
     }
 
+    /// The driver's cumulative count of WireGuard packets (or bytes) sent
+    /// to this peer, and of datagrams above
+    /// [`blackhole::LARGE_DATAGRAM`] bytes among them if it counts them;
+    /// call it every 100 ms or so. Blackhole probes go out only while
+    /// `total` grows, full-size ones only while `large` does (or, with
+    /// `None`, while `total` does). O(1); changes
+    /// [`PeerSession::poll_timeout`].
+    pub fn note_data_tx(&mut self, now: Instant, total: u64, large: Option<u64>) {
+        self.blackhole.note_tx(now, total, large);
+    }
+
     /// Advances timers to `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         // Forget pairs silent for 10 minutes (old NAT mappings, peer-reflexive
@@ -694,6 +787,7 @@ impl PeerSession {
             }
         };
         consider(self.next_retry_at);
+        consider(self.blackhole.poll_timeout(last_now));
         // Wake when the current direct path would count as silent.
         if self.path.kind.is_direct() {
             if let (Some(l), Some(r)) = (self.path.local, self.path.remote) {
@@ -747,6 +841,124 @@ impl PeerSession {
     fn after_mutation(&mut self, now: Instant) {
         self.drain_ice(now);
         self.evaluate(now);
+        self.drive_blackhole(now);
+    }
+
+    /// Runs blackhole detection on the direct pair carrying data, acts on
+    /// verdicts (ours or the peer's) and queues its probes.
+    fn drive_blackhole(&mut self, now: Instant) {
+        let watched = match (
+            self.path.kind.is_direct(),
+            self.path.local,
+            self.path.remote,
+        ) {
+            (true, Some(l), Some(r))
+                if self.config.blackhole.is_some() && !self.is_local_relayed(l) =>
+            {
+                Some((l, r))
+            }
+            _ => None,
+        };
+        self.blackhole.tick(now, watched);
+        let mut verdict = false;
+        while let Some(((l, r), cause)) = self.blackhole.poll_verdict() {
+            verdict = true;
+            tracing::info!(local = %l, remote = %r, ?cause, "leaving a blackholed direct pair");
+        }
+        if verdict {
+            self.evaluate(now);
+        }
+        self.stats.blackhole = self.blackhole.stats();
+        self.send_probes();
+    }
+
+    fn send_probes(&mut self) {
+        while let Some(p) = self.blackhole.poll_probe() {
+            let Some(remote) = self.ice.remote_credentials() else {
+                continue;
+            };
+            let username = format!("{}:{}", remote.ufrag, self.ice.local_credentials().ufrag);
+            blackhole::encode_request(
+                &mut self.probe_buf,
+                p.tid,
+                &username,
+                remote.pass.as_bytes(),
+                p.attr,
+                usize::from(p.target_len),
+            );
+            self.transmits.push_back(Transmit {
+                source: p.pair.0,
+                destination: p.pair.1,
+                via: Via::Socket,
+                contents: self.probe_buf.clone(),
+            });
+        }
+    }
+
+    /// A blackhole probe or its answer, recognised by its attribute.
+    fn handle_probe(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        probe: &blackhole::ParsedProbe<'_>,
+    ) -> bool {
+        let key = (destination, source);
+        let local = self.ice.local_credentials().clone();
+        let Some(remote) = self.ice.remote_credentials().cloned() else {
+            self.stats.probes_rejected += 1;
+            return false;
+        };
+        if probe.response {
+            if !probe.verify(remote.pass.as_bytes())
+                || !self
+                    .blackhole
+                    .handle_response(now, key, probe.tid, probe.attr)
+            {
+                self.stats.probes_rejected += 1;
+                return false;
+            }
+        } else {
+            let expected = format!("{}:{}", local.ufrag, remote.ufrag);
+            if probe.username != Some(expected.as_str()) || !probe.verify(local.pass.as_bytes()) {
+                self.stats.probes_rejected += 1;
+                return false;
+            }
+            let answer = self
+                .blackhole
+                .handle_request(now, key, probe.attr, probe.len);
+            blackhole::encode_response(
+                &mut self.probe_buf,
+                probe.tid,
+                source,
+                local.pass.as_bytes(),
+                answer,
+            );
+            let via = if self.is_local_relayed(destination) {
+                Via::Turn {
+                    relayed: destination,
+                }
+            } else {
+                Via::Socket
+            };
+            self.transmits.push_back(Transmit {
+                source: destination,
+                destination: source,
+                via,
+                contents: self.probe_buf.clone(),
+            });
+        }
+        // Authenticated traffic on the pair keeps it alive like a check.
+        if self.seen.contains_key(&key) {
+            self.seen.entry(key).or_default().last_rx = Some(now);
+        }
+        self.after_mutation(now);
+        true
+    }
+
+    /// Alive and not left as a blackhole.
+    fn usable(&self, key: PairKey, now: Instant) -> bool {
+        self.alive(key, now) && self.blackhole.ban(key, now).is_none()
     }
 
     fn is_local_relayed(&self, addr: SocketAddr) -> bool {
@@ -1008,6 +1220,7 @@ impl PeerSession {
         // the peer prove one direction.
         let any_direct_alive = self.seen.iter().any(|(k, s)| {
             self.pair_kind(*k).0.is_direct()
+                && self.blackhole.ban(*k, now).is_none()
                 && s.last_response
                     .is_some_and(|t| now.saturating_duration_since(t) < self.config.failover_after)
         });
@@ -1018,10 +1231,11 @@ impl PeerSession {
             _ => None,
         };
         let current_kind = self.path.kind;
-        let current_alive = current.is_some_and(|k| self.alive(k, now));
+        let current_banned = current.is_some_and(|k| self.blackhole.ban(k, now).is_some());
+        let current_alive = current.is_some_and(|k| self.usable(k, now));
 
         let nominated = self.nominated.map(|k| (k, self.pair_kind(k)));
-        let nominated_alive = self.nominated.is_some_and(|k| self.alive(k, now));
+        let nominated_alive = self.nominated.is_some_and(|k| self.usable(k, now));
 
         let mut choice: Option<PairKey> = None;
         if let Some((nk, (nkind, _))) = nominated {
@@ -1041,7 +1255,7 @@ impl PeerSession {
         }
 
         // 2. Direct lost? Fail over to the relay.
-        if choice.is_none() && current_kind.is_direct() && !current_alive {
+        if choice.is_none() && current_kind.is_direct() && !current_alive && !current_banned {
             if let Some((l, r)) = current {
                 if !matches!(self.relay_cause, RelayCause::Failover { .. }) {
                     self.stats.failovers += 1;
@@ -1060,6 +1274,22 @@ impl PeerSession {
             if current_kind.is_direct() && current_alive {
                 choice = current;
             }
+        }
+        // The current pair was left as a blackhole: another direct pair
+        // that answers our checks, if there is one.
+        if choice.is_none() && current_banned {
+            choice = self
+                .seen
+                .iter()
+                .filter(|(k, s)| {
+                    self.pair_kind(**k).0.is_direct()
+                        && self.usable(**k, now)
+                        && s.last_response.is_some_and(|t| {
+                            now.saturating_duration_since(t) < self.config.failover_after
+                        })
+                })
+                .max_by_key(|(k, s)| (self.pair_kind(**k).0.rank(), s.last_response))
+                .map(|(k, _)| *k);
         }
         if choice.is_none() {
             choice = self.relay_choice(now);
@@ -1142,6 +1372,24 @@ impl PeerSession {
                 None => "direct (LAN)".into(),
             },
             PathKind::Direct => format!("direct {l} ↔ {r}"),
+            PathKind::Relay if self.blackhole.latest_ban(self.last_now).is_some() => {
+                let Some((_, ban)) = self.blackhole.latest_ban(self.last_now) else {
+                    return String::new();
+                };
+                let mut s = match ban.cause {
+                    Cause::Data => "direct path answers checks but drops data: relayed".to_string(),
+                    Cause::Mtu {
+                        largest_ok: Some(n),
+                    } => format!("direct path drops datagrams above {n} bytes: relayed"),
+                    Cause::Mtu { largest_ok: None } => {
+                        "direct path drops full-size datagrams: relayed".to_string()
+                    }
+                };
+                if ban.by_peer {
+                    s.push_str(" (the peer's finding)");
+                }
+                s
+            }
             PathKind::Relay => match &self.relay_cause {
                 RelayCause::Checking => "relayed while direct checks run".into(),
                 RelayCause::Failover { local, remote } => format!(
@@ -1186,6 +1434,18 @@ impl PeerSession {
             Via::Socket
         };
         let rtt = self.rtt_of(key);
+        self.path.blackhole = if kind == PathKind::Relay {
+            self.blackhole.latest_ban(now).map(|(pair, b)| {
+                Box::new(BlackholeInfo {
+                    pair,
+                    cause: b.cause,
+                    by_peer: b.by_peer,
+                    until: b.until,
+                })
+            })
+        } else {
+            None
+        };
         let changed = self.path.kind != kind
             || self.path.local != Some(key.0)
             || self.path.remote != Some(key.1);
@@ -1226,6 +1486,7 @@ impl PeerSession {
             self.path.via = Via::Socket;
             self.path.since = now;
             self.path.rtt = None;
+            self.path.blackhole = None;
             self.stats.path_changes += 1;
             self.events
                 .push_back(SessionEvent::PathChanged(self.path.clone()));

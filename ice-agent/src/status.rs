@@ -42,6 +42,10 @@ pub struct PeerStatus {
     /// certificate, addresses held by another peer or quarantined).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub membership: Option<String>,
+    /// Why a direct pair was left as a blackhole (`kind`: `data` or
+    /// `mtu`, `largest_ok`, `pair`, `by_peer`, `retry_in_secs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blackhole: Option<crate::BlackholeReport>,
 }
 
 impl PeerStatus {
@@ -67,6 +71,7 @@ impl PeerStatus {
             allowed_ips: Vec::new(),
             name: None,
             membership: None,
+            blackhole: report.blackhole,
         }
     }
 }
@@ -165,6 +170,7 @@ mod tests {
             allowed_ips: vec!["10.8.0.2/32".into()],
             name: None,
             membership: None,
+            blackhole: None,
         }
     }
 

@@ -113,6 +113,8 @@ struct Node {
     /// (arrival time, source, receiver's destination address) of data packets.
     data_rx: Vec<(Instant, SocketAddr, SocketAddr)>,
     next_data: Instant,
+    /// WireGuard-like packets sent (what the daemon reports as tx).
+    data_tx: u64,
 }
 
 #[derive(Debug)]
@@ -141,6 +143,8 @@ struct Sim {
     actions: Vec<(Instant, usize, Action)>,
     seq: u64,
     cut_direct: bool,
+    /// A blackhole on direct traffic (not to or from the relay).
+    blackhole: Option<SimBlackhole>,
     /// Probability that any datagram is lost.
     loss: f64,
     rng: StdRng,
@@ -149,7 +153,22 @@ struct Sim {
     relay_stun: SocketAddr,
     /// When the last candidate reached its peer.
     candidates_exchanged: Option<Instant>,
+    /// Datagrams the blackhole ate.
+    blackhole_drops: u64,
+    /// Data packets are full-size (an MTU blackhole then eats them too).
+    full_size_data: bool,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SimBlackhole {
+    /// Drops WireGuard data (first byte 4), passes STUN.
+    WireguardData,
+    /// Drops UDP payloads above this many bytes.
+    Above(usize),
+}
+
+/// A data packet as big as a full WireGuard datagram (1452 bytes).
+const FULL_DATA: usize = 1452;
 
 struct NodeSpec {
     lan: usize,
@@ -182,6 +201,7 @@ impl Sim {
                     retries: Vec::new(),
                     data_rx: Vec::new(),
                     next_data: start,
+                    data_tx: 0,
                 }
             })
             .collect();
@@ -194,11 +214,14 @@ impl Sim {
             actions: Vec::new(),
             seq: 0,
             cut_direct: false,
+            blackhole: None,
             loss: 0.0,
             rng: StdRng::seed_from_u64(0x105e),
             send_wireguard: true,
             relay_stun: sa("203.0.113.1:3478"),
             candidates_exchanged: None,
+            blackhole_drops: 0,
+            full_size_data: false,
         };
         sim.gather();
         sim
@@ -281,6 +304,16 @@ impl Sim {
                     t.source, self.nodes[from].host,
                     "sent from a socket we don't own"
                 );
+                let dropped = match self.blackhole {
+                    _ if self.is_relayed(t.destination) => false,
+                    Some(SimBlackhole::WireguardData) => t.contents.first() == Some(&4),
+                    Some(SimBlackhole::Above(n)) => t.contents.len() > n,
+                    None => false,
+                };
+                if dropped {
+                    self.blackhole_drops += 1;
+                    return;
+                }
                 let lan = self.nodes[from].lan;
                 let to = 1 - from;
                 if self.nodes[to].lan == lan && t.destination == self.nodes[to].host {
@@ -357,8 +390,11 @@ impl Sim {
     fn send_data(&mut self, i: usize) {
         let p = self.nodes[i].session.path().clone();
         if let (Some(local), Some(remote)) = (p.local, p.remote) {
+            self.nodes[i].data_tx += 1;
+            let (now, tx) = (self.now, self.nodes[i].data_tx);
+            self.nodes[i].session.note_data_tx(now, tx, None);
             let mut data = vec![4u8, 0, 0, 0];
-            data.extend_from_slice(&[0u8; 28]);
+            data.resize(if self.full_size_data { FULL_DATA } else { 32 }, 0);
             self.send(
                 i,
                 Transmit {
@@ -960,5 +996,106 @@ fn symmetric_to_symmetric_meets_relay_to_relay() {
             p.reason
         );
         assert!(sim.first_data(i, true, sim.at(19_900)).is_some());
+    }
+}
+
+/// A blackhole on the direct path: both nodes leave it for the relay within
+/// 3 s (data moving again both ways), the status names the cause, and the
+/// pair is retried after the backoff.
+fn blackhole_drill(bh: SimBlackhole, full_size_data: bool) -> (Duration, Vec<String>) {
+    let mut sim = port_restricted_pair();
+    sim.full_size_data = full_size_data;
+    sim.run_until(sim.at(5_000));
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    assert_eq!(sim.kind(1), PathKind::Direct);
+    let start = sim.now;
+    sim.blackhole = Some(bh);
+    // Shorter than the first ban (MTU: 4 s), so both must still be relayed.
+    sim.run_until(start + Duration::from_millis(3_500));
+    let relay_at = sim
+        .both_on(PathKind::Relay, start)
+        .expect("left for the relay");
+    let took = relay_at - start;
+    println!(
+        "{bh:?}: relay carrying data both ways {} ms after the blackhole",
+        took.as_millis()
+    );
+    assert!(took <= Duration::from_secs(3), "{bh:?}: took {took:?}");
+    assert!(sim.blackhole_drops > 0);
+    let mut reasons = Vec::new();
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Relay, "node {i} stays relayed");
+        let p = sim.nodes[i].session.path();
+        assert!(p.blackhole.is_some(), "node {i}: {p:?}");
+        // Not counted as a silent-path failover: it never went silent.
+        assert_eq!(sim.nodes[i].session.stats().failovers, 0);
+        reasons.push(p.reason.clone());
+    }
+    (took, reasons)
+}
+
+#[test]
+fn data_blackhole_goes_relayed_within_3s_and_says_why() {
+    let (_, reasons) = blackhole_drill(SimBlackhole::WireguardData, false);
+    for r in &reasons {
+        assert!(
+            r.starts_with("direct path answers checks but drops data: relayed"),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn mtu_blackhole_goes_relayed_within_3s_and_names_the_limit() {
+    // Small data passes the MTU blackhole; full-size data is lost with the
+    // probes, and still the verdict names the size, not "drops data".
+    for full in [false, true] {
+        let (_, reasons) = blackhole_drill(SimBlackhole::Above(1300), full);
+        for r in &reasons {
+            assert!(
+                r.starts_with("direct path drops datagrams above 1292 bytes: relayed"),
+                "full-size data {full}: {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn blackholed_pair_is_retried_after_the_ban_and_kept_once_healed() {
+    let mut sim = port_restricted_pair();
+    sim.run_until(sim.at(5_000));
+    sim.blackhole = Some(SimBlackhole::Above(1300));
+    sim.run_until(sim.at(9_000));
+    assert_eq!(sim.kind(0), PathKind::Relay);
+    // Healed: the 4 s MTU ban runs out and direct carries data again.
+    sim.blackhole = None;
+    let healed = sim.now;
+    sim.run_until(sim.at(20_000));
+    let back = sim
+        .both_on(PathKind::Direct, healed)
+        .expect("back to direct");
+    assert!(
+        back - healed <= Duration::from_secs(6),
+        "{:?}",
+        back - healed
+    );
+    assert_eq!(sim.kind(0), PathKind::Direct);
+    assert_eq!(sim.kind(1), PathKind::Direct);
+    assert!(sim.nodes[0].session.path().blackhole.is_none());
+}
+
+#[test]
+fn healthy_direct_path_with_loss_gets_no_blackhole_verdict() {
+    let mut sim = port_restricted_pair();
+    sim.loss = 0.05;
+    sim.run_until(sim.at(60_000));
+    for i in 0..2 {
+        let s = sim.nodes[i].session.stats().blackhole;
+        assert!(s.probes_sent > 200, "probing while data flows: {s:?}");
+        assert_eq!(
+            (s.data_verdicts, s.mtu_verdicts, s.peer_leaves),
+            (0, 0, 0),
+            "node {i}: {s:?}"
+        );
     }
 }

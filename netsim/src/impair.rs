@@ -35,6 +35,49 @@ pub struct Impairment {
     pub delay_ms: u64,
 }
 
+/// A blackhole on a direct path: what it drops while letting the rest
+/// (STUN checks among it) through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Blackhole {
+    /// WireGuard data messages (type 4: first UDP payload byte 0x04, as
+    /// in `04 00 00 00`); STUN (first byte 0x00/0x01), handshakes and the
+    /// rest pass.
+    WireguardData,
+    /// UDP datagrams whose payload is larger than this many bytes (an MTU
+    /// blackhole: a small link MTU with the ICMP errors filtered).
+    Above(u16),
+}
+
+/// The nftables ruleset (table `inet wgicebh`) that makes a router drop
+/// `bh` on UDP to and from `peer` only, counting what it drops; with
+/// `None`, just removes the table.
+pub(crate) fn blackhole_ruleset(peer: std::net::Ipv4Addr, bh: Option<Blackhole>) -> String {
+    let mut s = String::from(
+        "add table inet wgicebh
+delete table inet wgicebh
+",
+    );
+    if let Some(bh) = bh {
+        let m = match bh {
+            // The 8 bits after the 8-byte UDP header.
+            Blackhole::WireguardData => "@th,64,8 0x04".to_string(),
+            // UDP length counts its 8-byte header.
+            Blackhole::Above(n) => format!("udp length > {}", u32::from(n) + 8),
+        };
+        s.push_str(&format!(
+            "table inet wgicebh {{
+ chain bh {{
+  type filter hook forward priority -5; policy accept;
+               ip daddr {peer} meta l4proto udp {m} counter drop
+               ip saddr {peer} meta l4proto udp {m} counter drop
+ }}
+}}
+"
+        ));
+    }
+    s
+}
+
 /// Installs (or with `loss == 0`, removes) the loss rule for one core-side
 /// link interface.
 pub(crate) fn apply_loss(inet_ns: &str, link_if: &str, loss: f64) -> Result<(), Error> {

@@ -1004,6 +1004,40 @@ impl Lab {
         Ok(())
     }
 
+    /// Makes router `router` drop what `bh` names on UDP to and from
+    /// `peer` (say, the other router's WAN address: the direct path only,
+    /// not the relay); `None` removes it. Replaces any earlier one.
+    pub fn set_blackhole(
+        &self,
+        router: &str,
+        peer: Ipv4Addr,
+        bh: Option<crate::impair::Blackhole>,
+    ) -> Result<(), Error> {
+        let ns = self.ns(router)?;
+        sys::nft(&ns, &crate::impair::blackhole_ruleset(peer, bh))
+    }
+
+    /// Datagrams router `router`'s blackhole dropped so far (0 without one).
+    pub fn blackhole_drops(&self, router: &str) -> Result<u64, Error> {
+        let ns = self.ns(router)?;
+        let out = sys::run(
+            "ip",
+            &[
+                "netns", "exec", &ns, "nft", "list", "table", "inet", "wgicebh",
+            ],
+        )
+        .unwrap_or_default();
+        // `counter packets N bytes M` once per rule.
+        let mut total = 0u64;
+        let words: Vec<&str> = out.split_whitespace().collect();
+        for w in words.windows(2) {
+            if w[0] == "packets" {
+                total += w[1].parse::<u64>().unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
     /// The core-side interface and routed prefixes of a node's uplink.
     fn inet_link(&self, node: &str) -> Result<(String, Vec<String>), Error> {
         let st = self.lock();

@@ -1027,6 +1027,110 @@ impl MeshLab {
         assert!(ok, "nft: {out}");
     }
 
+    /// A blackhole at router `a` on the direct path to router `b`'s WAN
+    /// address (both directions; the relay path is untouched).
+    pub fn blackhole_direct(&self, a: &str, b: &str, bh: crate::impair::Blackhole) {
+        let wan_b = self.lab.router_wan_ip(b).expect("wan");
+        self.lab
+            .set_blackhole(a, wan_b, Some(bh))
+            .expect("set blackhole");
+    }
+
+    /// Removes router `a`'s blackhole; returns how many datagrams it dropped.
+    pub fn heal_blackhole(&self, a: &str) -> u64 {
+        let drops = self.lab.blackhole_drops(a).expect("drops");
+        let wan = self.lab.router_wan_ip(a).expect("wan");
+        self.lab
+            .set_blackhole(a, wan, None)
+            .expect("heal blackhole");
+        drops
+    }
+
+    /// A blackhole drill: overlay pings of `ping_size` bytes from node `a`
+    /// to node `b` every 50 ms; after 1.5 s of answers, a blackhole `bh`
+    /// goes in at `a`'s router on the direct path to `b`'s router (the
+    /// relay path untouched), and the drill measures how long until pings
+    /// are answered again and until `a`'s status says `relay`. The
+    /// blackhole stays (see [`MeshLab::heal_blackhole`]).
+    pub fn blackhole_drill(
+        &self,
+        a: usize,
+        b: usize,
+        bh: crate::impair::Blackhole,
+        ping_size: u32,
+    ) -> BlackholeDrill {
+        let ra = self.lab.router_of(&self.nodes[a].name).expect("router a");
+        let rb = self.lab.router_of(&self.nodes[b].name).expect("router b");
+        let name = format!(
+            "bhping-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        self.lab
+            .spawn(
+                &name,
+                &self.nodes[a].name,
+                &[
+                    s("ping"),
+                    s("-D"),
+                    s("-n"),
+                    s("-i"),
+                    s("0.05"),
+                    s("-W"),
+                    s("1"),
+                    s("-s"),
+                    s(ping_size),
+                    s("-c"),
+                    s(400),
+                    s(self.nodes[b].overlay),
+                ],
+                &[],
+                &self.dir,
+            )
+            .expect("spawn ping");
+        let log =
+            || std::fs::read_to_string(self.dir.join(format!("{name}.stdout"))).unwrap_or_default();
+        std::thread::sleep(Duration::from_millis(1500));
+        let answered_before = reply_times(&log()).len();
+        let t0 = unix_now();
+        let start = Instant::now();
+        self.blackhole_direct(&ra, &rb, bh);
+        let mut status_relay = None;
+        let mut recovered = None;
+        while start.elapsed() < Duration::from_secs(12)
+            && (status_relay.is_none() || recovered.is_none())
+        {
+            if status_relay.is_none()
+                && self.peer_status(a, b).is_some_and(|r| r["path"] == "relay")
+            {
+                status_relay = Some(start.elapsed());
+            }
+            if recovered.is_none() {
+                if let Some(t) = reply_times(&log()).into_iter().find(|t| *t > t0 + 0.05) {
+                    recovered = Some(Duration::from_secs_f64(t - t0));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.lab.kill_process(&name);
+        // Let the peer's side settle (its size sweep answers) before the
+        // status rows are read.
+        std::thread::sleep(Duration::from_millis(500));
+        let text = log();
+        let sent = text.lines().filter(|l| l.contains("icmp_seq=")).count();
+        BlackholeDrill {
+            recovered,
+            status_relay,
+            answered_before,
+            answered: sent,
+            drops: self.lab.blackhole_drops(&ra).unwrap_or(0),
+            row_a: self.peer_status(a, b),
+            row_b: self.peer_status(b, a),
+        }
+    }
+
     /// The agents' logs (for failure messages).
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -1086,6 +1190,40 @@ pub fn pipe(cmd: &str, args: &[&str], input: &str) -> String {
         .expect("write");
     let out = c.wait_with_output().expect("wait");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// What [`MeshLab::blackhole_drill`] measured.
+#[derive(Debug, Clone)]
+pub struct BlackholeDrill {
+    /// Blackhole in → the first overlay ping answered again.
+    pub recovered: Option<Duration>,
+    /// Blackhole in → node a's status says `relay`.
+    pub status_relay: Option<Duration>,
+    /// Pings answered before the blackhole went in.
+    pub answered_before: usize,
+    /// Pings answered in all.
+    pub answered: usize,
+    /// Datagrams the blackhole dropped.
+    pub drops: u64,
+    /// a's status row for b at the end.
+    pub row_a: Option<serde_json::Value>,
+    /// b's status row for a at the end.
+    pub row_b: Option<serde_json::Value>,
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Timestamps (`ping -D`) of the answers in a ping log.
+fn reply_times(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect()
 }
 
 fn fxhash(x: &str) -> u64 {

@@ -764,6 +764,21 @@ impl Device {
 
     // ---- configuration (through the UAPI) ----
 
+    /// Bytes boringtun sent to each peer so far.
+    pub fn tx_counts(&self) -> Vec<(PeerKey, u64)> {
+        let Ok(t) = self.table.read() else {
+            return Vec::new();
+        };
+        t.peers
+            .values()
+            .filter_map(|p| {
+                let st = p.st.lock().ok()?;
+                let (_, tx, _, _, _) = st.tunn.stats();
+                Some((p.key, tx as u64))
+            })
+            .collect()
+    }
+
     /// The device as `get=1` reports it.
     pub fn get(&self) -> WgDevice {
         let now = SystemTime::now();

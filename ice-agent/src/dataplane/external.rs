@@ -20,6 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,16 @@ struct Proxy {
     route: watch::Sender<Path>,
     endpoint: Option<SocketAddr>,
     task: tokio::task::JoinHandle<()>,
+    /// Datagrams WireGuard sent to the peer through this proxy, all and
+    /// large ones (blackhole detection asks whether data is being sent).
+    tx: Arc<TxCount>,
+}
+
+/// What a proxy sent.
+#[derive(Debug, Default)]
+struct TxCount {
+    all: AtomicU64,
+    large: AtomicU64,
 }
 
 /// The proxies of every managed peer.
@@ -116,7 +127,9 @@ impl Proxies {
         };
         let paddr = psock.local_addr().ok()?;
         let (route_tx, route_rx) = watch::channel((Route::Hold, self.socks[0].clone()));
+        let tx = Arc::new(TxCount::default());
         let task = tokio::spawn(proxy_loop(
+            tx.clone(),
             psock.clone(),
             self.dual,
             route_rx,
@@ -130,6 +143,7 @@ impl Proxies {
                 route: route_tx,
                 endpoint: Some(paddr),
                 task,
+                tx,
             },
         );
         Some(paddr)
@@ -188,6 +202,21 @@ impl Proxies {
         p.count = 0;
         p.short = false;
         p.peer = None;
+    }
+
+    /// Datagrams WireGuard sent to each peer so far, and those above
+    /// [`crate::blackhole::LARGE_DATAGRAM`] bytes.
+    pub fn tx_counts(&self) -> Vec<(PeerKey, u64, Option<u64>)> {
+        self.proxies
+            .iter()
+            .map(|(k, p)| {
+                (
+                    *k,
+                    p.tx.all.load(Ordering::Relaxed),
+                    Some(p.tx.large.load(Ordering::Relaxed)),
+                )
+            })
+            .collect()
     }
 
     /// Closes the peer's proxy.
@@ -270,6 +299,7 @@ impl Run {
 /// while there is none, the last few (handshake initiations) are held so
 /// the first handshake does not wait for WireGuard's 5 s retry.
 async fn proxy_loop(
+    tx: Arc<TxCount>,
     psock: Arc<UdpSocket>,
     dual: bool,
     mut route: watch::Receiver<Path>,
@@ -304,6 +334,15 @@ async fn proxy_loop(
                         }
                     }
                     // Only the local WireGuard interface speaks here.
+                    let (mut sent, mut large) = (0u64, 0u64);
+                    for (r, data) in rx.messages().filter(|(r, _)| r.from == wg_addr) {
+                        for d in r.datagrams(data) {
+                            sent += 1;
+                            large += u64::from(d.len() > crate::blackhole::LARGE_DATAGRAM);
+                        }
+                    }
+                    tx.all.fetch_add(sent, Ordering::Relaxed);
+                    tx.large.fetch_add(large, Ordering::Relaxed);
                     let from_wg = rx.messages().filter(|(r, _)| r.from == wg_addr);
                     let (rt, sock) = route.borrow().clone();
                     // A relay reached over TCP/TLS: every packet as a frame on its stream.

@@ -174,6 +174,23 @@ impl DataPlane {
         }
     }
 
+    /// WireGuard traffic sent to each peer so far (external: datagrams
+    /// through its proxy, and those above
+    /// [`crate::blackhole::LARGE_DATAGRAM`] bytes; embedded: bytes
+    /// boringtun encrypted for it, sizes not counted). Only growth
+    /// matters: blackhole detection probes while it grows.
+    pub fn tx_counts(&self) -> Vec<(PeerKey, u64, Option<u64>)> {
+        match self {
+            DataPlane::External(p) => p.tx_counts(),
+            DataPlane::Embedded(e) => e
+                .dev
+                .tx_counts()
+                .into_iter()
+                .map(|(k, n)| (k, n, None))
+                .collect(),
+        }
+    }
+
     /// Stops everything the data plane runs.
     pub fn close(&mut self) {
         match self {
