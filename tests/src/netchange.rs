@@ -134,6 +134,12 @@ pub fn run(bins: &Bins, drill: Drill) -> Outcome {
     if std::env::var_os("WGICE_E2E_LOGS").is_some() {
         println!("{}", m.logs());
     }
+    if let Some(dir) = std::env::var_os("WGICE_E2E_KEEP_LOGS") {
+        for f in ["agent-a.stderr", "agent-b.stderr"] {
+            let _ = std::fs::copy(m.dir.join(f), std::path::Path::new(&dir).join(f));
+        }
+        println!("break at unix {t_break:.3}");
+    }
     Outcome {
         first_ping_s,
         longest_gap_s: trace.longest_gap_after(t_break),
