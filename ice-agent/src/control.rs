@@ -100,6 +100,10 @@ pub(crate) struct Snapshot {
     /// Failovers per peer (base64 key).
     pub(crate) failovers: HashMap<String, u64>,
     pub(crate) direct_retries: u64,
+    /// Network changes the kernel reported.
+    pub(crate) network_changes: u64,
+    /// Sessions restarted because our public address changed.
+    pub(crate) ice_restarts: u64,
 }
 
 /// The channel on which the listeners ask the main loop for a [`Snapshot`].
@@ -165,6 +169,8 @@ pub(crate) fn snapshot(
         },
         failovers,
         direct_retries: agent.direct_retries(),
+        network_changes: agent.network_changes(),
+        ice_restarts: agent.address_restarts(),
     }
 }
 

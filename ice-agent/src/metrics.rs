@@ -149,6 +149,64 @@ fn render_metrics(snap: &Snapshot) -> String {
     let _ = writeln!(o, "wgice_direct_retries_total {retries}");
     head(
         &mut o,
+        "wgice_network_changes_total",
+        "counter",
+        "Network changes the kernel reported (one per burst of link, address or default-route events).",
+    );
+    let _ = writeln!(o, "wgice_network_changes_total {}", snap.network_changes);
+    head(
+        &mut o,
+        "wgice_ice_restarts_total",
+        "counter",
+        "Peer sessions restarted because a relay saw us at a new public address (roamed or rebound).",
+    );
+    let _ = writeln!(o, "wgice_ice_restarts_total {}", snap.ice_restarts);
+    head(
+        &mut o,
+        "wgice_relay_rtt_seconds",
+        "gauge",
+        "Median round trip of the last STUN probes to each relay.",
+    );
+    for r in &s.relays {
+        if let Some(ms) = r.rtt_ms {
+            let _ = writeln!(
+                o,
+                "wgice_relay_rtt_seconds{{relay=\"{}\"}} {}",
+                r.server,
+                ms / 1000.0
+            );
+        }
+    }
+    head(
+        &mut o,
+        "wgice_relay_active",
+        "gauge",
+        "1 for the relay relayed paths use, 0 for the others.",
+    );
+    for r in &s.relays {
+        let _ = writeln!(
+            o,
+            "wgice_relay_active{{relay=\"{}\"}} {}",
+            r.server,
+            u8::from(r.active)
+        );
+    }
+    head(
+        &mut o,
+        "wgice_relay_down",
+        "gauge",
+        "1 while a relay is declared down (probes unanswered).",
+    );
+    for r in &s.relays {
+        let _ = writeln!(
+            o,
+            "wgice_relay_down{{relay=\"{}\"}} {}",
+            r.server,
+            u8::from(r.down)
+        );
+    }
+    head(
+        &mut o,
         "wgice_signaling_connected",
         "gauge",
         "1 while the signaling connection is up.",

@@ -72,6 +72,8 @@ pub struct Outcome {
     pub path_again_s: Option<f64>,
     /// a's status row for b at the end.
     pub row: serde_json::Value,
+    /// a's Prometheus metrics at the end.
+    pub metrics: String,
 }
 
 /// Runs `drill` once in a fresh lab.
@@ -145,5 +147,6 @@ pub fn run(bins: &Bins, drill: Drill) -> Outcome {
         longest_gap_s: trace.longest_gap_after(t_break),
         path_again_s,
         row: samples.last().map(|(_, r)| r.clone()).unwrap_or_default(),
+        metrics: m.metrics(a),
     }
 }

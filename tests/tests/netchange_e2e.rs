@@ -8,10 +8,33 @@
 
 use wgice_tests::netchange::{run, Drill};
 
+/// The value of an unlabelled metric.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn drill(d: Drill, first_ping_bound: f64, path_bound: f64) {
     wgice_tests::require_root();
     let bins = wgice_tests::bins();
     let o = run(&bins, d);
+    let changes = metric(&o.metrics, "wgice_network_changes_total");
+    let restarts = metric(&o.metrics, "wgice_ice_restarts_total");
+    println!("metrics: network changes {changes:?}, ICE restarts {restarts:?}");
+    if matches!(d, Drill::Roam | Drill::RoamRelayed) {
+        // The kernel told the agent, and the relay saw it at a new address.
+        assert!(changes.is_some_and(|c| c >= 1.0), "{}", o.metrics);
+        assert!(restarts.is_some_and(|r| r >= 1.0), "{}", o.metrics);
+    } else {
+        // A NAT elsewhere forgot its mappings: the node saw no event, but
+        // the series are there.
+        assert!(changes.is_some() && restarts.is_some(), "{}", o.metrics);
+    }
+    assert!(
+        o.metrics.contains("wgice_relay_active{relay=\"") && o.metrics.contains("} 1"),
+        "{}",
+        o.metrics
+    );
     println!(
         "{}: first ping after {:?} s, longest gap {:.2} s, back on {} after {:?} s; row {}",
         d.name(),
