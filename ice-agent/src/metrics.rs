@@ -9,7 +9,7 @@ use relay::http::{self, Request, Response};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::control::{full_snapshot, Queries, Snapshot};
+use crate::control::{full_snapshot, Queries, RelayStatus, Snapshot};
 use crate::daemon::DaemonError;
 use crate::status::PeerStatus;
 use crate::wgowner::WgOwner;
@@ -161,50 +161,40 @@ fn render_metrics(snap: &Snapshot) -> String {
         "Peer sessions restarted because a relay saw us at a new public address (roamed or rebound).",
     );
     let _ = writeln!(o, "wgice_ice_restarts_total {}", snap.ice_restarts);
-    head(
+    // One labelled sample per relay (skipping relays without a value).
+    let per_relay = |o: &mut String,
+                     name: &str,
+                     kind: &str,
+                     help: &str,
+                     value: &dyn Fn(&RelayStatus) -> Option<f64>| {
+        head(o, name, kind, help);
+        for r in &s.relays {
+            if let Some(v) = value(r) {
+                let _ = writeln!(o, "{name}{{relay=\"{}\"}} {v}", r.server);
+            }
+        }
+    };
+    per_relay(
         &mut o,
         "wgice_relay_rtt_seconds",
         "gauge",
         "Median round trip of the last STUN probes to each relay.",
+        &|r| r.rtt_ms.map(|ms| ms / 1000.0),
     );
-    for r in &s.relays {
-        if let Some(ms) = r.rtt_ms {
-            let _ = writeln!(
-                o,
-                "wgice_relay_rtt_seconds{{relay=\"{}\"}} {}",
-                r.server,
-                ms / 1000.0
-            );
-        }
-    }
-    head(
+    per_relay(
         &mut o,
         "wgice_relay_active",
         "gauge",
         "1 for the relay relayed paths use, 0 for the others.",
+        &|r| Some(f64::from(u8::from(r.active))),
     );
-    for r in &s.relays {
-        let _ = writeln!(
-            o,
-            "wgice_relay_active{{relay=\"{}\"}} {}",
-            r.server,
-            u8::from(r.active)
-        );
-    }
-    head(
+    per_relay(
         &mut o,
         "wgice_relay_down",
         "gauge",
         "1 while a relay is declared down (probes unanswered).",
+        &|r| Some(f64::from(u8::from(r.down))),
     );
-    for r in &s.relays {
-        let _ = writeln!(
-            o,
-            "wgice_relay_down{{relay=\"{}\"}} {}",
-            r.server,
-            u8::from(r.down)
-        );
-    }
     head(
         &mut o,
         "wgice_signaling_connected",

@@ -582,7 +582,6 @@ impl PeerSession {
             // to where the peer was. Leave it at once instead of after
             // `failover_after` of silence.
             let a = candidate.addr();
-            let before = self.superseded.len();
             for c in &self.remote {
                 if c.kind() == CandidateKind::Relayed
                     && c.addr().ip() == a.ip()
@@ -590,22 +589,6 @@ impl PeerSession {
                     && !self.superseded.contains(&c.addr())
                 {
                     self.superseded.push(c.addr());
-                }
-            }
-            if self.superseded.len() > before {
-                // The peer moved: what other relay pairs heard from it
-                // before says nothing about now. Pairs that still work
-                // answer again within a check interval.
-                let stale: Vec<PairKey> = self
-                    .seen
-                    .keys()
-                    .filter(|k| k.1 != a && self.pair_kind(**k).0 == PathKind::Relay)
-                    .copied()
-                    .collect();
-                for k in stale {
-                    if let Some(s) = self.seen.get_mut(&k) {
-                        s.last_rx = None;
-                    }
                 }
             }
         }

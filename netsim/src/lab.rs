@@ -795,27 +795,28 @@ impl Lab {
 
     /// Kills process `name` (its whole process group).
     pub fn kill_process(&self, name: &str) -> Result<(), Error> {
+        if let Some(mut c) = self.take_child(name)? {
+            stop_child(&mut c);
+        }
+        Ok(())
+    }
+
+    /// Takes process `name`'s running child out of the lab's table (it is
+    /// then the caller's to stop); `None` if it is not running.
+    fn take_child(&self, name: &str) -> Result<Option<std::process::Child>, Error> {
         let mut st = self.lock();
         let p = st
             .procs
             .get_mut(name)
             .ok_or_else(|| Error::Config(format!("no process {name:?}")))?;
-        if let Some(mut c) = p.child.take() {
-            stop_child(&mut c);
-        }
-        Ok(())
+        Ok(p.child.take())
     }
 
     /// Kills process `name` (its whole group) with SIGKILL at once: no
     /// SIGTERM first, so it cannot say goodbye to anyone (a crashed relay,
     /// a power cut). [`Lab::restart_process`] starts it again.
     pub fn kill_process_hard(&self, name: &str) -> Result<(), Error> {
-        let mut st = self.lock();
-        let p = st
-            .procs
-            .get_mut(name)
-            .ok_or_else(|| Error::Config(format!("no process {name:?}")))?;
-        if let Some(mut c) = p.child.take() {
+        if let Some(mut c) = self.take_child(name)? {
             sys::kill_group(c.id(), libc::SIGKILL);
             let _ = c.wait();
         }

@@ -177,7 +177,7 @@ pub fn parse_ssdp(b: &[u8]) -> Option<SsdpAnswer> {
 }
 
 /// Printable ASCII only, at most [`MAX_VALUE`] bytes (for logs and terminals).
-fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')
         .take(MAX_VALUE)

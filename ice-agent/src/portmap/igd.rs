@@ -22,13 +22,13 @@
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use crate::netcheck::gateway::printable;
+
 /// Largest HTTP response we read (a description or a SOAP answer; real
 /// gateways send a few KiB).
 pub const MAX_RESPONSE: usize = 64 * 1024;
 /// Longest URL path we accept from a gateway.
 const MAX_PATH: usize = 256;
-/// Longest element value we keep.
-const MAX_VALUE: usize = 128;
 /// Lease we ask for; renewed well before (see [`super::MAX_RENEW_INTERVAL`]).
 pub const LEASE_SECONDS: u32 = 3600;
 /// `AddPortMapping` attempts with another external port after a conflict.
@@ -67,7 +67,7 @@ pub fn parse_url(s: &str, gateway: Ipv4Addr) -> Result<HttpUrl, String> {
     let s = s.trim();
     let rest = s
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{:?} is not an http:// URL", bounded(s)))?;
+        .ok_or_else(|| format!("{:?} is not an http:// URL", printable(s)))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -78,13 +78,13 @@ pub fn parse_url(s: &str, gateway: Ipv4Addr) -> Result<HttpUrl, String> {
             p.parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| format!("bad port in {:?}", bounded(s)))?,
+                .ok_or_else(|| format!("bad port in {:?}", printable(s)))?,
         ),
         None => (authority, 80),
     };
     let host: Ipv4Addr = host
         .parse()
-        .map_err(|_| format!("{:?} does not name an IPv4 address", bounded(s)))?;
+        .map_err(|_| format!("{:?} does not name an IPv4 address", printable(s)))?;
     if host != gateway {
         return Err(format!(
             "{host} is not the gateway {gateway} (a gateway may only point at itself)"
@@ -105,7 +105,7 @@ pub fn resolve(base: &HttpUrl, s: &str) -> Result<HttpUrl, String> {
         return parse_url(s, base.host);
     }
     if s.contains("://") {
-        return Err(format!("{:?} is not an http:// URL", bounded(s)));
+        return Err(format!("{:?} is not an http:// URL", printable(s)));
     }
     let path = if s.starts_with('/') {
         s.to_string()
@@ -122,7 +122,7 @@ pub fn resolve(base: &HttpUrl, s: &str) -> Result<HttpUrl, String> {
 
 fn clean_path(p: &str) -> Result<String, String> {
     if p.len() > MAX_PATH || !p.starts_with('/') || !p.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!("bad URL path {:?}", bounded(p)));
+        return Err(format!("bad URL path {:?}", printable(p)));
     }
     Ok(p.to_string())
 }
@@ -281,13 +281,16 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
     let status_line = lines.next().unwrap_or_default();
     let mut parts = status_line.split_whitespace();
     if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
-        return Err(format!("not an HTTP response: {:?}", bounded(status_line)));
+        return Err(format!(
+            "not an HTTP response: {:?}",
+            printable(status_line)
+        ));
     }
     let status: u16 = parts
         .next()
         .and_then(|s| s.parse().ok())
         .filter(|s| (100..600).contains(s))
-        .ok_or_else(|| format!("bad HTTP status line {:?}", bounded(status_line)))?;
+        .ok_or_else(|| format!("bad HTTP status line {:?}", printable(status_line)))?;
     let (mut length, mut chunked) = (None, false);
     for line in lines.take(64) {
         let Some((k, v)) = line.split_once(':') else {
@@ -297,7 +300,7 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
         if k == "content-length" {
             length = Some(
                 v.parse::<usize>()
-                    .map_err(|_| format!("bad Content-Length {:?}", bounded(v)))?,
+                    .map_err(|_| format!("bad Content-Length {:?}", printable(v)))?,
             );
         } else if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
             chunked = true;
@@ -326,7 +329,7 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
         let size_text = String::from_utf8_lossy(&b[..eol]);
         let size_text = size_text.split(';').next().unwrap_or_default().trim();
         let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {:?}", bounded(size_text)))?;
+            .map_err(|_| format!("bad chunk size {:?}", printable(size_text)))?;
         b = &b[eol + 2..];
         if size == 0 {
             return Ok(out);
@@ -352,7 +355,7 @@ pub fn external_ip(r: &Response) -> Result<Ipv4Addr, String> {
         .ok_or("GetExternalIPAddress answered without NewExternalIPAddress")?;
     let ip: Ipv4Addr = v
         .parse()
-        .map_err(|_| format!("GetExternalIPAddress answered {:?}", bounded(&v)))?;
+        .map_err(|_| format!("GetExternalIPAddress answered {:?}", printable(&v)))?;
     if ip.is_unspecified()
         || ip.is_loopback()
         || ip.is_multicast()
@@ -415,7 +418,7 @@ pub fn element(xml: &str, name: &str) -> Option<String> {
         .replace("&quot;", "\"")
         .replace("&apos;", "'")
         .replace("&amp;", "&");
-    Some(bounded(&v))
+    Some(printable(&v))
 }
 
 /// The contents of every `<name>…</name>` block, in order.
@@ -459,14 +462,6 @@ fn open_tag(xml: &str, name: &str) -> Option<(usize, usize)> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Printable ASCII, at most [`MAX_VALUE`] bytes (for logs and status).
-fn bounded(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_ascii_graphic() || *c == ' ')
-        .take(MAX_VALUE)
-        .collect()
 }
 
 #[cfg(test)]
