@@ -127,6 +127,73 @@ enum Msg {
     Bye {
         session: u8,
     },
+    Facts {
+        session: u8,
+        nat: Facts,
+    },
+    Unknown,
+}
+
+/// A `Facts` message's `nat`: mostly well-formed JSON with fuzzed values,
+/// sometimes anything at all.
+#[derive(Arbitrary, Debug)]
+enum Facts {
+    Shaped {
+        mapping: u8,
+        filtering: u8,
+        delta: Option<i64>,
+        random: bool,
+        hairpin: Option<bool>,
+        extra: Option<String>,
+    },
+    Any(String),
+}
+
+impl Facts {
+    fn get(&self) -> String {
+        const MAPPING: [&str; 6] = [
+            "none",
+            "endpoint-independent",
+            "address-dependent",
+            "address-and-port-dependent",
+            "endpoint-dependent",
+            "bogus",
+        ];
+        const FILTERING: [&str; 4] = [
+            "endpoint-independent",
+            "address-dependent",
+            "address-and-port-dependent",
+            "",
+        ];
+        match self {
+            Facts::Shaped {
+                mapping,
+                filtering,
+                delta,
+                random,
+                hairpin,
+                extra,
+            } => {
+                let mut j = serde_json::json!({
+                    "udp": true,
+                    "mapping": MAPPING[usize::from(*mapping) % MAPPING.len()],
+                    "filtering": FILTERING[usize::from(*filtering) % FILTERING.len()],
+                    "hairpin": hairpin,
+                    "public_ipv4": "198.51.100.7:1",
+                });
+                j["port_allocation"] = match (delta, random) {
+                    (_, true) => serde_json::json!({"kind": "random"}),
+                    (Some(d), false) => serde_json::json!({"kind": "sequential", "delta": d}),
+                    (None, false) => serde_json::Value::Null,
+                };
+                if let Some(e) = extra {
+                    j["future"] = serde_json::Value::String(e.clone());
+                }
+                j.to_string()
+            }
+            Facts::Any(s) => s.clone(),
+        }
+    }
 }
 
 #[derive(Arbitrary, Debug)]
@@ -143,6 +210,11 @@ enum Step {
         key: u8,
     },
     SignalingConnected,
+    /// Our own NAT facts (the daemon's netcheck), which go to every peer.
+    OurNat {
+        symmetric: bool,
+        delta: Option<i8>,
+    },
     Datagram {
         from: Addr,
         relay: bool,
@@ -266,6 +338,11 @@ fuzz_target!(|steps: Vec<Step>| {
                     Msg::Bye { session } => PeerMessage::Bye {
                         session: base + u64::from(session),
                     },
+                    Msg::Facts { session, nat } => PeerMessage::Facts {
+                        session: base + u64::from(session),
+                        nat: nat.get(),
+                    },
+                    Msg::Unknown => PeerMessage::Unknown,
                 };
                 agent.handle_message(now, from, msg);
             }
@@ -275,6 +352,20 @@ fuzz_target!(|steps: Vec<Step>| {
             }
             Step::Offline { key: k } => agent.handle_offline(now, key(k)),
             Step::SignalingConnected => agent.handle_signaling_connected(now),
+            Step::OurNat { symmetric, delta } => {
+                use ice_agent::netcheck::{Mapping, NatFacts, PortAllocation};
+                let facts = NatFacts {
+                    udp: true,
+                    mapping: Some(if symmetric {
+                        Mapping::AddressAndPortDependent
+                    } else {
+                        Mapping::EndpointIndependent
+                    }),
+                    port_allocation: delta.map(|d| PortAllocation::Sequential { delta: d.into() }),
+                    ..NatFacts::default()
+                };
+                agent.set_nat_facts(now, facts);
+            }
             Step::Datagram {
                 from,
                 relay: r,

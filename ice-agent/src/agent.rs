@@ -38,6 +38,7 @@ use crate::{Candidate, IceCreds, PathKind};
 use relay::demux::{self, Kind};
 
 mod membership;
+mod nat;
 mod relays;
 
 /// A WireGuard public key: the one key type of the project (signaling's),
@@ -446,6 +447,8 @@ struct Peer {
     withheld: Option<String>,
     /// Listed in the config (its allowed IPs are the operator's).
     listed: bool,
+    /// The NAT facts it published (checked), kept across sessions.
+    remote_nat: Option<crate::netcheck::NatFacts>,
 }
 
 #[derive(Debug)]
@@ -528,6 +531,8 @@ pub struct Agent {
     restarts: u64,
     /// When a silent relayed peer last made us refresh our allocations.
     last_silence_probe: Option<Instant>,
+    /// Our NAT facts (the daemon's netcheck) and when they were measured.
+    nat: Option<(crate::netcheck::NatFacts, Instant)>,
 }
 
 const MAX_PENDING_CANDIDATES: usize = 64;
@@ -590,6 +595,7 @@ impl Agent {
             last_restart: None,
             restarts: 0,
             last_silence_probe: None,
+            nat: None,
             health: relays::Relays::default(),
             relay_view: RelayView::default(),
             opts,
@@ -1278,6 +1284,11 @@ impl Agent {
                     self.unmanage(now, from);
                 }
             }
+            // About the node, not the session: any session id will do.
+            PeerMessage::Facts { nat, .. } => self.handle_facts(now, from, &nat),
+            PeerMessage::Unknown => {
+                tracing::debug!(peer = %from, "ignored a message type this agent does not know (a newer agent?)");
+            }
             _ => {}
         }
     }
@@ -1600,6 +1611,7 @@ impl Agent {
                 row.allowed_ips = p.allowed_ips.iter().map(|n| n.to_string()).collect();
                 row.name = p.membership.as_ref().map(|m| m.name.clone());
                 row.membership = p.cert_problem.clone().or_else(|| p.withheld.clone());
+                row.nat = p.remote_nat.as_ref().map(|f| f.summary());
                 (*k, row, p.failovers_before + failovers)
             })
             .collect();
@@ -1652,6 +1664,7 @@ impl Agent {
                     .then(|| "no membership certificate presented yet: routes nothing".into()),
                 withheld: None,
                 listed: false,
+                remote_nat: None,
             },
         );
         self.out.push_back(Output::PeerAdded {
@@ -1716,6 +1729,7 @@ impl Agent {
             offered_at: now,
             unanswered: 0,
         });
+        self.tell_session_nat(now, key);
         self.drain_session(now, &key);
     }
 
@@ -1861,6 +1875,7 @@ impl Agent {
                 cert: self.opts.certificate.clone(),
             };
             self.out.push_back(Output::Signal { to: key, message });
+            self.send_facts(key);
         }
     }
 
@@ -1875,6 +1890,7 @@ impl Agent {
                 cert: self.opts.certificate.clone(),
             };
             self.out.push_back(Output::Signal { to: key, message });
+            self.send_facts(key);
         }
     }
 

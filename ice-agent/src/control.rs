@@ -64,6 +64,13 @@ pub struct Status {
     /// 192.168.2.2 added on eth0 (+2 more changes)"); `None` before the first.
     #[serde(default)]
     pub network: Option<String>,
+    /// Our NAT as the background netcheck measured it (what peers are
+    /// told, plus our public addresses); `None` until the first run ends.
+    #[serde(default)]
+    pub nat: Option<crate::netcheck::NatFacts>,
+    /// Seconds since `nat` was measured.
+    #[serde(default)]
+    pub nat_age_secs: Option<u64>,
 }
 
 /// One relay in [`Status`].
@@ -166,6 +173,10 @@ pub(crate) fn snapshot(
                 .network_change(now)
                 .map(|(ago, why)| format!("{:.1} s ago: {why}", ago.as_secs_f64())),
             certificates: agent.certificates_required(),
+            nat: agent.nat_facts().map(|(f, _)| f.clone()),
+            nat_age_secs: agent
+                .nat_facts()
+                .map(|(_, at)| now.saturating_duration_since(at).as_secs()),
         },
         failovers,
         direct_retries: agent.direct_retries(),
@@ -369,6 +380,10 @@ fn summary(s: &Status) -> String {
     }
     if let Some(n) = &s.network {
         out += &format!("network changed {n}\n");
+    }
+    match (&s.nat, s.nat_age_secs) {
+        (Some(n), Some(age)) => out += &format!("NAT: {} (measured {age} s ago)\n", n.summary()),
+        _ => out += "NAT: not measured yet\n",
     }
     for r in &s.relays {
         let state = match (&r.problem, r.relayed.is_empty()) {

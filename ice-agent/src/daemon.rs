@@ -200,6 +200,12 @@ pub async fn run(
         crate::portmap::driver::spawn(port, pm_tx)
     });
 
+    // Our NAT facts for peers: a UDP-only netcheck in the background, at
+    // start (after the first offers are out) and after network changes.
+    let (nat_tx, mut nat_rx) = mpsc::channel(1);
+    let mut nat_probe =
+        crate::netcheck::driver::spawn_background(cfg.clone(), NAT_PROBE_DELAY, nat_tx.clone());
+
     let mut rx = crate::udp::RecvBatch::new(16, 65536);
     // Embedded mode: decrypted packets and replies are built here.
     let mut scratch = vec![0u8; 65536 + 64];
@@ -296,6 +302,8 @@ pub async fn run(
             _ = sleep_until_opt(netwatch.poll_timeout()) => {
                 if let Some(r) = netwatch.poll(Instant::now()) {
                     agent.network_changed(Instant::now(), host_nets(&filter, dual), r.why());
+                    nat_probe.abort();
+                    nat_probe = crate::netcheck::driver::spawn_background(cfg.clone(), NAT_PROBE_DELAY, nat_tx.clone());
                 }
             }
             Some(input) = streams.rx.recv() => match streams.accept(input) {
@@ -320,6 +328,7 @@ pub async fn run(
                 };
                 agent.set_port_mapping(Instant::now(), mapped, crate::portmap::driver::describe(&u));
             }
+            Some(facts) = nat_rx.recv() => agent.set_nat_facts(Instant::now(), facts),
             _ = &mut shutdown => break,
         }
     }
@@ -327,6 +336,7 @@ pub async fn run(
     // Shut down. No more status answers: queued and later queries fail at
     // once instead of holding the wg thread's channel open.
     drop(ctl_rx);
+    nat_probe.abort();
     tracing::info!(
         "shutting down: telling peers, releasing allocations, restoring WireGuard peers"
     );
@@ -884,3 +894,7 @@ fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+/// The background netcheck starts this long after the agent (or a network
+/// change), so its probes do not share the first round trips with the
+/// relay allocation and the first offers.
+const NAT_PROBE_DELAY: Duration = Duration::from_millis(500);

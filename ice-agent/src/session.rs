@@ -26,6 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::blackhole::{self, Blackhole, BlackholeConfig, BlackholeStats, Cause};
+use crate::netcheck::{NatFacts, PortAllocation};
 use crate::path::{classify, is_private, PathKind, WgicePreference};
 
 /// Errors the session reports to its caller.
@@ -416,6 +417,9 @@ pub struct PeerSession {
     /// Hints about NAT behaviour learned from checks (for reasons).
     local_nat_varies: bool,
     remote_nat_varies: bool,
+    /// Both sides' published NAT facts (their netchecks), for reasons.
+    local_nat: Option<NatFacts>,
+    remote_nat: Option<NatFacts>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SessionEvent>,
     stats: SessionStats,
@@ -483,6 +487,8 @@ impl PeerSession {
             direct_pairs_tried: Vec::new(),
             local_nat_varies: false,
             remote_nat_varies: false,
+            local_nat: None,
+            remote_nat: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: SessionStats::default(),
@@ -703,6 +709,22 @@ impl PeerSession {
                 self.evaluate(now);
             }
         }
+    }
+
+    /// Both sides' NAT facts as published (ours from the daemon's
+    /// netcheck, the peer's from its `Facts` message); reasons use them.
+    pub fn set_nat_facts(
+        &mut self,
+        now: Instant,
+        local: Option<NatFacts>,
+        remote: Option<NatFacts>,
+    ) {
+        if self.local_nat == local && self.remote_nat == remote {
+            return;
+        }
+        self.local_nat = local;
+        self.remote_nat = remote;
+        self.after_mutation(now);
     }
 
     /// Tells the session which relay the agent chose and which relays are
@@ -1348,6 +1370,41 @@ impl PeerSession {
         self.after_mutation(now);
     }
 
+    /// What the published NAT facts say about a missing direct path.
+    fn nat_clause(&self) -> Option<String> {
+        let ports = |f: &NatFacts| match f.port_allocation {
+            Some(PortAllocation::Sequential { delta }) => {
+                format!("symmetric, sequential ports {delta:+}")
+            }
+            Some(PortAllocation::Random) => "symmetric, random ports".into(),
+            None => "symmetric".into(),
+        };
+        let local = self.local_nat.as_ref();
+        let remote = self.remote_nat.as_ref();
+        if remote.is_some_and(|f| !f.udp) {
+            return Some("the peer has no UDP (its netcheck)".into());
+        }
+        match (
+            local.filter(|f| f.symmetric()),
+            remote.filter(|f| f.symmetric()),
+        ) {
+            (Some(l), Some(r)) => Some(format!(
+                "both NATs map each destination to a new port (ours {}; the peer's {})",
+                ports(l),
+                ports(r)
+            )),
+            (Some(l), None) => Some(format!(
+                "local NAT maps each destination to a new port ({})",
+                ports(l)
+            )),
+            (None, Some(r)) => Some(format!(
+                "the peer's NAT maps each destination to a new port ({}, its netcheck)",
+                ports(r)
+            )),
+            (None, None) => None,
+        }
+    }
+
     fn reason_for(&self, kind: PathKind, (l, r): PairKey, lan: Option<IpNet>) -> String {
         match kind {
             PathKind::Lan => match lan {
@@ -1384,7 +1441,10 @@ impl PeerSession {
                         self.direct_checks_since_ok,
                         self.direct_pairs_tried.len()
                     );
-                    if self.local_nat_varies {
+                    if let Some(c) = self.nat_clause() {
+                        s.push_str(" — ");
+                        s.push_str(&c);
+                    } else if self.local_nat_varies {
                         s.push_str(" — local NAT maps each destination to a new port (symmetric)");
                     } else if self.remote_nat_varies {
                         s.push_str(

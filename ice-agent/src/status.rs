@@ -46,6 +46,10 @@ pub struct PeerStatus {
     /// `mtu`, `largest_ok`, `pair`, `by_peer`, `retry_in_secs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blackhole: Option<crate::BlackholeReport>,
+    /// The peer's NAT as its netcheck measured it and published it
+    /// ("endpoint-dependent … mapping, random ports, …").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<String>,
 }
 
 impl PeerStatus {
@@ -72,6 +76,7 @@ impl PeerStatus {
             name: None,
             membership: None,
             blackhole: report.blackhole,
+            nat: None,
         }
     }
 }
@@ -144,6 +149,9 @@ pub fn render_table(peers: &[PeerStatus]) -> String {
         if let Some(m) = &p.membership {
             let _ = writeln!(out, "             └ {m}");
         }
+        if let Some(n) = &p.nat {
+            let _ = writeln!(out, "             └ peer's NAT: {n}");
+        }
     }
     if peers.is_empty() {
         out.push_str("(no peers yet)\n");
@@ -171,6 +179,7 @@ mod tests {
             name: None,
             membership: None,
             blackhole: None,
+            nat: None,
         }
     }
 

@@ -413,3 +413,57 @@ fn a_replayed_binding_request_from_a_spoofed_source_moves_no_ownership() {
     let got = w.agents[0].handle_datagram(w.now, x, Some(w.ips[0]), &wg);
     assert_eq!(got.map(|(k, _)| k), Some(KC));
 }
+
+#[test]
+fn nat_facts_travel_to_peers_and_hostile_ones_are_refused() {
+    use ice_agent::netcheck::{Filtering, Mapping, NatFacts, PortAllocation};
+    let mut w = pair();
+    let (_, b_session) = w.agents[0].session_ids(&KB).expect("session");
+    let b_session = b_session.expect("known");
+    // B's netcheck finishes: A hears of it (a sealed `Facts` message) and
+    // shows it, without B's public address.
+    let facts = NatFacts {
+        udp: true,
+        public_ipv4: Some("203.0.113.2:40000".parse().expect("addr")),
+        mapping: Some(Mapping::AddressAndPortDependent),
+        port_allocation: Some(PortAllocation::Sequential { delta: 1 }),
+        filtering: Some(Filtering::AddressAndPortDependent),
+        ..NatFacts::default()
+    };
+    w.agents[1].set_nat_facts(w.now, facts);
+    w.run(Duration::from_millis(200));
+    let shown = |w: &World| {
+        w.agents[0]
+            .status(w.now)
+            .into_iter()
+            .find(|r| r.0 == KB)
+            .and_then(|r| r.1.nat)
+    };
+    let want = "endpoint-dependent (per destination address and port) mapping, \
+                sequential ports (+1), address-and-port-dependent filtering";
+    assert_eq!(shown(&w).as_deref(), Some(want));
+    // Hostile facts from B: refused, counted, nothing else changes.
+    let before = w.agents[0].drops().bad_field;
+    for nat in [
+        "x".repeat(600),
+        r#"{"mapping":"wormhole"}"#.to_owned(),
+        r#"{"port_allocation":{"kind":"sequential","delta":70000}}"#.to_owned(),
+        "not json".to_owned(),
+    ] {
+        w.agents[0].handle_message(
+            w.now,
+            KB,
+            PeerMessage::Facts {
+                session: b_session,
+                nat,
+            },
+        );
+    }
+    assert_eq!(w.agents[0].drops().bad_field, before + 4);
+    assert_eq!(shown(&w).as_deref(), Some(want));
+    // A message type from a newer agent is ignored, not refused.
+    w.agents[0].handle_message(w.now, KB, PeerMessage::Unknown);
+    assert_eq!(w.agents[0].drops().bad_field, before + 4);
+    w.run(Duration::from_secs(2));
+    assert_eq!(path_to(&w, 0, KB), PathKind::Direct);
+}

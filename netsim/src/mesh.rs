@@ -244,9 +244,7 @@ impl MeshLab {
         // Interface names must be unique across labs (shared UAPI directory)
         // and at most 15 characters.
         let tag = format!("{:06x}", fxhash(lab.prefix()) & 0xff_ffff);
-        let ips = lab
-            .add_public_host("pub", if relay_tls { 2 } else { 1 })
-            .expect("public host");
+        let ips = lab.add_public_host("pub", 2).expect("public host");
         let public_ip = ips[0];
         let signaling = if relay_tls {
             SocketAddr::from((ips[1], 443))
@@ -268,6 +266,9 @@ impl MeshLab {
         assert_eq!(pin.len(), 64, "fingerprint: {out:?}");
         let relay_addr = SocketAddr::from((public_ip, 3478));
         let mut relay_args = relay_argv(bins, relay_addr);
+        // RFC 5780 on the second address, so the agents' background
+        // netcheck can name their NATs' mapping and filtering.
+        relay_args.extend([s("--alt-listen"), s(SocketAddr::from((ips[1], 3479)))]);
         if relay_tls {
             // TCP on 3478 beside UDP, TLS on 443 with signaling's
             // self-signed certificate (so one pin serves both).

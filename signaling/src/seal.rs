@@ -93,6 +93,26 @@ pub enum PeerMessage {
         /// ICE session id.
         session: u64,
     },
+    /// What the sender's `netcheck` measured about its NAT (mapping,
+    /// filtering, port allocation, hairpin, port mapping), for the
+    /// receiver's reasons and traversal choices. `nat` is a JSON object the
+    /// agent validates (at most 512 bytes); it is sent after the offer or
+    /// answer and again when the facts change.
+    ///
+    /// Added after the first release: an agent that predates it refuses the
+    /// message (one logged refusal) and keeps the session.
+    Facts {
+        /// ICE session id.
+        session: u64,
+        /// The facts (JSON).
+        nat: String,
+    },
+    /// A message type this build does not know (sent by a newer agent).
+    /// The receiver ignores it: new message types are how the protocol
+    /// grows, so an older agent keeps working with a newer one. New fields
+    /// on the types above are never added (they would be refused).
+    #[serde(other)]
+    Unknown,
 }
 
 /// A sealed message as it travels through the server.
@@ -495,10 +515,40 @@ mod tests {
             PeerMessage::EndOfCandidates { session: 1 },
             PeerMessage::Restart { session: 1 },
             PeerMessage::Bye { session: 1 },
+            PeerMessage::Facts {
+                session: 1,
+                nat: r#"{"udp":true}"#.into(),
+            },
         ];
         for m in msgs {
             let env = seal(&a, &b.public_key(), 50, &m).unwrap();
             assert_eq!(opener.open(50, &env).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn a_newer_message_type_is_ignored_but_new_fields_are_refused() {
+        let a = PrivateKey::generate();
+        let b = PrivateKey::generate();
+        let mut opener = Opener::new(b.clone());
+        // A type from a newer agent, with fields of its own: `Unknown`.
+        let newer = br#"{"type":"predict","session":7,"ports":[1,2,3],"at":{"ms":5}}"#;
+        let env = seal_plaintext(&a, &b.public_key(), 60, newer).unwrap();
+        assert_eq!(opener.open(60, &env).unwrap(), PeerMessage::Unknown);
+        // A known type with an extra field stays refused.
+        let extra = br#"{"type":"bye","session":7,"why":"x"}"#;
+        let env = seal_plaintext(&a, &b.public_key(), 61, extra).unwrap();
+        assert!(matches!(
+            opener.open(61, &env),
+            Err(OpenError::BadContent(_))
+        ));
+        // Not an object, or no type at all: refused.
+        for bad in [&b"[1]"[..], br#"{"session":1}"#, br#"{"type":5}"#] {
+            let env = seal_plaintext(&a, &b.public_key(), 62, bad).unwrap();
+            assert!(matches!(
+                opener.open(62, &env),
+                Err(OpenError::BadContent(_))
+            ));
         }
     }
 }

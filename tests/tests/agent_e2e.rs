@@ -304,6 +304,47 @@ fn symmetric_to_port_restricted_is_relayed_and_says_why() {
         "reason {reason:?}\n{}",
         m.logs()
     );
+    // Both agents measured their NATs in the background and told each
+    // other (sealed `Facts` messages): each status names its own NAT and
+    // the peer's, and the port-restricted side's reason cites the peer's
+    // netcheck.
+    let mut told = None;
+    for _ in 0..100 {
+        let (sa, rb, ra) = (
+            m.status(a).unwrap(),
+            m.peer_status(b, a).unwrap(),
+            m.peer_status(a, b).unwrap(),
+        );
+        if sa["nat"].is_object() && rb["nat"].is_string() && ra["nat"].is_string() {
+            told = Some((sa, rb, ra));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (sa, rb, ra) = told.unwrap_or_else(|| panic!("no NAT facts in status\n{}", m.logs()));
+    assert_eq!(sa["nat"]["mapping"], "address-and-port-dependent", "{sa:#}");
+    assert_eq!(
+        sa["nat"]["filtering"], "address-and-port-dependent",
+        "{sa:#}"
+    );
+    assert!(sa["nat"]["public_ipv4"].is_string(), "{sa:#}");
+    let peer_a = rb["nat"].as_str().unwrap();
+    assert!(
+        peer_a.starts_with("endpoint-dependent (per destination address and port) mapping"),
+        "{peer_a}"
+    );
+    let peer_b = ra["nat"].as_str().unwrap();
+    assert!(
+        peer_b.starts_with("endpoint-independent mapping, address-and-port-dependent filtering"),
+        "{peer_b}"
+    );
+    let reason_b = rb["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason_b.contains("the peer's NAT maps each destination to a new port (symmetric")
+            && reason_b.contains("its netcheck"),
+        "{reason_b}\n{}",
+        m.logs()
+    );
     // The table says the same.
     let table = m.status_table(a);
     println!("{table}");
@@ -314,6 +355,11 @@ fn symmetric_to_port_restricted_is_relayed_and_says_why() {
     assert!(table.contains("signaling: connected"), "{table}");
     assert!(table.contains("└ 10.77.0.2/32 · relayed"), "{table}");
     assert!(table.contains("relayed 198.51.100."), "{table}");
+    assert!(table.contains("NAT: endpoint-dependent"), "{table}");
+    assert!(
+        table.contains("peer's NAT: endpoint-independent mapping"),
+        "{table}"
+    );
 }
 
 #[test]

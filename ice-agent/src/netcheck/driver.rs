@@ -25,6 +25,10 @@ use crate::config::{AgentConfig, Relay, RelayTransport, RelayTrust};
 pub struct Options {
     /// Ask the default gateway for UPnP-IGD / NAT-PMP / PCP.
     pub gateway: bool,
+    /// Probe each relay over TCP and TLS too.
+    pub streams: bool,
+    /// Run the mapping tests from the agent's own port when it is free.
+    pub agent_port: bool,
     /// Name resolution of each relay.
     pub resolve_timeout: Duration,
     /// Each TCP/TLS probe (connect, handshake, Binding).
@@ -39,12 +43,36 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             gateway: true,
+            streams: true,
+            agent_port: true,
             resolve_timeout: Duration::from_secs(2),
             stream_timeout: Duration::from_millis(2000),
             gateway_timeout: Duration::from_millis(1200),
             deadline: Duration::from_secs(6),
         }
     }
+}
+
+/// The agent's own NAT facts: a UDP-only run (no TCP/TLS, no gateway: the
+/// port mapper asks the gateway already) from ephemeral ports, started
+/// after `delay`, its facts sent on `tx`. The daemon runs one at start and
+/// one after each network change (aborting the previous).
+pub(crate) fn spawn_background(
+    cfg: AgentConfig,
+    delay: Duration,
+    tx: tokio::sync::mpsc::Sender<NatFacts>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let opts = Options {
+            gateway: false,
+            streams: false,
+            agent_port: false,
+            ..Options::default()
+        };
+        let report = run(&cfg, &opts).await;
+        let _ = tx.send(report.nat).await;
+    })
 }
 
 /// Longest STUN answer read over a stream.
@@ -103,9 +131,10 @@ pub async fn run(cfg: &AgentConfig, opts: &Options) -> Report {
     }
 
     // Sockets. The mapping tests use the agent's own port when it is free.
-    let (main, agent_port_busy) = match bind_v4(cfg.port) {
+    let first = if opts.agent_port { cfg.port } else { 0 };
+    let (main, agent_port_busy) = match bind_v4(first) {
         Ok(s) => (Some(s), false),
-        Err(_) => (bind_v4(0).ok(), cfg.port != 0),
+        Err(_) => (bind_v4(0).ok(), first != 0),
     };
     let filter = bind_v4(0).ok();
     let hairpin = bind_v4(0).ok();
@@ -118,7 +147,7 @@ pub async fn run(cfg: &AgentConfig, opts: &Options) -> Report {
 
     // TCP/TLS and the gateway run beside the UDP probes.
     let mut streams = JoinSet::new();
-    for (i, r) in cfg.relays.iter().enumerate() {
+    for (i, r) in cfg.relays.iter().enumerate().filter(|_| opts.streams) {
         let Some(ip) = resolved[i].0.or(resolved[i].1) else {
             continue;
         };

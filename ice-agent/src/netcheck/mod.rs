@@ -129,6 +129,96 @@ pub struct NatFacts {
     pub port_mapping: Option<PortMapping>,
 }
 
+/// Largest `nat` JSON a peer may send in a `Facts` message.
+pub const MAX_PEER_FACTS: usize = 512;
+/// Largest port step believed to be a sequential pattern; a peer claiming
+/// more is refused (nobody can predict across such steps).
+pub const MAX_DELTA: i32 = 1024;
+
+impl NatFacts {
+    /// What peers are told: everything but our public addresses (those
+    /// travel as candidates, and a `Facts` message should not repeat them).
+    pub fn for_peers(&self) -> NatFacts {
+        NatFacts {
+            public_ipv4: None,
+            public_ipv6: None,
+            ..self.clone()
+        }
+    }
+
+    /// The `nat` field of a `Facts` message.
+    pub fn to_wire(&self) -> String {
+        serde_json::to_string(&self.for_peers()).expect("NAT facts always serialise")
+    }
+
+    /// A peer's `nat` field, checked: at most [`MAX_PEER_FACTS`] bytes of
+    /// JSON, known values only, a sequential step within ±[`MAX_DELTA`]
+    /// and not 0. Fields this build does not know are ignored (facts may
+    /// grow); public addresses are dropped (they come as candidates).
+    pub fn from_wire(s: &str) -> Result<NatFacts, String> {
+        if s.len() > MAX_PEER_FACTS {
+            return Err(format!(
+                "NAT facts of {} bytes (at most {MAX_PEER_FACTS})",
+                s.len()
+            ));
+        }
+        // serde would also take a JSON array for the struct.
+        if !s.trim_start().starts_with('{') {
+            return Err("NAT facts are not a JSON object".into());
+        }
+        let f: NatFacts = serde_json::from_str(s).map_err(|e| format!("NAT facts: {e}"))?;
+        if let Some(PortAllocation::Sequential { delta }) = f.port_allocation {
+            if delta == 0 || delta.unsigned_abs() > MAX_DELTA.unsigned_abs() {
+                return Err(format!(
+                    "NAT facts: sequential port step {delta} (needs 1..={MAX_DELTA} either way)"
+                ));
+            }
+        }
+        Ok(f.for_peers())
+    }
+
+    /// The NAT gives each destination its own mapping (symmetric).
+    pub fn symmetric(&self) -> bool {
+        self.mapping.is_some_and(Mapping::endpoint_dependent)
+    }
+
+    /// One line for status and reasons, e.g. "endpoint-dependent mapping
+    /// (sequential ports +1), address-and-port-dependent filtering".
+    pub fn summary(&self) -> String {
+        if !self.udp {
+            return "no UDP".into();
+        }
+        let mut s = match self.mapping {
+            Some(Mapping::None) => "no NAT".to_string(),
+            Some(m) => format!("{} mapping", m.describe()),
+            None => "mapping unknown".to_string(),
+        };
+        match self.port_allocation {
+            Some(PortAllocation::Sequential { delta }) if self.symmetric() => {
+                let _ = write!(s, ", sequential ports ({delta:+})");
+            }
+            Some(PortAllocation::Random) if self.symmetric() => s.push_str(", random ports"),
+            _ => {}
+        }
+        if self.mapping != Some(Mapping::None) {
+            match self.filtering {
+                Some(Filtering::EndpointIndependent) => {
+                    s.push_str(", endpoint-independent filtering")
+                }
+                Some(Filtering::AddressDependent) => s.push_str(", address-dependent filtering"),
+                Some(Filtering::AddressAndPortDependent) => {
+                    s.push_str(", address-and-port-dependent filtering")
+                }
+                None => {}
+            }
+        }
+        if self.hairpin == Some(true) {
+            s.push_str(", hairpins");
+        }
+        s
+    }
+}
+
 /// The default gateway and what it speaks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayReport {
@@ -430,6 +520,54 @@ mod tests {
             serde_json::to_value(PortAllocation::Random).expect("json")["kind"],
             "random"
         );
+    }
+
+    #[test]
+    fn peers_get_facts_without_addresses_and_hostile_ones_are_refused() {
+        let ours = NatFacts {
+            udp: true,
+            public_ipv4: Some("203.0.113.5:40000".parse().expect("addr")),
+            mapping: Some(Mapping::AddressAndPortDependent),
+            port_allocation: Some(PortAllocation::Sequential { delta: 2 }),
+            filtering: Some(Filtering::AddressAndPortDependent),
+            ..NatFacts::default()
+        };
+        let wire = ours.to_wire();
+        assert!(!wire.contains("203.0.113.5"), "{wire}");
+        let back = NatFacts::from_wire(&wire).expect("ours parse");
+        assert_eq!(back, ours.for_peers());
+        assert!(back.symmetric());
+        assert_eq!(
+            back.summary(),
+            "endpoint-dependent (per destination address and port) mapping, \
+             sequential ports (+2), address-and-port-dependent filtering"
+        );
+        // Addresses a peer sends anyway are dropped; unknown fields ignored.
+        let f = NatFacts::from_wire(
+            r#"{"udp":true,"public_ipv4":"198.51.100.9:1","future":{"x":[1]},"hairpin":true}"#,
+        )
+        .expect("lenient");
+        assert_eq!((f.public_ipv4, f.hairpin), (None, Some(true)));
+        // Refused: too long, not JSON, unknown values, absurd steps.
+        let long = format!(r#"{{"udp":true,"pad":"{}"}}"#, "x".repeat(MAX_PEER_FACTS));
+        for bad in [
+            long.as_str(),
+            "[]",
+            "[true]",
+            "{",
+            r#"{"mapping":"teleporting"}"#,
+            r#"{"port_allocation":{"kind":"sequential","delta":0}}"#,
+            r#"{"port_allocation":{"kind":"sequential","delta":-5000}}"#,
+            r#"{"port_allocation":{"kind":"sequential","delta":99999999999}}"#,
+            r#"{"udp":"yes"}"#,
+        ] {
+            assert!(NatFacts::from_wire(bad).is_err(), "{bad}");
+        }
+        let none = NatFacts {
+            udp: false,
+            ..NatFacts::default()
+        };
+        assert_eq!(none.summary(), "no UDP");
     }
 
     #[test]

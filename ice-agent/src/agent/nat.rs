@@ -1,0 +1,84 @@
+//! NAT facts. Ours are measured by the daemon's background netcheck and go
+//! to every peer in a `Facts` message after each offer or answer, and again
+//! when they change. A peer's are checked at the boundary
+//! ([`NatFacts::from_wire`]), kept per peer (they describe the node, not a
+//! session), shown in status and used in the sessions' reasons. Part of
+//! [`Agent`]; see `docs/ice-agent.md` ("NAT facts").
+
+use std::time::Instant;
+
+use signaling::seal::PeerMessage;
+
+use super::{Agent, Output, PeerKey};
+use crate::netcheck::NatFacts;
+use crate::validate::Refusal;
+
+impl Agent {
+    /// Our NAT facts as the daemon's netcheck measured them (at start and
+    /// after network changes). Peers hear of them when they change.
+    pub fn set_nat_facts(&mut self, now: Instant, facts: NatFacts) {
+        let news = self.nat.as_ref().map(|(f, _)| f.for_peers()) != Some(facts.for_peers());
+        tracing::info!(nat = %facts.summary(), changed = news, "NAT facts measured");
+        self.nat = Some((facts, now));
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            self.tell_session_nat(now, k);
+            if news {
+                self.send_facts(k);
+            }
+        }
+    }
+
+    /// Our NAT facts and when they were measured (`None`: not yet).
+    pub fn nat_facts(&self) -> Option<(&NatFacts, Instant)> {
+        self.nat.as_ref().map(|(f, t)| (f, *t))
+    }
+
+    /// Sends our facts to `key` in its current session (after an offer or
+    /// answer, or when they change).
+    pub(super) fn send_facts(&mut self, key: PeerKey) {
+        let Some((facts, _)) = &self.nat else { return };
+        let Some(session) = self
+            .peers
+            .get(&key)
+            .and_then(|p| p.session.as_ref())
+            .map(|s| s.local_id)
+        else {
+            return;
+        };
+        let message = PeerMessage::Facts {
+            session,
+            nat: facts.to_wire(),
+        };
+        self.out.push_back(Output::Signal { to: key, message });
+    }
+
+    /// A peer's `Facts` message (the peer is managed).
+    pub(super) fn handle_facts(&mut self, now: Instant, from: PeerKey, nat: &str) {
+        match NatFacts::from_wire(nat) {
+            Ok(f) => {
+                let Some(p) = self.peers.get_mut(&from) else {
+                    return;
+                };
+                if p.remote_nat.as_ref() != Some(&f) {
+                    tracing::debug!(peer = %from, nat = %f.summary(), "peer's NAT facts");
+                }
+                p.remote_nat = Some(f);
+                self.tell_session_nat(now, from);
+            }
+            Err(e) => self.refuse(now, &from, Refusal::BadField(e)),
+        }
+    }
+
+    /// Gives `key`'s session both sides' facts (for its reasons).
+    pub(super) fn tell_session_nat(&mut self, now: Instant, key: PeerKey) {
+        let local = self.nat.as_ref().map(|(f, _)| f.clone());
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let remote = p.remote_nat.clone();
+        if let Some(s) = p.session.as_mut() {
+            s.ice.set_nat_facts(now, local, remote);
+        }
+    }
+}
