@@ -57,6 +57,11 @@ const SEEN_HORIZON: Duration = Duration::from_secs(600);
 
 /// RTT margin below which two paths of the same kind count as equal.
 const RTT_MARGIN: f64 = 0.10;
+/// Ports predicted past the peer's server-reflexive port (port prediction):
+/// the new mappings its NAT may make between its relay allocation and its
+/// first check to us (its netcheck, checks to our other candidates, other
+/// hosts behind it).
+pub(crate) const PREDICT_WINDOW: u16 = 24;
 
 /// Whether the data path should move from a working path to another one
 /// `is` nominated: always to a better kind, never to a worse one, and
@@ -246,6 +251,8 @@ pub struct SessionStats {
     pub probes_rejected: u64,
     /// Blackhole detection's counters.
     pub blackhole: BlackholeStats,
+    /// Remote candidates predicted (port prediction; 0: not used).
+    pub predicted: u64,
 }
 
 /// Configuration of a [`PeerSession`].
@@ -398,6 +405,9 @@ pub struct PeerSession {
     /// relay host (it re-allocated: roamed, rebound, or the relay
     /// restarted); never chosen again.
     superseded: Vec<SocketAddr>,
+    /// Remote candidates this session predicted (port prediction against
+    /// the peer's sequential symmetric NAT), with the step each is at.
+    predicted: Vec<(SocketAddr, u16)>,
     /// What `is` nominated last, (source, destination).
     nominated: Option<PairKey>,
     seen: HashMap<PairKey, PairSeen>,
@@ -465,6 +475,7 @@ impl PeerSession {
             local: Vec::new(),
             remote: Vec::new(),
             superseded: Vec::new(),
+            predicted: Vec::new(),
             nominated: None,
             seen: HashMap::new(),
             checks: HashMap::new(),
@@ -598,8 +609,12 @@ impl PeerSession {
                 }
             }
         }
+        let srflx = candidate.kind() == CandidateKind::ServerReflexive;
         self.remote.push(candidate.clone());
         self.ice.add_remote_candidate(candidate);
+        if srflx {
+            self.predict(now);
+        }
         // A new direct candidate from a peer that was direct before, or
         // whose checks had run out: it moved (roamed, got a new mapping) or
         // gained a network. `is` does not nominate again on its own once
@@ -724,7 +739,85 @@ impl PeerSession {
         }
         self.local_nat = local;
         self.remote_nat = remote;
+        self.predict(now);
         self.after_mutation(now);
+    }
+
+    /// Port prediction (the peer's NAT is symmetric with sequential ports,
+    /// ours endpoint-independent, both by the published netchecks): the
+    /// peer's NAT will give its checks to our server-reflexive address the
+    /// next ports after its own server-reflexive one, so
+    /// [`PREDICT_WINDOW`] candidates at those ports are added (once per
+    /// session). Our checks to them open our NAT's filter for the port the
+    /// peer's mapping gets, and its checks (or our retransmits) meet. Only
+    /// ever sent to the peer's own public address, at the session's check
+    /// pacing; the pairs are dropped like any other when they fail.
+    fn predict(&mut self, now: Instant) {
+        if !self.predicted.is_empty() {
+            return;
+        }
+        let Some(delta) = self
+            .remote_nat
+            .as_ref()
+            .and_then(|f| match f.port_allocation {
+                Some(PortAllocation::Sequential { delta }) if f.symmetric() => Some(delta),
+                _ => None,
+            })
+        else {
+            return;
+        };
+        // Our own mapping must be the same for every destination: checks
+        // to a window of ports would each open a new one otherwise.
+        if !self
+            .local_nat
+            .as_ref()
+            .is_some_and(|f| f.udp && f.mapping.is_some() && !f.symmetric())
+        {
+            return;
+        }
+        let Some(srflx) = self
+            .remote
+            .iter()
+            .find(|c| c.kind() == CandidateKind::ServerReflexive)
+            .cloned()
+        else {
+            return;
+        };
+        let base = srflx.addr();
+        for k in 1..=PREDICT_WINDOW {
+            let port = i64::from(base.port()) + i64::from(delta) * i64::from(k);
+            let Ok(port) = u16::try_from(port) else { break };
+            if port < 1024 {
+                break;
+            }
+            let addr = SocketAddr::new(base.ip(), port);
+            if self.remote.iter().any(|c| c.addr() == addr) {
+                continue;
+            }
+            // Below the peer's own srflx (checked after it), above any
+            // relayed candidate (so a pair that works is nominated).
+            let prio = (100u32 << 24) | (u32::from(0xfff0 - k) << 8) | 255;
+            let c = Candidate::from_parts(
+                format!("pred{k}"),
+                1,
+                is::Protocol::Udp,
+                prio,
+                addr,
+                CandidateKind::ServerReflexive,
+                Some(base),
+                None,
+                None,
+            );
+            self.predicted.push((addr, k));
+            self.remote.push(c.clone());
+            self.ice.add_remote_candidate(c);
+        }
+        self.stats.predicted = self.predicted.len() as u64;
+        tracing::info!(peer_srflx = %base, delta, window = PREDICT_WINDOW, "predicting the peer's NAT ports");
+        if self.nominated.is_some() || self.path.kind == PathKind::Relay {
+            // `is` nominates once: re-form the pairs so the new ones can win.
+            self.retry_direct_now(now);
+        }
     }
 
     /// Tells the session which relay the agent chose and which relays are
@@ -1411,7 +1504,19 @@ impl PeerSession {
                 Some(net) => format!("direct (LAN {net})"),
                 None => "direct (LAN)".into(),
             },
-            PathKind::Direct => format!("direct {l} ↔ {r}"),
+            PathKind::Direct => match self.predicted.iter().find(|(a, _)| *a == r) {
+                Some((_, k)) => {
+                    let delta = match self.remote_nat.as_ref().and_then(|f| f.port_allocation) {
+                        Some(PortAllocation::Sequential { delta }) => delta,
+                        _ => 0,
+                    };
+                    format!(
+                        "direct {l} ↔ {r} via port prediction, delta {delta:+} \
+                         ({k} steps past the peer's server-reflexive port)"
+                    )
+                }
+                None => format!("direct {l} ↔ {r}"),
+            },
             PathKind::Relay if self.blackhole.latest_ban(self.last_now).is_some() => {
                 let Some((_, ban)) = self.blackhole.latest_ban(self.last_now) else {
                     return String::new();

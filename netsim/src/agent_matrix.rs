@@ -12,9 +12,10 @@
 //!
 //! Theory ([`expected`]): a same-router pair ends `lan`; a UDP-blocked side
 //! relays (over TCP/TLS); a UPnP gateway's mapping opens its side like a
-//! full cone; otherwise the punching theory of [`crate::matrix`] (without
-//! port prediction). A row passes when the overlay answered and the final
-//! path is the one theory allows.
+//! full cone; otherwise the punching theory of [`crate::matrix`] with port
+//! prediction (the agents predict a sequential symmetric NAT's ports when
+//! the other side's mapping is endpoint-independent). A row passes when the
+//! overlay answered and the final path is the one theory allows.
 
 use std::fmt;
 use std::str::FromStr;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::matrix::expected_path;
+use crate::matrix::expected_path_predicting;
 use crate::mesh::{s, Bins, MeshLab};
 use crate::nat::{NatPreset, RouterConfig};
 use crate::punch::PathKind;
@@ -179,7 +180,7 @@ pub fn cases() -> Vec<Case> {
     v
 }
 
-/// The path theory allows without port prediction: `lan`, `direct` or
+/// The path theory allows with port prediction: `lan`, `direct` or
 /// `relay` (the agents' status names).
 pub fn expected(c: &Case) -> &'static str {
     use NatPreset::UdpBlocked;
@@ -194,7 +195,7 @@ pub fn expected(c: &Case) -> &'static str {
         Side::UpnpSymmetric => NatPreset::FullCone,
         Side::Nat(p) => p,
     };
-    match expected_path(open(c.a), open(c.b), false) {
+    match expected_path_predicting(open(c.a), open(c.b), false) {
         PathKind::Direct | PathKind::Lan => "direct",
         PathKind::Relay | PathKind::None => "relay",
     }
@@ -485,6 +486,18 @@ mod tests {
         assert_eq!(c.len(), 45 + 6);
         let get = |s: &str| Case::parse(s).expect("parse");
         assert_eq!(expected(&get("port-restricted:symmetric")), "relay");
+        // Port prediction: a sequential symmetric NAT facing an
+        // endpoint-independent one, not another symmetric one.
+        assert_eq!(
+            expected(&get("port-restricted:symmetric-sequential")),
+            "direct"
+        );
+        assert_eq!(expected(&get("symmetric-sequential:cgnat")), "direct");
+        assert_eq!(
+            expected(&get("symmetric-sequential:symmetric-sequential")),
+            "relay"
+        );
+        assert_eq!(expected(&get("symmetric-sequential:symmetric")), "relay");
         assert_eq!(expected(&get("upnp-symmetric:symmetric")), "direct");
         assert_eq!(expected(&get("upnp-symmetric:udp-blocked")), "relay");
         assert_eq!(expected(&get("cgnat:full-cone")), "direct");

@@ -364,6 +364,33 @@ fn symmetric_to_port_restricted_is_relayed_and_says_why() {
 
 #[test]
 #[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn sequential_symmetric_to_port_restricted_goes_direct_by_port_prediction() {
+    let bins = setup();
+    let mut m = MeshLab::new(&bins);
+    let (a, b) = m.pair(NatPreset::SymmetricSequential, NatPreset::PortRestricted);
+    m.start_and_wait(&[a, b], "relay");
+    let (row, took) = m
+        .wait_path(b, a, "direct", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("not direct: {e}"));
+    println!("direct after {took:?}: {row:#}");
+    let reason = row["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("via port prediction, delta +1"),
+        "{reason}\n{}",
+        m.logs()
+    );
+    m.wait_path(a, b, "direct", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("a not direct: {e}"));
+    assert!(
+        m.ping(a, b, 3),
+        "no ping over the predicted path\n{}",
+        m.logs()
+    );
+    assert_eq!(m.peer_status(a, b).unwrap()["path"], "direct");
+}
+
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn direct_cut_falls_back_to_relay_within_3s_and_comes_back() {
     let bins = setup();
     let mut m = MeshLab::new(&bins);
