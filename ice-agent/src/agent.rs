@@ -504,7 +504,7 @@ pub struct Agent {
     /// Candidates from members not (yet) peers: (sender, session, line).
     early: VecDeque<(PeerKey, u64, String)>,
     /// Direct retries of sessions already dropped (the total never goes down).
-    retired_retries: u64,
+    retired: SessionTotals,
     /// Addresses of vanished members, held back from other keys until then.
     quarantine: HashMap<IpNet, (PeerKey, Instant)>,
     /// When `opts.unix_time` was true.
@@ -533,6 +533,32 @@ pub struct Agent {
     last_silence_probe: Option<Instant>,
     /// Our NAT facts (the daemon's netcheck) and when they were measured.
     nat: Option<(crate::netcheck::NatFacts, Instant)>,
+}
+
+/// Session counters summed over all sessions (see
+/// [`Agent::session_totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionTotals {
+    /// Direct attempts that failed and were retried.
+    pub direct_retries: u64,
+    /// Direct pairs left as data blackholes (our verdicts).
+    pub blackhole_data: u64,
+    /// Direct pairs left as MTU blackholes (our verdicts).
+    pub blackhole_mtu: u64,
+    /// Direct pairs left because the peer found a blackhole.
+    pub blackhole_peer: u64,
+    /// Sessions that predicted the peer's NAT ports.
+    pub predictions: u64,
+}
+
+impl SessionTotals {
+    fn add(&mut self, st: &crate::session::SessionStats) {
+        self.direct_retries += st.direct_retries;
+        self.blackhole_data += st.blackhole.data_verdicts;
+        self.blackhole_mtu += st.blackhole.mtu_verdicts;
+        self.blackhole_peer += st.blackhole.peer_leaves;
+        self.predictions += u64::from(st.predicted > 0);
+    }
 }
 
 const MAX_PENDING_CANDIDATES: usize = 64;
@@ -583,7 +609,7 @@ impl Agent {
             drops: DropCounters::default(),
             next_session_id: opts.session_epoch.max(1) << 12,
             early: VecDeque::new(),
-            retired_retries: 0,
+            retired: SessionTotals::default(),
             quarantine: HashMap::new(),
             started: now,
             log_budget: (now, REFUSAL_LOGS),
@@ -1622,13 +1648,17 @@ impl Agent {
     /// Direct attempts that failed and were retried, over all sessions
     /// (dropped ones included, so the count never goes down).
     pub fn direct_retries(&self) -> u64 {
-        self.retired_retries
-            + self
-                .peers
-                .values()
-                .filter_map(|p| p.session.as_ref())
-                .map(|s| s.ice.stats().direct_retries)
-                .sum::<u64>()
+        self.session_totals().direct_retries
+    }
+
+    /// Counters summed over every session so far (dropped ones included,
+    /// so they never go down).
+    pub fn session_totals(&self) -> SessionTotals {
+        let mut t = self.retired;
+        for s in self.peers.values().filter_map(|p| p.session.as_ref()) {
+            t.add(&s.ice.stats());
+        }
+        t
     }
 
     // ---- peers and sessions -------------------------------------------------
@@ -1823,7 +1853,7 @@ impl Agent {
             let st = s.ice.stats();
             p.path_changes_before += st.path_changes;
             p.failovers_before += st.failovers;
-            self.retired_retries += st.direct_retries;
+            self.retired.add(&st);
             self.owner.retain(|_, k| *k != key);
             self.set_route(
                 key,

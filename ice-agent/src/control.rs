@@ -106,7 +106,8 @@ pub(crate) struct Snapshot {
     pub(crate) status: Status,
     /// Failovers per peer (base64 key).
     pub(crate) failovers: HashMap<String, u64>,
-    pub(crate) direct_retries: u64,
+    /// Session counters over all sessions so far.
+    pub(crate) totals: crate::agent::SessionTotals,
     /// Network changes the kernel reported.
     pub(crate) network_changes: u64,
     /// Sessions restarted because our public address changed.
@@ -179,7 +180,7 @@ pub(crate) fn snapshot(
                 .map(|(_, at)| now.saturating_duration_since(at).as_secs()),
         },
         failovers,
-        direct_retries: agent.direct_retries(),
+        totals: agent.session_totals(),
         network_changes: agent.network_changes(),
         ice_restarts: agent.address_restarts(),
     }

@@ -139,7 +139,7 @@ fn render_metrics(snap: &Snapshot) -> String {
         "Direct paths that stopped answering (fell back to the relay).",
         &|p| Some(snap.failovers.get(&p.public_key).copied().unwrap_or(0) as f64),
     );
-    let retries = snap.direct_retries;
+    let retries = snap.totals.direct_retries;
     head(
         &mut o,
         "wgice_direct_retries_total",
@@ -161,6 +161,27 @@ fn render_metrics(snap: &Snapshot) -> String {
         "Peer sessions restarted because a relay saw us at a new public address (roamed or rebound).",
     );
     let _ = writeln!(o, "wgice_ice_restarts_total {}", snap.ice_restarts);
+    let t = &snap.totals;
+    head(
+        &mut o,
+        "wgice_blackhole_verdicts_total",
+        "counter",
+        "Direct pairs left as blackholes, by kind (data: checks answered but data dropped; mtu: large datagrams dropped; peer: the peer's verdict).",
+    );
+    for (kind, n) in [
+        ("data", t.blackhole_data),
+        ("mtu", t.blackhole_mtu),
+        ("peer", t.blackhole_peer),
+    ] {
+        let _ = writeln!(o, "wgice_blackhole_verdicts_total{{kind=\"{kind}\"}} {n}");
+    }
+    head(
+        &mut o,
+        "wgice_port_predictions_total",
+        "counter",
+        "Peer sessions that predicted a sequential symmetric NAT's ports.",
+    );
+    let _ = writeln!(o, "wgice_port_predictions_total {}", t.predictions);
     // One labelled sample per relay (skipping relays without a value).
     let per_relay = |o: &mut String,
                      name: &str,

@@ -157,6 +157,8 @@ struct Sim {
     blackhole_drops: u64,
     /// Data packets are full-size (an MTU blackhole then eats them too).
     full_size_data: bool,
+    /// Every datagram a node sent from its socket: (node, destination).
+    sent: Vec<(usize, SocketAddr)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +224,7 @@ impl Sim {
             candidates_exchanged: None,
             blackhole_drops: 0,
             full_size_data: false,
+            sent: Vec::new(),
         };
         sim.gather();
         sim
@@ -304,6 +307,7 @@ impl Sim {
                     t.source, self.nodes[from].host,
                     "sent from a socket we don't own"
                 );
+                self.sent.push((from, t.destination));
                 let dropped = match self.blackhole {
                     _ if self.is_relayed(t.destination) => false,
                     Some(SimBlackhole::WireguardData) => t.contents.first() == Some(&4),
@@ -1098,4 +1102,100 @@ fn healthy_direct_path_with_loss_gets_no_blackhole_verdict() {
             "node {i}: {s:?}"
         );
     }
+}
+
+#[test]
+fn port_prediction_goes_direct_against_a_sequential_symmetric_nat_within_its_budget() {
+    use ice_agent::netcheck::{Filtering, Mapping, NatFacts, PortAllocation};
+    // The model's symmetric NAT gives each new destination the port 7 past
+    // the previous one: sequential, delta +7.
+    let mut sim = Sim::new(
+        &[
+            ("10.0.1.0/24", NatKind::Symmetric, "198.51.100.1"),
+            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
+        ],
+        [
+            NodeSpec {
+                lan: 0,
+                host: "10.0.1.10:51820",
+            },
+            NodeSpec {
+                lan: 1,
+                host: "10.0.2.20:51820",
+            },
+        ],
+    );
+    let sequential = NatFacts {
+        udp: true,
+        mapping: Some(Mapping::AddressAndPortDependent),
+        port_allocation: Some(PortAllocation::Sequential { delta: 7 }),
+        filtering: Some(Filtering::AddressAndPortDependent),
+        ..NatFacts::default()
+    };
+    let eim = NatFacts {
+        udp: true,
+        mapping: Some(Mapping::EndpointIndependent),
+        filtering: Some(Filtering::AddressAndPortDependent),
+        ..NatFacts::default()
+    };
+    // The facts arrive after the first checks have run out (as the
+    // daemon's netcheck finishes about 1.5 s in, or later).
+    sim.run_until(sim.at(6_000));
+    assert_eq!(
+        sim.kind(1),
+        PathKind::Relay,
+        "{:?}",
+        sim.nodes[1].session.path()
+    );
+    let now = sim.now;
+    sim.nodes[0]
+        .session
+        .set_nat_facts(now, Some(sequential.clone()), Some(eim.clone()));
+    sim.nodes[1]
+        .session
+        .set_nat_facts(now, Some(eim.clone()), Some(sequential.clone()));
+    let before = sim.sent.len();
+    sim.run_until(sim.at(12_000));
+    for i in 0..2 {
+        let p = sim.nodes[i].session.path();
+        println!("node {i}: {} — {}", p.kind, p.reason);
+        assert_eq!(p.kind, PathKind::Direct, "node {i}: {}", p.reason);
+    }
+    let reason = &sim.nodes[1].session.path().reason;
+    assert!(reason.contains("via port prediction, delta +7"), "{reason}");
+    // Data flows both ways on it.
+    for i in 0..2 {
+        assert!(
+            sim.first_data(i, false, sim.at(11_000)).is_some(),
+            "node {i}"
+        );
+    }
+    // The budget: after the facts, node 1 sent to node 0's public address
+    // on at most the window plus the signalled server-reflexive port, and
+    // to no other public address but the relay's.
+    let peer_ip: IpAddr = "198.51.100.1".parse().unwrap();
+    let ports: HashSet<u16> = sim.sent[before..]
+        .iter()
+        .filter(|(n, d)| *n == 1 && d.ip() == peer_ip)
+        .map(|(_, d)| d.port())
+        .collect();
+    println!("node 1 probed {} ports of its peer", ports.len());
+    assert!(ports.len() > 1 && ports.len() <= 24 + 1, "{ports:?}");
+    let srflx = 40_000u16;
+    assert!(
+        ports
+            .iter()
+            .all(|p| *p >= srflx && (*p - srflx).is_multiple_of(7) && (*p - srflx) / 7 <= 24),
+        "{ports:?}"
+    );
+    let relay_ip: IpAddr = "203.0.113.1".parse().unwrap();
+    let others: Vec<&SocketAddr> = sim.sent[before..]
+        .iter()
+        .filter(|(n, d)| *n == 1 && d.ip() != peer_ip && d.ip() != relay_ip)
+        .map(|(_, d)| d)
+        .filter(|d| **d != sa("10.0.1.10:51820"))
+        .collect();
+    assert!(others.is_empty(), "{others:?}");
+    // Without the facts (or with a random symmetric NAT) nobody predicts:
+    // see `symmetric_to_port_restricted_stays_relayed_with_a_reason_and_bounded_retries`.
 }

@@ -387,6 +387,11 @@ fn sequential_symmetric_to_port_restricted_goes_direct_by_port_prediction() {
         m.logs()
     );
     assert_eq!(m.peer_status(a, b).unwrap()["path"], "direct");
+    let metrics = m.metrics(b);
+    assert!(
+        metrics.contains("\nwgice_port_predictions_total 1\n"),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -56,6 +56,18 @@ fn data_blackhole_is_left_for_the_relay() {
         "data",
         "direct path answers checks but drops data: relayed",
     );
+    // The verdict is counted (one side's, or both sides' own).
+    let counted = |i| {
+        m.metrics(i)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("wgice_blackhole_verdicts_total{kind=\"data\"} ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    assert!(counted(a) + counted(b) >= 1, "{}", m.metrics(a));
     // Healed: after the 15 s ban direct carries data again.
     m.heal_blackhole("ra");
     m.wait_path(a, b, "direct", Duration::from_secs(30))
