@@ -323,7 +323,7 @@ fn agent_matrix(
     );
     if let Some(md) = markdown {
         let doc = format!(
-            "{}\n{}\n{}",
+            "{}\n\n{}\n{}",
             MATRIX_HEAD.trim_end(),
             am::markdown(&rows),
             format_args!(

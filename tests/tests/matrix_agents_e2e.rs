@@ -18,6 +18,8 @@ fn representative_pairs_connect_on_the_path_theory_allows() {
         "port-restricted:cgnat",
         // symmetric against port-restricted: relayed
         "symmetric:port-restricted",
+        // sequential symmetric against cgnat: direct by port prediction
+        "symmetric-sequential:cgnat",
         // UDP blocked: relayed over TCP/TLS
         "udp-blocked:full-cone",
         // the gateway's mapping makes the symmetric side direct
