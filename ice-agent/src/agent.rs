@@ -1798,6 +1798,36 @@ impl Agent {
         }
     }
 
+    /// A peer's answers on a host pair see us at a new address: our NAT
+    /// rebound (its mappings were flushed), which no kernel event tells.
+    /// Our relay allocations hang on the old mapping too, so every relay
+    /// gets a Refresh now: from the new 5-tuple it is answered 437, the
+    /// allocation is made again, and the new mapping restarts the sessions
+    /// ([`Agent::restart_all`]). At most once per second (shared with
+    /// [`Agent::probe_relays_if_silent`]).
+    fn mapping_changed(
+        &mut self,
+        now: Instant,
+        peer: PeerKey,
+        local: SocketAddr,
+        old: SocketAddr,
+        new: SocketAddr,
+    ) {
+        if self
+            .last_silence_probe
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_silence_probe = Some(now);
+        tracing::info!(%peer, %local, %old, %new, "our NAT mapping changed: checking our relay allocations");
+        for r in &mut self.relays {
+            if let Some(t) = r.turn.as_mut() {
+                t.refresh_now(now);
+            }
+        }
+    }
+
     /// Our public address changed from `old` to `new` (a relay allocated
     /// again and reports another mapping): restart ICE with every peer, as
     /// WebRTC does after a network change. The peer rebuilds its session
@@ -2512,6 +2542,9 @@ impl Agent {
                     tracing::debug!(peer = %key, attempt, ?next_in, "retrying direct");
                 }
                 Some(SessionEvent::IceState(_)) => {}
+                Some(SessionEvent::MappingChanged { local, old, new }) => {
+                    self.mapping_changed(now, *key, local, old, new);
+                }
                 None => return,
             }
         }

@@ -230,6 +230,16 @@ pub enum SessionEvent {
     },
     /// `is`'s connection state changed (informational).
     IceState(IceConnectionState),
+    /// An authenticated answer on a host pair reports another address for
+    /// us than the previous answer on the same pair: our NAT rebound.
+    MappingChanged {
+        /// Our end of the pair.
+        local: SocketAddr,
+        /// Where the peer saw us before.
+        old: SocketAddr,
+        /// Where it sees us now.
+        new: SocketAddr,
+    },
 }
 
 /// Counters for metrics and tests.
@@ -322,6 +332,8 @@ struct PairSeen {
     /// Last success response to one of our checks (proves both directions).
     last_response: Option<Instant>,
     rtt: Option<Duration>,
+    /// Our address as the peer last saw it on this pair (host pairs).
+    mapped: Option<SocketAddr>,
 }
 
 type PairKey = (SocketAddr, SocketAddr);
@@ -677,11 +689,12 @@ impl PeerSession {
         }
         let key = (destination, source);
         let is_response = message.is_successful_binding_response();
+        let mapped = message.mapped_address();
         if is_response {
             if let Some((pair, sent)) = self.checks.remove(&message.trans_id()) {
                 self.seen.entry(pair).or_default().rtt = Some(now.saturating_duration_since(sent));
             }
-            self.note_mapped(message.mapped_address(), destination);
+            self.note_mapped(mapped, destination);
         } else if message.is_binding_request() {
             self.note_remote_source(source);
         }
@@ -693,10 +706,24 @@ impl PeerSession {
         };
         let accepted = self.ice.handle_packet(now, packet);
         if accepted {
+            let relayed = self.is_local_relayed(destination);
             let seen = self.seen.entry(key).or_default();
             seen.last_rx = Some(now);
             if is_response {
                 seen.last_response = Some(now);
+                // The same pair now sees us at another address: our NAT
+                // forgot the mapping (rebinding) and made a new one. No
+                // kernel event tells; the agent re-checks its allocations.
+                if let (Some(new), false) = (mapped, relayed) {
+                    if let Some(old) = seen.mapped.replace(new).filter(|old| *old != new) {
+                        tracing::debug!(%old, %new, local = %destination, remote = %source, "our mapping on a pair changed");
+                        self.events.push_back(SessionEvent::MappingChanged {
+                            local: destination,
+                            old,
+                            new,
+                        });
+                    }
+                }
             }
         }
         self.after_mutation(now);
