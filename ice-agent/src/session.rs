@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::blackhole::{self, Blackhole, BlackholeConfig, BlackholeStats, Cause};
-use crate::netcheck::{NatFacts, PortAllocation};
+use crate::netcheck::{Filtering, Mapping, NatFacts, PortAllocation};
 use crate::path::{classify, is_private, PathKind, WgicePreference};
 
 /// Errors the session reports to its caller.
@@ -726,6 +726,11 @@ impl PeerSession {
                 }
             }
         }
+        if accepted && self.predicted.is_empty() && self.remote_nat.is_some() {
+            // The first authenticated packet from the peer's address may be
+            // what port prediction waited for.
+            self.predict(now);
+        }
         self.after_mutation(now);
         accepted
     }
@@ -793,19 +798,30 @@ impl PeerSession {
         else {
             return;
         };
-        // Our own mapping must be the same for every destination: checks
-        // to a window of ports would each open a new one otherwise.
-        if !self
-            .local_nat
-            .as_ref()
-            .is_some_and(|f| f.udp && f.mapping.is_some() && !f.symmetric())
-        {
+        // Our own mapping must be the same for every destination (checks
+        // to a window of ports would each open a new one otherwise), and
+        // our NAT must filter by port (without a NAT, or with a cone that
+        // lets the peer's address in, its checks reach us anyway).
+        let ours = self.local_nat.as_ref().is_some_and(|f| {
+            f.udp
+                && f.mapping == Some(Mapping::EndpointIndependent)
+                && matches!(f.filtering, None | Some(Filtering::AddressAndPortDependent))
+        });
+        if !ours {
             return;
         }
+        // Only around an address the peer has proven to be its own (an
+        // authenticated check or answer came from it), so a member cannot
+        // point 24 ports' worth of checks at somebody else's address.
+        let proven = |ip: IpAddr| {
+            self.seen
+                .iter()
+                .any(|((_, r), s)| r.ip() == ip && s.last_rx.is_some())
+        };
         let Some(srflx) = self
             .remote
             .iter()
-            .find(|c| c.kind() == CandidateKind::ServerReflexive)
+            .find(|c| c.kind() == CandidateKind::ServerReflexive && proven(c.addr().ip()))
             .cloned()
         else {
             return;

@@ -86,6 +86,14 @@ impl Nat {
         SocketAddr::new(self.external, port)
     }
 
+    /// Forgets every mapping (conntrack flushed): the next packets get
+    /// new ports.
+    fn flush(&mut self) {
+        self.map.clear();
+        self.internal_of.clear();
+        self.allowed.clear();
+    }
+
     fn inbound(&self, src: SocketAddr, dst: SocketAddr) -> Option<SocketAddr> {
         if dst.ip() != self.external || !self.allowed.contains(&(dst.port(), src)) {
             return None;
@@ -115,6 +123,8 @@ struct Node {
     next_data: Instant,
     /// WireGuard-like packets sent (what the daemon reports as tx).
     data_tx: u64,
+    /// (time, old, new) at every MappingChanged.
+    mapping_changes: Vec<(Instant, SocketAddr, SocketAddr)>,
 }
 
 #[derive(Debug)]
@@ -204,6 +214,7 @@ impl Sim {
                     data_rx: Vec::new(),
                     next_data: start,
                     data_tx: 0,
+                    mapping_changes: Vec::new(),
                 }
             })
             .collect();
@@ -381,6 +392,9 @@ impl Sim {
                     SessionEvent::PathChanged(p) => self.nodes[i].paths.push((now, p)),
                     SessionEvent::DirectRetry { attempt, next_in } => {
                         self.nodes[i].retries.push((now, attempt, next_in))
+                    }
+                    SessionEvent::MappingChanged { old, new, .. } => {
+                        self.nodes[i].mapping_changes.push((now, old, new))
                     }
                     _ => {}
                 }
@@ -679,6 +693,52 @@ fn public_host_to_port_restricted_goes_direct() {
     sim.both_on(PathKind::Direct, sim.start).expect("direct");
     assert_eq!(sim.kind(0), PathKind::Direct);
     assert_eq!(sim.kind(1), PathKind::Direct);
+}
+
+#[test]
+fn nat_rebinding_is_seen_in_the_next_check_answer() {
+    let mut sim = Sim::new(
+        &[
+            ("192.0.2.0/24", NatKind::None, "192.0.2.1"),
+            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
+        ],
+        [
+            NodeSpec {
+                lan: 0,
+                host: "192.0.2.10:51820",
+            },
+            NodeSpec {
+                lan: 1,
+                host: "10.0.2.20:51820",
+            },
+        ],
+    );
+    sim.run_until(sim.at(3_000));
+    assert_eq!(sim.kind(1), PathKind::Direct);
+    // A steady direct pair reports the same mapping every time.
+    assert!(sim.nodes[1].mapping_changes.is_empty());
+    let flushed = sim.now;
+    sim.lans[1].nat.as_mut().unwrap().flush();
+    sim.run_until(sim.at(4_000));
+    let changes = &sim.nodes[1].mapping_changes;
+    println!(
+        "{:?}",
+        changes
+            .iter()
+            .map(|(t, o, n)| (sim.ms(*t), *o, *n))
+            .collect::<Vec<_>>()
+    );
+    let (at, old, new) = *changes.first().expect("no MappingChanged after the flush");
+    assert_eq!(old.ip(), new.ip());
+    assert_ne!(old.port(), new.port());
+    // Keepalives go every 500 ms: the first answer after the flush tells.
+    assert!(
+        at - flushed <= Duration::from_millis(600),
+        "{:?}",
+        at - flushed
+    );
+    // The public node never saw its address change.
+    assert!(sim.nodes[0].mapping_changes.is_empty());
 }
 
 /// Backoff intervals between DirectRetry events: they grow, are capped at
