@@ -328,7 +328,12 @@ pub async fn run(
                 };
                 agent.set_port_mapping(Instant::now(), mapped, crate::portmap::driver::describe(&u));
             }
-            Some(facts) = nat_rx.recv() => agent.set_nat_facts(Instant::now(), facts),
+            Some(facts) = nat_rx.recv() => {
+                if !facts.udp {
+                    nat_probe = crate::netcheck::driver::spawn_background(cfg.clone(), NAT_RECHECK, nat_tx.clone());
+                }
+                agent.set_nat_facts(Instant::now(), facts);
+            }
             _ = &mut shutdown => break,
         }
     }
@@ -898,3 +903,5 @@ fn unix_now() -> u64 {
 /// change), so its probes do not share the first round trips with the
 /// relay allocation and the first offers.
 const NAT_PROBE_DELAY: Duration = Duration::from_millis(500);
+/// A background netcheck that got no UDP answer runs again after this.
+const NAT_RECHECK: Duration = Duration::from_secs(30);

@@ -334,6 +334,8 @@ struct PairSeen {
     rtt: Option<Duration>,
     /// Our address as the peer last saw it on this pair (host pairs).
     mapped: Option<SocketAddr>,
+    /// An authenticated STUN message (check or answer) came on the pair.
+    authenticated: bool,
 }
 
 type PairKey = (SocketAddr, SocketAddr);
@@ -709,6 +711,7 @@ impl PeerSession {
             let relayed = self.is_local_relayed(destination);
             let seen = self.seen.entry(key).or_default();
             seen.last_rx = Some(now);
+            seen.authenticated = true;
             if is_response {
                 seen.last_response = Some(now);
                 // The same pair now sees us at another address: our NAT
@@ -811,12 +814,13 @@ impl PeerSession {
             return;
         }
         // Only around an address the peer has proven to be its own (an
-        // authenticated check or answer came from it), so a member cannot
-        // point 24 ports' worth of checks at somebody else's address.
+        // authenticated check or answer came from it; plain data could be
+        // spoofed), so a member cannot point 24 ports' worth of checks at
+        // somebody else's address.
         let proven = |ip: IpAddr| {
             self.seen
                 .iter()
-                .any(|((_, r), s)| r.ip() == ip && s.last_rx.is_some())
+                .any(|((_, r), s)| r.ip() == ip && s.authenticated)
         };
         let Some(srflx) = self
             .remote

@@ -55,8 +55,10 @@ impl Default for Options {
 
 /// The agent's own NAT facts: a UDP-only run (no TCP/TLS, no gateway: the
 /// port mapper asks the gateway already) from ephemeral ports, started
-/// after `delay`, its facts sent on `tx`. The daemon runs one at start and
-/// one after each network change (aborting the previous).
+/// after `delay`, its facts sent on `tx` (nothing when no relay could be
+/// probed over UDP). The daemon runs one at start, one after each network
+/// change (aborting the previous), and another 30 s after a run that got
+/// no UDP answer (the relay may only have been down).
 pub(crate) fn spawn_background(
     cfg: AgentConfig,
     delay: Duration,
@@ -71,7 +73,15 @@ pub(crate) fn spawn_background(
             ..Options::default()
         };
         let report = run(&cfg, &opts).await;
-        let _ = tx.send(report.nat).await;
+        // No relay to probe over UDP (none configured, none resolved):
+        // nothing was measured, and "no UDP" would be a false fact.
+        let tested = report
+            .relays
+            .iter()
+            .any(|r| r.udp_addr.is_some() || r.udp6_addr.is_some());
+        if tested {
+            let _ = tx.send(report.nat).await;
+        }
     })
 }
 
