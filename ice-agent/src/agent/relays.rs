@@ -6,8 +6,10 @@
 //! for the first [`STARTUP_PROBES`], then every 5 s. Its RTT is the median
 //! of the last [`RTT_SAMPLES`] answers. The relay that carries a relayed
 //! path and has been silent for [`SILENT_BEFORE_FAST`] is probed every
-//! [`FAST_INTERVAL`]; a relay with [`MISSED_FOR_DOWN`] probes unanswered and
-//! silent for [`DOWN_AFTER`] is down until it answers again.
+//! [`FAST_INTERVAL`]; any relay whose last probe went unanswered is probed
+//! again after [`SUSPECT_INTERVAL`]; a relay with [`MISSED_FOR_DOWN`]
+//! probes unanswered and silent for [`DOWN_AFTER`] is down until it
+//! answers again.
 //!
 //! "Silent" counts every datagram from the server (relayed data, TURN
 //! answers, probe answers). Probe answers are *not* relay data: they prove
@@ -37,6 +39,10 @@ pub(crate) const RTT_SAMPLES: usize = 5;
 pub(crate) const SILENT_BEFORE_FAST: Duration = Duration::from_millis(250);
 /// Fast probe interval.
 pub(crate) const FAST_INTERVAL: Duration = Duration::from_millis(100);
+/// A relay whose last probe went unanswered is probed again this soon
+/// (rather than after [`STEADY_INTERVAL`]), so an idle relay that died is
+/// known within a few seconds.
+pub(crate) const SUSPECT_INTERVAL: Duration = Duration::from_secs(1);
 /// Unanswered probes (in a row, with nothing else heard) before down.
 pub(crate) const MISSED_FOR_DOWN: u32 = 3;
 /// Silence before down (together with [`MISSED_FOR_DOWN`]).
@@ -222,6 +228,12 @@ impl Relays {
             return None;
         }
         let mut next = h.next_probe?;
+        // (A relay already down keeps the steady interval.)
+        if h.missed > 0 && h.healthy() {
+            if let Some((_, p)) = h.outstanding.back() {
+                next = next.min(*p + SUSPECT_INTERVAL);
+            }
+        }
         if carrying.contains(&h.server) {
             // Fast probing once silent: no sooner than SILENT_BEFORE_FAST
             // after the last datagram, then every FAST_INTERVAL.
@@ -508,6 +520,46 @@ mod tests {
         );
         assert!(r.down().is_empty());
         assert_eq!(r.chosen(), Some(b));
+    }
+
+    #[test]
+    fn an_idle_relay_that_dies_is_down_within_seven_seconds() {
+        let (a, b) = (addr(1), addr(2));
+        let mut r = Relays::default();
+        let mut now = Instant::now();
+        for x in [a, b] {
+            r.add(x);
+            r.set_usable(now, x, true);
+        }
+        // Past the start-up probes: steady, every 5 s.
+        let rtts = [
+            (a, Duration::from_millis(5), false),
+            (b, Duration::from_millis(8), false),
+        ];
+        run(&mut r, &mut now, Duration::from_secs(12), &rtts, &[a]);
+        assert_eq!(r.chosen(), Some(a));
+        // b (idle: carries nothing) dies.
+        let died = now;
+        let dead = [
+            (a, Duration::from_millis(5), false),
+            (b, Duration::from_millis(8), true),
+        ];
+        let mut down_at = None;
+        while down_at.is_none() && now < died + Duration::from_secs(20) {
+            run(&mut r, &mut now, Duration::from_millis(100), &dead, &[a]);
+            if r.is_down(b) {
+                down_at = Some(now);
+            }
+        }
+        let took = down_at.expect("b never declared down") - died;
+        // At most one steady interval until the first lost probe, then
+        // two more a second apart.
+        assert!(
+            took <= Duration::from_secs(7) + Duration::from_millis(100),
+            "{took:?}"
+        );
+        assert!(took >= SUSPECT_INTERVAL * 2, "{took:?}");
+        assert_eq!(r.chosen(), Some(a));
     }
 
     #[test]
