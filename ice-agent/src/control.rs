@@ -384,7 +384,9 @@ fn summary(s: &Status) -> String {
     }
     match (&s.nat, s.nat_age_secs) {
         (Some(n), Some(age)) => out += &format!("NAT: {} (measured {age} s ago)\n", n.summary()),
-        _ => out += "NAT: not measured yet\n",
+        _ => {
+            out += "NAT: not measured yet (a background netcheck runs 0.5 s after start; it needs a relay reachable over UDP)\n"
+        }
     }
     for r in &s.relays {
         let state = match (&r.problem, r.relayed.is_empty()) {
