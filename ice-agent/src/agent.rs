@@ -1771,10 +1771,7 @@ impl Agent {
     /// [`SILENT_PROBE_AFTER`] and [`SILENT_PROBE_UNTIL`]; a peer gone for
     /// longer is the vanish logic's), at most once per second.
     fn probe_relays_if_silent(&mut self, now: Instant) {
-        if self
-            .last_silence_probe
-            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
-        {
+        if self.refreshed_recently(now) {
             return;
         }
         let silent = self.peers.values().any(|p| {
@@ -1786,16 +1783,29 @@ impl Agent {
                     })
             })
         });
-        if !silent {
-            return;
+        if silent {
+            tracing::debug!("a relayed peer fell silent: refreshing our allocations");
+            self.refresh_allocations(now);
         }
+    }
+
+    /// Sends every relay a Refresh now (a 437 answer means our 5-tuple
+    /// changed: the allocation is made again). At most once per second,
+    /// whichever cause asks ([`Agent::probe_relays_if_silent`],
+    /// [`Agent::mapping_changed`]).
+    fn refresh_allocations(&mut self, now: Instant) {
         self.last_silence_probe = Some(now);
-        tracing::debug!("a relayed peer fell silent: refreshing our allocations");
         for r in &mut self.relays {
             if let Some(t) = r.turn.as_mut() {
                 t.refresh_now(now);
             }
         }
+    }
+
+    /// Whether [`Agent::refresh_allocations`] ran within the last second.
+    fn refreshed_recently(&self, now: Instant) -> bool {
+        self.last_silence_probe
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
     }
 
     /// A peer's answers on a host pair see us at a new address: our NAT
@@ -1813,19 +1823,11 @@ impl Agent {
         old: SocketAddr,
         new: SocketAddr,
     ) {
-        if self
-            .last_silence_probe
-            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
-        {
+        if self.refreshed_recently(now) {
             return;
         }
-        self.last_silence_probe = Some(now);
         tracing::info!(%peer, %local, %old, %new, "our NAT mapping changed: checking our relay allocations");
-        for r in &mut self.relays {
-            if let Some(t) = r.turn.as_mut() {
-                t.refresh_now(now);
-            }
-        }
+        self.refresh_allocations(now);
     }
 
     /// Our public address changed from `old` to `new` (a relay allocated

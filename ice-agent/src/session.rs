@@ -859,7 +859,6 @@ impl PeerSession {
             self.remote.push(c.clone());
             self.ice.add_remote_candidate(c);
         }
-        self.stats.predicted = self.predicted.len() as u64;
         tracing::info!(peer_srflx = %base, delta, window = PREDICT_WINDOW, "predicting the peer's NAT ports");
         if self.nominated.is_some() || self.path.kind == PathKind::Relay {
             // `is` nominates once: re-form the pairs so the new ones can win.
@@ -975,7 +974,10 @@ impl PeerSession {
 
     /// Counters.
     pub fn stats(&self) -> SessionStats {
-        self.stats
+        SessionStats {
+            predicted: self.predicted.len() as u64,
+            ..self.stats
+        }
     }
 
     /// `is`'s connection state.

@@ -566,6 +566,27 @@ impl Sim {
     }
 }
 
+/// Node 0 behind the model's symmetric NAT (a new port per destination,
+/// +7 each time), node 1 behind a port-restricted one.
+fn symmetric_to_port_restricted() -> Sim {
+    Sim::new(
+        &[
+            ("10.0.1.0/24", NatKind::Symmetric, "198.51.100.1"),
+            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
+        ],
+        [
+            NodeSpec {
+                lan: 0,
+                host: "10.0.1.10:51820",
+            },
+            NodeSpec {
+                lan: 1,
+                host: "10.0.2.20:51820",
+            },
+        ],
+    )
+}
+
 fn port_restricted_pair() -> Sim {
     Sim::new(
         &[
@@ -758,22 +779,7 @@ fn check_backoff(retries: &[(Instant, u32, Duration)]) -> Vec<Duration> {
 
 #[test]
 fn symmetric_to_port_restricted_stays_relayed_with_a_reason_and_bounded_retries() {
-    let mut sim = Sim::new(
-        &[
-            ("10.0.1.0/24", NatKind::Symmetric, "198.51.100.1"),
-            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
-        ],
-        [
-            NodeSpec {
-                lan: 0,
-                host: "10.0.1.10:51820",
-            },
-            NodeSpec {
-                lan: 1,
-                host: "10.0.2.20:51820",
-            },
-        ],
-    );
+    let mut sim = symmetric_to_port_restricted();
     sim.run_until(sim.at(300_000));
     for i in 0..2 {
         let n = &sim.nodes[i];
@@ -1169,22 +1175,7 @@ fn port_prediction_goes_direct_against_a_sequential_symmetric_nat_within_its_bud
     use ice_agent::netcheck::{Filtering, Mapping, NatFacts, PortAllocation};
     // The model's symmetric NAT gives each new destination the port 7 past
     // the previous one: sequential, delta +7.
-    let mut sim = Sim::new(
-        &[
-            ("10.0.1.0/24", NatKind::Symmetric, "198.51.100.1"),
-            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
-        ],
-        [
-            NodeSpec {
-                lan: 0,
-                host: "10.0.1.10:51820",
-            },
-            NodeSpec {
-                lan: 1,
-                host: "10.0.2.20:51820",
-            },
-        ],
-    );
+    let mut sim = symmetric_to_port_restricted();
     let sequential = NatFacts {
         udp: true,
         mapping: Some(Mapping::AddressAndPortDependent),
