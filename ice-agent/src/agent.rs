@@ -40,6 +40,7 @@ use relay::demux::{self, Kind};
 mod membership;
 mod nat;
 mod relays;
+mod renew;
 
 /// A WireGuard public key: the one key type of the project (signaling's),
 /// shown in base64 by its `Display`.
@@ -485,6 +486,15 @@ struct RelayState {
     problem: Option<String>,
     /// When the server last sent us anything (answers, relayed data).
     last_rx: Option<Instant>,
+    /// When the username the live allocation is bound to expires (TURN
+    /// REST), see `agent/renew.rs`.
+    bound_until: Option<Instant>,
+    /// A re-allocation with new credentials is planned, at the latest then.
+    renew_by: Option<Instant>,
+    /// The old allocation is being deleted for a re-allocation.
+    renewing: bool,
+    /// Peers to restart once the new allocation is up.
+    moving: Vec<PeerKey>,
 }
 
 /// The agent core. See the module docs.
@@ -732,6 +742,9 @@ impl Agent {
             consider(r.turn.as_ref().and_then(|t| t.poll_timeout()));
             consider(relay_probe_at(r));
         }
+        for i in 0..self.relays.len() {
+            consider(self.renew_at(i));
+        }
         for (_, until) in self.quarantine.values() {
             consider(Some(*until));
         }
@@ -794,6 +807,7 @@ impl Agent {
                     t.refresh_now(now);
                 }
             }
+            self.renew_if_due(now, i);
             if let Some(t) = self.relays[i].turn.as_mut() {
                 if t.poll_timeout().is_some_and(|d| d <= now) {
                     t.handle_timeout(now);
@@ -1513,6 +1527,10 @@ impl Agent {
             binding_tid: None,
             problem: None,
             last_rx: None,
+            bound_until: None,
+            renew_by: None,
+            renewing: false,
+            moving: Vec::new(),
         });
     }
 
@@ -1531,8 +1549,11 @@ impl Agent {
                 cfg.username = username.to_owned();
                 cfg.password = password.to_owned();
             }
+            // (While re-allocating, the next allocation takes them.)
             if let Some(t) = r.turn.as_mut() {
-                t.set_credentials(now, username, password);
+                if !r.renewing {
+                    t.set_credentials(now, username, password);
+                }
             }
         }
     }
@@ -2251,6 +2272,21 @@ impl Agent {
                 continue;
             }
             let Some(ev) = t.poll_event() else { break };
+            let bound = t.username().to_owned();
+            if self.relays[i].renewing
+                && matches!(
+                    ev,
+                    ClientEvent::Deallocated
+                        | ClientEvent::Lost { .. }
+                        | ClientEvent::Failed {
+                            request: "Refresh",
+                            ..
+                        }
+                )
+            {
+                self.renew_deallocated(now, i);
+                continue;
+            }
             match ev {
                 ClientEvent::Allocated {
                     relayed, mapped, ..
@@ -2291,11 +2327,17 @@ impl Agent {
                             }
                         }
                     }
+                    self.relays[i].bound_until = self.username_expiry(&bound);
                     self.health.set_usable(now, server, true);
                     self.push_relay_view(now);
                     if let Some((old, new)) = moved {
                         self.restart_all(now, old, new);
                     }
+                    self.move_peers(now, i);
+                }
+                ClientEvent::Refreshed { .. } => {
+                    // (A relay that took new credentials in place.)
+                    self.relays[i].bound_until = self.username_expiry(&bound);
                 }
                 ClientEvent::ChannelBound { peer, channel } => {
                     self.channel_ready(server, peer, channel);
@@ -2314,6 +2356,14 @@ impl Agent {
                     reason,
                 } => {
                     self.relay_down(now, i, format!("Allocate failed: {code} {reason}"), false);
+                }
+                ClientEvent::Failed {
+                    request: "Refresh",
+                    code: 441,
+                    reason,
+                } => {
+                    tracing::info!(%server, "TURN Refresh with new credentials refused: {reason}");
+                    self.plan_renewal(now, i);
                 }
                 ClientEvent::Failed {
                     request,
@@ -2384,10 +2434,22 @@ impl Agent {
         r.problem = Some(why);
         r.turn = None;
         r.retry_at = Some(now + wait);
+        // The next allocation takes the newest credentials anyway.
+        r.renew_by = None;
+        r.renewing = false;
+        r.moving.clear();
         let server = r.spec.server;
         let relayed = std::mem::take(&mut r.relayed);
         self.health.set_usable(now, server, false);
         self.push_relay_view(now);
+        self.withdraw_relayed(now, &relayed);
+        // The server-reflexive candidate stays: it describes our NAT, not
+        // the relay, and direct paths may stand on it. A new allocation
+        // replaces it if the mapping changed.
+    }
+
+    /// Takes our relayed candidates at `relayed` out of every session.
+    fn withdraw_relayed(&mut self, now: Instant, relayed: &[SocketAddr]) {
         let gone: Vec<Candidate> = self
             .local
             .iter()
@@ -2397,9 +2459,6 @@ impl Agent {
         for c in gone {
             self.remove_local(now, &c);
         }
-        // The server-reflexive candidate stays: it describes our NAT, not
-        // the relay, and direct paths may stand on it. A new allocation
-        // replaces it if the mapping changed.
     }
 
     /// Servers of the relays that carry a relayed path now: ours (the

@@ -36,6 +36,7 @@
 //! url = "turn:relay.example.org:3478"   # stun:, turn: (UDP), turn:…?transport=tcp, turns: (TLS)
 //! username = "alice"
 //! password = "…"                        # or secret = "…" for TURN REST credentials
+//! # credential_lifetime_secs = 86400     # with secret: how long each minted username is valid
 //! # pin_sha256 = "<hex>"                # turns:/TLS: the relay certificate's SHA-256 (or ca_file = PATH)
 //!
 //! # [[peers]]
@@ -110,6 +111,9 @@ pub enum RelayAuth {
         user: String,
         /// Shared secret.
         secret: String,
+        /// How long each minted username is valid (re-minted every quarter
+        /// of it).
+        lifetime: std::time::Duration,
     },
 }
 
@@ -299,6 +303,7 @@ struct RelaySection {
     username: Option<String>,
     password: Option<String>,
     secret: Option<String>,
+    credential_lifetime_secs: Option<u64>,
     pin_sha256: Option<String>,
     ca_file: Option<PathBuf>,
 }
@@ -510,6 +515,9 @@ impl AgentConfig {
                 (Some(u), None, Some(s)) => RelayAuth::Rest {
                     user: u.clone(),
                     secret: s.clone(),
+                    lifetime: std::time::Duration::from_secs(
+                        r.credential_lifetime_secs.unwrap_or(86_400),
+                    ),
                 },
                 _ => {
                     return Err(err(
@@ -519,6 +527,23 @@ impl AgentConfig {
                     ))
                 }
             };
+            match (r.credential_lifetime_secs, &auth) {
+                (Some(s), RelayAuth::Rest { .. }) if !(20..=2_592_000).contains(&s) => {
+                    return Err(err(
+                        &format!("{key}.credential_lifetime_secs"),
+                        format!("{s} s is out of range"),
+                        "give 20 to 2592000 (30 days); the default is 86400 (24 h)",
+                    ))
+                }
+                (Some(_), RelayAuth::Static { .. } | RelayAuth::None) => {
+                    return Err(err(
+                        &format!("{key}.credential_lifetime_secs"),
+                        "set without a secret".into(),
+                        "it applies to TURN REST credentials (username + secret); remove it",
+                    ))
+                }
+                _ => {}
+            }
             let tls_trust = match (&r.pin_sha256, &r.ca_file) {
                 (Some(_), Some(_)) => {
                     return Err(err(
@@ -955,6 +980,17 @@ mod tests {
             ),
             (base(""), "peers"),
             (
+                base("peers = \"auto\"\n").replace(
+                    "password = \"p\"",
+                    "secret = \"s\"\ncredential_lifetime_secs = 5",
+                ),
+                "relays[0].credential_lifetime_secs",
+            ),
+            (
+                base("peers = \"auto\"\n") + "credential_lifetime_secs = 600\n",
+                "relays[0].credential_lifetime_secs",
+            ),
+            (
                 base("peers = \"auto\"\n").replace("0123456789abcdef0123", "short"),
                 "signaling.mesh_token",
             ),
@@ -1062,6 +1098,9 @@ mod deploy_example {
         assert_eq!(c.relays.len(), 1);
         assert_eq!(c.relays[0].transport, RelayTransport::Udp);
         assert_eq!(c.relays[0].port, 3478);
-        assert!(matches!(c.relays[0].auth, RelayAuth::Rest { .. }));
+        assert!(matches!(
+            c.relays[0].auth,
+            RelayAuth::Rest { lifetime, .. } if lifetime == std::time::Duration::from_secs(86_400)
+        ));
     }
 }

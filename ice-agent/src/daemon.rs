@@ -228,9 +228,19 @@ pub async fn run(
     ignored_ifs.push("lo".into());
     let mut iface_tick = interval(poll_every);
     let mut signaling_up = false;
-    // TURN REST credentials last 24 h: re-mint them every 6 h.
-    let mut rest_tick =
-        tokio::time::interval_at(tokio::time::Instant::now() + REST_REMINT, REST_REMINT);
+    // TURN REST credentials (24 h by default): re-minted every quarter of
+    // the shortest lifetime (a relay that keeps the old username under a
+    // live allocation gets a planned re-allocation, `agent/renew.rs`).
+    let remint = cfg
+        .relays
+        .iter()
+        .filter_map(|r| match r.auth {
+            RelayAuth::Rest { lifetime, .. } => Some(lifetime / 4),
+            _ => None,
+        })
+        .min()
+        .unwrap_or(Duration::from_secs(6 * 3600));
+    let mut rest_tick = tokio::time::interval_at(tokio::time::Instant::now() + remint, remint);
     tokio::pin!(shutdown);
     let far = Duration::from_secs(3600);
 
@@ -707,18 +717,14 @@ fn host_nets(filter: &HostFilter, dual: bool) -> Vec<IpNet> {
 
 /// A relay that resolved late, its REST user and secret if it has them,
 /// and its TLS settings if it may be reached over TLS.
-type LateRelay = (
-    RelaySpec,
-    Option<(String, String)>,
-    Option<Result<Tls, String>>,
-);
+type LateRelay = (RelaySpec, Option<RestCreds>, Option<Result<Tls, String>>);
 
 /// The configured relays after start: those whose name did not resolve yet
 /// (booted before DNS) are retried every 30 s by a task and handed to the
 /// main loop when they do; TURN REST credentials are re-minted.
 struct Relays {
-    /// Relays with TURN REST credentials: server, user, secret.
-    rest: Vec<(SocketAddr, String, String)>,
+    /// Relays with TURN REST credentials: server and its credentials.
+    rest: Vec<(SocketAddr, RestCreds)>,
     late: mpsc::Receiver<LateRelay>,
     resolver: Option<JoinHandle<()>>,
 }
@@ -735,8 +741,8 @@ impl Relays {
             match resolve(&r.host, r.port).await {
                 Some(server) => {
                     let (spec, creds, tls) = relay_spec(server, r);
-                    if let Some((user, secret)) = creds {
-                        rest.push((server, user, secret));
+                    if let Some(creds) = creds {
+                        rest.push((server, creds));
                     }
                     if let Some(tls) = tls {
                         streams.set_tls(server, tls);
@@ -784,8 +790,8 @@ impl Relays {
         streams: &mut Streams,
         (spec, creds, tls): LateRelay,
     ) {
-        if let Some((user, secret)) = creds {
-            self.rest.push((spec.server, user, secret));
+        if let Some(creds) = creds {
+            self.rest.push((spec.server, creds));
         }
         if let Some(tls) = tls {
             streams.set_tls(spec.server, tls);
@@ -795,8 +801,8 @@ impl Relays {
 
     /// Fresh TURN REST credentials for every relay that uses them.
     fn remint(&self, agent: &mut Agent) {
-        for (server, user, secret) in &self.rest {
-            let (u, p) = mint_rest(user, secret);
+        for (server, creds) in &self.rest {
+            let (u, p) = creds.mint();
             agent.set_relay_credentials(Instant::now(), *server, &u, &p);
         }
     }
@@ -828,11 +834,20 @@ fn relay_spec(server: SocketAddr, r: &Relay) -> LateRelay {
             Some(relay::client::ClientConfig::new(username, password)),
             None,
         ),
-        RelayAuth::Rest { user, secret } => {
-            let (username, password) = mint_rest(user, secret);
+        RelayAuth::Rest {
+            user,
+            secret,
+            lifetime,
+        } => {
+            let creds = RestCreds {
+                user: user.clone(),
+                secret: secret.clone(),
+                lifetime: *lifetime,
+            };
+            let (username, password) = creds.mint();
             (
                 Some(relay::client::ClientConfig::new(&username, &password)),
-                Some((user.clone(), secret.clone())),
+                Some(creds),
             )
         }
     };
@@ -867,13 +882,21 @@ fn relay_spec(server: SocketAddr, r: &Relay) -> LateRelay {
     (spec, creds, tls)
 }
 
-const REST_LIFETIME: u64 = 24 * 3600;
-const REST_REMINT: Duration = Duration::from_secs(6 * 3600);
+/// A relay's TURN REST user, shared secret and credential lifetime.
+#[derive(Debug, Clone)]
+struct RestCreds {
+    user: String,
+    secret: String,
+    lifetime: Duration,
+}
 
-fn mint_rest(user: &str, secret: &str) -> (String, String) {
-    let username = relay::auth::rest_username(unix_now() + REST_LIFETIME, user);
-    let password = relay::auth::rest_password(secret, &username);
-    (username, password)
+impl RestCreds {
+    /// A fresh `expiry:user` and its password.
+    fn mint(&self) -> (String, String) {
+        let username = relay::auth::rest_username(unix_now() + self.lifetime.as_secs(), &self.user);
+        let password = relay::auth::rest_password(&self.secret, &username);
+        (username, password)
+    }
 }
 
 /// Peers the agent manages unless `agent.max_peers` says otherwise: each

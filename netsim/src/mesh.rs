@@ -598,6 +598,80 @@ impl MeshLab {
         self.relays.len() - 1
     }
 
+    /// Puts coturn (`turnserver`, TURN REST with `secret`) on a public host
+    /// of its own in place of every relay in the nodes' configs: the agents
+    /// mint `expiry:agent` usernames valid for `lifetime_secs`. Call before
+    /// starting the agents; it becomes the only entry of
+    /// [`MeshLab::relays`] (process `coturn`, its log `coturn.stdout`).
+    pub fn use_coturn(&mut self, secret: &str, lifetime_secs: u64) {
+        let host = "pubc";
+        let ip = self.lab.add_public_host(host, 1).expect("public host")[0];
+        let addr = SocketAddr::from((ip, 3478));
+        let argv = [
+            "turnserver",
+            "-n",
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+            "--no-tcp",
+            "--simple-log",
+            "--verbose",
+            "--log-file",
+            "stdout",
+            "--realm",
+            "wgice-lab",
+            "--use-auth-secret",
+        ];
+        let mut argv: Vec<String> = argv.iter().map(s).collect();
+        argv.extend([
+            s("--static-auth-secret"),
+            s(secret),
+            s("--listening-ip"),
+            s(ip),
+            s("--relay-ip"),
+            s(ip),
+            s("--listening-port"),
+            s(3478),
+            s("--min-port"),
+            s(40000),
+            s("--max-port"),
+            s(40999),
+            s("--pidfile"),
+            s(self.dir.join("coturn.pid").display()),
+            s("--db"),
+            s(self.dir.join("coturn.db").display()),
+        ]);
+        self.lab
+            .spawn("coturn", host, &argv, &[], &self.dir)
+            .expect("spawn coturn");
+        let sock = self.lab.udp_socket(host, 0).expect("socket");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while StunClient
+            .binding(&sock, addr, Change::default(), Duration::from_millis(200))
+            .expect("io")
+            .is_none()
+        {
+            assert!(Instant::now() < deadline, "coturn did not start");
+        }
+        let entry = format!(
+            "[[relays]]\nurl = \"turn:{addr}\"\nusername = \"agent\"\nsecret = \"{secret}\"\n\
+             credential_lifetime_secs = {lifetime_secs}\n\n"
+        );
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.config).expect("read config");
+            let (Some(from), Some(to)) = (text.find("[[relays]]"), text.find("[agent]")) else {
+                panic!("no relays in {}", n.config.display());
+            };
+            let text = format!("{}{entry}{}", &text[..from], &text[to..]);
+            std::fs::write(&n.config, text).expect("write config");
+        }
+        self.relays = vec![LabRelay {
+            host: host.into(),
+            process: "coturn".into(),
+            addr,
+        }];
+    }
+
     /// Kills relay `k` with SIGKILL (no goodbye: its allocations vanish
     /// and it stops answering at once).
     pub fn kill_relay(&self, k: usize) {
@@ -1146,6 +1220,24 @@ impl MeshLab {
             }
         }
         out
+    }
+
+    /// Copies the lab's process logs (`*.stderr`, `*.stdout`) to the
+    /// directory `WGICE_E2E_KEEP_LOGS` names, if it is set (the lab's own
+    /// directory goes away with it).
+    pub fn keep_logs(&self) {
+        let Some(to) = std::env::var_os("WGICE_E2E_KEEP_LOGS").map(PathBuf::from) else {
+            return;
+        };
+        let _ = std::fs::create_dir_all(&to);
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "stderr" || x == "stdout") {
+                if let Some(name) = p.file_name() {
+                    let _ = std::fs::copy(&p, to.join(name));
+                }
+            }
+        }
     }
 
     /// Where a file of this lab goes.

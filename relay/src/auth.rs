@@ -56,6 +56,16 @@ pub fn rest_username(expiry: u64, user: &str) -> String {
     format!("{expiry}:{user}")
 }
 
+/// The expiry (Unix seconds) of a REST username: the digits before the
+/// first `:` (coturn also takes a bare `expiry`). `None` for other names.
+pub fn rest_expiry(username: &str) -> Option<u64> {
+    let ts = username.split(':').next().unwrap_or("");
+    if ts.is_empty() || ts.len() > 20 || !ts.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    ts.parse().ok()
+}
+
 impl Credentials {
     /// The candidate keys for `username` at Unix time `now_unix`.
     /// Returns up to a few keys (static password, each REST secret).
@@ -72,8 +82,7 @@ impl Credentials {
         if !self.rest_secrets.is_empty() {
             // coturn accepts `expiry:user` and also `expiry` alone; the expiry is
             // the part before the first separator.
-            let ts = username.split(':').next().unwrap_or("");
-            if let Ok(expiry) = ts.parse::<u64>() {
+            if let Some(expiry) = rest_expiry(username) {
                 if expiry < now_unix {
                     if keys.is_empty() {
                         return Err(AuthError::Expired {
@@ -258,7 +267,12 @@ mod tests {
     }
 
     #[test]
-    fn rest_expiry() {
+    fn rest_usernames_expire() {
+        assert_eq!(rest_expiry("2000:bob"), Some(2000));
+        assert_eq!(rest_expiry("2000"), Some(2000));
+        assert_eq!(rest_expiry("bob"), None);
+        assert_eq!(rest_expiry(":bob"), None);
+        assert_eq!(rest_expiry("99999999999999999999999:bob"), None);
         let c = Credentials {
             users: HashMap::new(),
             rest_secrets: vec!["s".into()],

@@ -220,6 +220,12 @@ impl Client {
         self.mapped
     }
 
+    /// The username of the next request (under a live allocation after a
+    /// 441: the one the allocation was made with).
+    pub fn username(&self) -> &str {
+        &self.cfg.username
+    }
+
     /// True when the allocation is live.
     pub fn is_allocated(&self) -> bool {
         self.state == State::Allocated

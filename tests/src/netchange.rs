@@ -136,10 +136,8 @@ pub fn run(bins: &Bins, drill: Drill) -> Outcome {
     if std::env::var_os("WGICE_E2E_LOGS").is_some() {
         println!("{}", m.logs());
     }
-    if let Some(dir) = std::env::var_os("WGICE_E2E_KEEP_LOGS") {
-        for f in ["agent-a.stderr", "agent-b.stderr"] {
-            let _ = std::fs::copy(m.dir.join(f), std::path::Path::new(&dir).join(f));
-        }
+    if std::env::var_os("WGICE_E2E_KEEP_LOGS").is_some() {
+        m.keep_logs();
         println!("break at unix {t_break:.3}");
     }
     Outcome {

@@ -449,6 +449,68 @@ fn a_restarted_relay_is_noticed_and_relayed_peers_recover() {
     assert!(back <= Duration::from_secs(30), "took {back:?}");
 }
 
+/// coturn ties an allocation to the TURN REST username that made it (a new
+/// one under it gets 441), so a username's expiry would end the allocation.
+/// The agents mint 30 s usernames here (re-minted every 7.5 s): the side
+/// whose allocation carries no traffic re-allocates with the new username
+/// at once, the side whose route goes through its allocation shortly before
+/// the old username expires, and pings cross the relay throughout and
+/// after the first usernames expired.
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn turn_rest_credentials_on_coturn_roll_over_by_planned_reallocation() {
+    let bins = setup();
+    let mut m = MeshLab::new(&bins);
+    let (a, b) = m.pair(NatPreset::Symmetric, NatPreset::PortRestricted);
+    m.use_coturn("lab-rest-secret-0123456789", 30);
+    m.start_and_wait(&[a, b], "relay");
+    assert!(m.ping(a, b, 3), "no ping over coturn\n{}", m.logs());
+    let relayed = |i: usize| m.status(i).unwrap()["relays"][0]["relayed"].clone();
+    let before = [relayed(a), relayed(b)];
+    // 45 s: past the first usernames' expiry (30 s after start).
+    let gaps = m
+        .ping_stream(a, b, Duration::from_millis(100), Duration::from_secs(45))
+        .finish()
+        .expect("ping output");
+    println!("pings across the re-allocations: {gaps:?}");
+    // Quiet, so each agent's liveness Refresh goes out with the username
+    // its allocation is bound to now (an expired one would be refused).
+    std::thread::sleep(Duration::from_secs(8));
+    m.keep_logs();
+    assert!(m.ping(a, b, 3), "no ping at the end\n{}", m.logs());
+    let logs = |i: usize| {
+        std::fs::read_to_string(m.path(&format!("agent-{}.stderr", m.nodes[i].name)))
+            .unwrap_or_default()
+    };
+    for (i, before) in [(a, &before[0]), (b, &before[1])] {
+        let log = logs(i);
+        assert!(
+            log.contains("re-allocating on the relay with the new credentials"),
+            "node {i} never re-allocated\n{}",
+            m.logs()
+        );
+        for bad in ["allocation lost", "credentials rejected", "relay unusable"] {
+            assert!(!log.contains(bad), "node {i}: {bad:?}\n{}", m.logs());
+        }
+        assert_ne!(&relayed(i), before, "node {i}: same allocation");
+        assert_eq!(m.peer_status(i, 1 - i).unwrap()["path"], "relay");
+    }
+    let coturn = std::fs::read_to_string(m.path("coturn.stdout")).unwrap_or_default();
+    let allocations = coturn
+        .lines()
+        .filter(|l| l.contains("ALLOCATE processed, success"))
+        .count();
+    assert!(
+        allocations >= 4,
+        "coturn saw {allocations} allocations\n{coturn}"
+    );
+    assert!(
+        gaps.replies * 10 >= gaps.sent * 9 && gaps.max_gap <= Duration::from_secs(2),
+        "{gaps:?}\n{}",
+        m.logs()
+    );
+}
+
 #[test]
 #[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn a_recreated_interface_gets_its_peers_back() {
