@@ -1232,7 +1232,9 @@ impl MeshLab {
         let _ = std::fs::create_dir_all(&to);
         for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let p = e.path();
-            if p.extension().is_some_and(|x| x == "stderr" || x == "stdout") {
+            if p.extension()
+                .is_some_and(|x| x == "stderr" || x == "stdout")
+            {
                 if let Some(name) = p.file_name() {
                     let _ = std::fs::copy(&p, to.join(name));
                 }

@@ -511,6 +511,44 @@ fn turn_rest_credentials_on_coturn_roll_over_by_planned_reallocation() {
     );
 }
 
+/// The same on a direct pair: no peer routes through either allocation,
+/// so each agent re-allocates as soon as coturn refuses the new username
+/// (the first re-mint, 5 s in with 20 s usernames), and the direct path
+/// never notices.
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn turn_rest_rollover_on_coturn_is_immediate_when_no_peer_is_relayed() {
+    let bins = setup();
+    let mut m = MeshLab::new(&bins);
+    let (a, b) = m.pair(NatPreset::PortRestricted, NatPreset::PortRestricted);
+    m.use_coturn("lab-rest-secret-0123456789", 20);
+    m.start_and_wait(&[a, b], "direct");
+    let relayed = |i: usize| m.status(i).unwrap()["relays"][0]["relayed"].clone();
+    let before = [relayed(a), relayed(b)];
+    let gaps = m
+        .ping_stream(a, b, Duration::from_millis(100), Duration::from_secs(12))
+        .finish()
+        .expect("ping output");
+    m.keep_logs();
+    for (i, before) in [(a, &before[0]), (b, &before[1])] {
+        let log = std::fs::read_to_string(m.path(&format!("agent-{}.stderr", m.nodes[i].name)))
+            .unwrap_or_default();
+        assert!(
+            log.contains("re-allocating on the relay with the new credentials")
+                && log.contains("peers=0"),
+            "node {i} did not re-allocate at once\n{}",
+            m.logs()
+        );
+        assert_ne!(&relayed(i), before, "node {i}: same allocation");
+        assert_eq!(m.peer_status(i, 1 - i).unwrap()["path"], "direct");
+    }
+    assert!(
+        gaps.replies + 1 >= gaps.sent && gaps.max_gap <= Duration::from_millis(500),
+        "the direct path noticed: {gaps:?}\n{}",
+        m.logs()
+    );
+}
+
 #[test]
 #[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn a_recreated_interface_gets_its_peers_back() {

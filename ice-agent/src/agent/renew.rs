@@ -137,10 +137,17 @@ impl Agent {
         self.close_stream(i);
     }
 
-    /// The new allocation is up: the peers routed through the old one
-    /// restart ICE, relay first.
+    /// The new allocation is up: the peers still routed through the old
+    /// one restart ICE, relay first (the others found another pair, e.g.
+    /// through the peer's own allocation, and get the new relayed candidate
+    /// trickled).
     pub(super) fn move_peers(&mut self, now: Instant, i: usize) {
-        for k in std::mem::take(&mut self.relays[i].moving) {
+        let moving = std::mem::take(&mut self.relays[i].moving);
+        if moving.is_empty() {
+            return;
+        }
+        let still = self.routed_via(self.relays[i].spec.server);
+        for k in moving.into_iter().filter(|k| still.contains(k)) {
             self.restart_peer(now, k);
         }
     }
