@@ -175,7 +175,13 @@ pub async fn run(
     let host = host_nets(&filter, dual);
     tracing::info!(interface = %cfg.interface, mode = ?cfg.mode, backend = wg.backend_name(), port, gro, ?host, "starting");
     let mut streams = Streams::new(stream_table);
-    let (relay_specs, mut relays) = Relays::resolve(&cfg.relays, &mut streams).await;
+    // Relays are reached over IPv4 where this host has IPv4 (or no
+    // address yet), else over IPv6.
+    let families = Families {
+        v4: host.is_empty() || host.iter().any(|n| n.addr().is_ipv4()),
+        v6: dual,
+    };
+    let (relay_specs, mut relays) = Relays::resolve(&cfg.relays, &mut streams, families).await;
     let public = private.public_key();
     let opts = agent_options(&cfg, public, wg_port, port, host, relay_specs);
     let mut agent = Agent::new(opts, Instant::now());
@@ -732,13 +738,17 @@ struct Relays {
 impl Relays {
     /// Resolves the relays; returns those that resolved, for the agent
     /// (and gives `streams` the TLS settings of those reachable over TLS).
-    async fn resolve(configured: &[Relay], streams: &mut Streams) -> (Vec<RelaySpec>, Relays) {
+    async fn resolve(
+        configured: &[Relay],
+        streams: &mut Streams,
+        families: Families,
+    ) -> (Vec<RelaySpec>, Relays) {
         let mut specs = Vec::new();
         let mut rest = Vec::new();
         let (late_tx, late) = mpsc::channel::<LateRelay>(16);
         let mut unresolved = Vec::new();
         for r in configured {
-            match resolve(&r.host, r.port).await {
+            match resolve(&r.host, r.port, families).await {
                 Some(server) => {
                     let (spec, creds, tls) = relay_spec(server, r);
                     if let Some(creds) = creds {
@@ -750,7 +760,7 @@ impl Relays {
                     specs.push(spec);
                 }
                 None => {
-                    tracing::warn!(relay = %r.host, "cannot resolve an IPv4 address for the relay yet; retrying every 30 s");
+                    tracing::warn!(relay = %r.host, "no address of the relay in a family this host can reach (IPv4, or IPv6 on a host without IPv4) yet; retrying every 30 s");
                     unresolved.push(r.clone());
                 }
             }
@@ -761,7 +771,7 @@ impl Relays {
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     let mut left = Vec::new();
                     for r in unresolved {
-                        match resolve(&r.host, r.port).await {
+                        match resolve(&r.host, r.port, families).await {
                             Some(server) => {
                                 tracing::info!(relay = %r.host, %server, "relay resolved");
                                 if late_tx.send(relay_spec(server, &r)).await.is_err() {
@@ -808,13 +818,36 @@ impl Relays {
     }
 }
 
-async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return ip.is_ipv4().then_some(SocketAddr::new(ip, port));
+/// Which address families relays are reached over: IPv4 first where the
+/// host has it, IPv6 where the agent socket is dual-stack.
+#[derive(Debug, Clone, Copy)]
+struct Families {
+    v4: bool,
+    v6: bool,
+}
+
+impl Families {
+    /// The address to use among `addrs` (IPv4 first when usable).
+    fn pick(self, addrs: &[SocketAddr]) -> Option<SocketAddr> {
+        let first = |v4: bool| addrs.iter().copied().find(|a| a.is_ipv4() == v4);
+        match (self.v4, self.v6) {
+            (true, true) => first(true).or_else(|| first(false)),
+            (true, false) => first(true),
+            (false, true) => first(false).or_else(|| first(true)),
+            (false, false) => None,
+        }
+    }
+}
+
+async fn resolve(host: &str, port: u16, families: Families) -> Option<SocketAddr> {
+    if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        // A literal is what the operator wants, if this socket can reach it.
+        return (ip.is_ipv4() || families.v6).then_some(SocketAddr::new(ip, port));
     }
     for attempt in 0..2u32 {
         if let Ok(it) = tokio::net::lookup_host((host, port)).await {
-            if let Some(a) = it.into_iter().find(|a| a.is_ipv4()) {
+            let addrs: Vec<SocketAddr> = it.collect();
+            if let Some(a) = families.pick(&addrs) {
                 return Some(a);
             }
         }
@@ -828,7 +861,7 @@ async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
 /// then TLS on 443; `turns:` over TLS), its REST user and secret if it has
 /// them, and its TLS settings if a path is TLS.
 fn relay_spec(server: SocketAddr, r: &Relay) -> LateRelay {
-    let (turn, creds) = match &r.auth {
+    let (mut turn, creds) = match &r.auth {
         RelayAuth::None => (None, None),
         RelayAuth::Static { username, password } => (
             Some(relay::client::ClientConfig::new(username, password)),
@@ -851,6 +884,11 @@ fn relay_spec(server: SocketAddr, r: &Relay) -> LateRelay {
             )
         }
     };
+    // An IPv6 relayed address too (ADDITIONAL-ADDRESS-FAMILY), for peers
+    // that have only IPv6; a relay without IPv6 says so and serves IPv4.
+    if let Some(t) = turn.as_mut() {
+        t.dual_stack = true;
+    }
     let at = |transport, port| RelayPath {
         transport,
         addr: SocketAddr::new(server.ip(), port),

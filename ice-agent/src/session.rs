@@ -1333,32 +1333,39 @@ impl PeerSession {
     /// one at the same relay first), else its server-reflexive one, else a
     /// public host address; never a private address the relay would refuse
     /// to reach.
+    ///
+    /// With relayed addresses in both families (a dual-stack allocation),
+    /// the first (preferred relay, then IPv4) for which the peer has a
+    /// candidate of the same family.
     fn static_relay_guess(&self) -> Option<PairKey> {
-        let relayed = self
+        let mut ours: Vec<SocketAddr> = self
             .local
             .iter()
             .filter(|c| c.kind() == CandidateKind::Relayed && !self.relays.down.contains(&c.addr()))
-            .min_by_key(|c| !self.relays.preferred.contains(&c.addr()))?
-            .addr();
+            .map(|c| c.addr())
+            .collect();
+        ours.sort_by_key(|a| (!self.relays.preferred.contains(a), a.is_ipv6()));
         let rank = |k: CandidateKind| match k {
             CandidateKind::Relayed => 0,
             CandidateKind::ServerReflexive => 1,
             CandidateKind::PeerReflexive => 2,
             CandidateKind::Host => 3,
         };
-        self.remote
-            .iter()
-            .filter(|c| c.addr().is_ipv4() == relayed.is_ipv4())
-            .filter(|c| !self.superseded.contains(&c.addr()))
-            .filter(|c| c.kind() != CandidateKind::Host || !is_private(c.addr().ip()))
-            .filter(|c| !self.relays.down_ips.contains(&c.addr().ip()))
-            .min_by_key(|c| {
-                (
-                    rank(c.kind()),
-                    !self.relays.preferred_ips.contains(&c.addr().ip()),
-                )
-            })
-            .map(|c| (relayed, c.addr()))
+        ours.into_iter().find_map(|relayed| {
+            self.remote
+                .iter()
+                .filter(|c| c.addr().is_ipv4() == relayed.is_ipv4())
+                .filter(|c| !self.superseded.contains(&c.addr()))
+                .filter(|c| c.kind() != CandidateKind::Host || !is_private(c.addr().ip()))
+                .filter(|c| !self.relays.down_ips.contains(&c.addr().ip()))
+                .min_by_key(|c| {
+                    (
+                        rank(c.kind()),
+                        !self.relays.preferred_ips.contains(&c.addr().ip()),
+                    )
+                })
+                .map(|c| (relayed, c.addr()))
+        })
     }
 
     /// The path policy. Runs after every input.

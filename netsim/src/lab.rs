@@ -11,13 +11,14 @@
 //! WAN 203.0.113.(10+i) (11.0.0.(10+i) when it runs a UPnP gateway, which
 //! refuses reserved addresses) and LAN 192.168.*i*.0/24 (198.18.*i*.0/24,
 //! routed from `inet`, for `none`); a cgnat home NAT sits in
-//! 100.64.*i*.0/24; public hosts take 198.51.100.0/24.
+//! 100.64.*i*.0/24; public hosts take 198.51.100.0/24. IPv6 is opt-in per
+//! router and public host (`lab/ipv6.rs`, [`Lab::enable_ipv6`]).
 //!
 //! Namespaces are named `wgns-<pid>-<rand>-<kind>-<name>`; [`sweep`] removes
 //! those whose creating process is dead, and only those.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,12 +30,16 @@ use crate::nat::{self, NatBox, NatPreset, RouterConfig};
 use crate::sys::{self, ip_batch};
 use crate::Error;
 
+mod ipv6;
+
 /// Prefix shared by every namespace netsim creates.
 pub const NS_PREFIX: &str = "wgns-";
 /// Where `netsim run --keep` records kept labs for `netsim exec`.
 pub const STATE_DIR: &str = "/run/wgice-netsim";
 /// Address of the internet core on every public link.
 pub const CORE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// Address of the internet core on every IPv6 link (see `lab/ipv6.rs`).
+pub const CORE_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 
 /// Prefixes of the labs alive in this process (for Ctrl-C cleanup).
 static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -68,6 +73,8 @@ struct Router {
     wan_ip: Ipv4Addr,
     next_host: u8,
     impairment: Impairment,
+    /// IPv6 routed to its LAN ([`Lab::enable_ipv6`]).
+    ipv6: bool,
 }
 
 impl Router {
@@ -93,6 +100,8 @@ struct Device {
     ns: String,
     router: String,
     ip: Ipv4Addr,
+    /// Its IPv6 address, when the router has IPv6.
+    ip6: Option<Ipv6Addr>,
     /// Name of the device's port on the router's bridge.
     port: String,
 }
@@ -101,6 +110,7 @@ struct Device {
 struct Host {
     ns: String,
     ips: Vec<Ipv4Addr>,
+    ips6: Vec<Ipv6Addr>,
 }
 
 #[derive(Debug, Default)]
@@ -263,6 +273,7 @@ impl Lab {
             wan_ip,
             next_host: 10,
             impairment: Impairment::default(),
+            ipv6: false,
         };
         self.create_ns(&ns)?;
         let inet_if = format!("r{index}");
@@ -492,6 +503,9 @@ impl Lab {
         let dev = self.attach(name, &ns, router)?;
         let ip = dev.ip;
         self.lock().devices.insert(name.to_string(), dev);
+        if self.router(router)?.ipv6 {
+            self.device_ipv6(name)?;
+        }
         Ok(ip)
     }
 
@@ -538,6 +552,7 @@ impl Lab {
             ns: ns.to_string(),
             router: router.to_string(),
             ip,
+            ip6: None,
             port,
         })
     }
@@ -599,6 +614,7 @@ impl Lab {
             Host {
                 ns,
                 ips: ips.clone(),
+                ips6: Vec::new(),
             },
         );
         Ok(ips)
@@ -928,6 +944,9 @@ impl Lab {
         let dev = self.attach(device, &old.ns, new_router)?;
         let ip = dev.ip;
         self.lock().devices.insert(device.to_string(), dev);
+        if self.router(new_router)?.ipv6 {
+            self.device_ipv6(device)?;
+        }
         Ok(ip)
     }
 

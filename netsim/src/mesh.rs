@@ -7,7 +7,7 @@
 //! `/var/run/wireguard` is shared by every namespace), and everything a lab
 //! started is stopped when it is dropped.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -94,6 +94,8 @@ pub struct MeshLab {
     /// Relays in the order agents list them: (public host, process name,
     /// TURN address). The first is `relay` on `pub`.
     pub relays: Vec<LabRelay>,
+    /// The public host's IPv6 address in a dual-stack lab.
+    pub pub_ip6: Option<Ipv6Addr>,
 }
 
 /// One relay of a [`MeshLab`].
@@ -226,7 +228,15 @@ pub fn s(x: impl ToString) -> String {
 impl MeshLab {
     /// A lab with a public host running the relay and signaling.
     pub fn new(bins: &Bins) -> MeshLab {
-        MeshLab::build(bins, false)
+        MeshLab::build(bins, false, false)
+    }
+
+    /// A lab whose public host also has IPv6 (`lab/ipv6.rs`): the relay
+    /// listens and relays on both families, signaling listens on `[::]`.
+    /// Routers get IPv6 with `lab.enable_ipv6(router)`, devices can lose
+    /// IPv4 with [`MeshLab::use_ipv6_only`].
+    pub fn new_dual_stack(bins: &Bins) -> MeshLab {
+        MeshLab::build(bins, false, true)
     }
 
     /// A lab for UDP-blocked networks (which let only TCP 443 out): the
@@ -234,10 +244,10 @@ impl MeshLab {
     /// self-signed certificate the agents pin), and signaling listens on
     /// port 443 of a second address of the public host.
     pub fn new_with_relay_tls(bins: &Bins) -> MeshLab {
-        MeshLab::build(bins, true)
+        MeshLab::build(bins, true, false)
     }
 
-    fn build(bins: &Bins, relay_tls: bool) -> MeshLab {
+    fn build(bins: &Bins, relay_tls: bool, ipv6: bool) -> MeshLab {
         let lab = Lab::new().expect("lab");
         let dir = lab.work_dir().join("mesh");
         std::fs::create_dir_all(&dir).expect("mkdir");
@@ -246,6 +256,7 @@ impl MeshLab {
         let tag = format!("{:06x}", fxhash(lab.prefix()) & 0xff_ffff);
         let ips = lab.add_public_host("pub", 2).expect("public host");
         let public_ip = ips[0];
+        let pub_ip6 = ipv6.then(|| lab.enable_ipv6("pub").expect("IPv6 on pub")[0]);
         let signaling = if relay_tls {
             SocketAddr::from((ips[1], 443))
         } else {
@@ -269,6 +280,9 @@ impl MeshLab {
         // RFC 5780 on the second address, so the agents' background
         // netcheck can name their NATs' mapping and filtering.
         relay_args.extend([s("--alt-listen"), s(SocketAddr::from((ips[1], 3479)))]);
+        if let Some(v6) = pub_ip6 {
+            relay_args.extend([s("--listen"), s(SocketAddr::from((v6, 3478)))]);
+        }
         if relay_tls {
             // TCP on 3478 beside UDP, TLS on 443 with signaling's
             // self-signed certificate (so one pin serves both).
@@ -292,7 +306,12 @@ impl MeshLab {
                 s(bins.signaling.display()),
                 s("serve"),
                 s("--listen"),
-                s(signaling),
+                // Both families on one dual-stack socket in a dual-stack lab.
+                s(if ipv6 {
+                    SocketAddr::from((Ipv6Addr::UNSPECIFIED, signaling.port()))
+                } else {
+                    signaling
+                }),
                 s("--self-signed-dir"),
                 s(certs.display()),
                 s("--mesh"),
@@ -350,7 +369,31 @@ impl MeshLab {
                 process: "relay".into(),
                 addr: relay_addr,
             }],
+            pub_ip6,
         }
+    }
+
+    /// Takes node `i`'s IPv4 away (its router must have IPv6) and points
+    /// its agent at signaling and the first relay by their IPv6 addresses.
+    /// Call before starting the agent.
+    pub fn use_ipv6_only(&self, i: usize) {
+        let v6 = self
+            .pub_ip6
+            .expect("a dual-stack lab (MeshLab::new_dual_stack)");
+        let n = &self.nodes[i];
+        self.lab.make_ipv6_only(&n.name).expect("IPv6 only");
+        let relay = self.relays[0].addr;
+        let text = std::fs::read_to_string(&n.config)
+            .expect("read config")
+            .replace(
+                &format!("quic://{}", self.signaling),
+                &format!("quic://[{v6}]:{}", self.signaling.port()),
+            )
+            .replace(
+                &format!("turn:{relay}"),
+                &format!("turn:[{v6}]:{}", relay.port()),
+            );
+        std::fs::write(&n.config, text).expect("write config");
     }
 
     /// Two nodes `a` and `b`, each behind its own router (`ra`, `rb`) with

@@ -645,6 +645,12 @@ impl Client {
                         reason: format!("{reason}; the relay keeps a live allocation's username, so the old credentials stay in use and the new ones apply from the next allocation"),
                     });
                     self.start(now, t.kind, t.auth_retries);
+                } else if code == 440 && t.kind == Kind::Allocate && self.cfg.dual_stack {
+                    // A server that will not do the additional IPv6 family
+                    // at all (instead of answering with ADDRESS-ERROR-CODE):
+                    // ask for the default family alone.
+                    self.cfg.dual_stack = false;
+                    self.start(now, t.kind, t.auth_retries);
                 } else if code == 437 && t.kind == Kind::Allocate && t.auth_retries < 3 {
                     // The server still holds an allocation for our 5-tuple
                     // (we restarted): delete it, then allocate again.

@@ -449,6 +449,43 @@ fn a_restarted_relay_is_noticed_and_relayed_peers_recover() {
     assert!(back <= Duration::from_secs(30), "took {back:?}");
 }
 
+/// IPv6 relays: an IPv6-only node (its router routes IPv6 behind a stateful
+/// firewall, no IPv4 at all) reaches signaling and the relay over IPv6 and
+/// gets an IPv4 relayed address there; an IPv4-only node behind a NAT asks
+/// for a dual-stack allocation and gets an IPv6 relayed address too. They
+/// connect through the relay, across IP versions, and ping both ways.
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn an_ipv6_only_node_reaches_an_ipv4_only_node_through_the_relay() {
+    let bins = setup();
+    let mut m = MeshLab::new_dual_stack(&bins);
+    m.add_router("ra", NatPreset::Symmetric);
+    m.lab.enable_ipv6("ra").unwrap();
+    m.add_router("rb", NatPreset::PortRestricted);
+    let (a, b) = (m.add_node("a", "ra"), m.add_node("b", "rb"));
+    m.use_ipv6_only(a);
+    m.start_and_wait(&[a, b], "relay");
+    assert!(m.ping(a, b, 5), "no ping a → b\n{}", m.logs());
+    assert!(m.ping(b, a, 5), "no ping b → a\n{}", m.logs());
+    m.keep_logs();
+    let v6 = m.pub_ip6.unwrap();
+    let sa = m.status(a).unwrap();
+    let ra = &sa["relays"][0];
+    assert_eq!(ra["server"], format!("[{v6}]:3478"), "{sa:#}");
+    let relayed = |row: &serde_json::Value| -> Vec<std::net::SocketAddr> {
+        serde_json::from_value(row["relayed"].clone()).unwrap()
+    };
+    assert!(relayed(ra).iter().any(|r| r.is_ipv4()), "{sa:#}");
+    let sb = m.status(b).unwrap();
+    let rb = &sb["relays"][0];
+    assert!(
+        relayed(rb).iter().any(|r| r.is_ipv6()) && relayed(rb).iter().any(|r| r.is_ipv4()),
+        "b asked for both families: {sb:#}"
+    );
+    let pa = m.peer_status(a, b).unwrap();
+    println!("a → b: {} ↔ {}", pa["local"], pa["remote"]);
+}
+
 /// coturn ties an allocation to the TURN REST username that made it (a new
 /// one under it gets 441), so a username's expiry would end the allocation.
 /// The agents mint 30 s usernames here (re-minted every 7.5 s): the side
