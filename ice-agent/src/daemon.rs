@@ -966,3 +966,22 @@ fn unix_now() -> u64 {
 const NAT_PROBE_DELAY: Duration = Duration::from_millis(500);
 /// A background netcheck that got no UDP answer runs again after this.
 const NAT_RECHECK: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relays_are_reached_over_ipv4_where_the_host_has_it_else_over_ipv6() {
+        let v4: SocketAddr = "198.51.100.2:3478".parse().expect("v4");
+        let v6: SocketAddr = "[2001:db8::2]:3478".parse().expect("v6");
+        let both = [v6, v4];
+        let fam = |v4, v6| Families { v4, v6 };
+        assert_eq!(fam(true, true).pick(&both), Some(v4));
+        assert_eq!(fam(false, true).pick(&both), Some(v6));
+        assert_eq!(fam(true, false).pick(&[v6]), None);
+        // IPv6-only host, IPv4-only name: try it (NAT64/CLAT may carry it).
+        assert_eq!(fam(false, true).pick(&[v4]), Some(v4));
+        assert_eq!(fam(false, false).pick(&both), None);
+    }
+}

@@ -760,6 +760,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_server_refusing_the_additional_ipv6_family_gets_a_plain_allocate() {
+        let mut cfg = ClientConfig::new("u", "p");
+        cfg.dual_stack = true;
+        let mut c = Client::new(cfg, 1);
+        let now = Instant::now();
+        c.allocate(now);
+        let first = c.poll_transmit().expect("Allocate");
+        let m = Message::parse(&first).expect("STUN");
+        assert!(m.get(attr::ADDITIONAL_ADDRESS_FAMILY).is_some());
+        let mut refusal = Vec::new();
+        MessageBuilder::new(
+            &mut refusal,
+            method::ALLOCATE,
+            Class::Error,
+            m.transaction_id(),
+        )
+        .error(440, "Address Family not Supported");
+        assert!(c.handle_input(now, &refusal).is_none());
+        let again = c.poll_transmit().expect("Allocate again");
+        let m = Message::parse(&again).expect("STUN");
+        assert_eq!(m.method(), method::ALLOCATE);
+        assert!(m.get(attr::ADDITIONAL_ADDRESS_FAMILY).is_none());
+        assert_eq!(c.poll_event(), None, "not a failure");
+    }
+
+    #[test]
     fn channel_numbers_are_never_shared_and_wait_after_release() {
         let mut c = Client::new(ClientConfig::new("u", "p"), 1);
         let t0 = Instant::now();
