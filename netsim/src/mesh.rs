@@ -220,6 +220,14 @@ fn relay_toml(addr: SocketAddr, pin: &str) -> String {
     )
 }
 
+/// A `[[relays]]` entry for coturn at `addr` with TURN REST credentials.
+fn coturn_toml(addr: SocketAddr, secret: &str, lifetime_secs: u64) -> String {
+    format!(
+        "[[relays]]\nurl = \"turn:{addr}\"\nusername = \"agent\"\nsecret = \"{secret}\"\n\
+         credential_lifetime_secs = {lifetime_secs}\n\n"
+    )
+}
+
 /// One argv element (`s("ip")`, `s(addr)`).
 pub fn s(x: impl ToString) -> String {
     x.to_string()
@@ -647,6 +655,47 @@ impl MeshLab {
     /// starting the agents; it becomes the only entry of
     /// [`MeshLab::relays`] (process `coturn`, its log `coturn.stdout`).
     pub fn use_coturn(&mut self, secret: &str, lifetime_secs: u64) {
+        let addr = self.spawn_coturn(secret);
+        let entry = coturn_toml(addr, secret, lifetime_secs);
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.config).expect("read config");
+            let (Some(from), Some(to)) = (text.find("[[relays]]"), text.find("[agent]")) else {
+                panic!("no relays in {}", n.config.display());
+            };
+            let text = format!("{}{entry}{}", &text[..from], &text[to..]);
+            std::fs::write(&n.config, text).expect("write config");
+        }
+        self.relays = vec![LabRelay {
+            host: "pubc".into(),
+            process: "coturn".into(),
+            addr,
+        }];
+    }
+
+    /// Like [`MeshLab::use_coturn`], but lists coturn after the lab's other
+    /// relays instead of replacing them. Returns its index in
+    /// [`MeshLab::relays`].
+    pub fn add_coturn(&mut self, secret: &str, lifetime_secs: u64) -> usize {
+        let addr = self.spawn_coturn(secret);
+        let entry = coturn_toml(addr, secret, lifetime_secs);
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.config).expect("read config");
+            let Some(at) = text.find("[agent]") else {
+                panic!("no [agent] in {}", n.config.display());
+            };
+            let text = format!("{}{entry}{}", &text[..at], &text[at..]);
+            std::fs::write(&n.config, text).expect("write config");
+        }
+        self.relays.push(LabRelay {
+            host: "pubc".into(),
+            process: "coturn".into(),
+            addr,
+        });
+        self.relays.len() - 1
+    }
+
+    /// Starts coturn on public host `pubc`; returns its STUN/TURN address.
+    fn spawn_coturn(&mut self, secret: &str) -> SocketAddr {
         let host = "pubc";
         let ip = self.lab.add_public_host(host, 1).expect("public host")[0];
         let addr = SocketAddr::from((ip, 3478));
@@ -696,23 +745,7 @@ impl MeshLab {
         {
             assert!(Instant::now() < deadline, "coturn did not start");
         }
-        let entry = format!(
-            "[[relays]]\nurl = \"turn:{addr}\"\nusername = \"agent\"\nsecret = \"{secret}\"\n\
-             credential_lifetime_secs = {lifetime_secs}\n\n"
-        );
-        for n in &self.nodes {
-            let text = std::fs::read_to_string(&n.config).expect("read config");
-            let (Some(from), Some(to)) = (text.find("[[relays]]"), text.find("[agent]")) else {
-                panic!("no relays in {}", n.config.display());
-            };
-            let text = format!("{}{entry}{}", &text[..from], &text[to..]);
-            std::fs::write(&n.config, text).expect("write config");
-        }
-        self.relays = vec![LabRelay {
-            host: host.into(),
-            process: "coturn".into(),
-            addr,
-        }];
+        addr
     }
 
     /// Kills relay `k` with SIGKILL (no goodbye: its allocations vanish

@@ -548,6 +548,57 @@ fn turn_rest_credentials_on_coturn_roll_over_by_planned_reallocation() {
     );
 }
 
+/// With a second relay the re-allocation is make before break: the peers
+/// relayed through coturn move to the lab's own relay the moment coturn's
+/// old allocation goes, and come back once the new one is up (coturn is
+/// chosen: the other relay's host has 15 ms more each way).
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn turn_rest_rollover_moves_relayed_peers_to_another_relay_meanwhile() {
+    let bins = setup();
+    let mut m = MeshLab::new(&bins);
+    let (a, b) = m.pair(NatPreset::Symmetric, NatPreset::PortRestricted);
+    let k = m.add_coturn("lab-rest-secret-0123456789", 30);
+    m.lab
+        .set_impairment(
+            "pub",
+            netsim::impair::Impairment {
+                loss: 0.0,
+                delay_ms: 15,
+            },
+        )
+        .unwrap();
+    m.start_and_wait(&[a, b], "relay");
+    let t0 = std::time::Instant::now();
+    while m.relay_in_use(a, b) != Some(k) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "a never chose coturn: {:?}\n{}",
+            m.relay_in_use(a, b),
+            m.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let gaps = m
+        .ping_stream(a, b, Duration::from_millis(100), Duration::from_secs(40))
+        .finish()
+        .expect("ping output");
+    println!("pings across the re-allocation with a second relay: {gaps:?}");
+    m.keep_logs();
+    let log = std::fs::read_to_string(m.path("agent-a.stderr")).unwrap_or_default();
+    assert!(
+        log.contains("re-allocating on the relay with the new credentials")
+            && !log.contains("peers=0"),
+        "a never re-allocated with its peer relayed through coturn\n{}",
+        m.logs()
+    );
+    assert!(
+        gaps.replies * 10 >= gaps.sent * 9 && gaps.max_gap <= Duration::from_millis(800),
+        "{gaps:?}\n{}",
+        m.logs()
+    );
+}
+
 /// The same on a direct pair: no peer routes through either allocation,
 /// so each agent re-allocates as soon as coturn refuses the new username
 /// (the first re-mint, 5 s in with 20 s usernames), and the direct path
