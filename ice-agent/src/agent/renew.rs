@@ -105,6 +105,10 @@ impl Agent {
         };
         r.renewing = true;
         t.deallocate(now);
+        r.problem = Some(
+            "re-allocating with new TURN credentials (the relay keeps a live allocation's username)"
+                .into(),
+        );
         let relayed = std::mem::take(&mut r.relayed);
         tracing::info!(%server, peers = users.len(), "re-allocating on the relay with the new credentials");
         self.health.set_usable(now, server, false);
