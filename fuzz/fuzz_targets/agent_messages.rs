@@ -361,7 +361,10 @@ fuzz_target!(|steps: Vec<Step>| {
                     } else {
                         Mapping::EndpointIndependent
                     }),
-                    port_allocation: delta.map(|d| PortAllocation::Sequential { delta: d.into() }),
+                    port_allocation: delta.map(|d| PortAllocation::Sequential {
+                        delta: d.into(),
+                        others_per_min: (d % 3 == 0).then_some(u32::from(d.unsigned_abs()) * 60),
+                    }),
                     ..NatFacts::default()
                 };
                 agent.set_nat_facts(now, facts);

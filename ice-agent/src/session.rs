@@ -795,7 +795,7 @@ impl PeerSession {
             .remote_nat
             .as_ref()
             .and_then(|f| match f.port_allocation {
-                Some(PortAllocation::Sequential { delta }) if f.symmetric() => Some(delta),
+                Some(PortAllocation::Sequential { delta, .. }) if f.symmetric() => Some(delta),
                 _ => None,
             })
         else {
@@ -1522,7 +1522,7 @@ impl PeerSession {
     /// What the published NAT facts say about a missing direct path.
     fn nat_clause(&self) -> Option<String> {
         let ports = |f: &NatFacts| match f.port_allocation {
-            Some(PortAllocation::Sequential { delta }) => {
+            Some(PortAllocation::Sequential { delta, .. }) => {
                 format!("symmetric, sequential ports {delta:+}")
             }
             Some(PortAllocation::Random) => "symmetric, random ports".into(),
@@ -1563,7 +1563,7 @@ impl PeerSession {
             PathKind::Direct => match self.predicted.iter().find(|(a, _)| *a == r) {
                 Some((_, k)) => {
                     let delta = match self.remote_nat.as_ref().and_then(|f| f.port_allocation) {
-                        Some(PortAllocation::Sequential { delta }) => delta,
+                        Some(PortAllocation::Sequential { delta, .. }) => delta,
                         _ => 0,
                     };
                     format!(

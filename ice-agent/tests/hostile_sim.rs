@@ -426,7 +426,10 @@ fn nat_facts_travel_to_peers_and_hostile_ones_are_refused() {
         udp: true,
         public_ipv4: Some("203.0.113.2:40000".parse().expect("addr")),
         mapping: Some(Mapping::AddressAndPortDependent),
-        port_allocation: Some(PortAllocation::Sequential { delta: 1 }),
+        port_allocation: Some(PortAllocation::Sequential {
+            delta: 1,
+            others_per_min: None,
+        }),
         filtering: Some(Filtering::AddressAndPortDependent),
         ..NatFacts::default()
     };

@@ -1179,7 +1179,10 @@ fn port_prediction_goes_direct_against_a_sequential_symmetric_nat_within_its_bud
     let sequential = NatFacts {
         udp: true,
         mapping: Some(Mapping::AddressAndPortDependent),
-        port_allocation: Some(PortAllocation::Sequential { delta: 7 }),
+        port_allocation: Some(PortAllocation::Sequential {
+            delta: 7,
+            others_per_min: None,
+        }),
         filtering: Some(Filtering::AddressAndPortDependent),
         ..NatFacts::default()
     };

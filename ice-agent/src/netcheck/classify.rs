@@ -10,14 +10,17 @@ use std::net::{IpAddr, SocketAddr};
 use super::{Filtering, Mapping, PortAllocation};
 
 /// One mapping observation: the server a Binding request went to (in the
-/// order the first request to each server left the socket) and the mapped
-/// address it reported, `None` when it never answered.
+/// order the first request to each server left the socket), the mapped
+/// address it reported (`None` when it never answered), and when its first
+/// request left, in milliseconds after the first sample's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MappingSample {
     /// Where the request went.
     pub server: SocketAddr,
     /// XOR-MAPPED-ADDRESS of the answer.
     pub mapped: Option<SocketAddr>,
+    /// When the mapping was made, ms after the first sample's.
+    pub at_ms: u64,
 }
 
 /// Mapping behaviour (RFC 4787 §4.1) from the samples of one local socket
@@ -71,14 +74,24 @@ pub fn mapping(
 /// Largest step between consecutive new mappings still called sequential.
 pub const MAX_SEQUENTIAL_DELTA: i32 = 16;
 
+/// Most mappings other flows may take between two of ours (per step) for
+/// the NAT to still count as sequential.
+pub const MAX_SKIPPED_PER_STEP: i32 = 16;
+
 /// How an endpoint-dependent NAT picks the port of each new mapping, from
 /// the samples in the order their mappings were created. Needs at least
 /// three answers (two steps); unanswered samples still count as a mapping
 /// the NAT made, so the step is checked against the position in the order.
-/// Sequential when every answer sits at `first + delta × position` with the
-/// same non-zero `delta` of at most [`MAX_SEQUENTIAL_DELTA`]; else random.
-/// `None` for endpoint-independent mappings (nothing to predict) and when
-/// there are too few answers.
+///
+/// Sequential with step `delta` (non-zero, at most [`MAX_SEQUENTIAL_DELTA`]
+/// either way) when every answer lies `delta` × (positions apart + skipped)
+/// from the previous one, where `skipped` (at most
+/// [`MAX_SKIPPED_PER_STEP`]) counts mappings other flows through the NAT
+/// took in between: a sequential NAT shared with other traffic is still
+/// sequential. Of the steps that fit, the one that needs the fewest skipped
+/// mappings wins; the skipped ones over the time the samples span give
+/// `others_per_min`. Else random. `None` for endpoint-independent mappings
+/// (nothing to predict) and when there are too few answers.
 pub fn port_allocation(
     mapping: Option<Mapping>,
     samples: &[MappingSample],
@@ -86,30 +99,51 @@ pub fn port_allocation(
     if !mapping.is_some_and(Mapping::endpoint_dependent) {
         return None;
     }
-    let ports: Vec<(i32, i32)> = samples
+    let ports: Vec<(i32, i32, u64)> = samples
         .iter()
         .enumerate()
-        .filter_map(|(i, s)| s.mapped.map(|m| (i as i32, i32::from(m.port()))))
+        .filter_map(|(i, s)| s.mapped.map(|m| (i as i32, i32::from(m.port()), s.at_ms)))
         .collect();
     if ports.len() < 3 {
         return None;
     }
-    let (i0, p0) = ports[0];
-    let (i1, p1) = ports[1];
-    let span = i1 - i0;
-    let diff = p1 - p0;
-    let sequential = diff % span == 0 && {
-        let delta = diff / span;
-        delta != 0
-            && delta.abs() <= MAX_SEQUENTIAL_DELTA
-            && ports.iter().all(|&(i, p)| p == p0 + delta * (i - i0))
+    // Ports skipped with step `d`, if every step fits.
+    let skipped = |d: i32| -> Option<i32> {
+        let mut total = 0;
+        for w in ports.windows(2) {
+            let ((i0, p0, _), (i1, p1, _)) = (w[0], w[1]);
+            let (span, diff) = (i1 - i0, p1 - p0);
+            if diff % d != 0 {
+                return None;
+            }
+            let extra = diff / d - span;
+            if !(0..=MAX_SKIPPED_PER_STEP).contains(&extra) {
+                return None;
+            }
+            total += extra;
+        }
+        Some(total)
     };
-    Some(if sequential {
-        PortAllocation::Sequential { delta: diff / span }
-    } else {
-        PortAllocation::Random
+    let best = (1..=MAX_SEQUENTIAL_DELTA)
+        .flat_map(|d| [d, -d])
+        .filter_map(|d| skipped(d).map(|n| (n, d)))
+        .min_by_key(|&(n, d)| (n, -d.abs()));
+    let Some((skipped, delta)) = best else {
+        return Some(PortAllocation::Random);
+    };
+    let first = ports.first().map_or(0, |p| p.2);
+    let last = ports.last().map_or(0, |p| p.2);
+    let span_ms = last.saturating_sub(first);
+    let others_per_min = (skipped > 0 && span_ms > 0)
+        .then(|| (skipped as u64 * 60_000 / span_ms).min(u64::from(MAX_OTHERS_PER_MIN)) as u32);
+    Some(PortAllocation::Sequential {
+        delta,
+        others_per_min,
     })
 }
+
+/// The largest rate of other flows' mappings reported (a million a minute).
+pub const MAX_OTHERS_PER_MIN: u32 = 1_000_000;
 
 /// What one filtering test saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,9 +198,11 @@ mod tests {
     fn samples(pairs: &[(&str, Option<&str>)]) -> Vec<MappingSample> {
         pairs
             .iter()
-            .map(|(s, m)| MappingSample {
+            .enumerate()
+            .map(|(i, (s, m))| MappingSample {
                 server: sa(s),
                 mapped: m.map(sa),
+                at_ms: 10 * i as u64,
             })
             .collect()
     }
@@ -230,7 +266,10 @@ mod tests {
         assert_eq!(m, Some(Mapping::AddressAndPortDependent));
         assert_eq!(
             port_allocation(m, &s),
-            Some(PortAllocation::Sequential { delta: 1 })
+            Some(PortAllocation::Sequential {
+                delta: 1,
+                others_per_min: None
+            })
         );
     }
 
@@ -255,7 +294,10 @@ mod tests {
         let m = Some(Mapping::AddressAndPortDependent);
         assert_eq!(
             port_allocation(m, &s),
-            Some(PortAllocation::Sequential { delta: -2 })
+            Some(PortAllocation::Sequential {
+                delta: -2,
+                others_per_min: None
+            })
         );
     }
 
@@ -268,13 +310,26 @@ mod tests {
         ]);
         let m = Some(Mapping::AddressAndPortDependent);
         assert_eq!(port_allocation(m, &s), Some(PortAllocation::Random));
-        // Two steps that disagree are random; one step alone says nothing.
+        // Two steps that fit no common step are random; one step alone
+        // says nothing.
         let s2 = samples(&[
             ("198.51.100.2:3478", Some("203.0.113.5:40000")),
-            ("198.51.100.3:3478", Some("203.0.113.5:40001")),
-            ("198.51.100.3:3479", Some("203.0.113.5:40003")),
+            ("198.51.100.3:3478", Some("203.0.113.5:40002")),
+            ("198.51.100.3:3479", Some("203.0.113.5:40005")),
         ]);
-        assert_eq!(port_allocation(m, &s2), Some(PortAllocation::Random));
+        assert_eq!(
+            port_allocation(m, &s2),
+            Some(PortAllocation::Sequential {
+                delta: 1,
+                others_per_min: Some(3 * 60_000 / 20)
+            })
+        );
+        let s2r = samples(&[
+            ("198.51.100.2:3478", Some("203.0.113.5:40000")),
+            ("198.51.100.3:3478", Some("203.0.113.5:40030")),
+            ("198.51.100.3:3479", Some("203.0.113.5:40001")),
+        ]);
+        assert_eq!(port_allocation(m, &s2r), Some(PortAllocation::Random));
         assert_eq!(port_allocation(m, &s2[..2]), None);
         // A big constant step is not something to predict on.
         let s3 = samples(&[

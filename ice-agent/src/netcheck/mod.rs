@@ -86,6 +86,10 @@ pub enum PortAllocation {
     Sequential {
         /// Step between consecutive mappings (e.g. +1).
         delta: i32,
+        /// Mappings other flows through the NAT took per minute while we
+        /// measured (`None`: none seen). Older agents ignore it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        others_per_min: Option<u32>,
     },
     /// No pattern.
     Random,
@@ -167,10 +171,21 @@ impl NatFacts {
             return Err("NAT facts are not a JSON object".into());
         }
         let f: NatFacts = serde_json::from_str(s).map_err(|e| format!("NAT facts: {e}"))?;
-        if let Some(PortAllocation::Sequential { delta }) = f.port_allocation {
+        if let Some(PortAllocation::Sequential {
+            delta,
+            others_per_min,
+        }) = f.port_allocation
+        {
             if delta == 0 || delta.unsigned_abs() > MAX_DELTA.unsigned_abs() {
                 return Err(format!(
                     "NAT facts: sequential port step {delta} (needs 1..={MAX_DELTA} either way)"
+                ));
+            }
+            if others_per_min.is_some_and(|r| r > classify::MAX_OTHERS_PER_MIN) {
+                return Err(format!(
+                    "NAT facts: {} mappings a minute by other flows (at most {})",
+                    others_per_min.unwrap_or_default(),
+                    classify::MAX_OTHERS_PER_MIN
                 ));
             }
         }
@@ -194,8 +209,15 @@ impl NatFacts {
             None => "mapping unknown".to_string(),
         };
         match self.port_allocation {
-            Some(PortAllocation::Sequential { delta }) if self.symmetric() => {
-                let _ = write!(s, ", sequential ports ({delta:+})");
+            Some(PortAllocation::Sequential {
+                delta,
+                others_per_min,
+            }) if self.symmetric() => {
+                let _ = write!(
+                    s,
+                    ", sequential ports ({delta:+}{})",
+                    others(others_per_min)
+                );
             }
             Some(PortAllocation::Random) if self.symmetric() => s.push_str(", random ports"),
             _ => {}
@@ -363,8 +385,15 @@ pub fn render(r: &Report) -> String {
         Some(m) => {
             let mut t = m.describe().to_owned();
             match n.port_allocation {
-                Some(PortAllocation::Sequential { delta }) => {
-                    let _ = write!(t, ", sequential ports ({delta:+})");
+                Some(PortAllocation::Sequential {
+                    delta,
+                    others_per_min,
+                }) => {
+                    let _ = write!(
+                        t,
+                        ", sequential ports ({delta:+}{})",
+                        others(others_per_min)
+                    );
                 }
                 Some(PortAllocation::Random) => t.push_str(", random ports"),
                 None if m.endpoint_dependent() => t.push_str(", port pattern not measured"),
@@ -483,6 +512,16 @@ pub(crate) fn local_ips() -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
+/// "; other traffic takes ~N ports/s" for a sequential NAT shared with
+/// other flows (empty when none were seen).
+fn others(per_min: Option<u32>) -> String {
+    match per_min {
+        Some(n) if n >= 60 => format!("; other traffic takes ~{} ports/s", n / 60),
+        Some(n) if n > 0 => format!("; other traffic takes ~{n} ports/min"),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,7 +532,10 @@ mod tests {
             udp: true,
             public_ipv4: Some("203.0.113.5:40000".parse().expect("addr")),
             mapping: Some(Mapping::AddressAndPortDependent),
-            port_allocation: Some(PortAllocation::Sequential { delta: 1 }),
+            port_allocation: Some(PortAllocation::Sequential {
+                delta: 1,
+                others_per_min: None,
+            }),
             filtering: Some(Filtering::AddressAndPortDependent),
             port_preserved: Some(false),
             hairpin: Some(false),
@@ -528,7 +570,10 @@ mod tests {
             udp: true,
             public_ipv4: Some("203.0.113.5:40000".parse().expect("addr")),
             mapping: Some(Mapping::AddressAndPortDependent),
-            port_allocation: Some(PortAllocation::Sequential { delta: 2 }),
+            port_allocation: Some(PortAllocation::Sequential {
+                delta: 2,
+                others_per_min: None,
+            }),
             filtering: Some(Filtering::AddressAndPortDependent),
             ..NatFacts::default()
         };
@@ -559,10 +604,36 @@ mod tests {
             r#"{"port_allocation":{"kind":"sequential","delta":0}}"#,
             r#"{"port_allocation":{"kind":"sequential","delta":-5000}}"#,
             r#"{"port_allocation":{"kind":"sequential","delta":99999999999}}"#,
+            r#"{"port_allocation":{"kind":"sequential","delta":1,"others_per_min":1000001}}"#,
+            r#"{"port_allocation":{"kind":"sequential","delta":1,"others_per_min":-1}}"#,
             r#"{"udp":"yes"}"#,
         ] {
             assert!(NatFacts::from_wire(bad).is_err(), "{bad}");
         }
+        // A shared sequential NAT: the rate travels and is shown; facts
+        // without it (older agents) still parse.
+        let shared = NatFacts::from_wire(
+            r#"{"udp":true,"mapping":"address-and-port-dependent","port_allocation":{"kind":"sequential","delta":1,"others_per_min":600}}"#,
+        )
+        .expect("shared");
+        assert!(
+            shared
+                .summary()
+                .contains("sequential ports (+1; other traffic takes ~10 ports/s)"),
+            "{}",
+            shared.summary()
+        );
+        let old = NatFacts::from_wire(
+            r#"{"udp":true,"port_allocation":{"kind":"sequential","delta":1}}"#,
+        )
+        .expect("old");
+        assert_eq!(
+            old.port_allocation,
+            Some(PortAllocation::Sequential {
+                delta: 1,
+                others_per_min: None
+            })
+        );
         let none = NatFacts {
             udp: false,
             ..NatFacts::default()
@@ -577,7 +648,10 @@ mod tests {
                 udp: true,
                 public_ipv4: Some("203.0.113.5:30001".parse().expect("addr")),
                 mapping: Some(Mapping::AddressAndPortDependent),
-                port_allocation: Some(PortAllocation::Sequential { delta: 1 }),
+                port_allocation: Some(PortAllocation::Sequential {
+                    delta: 1,
+                    others_per_min: None,
+                }),
                 filtering: Some(Filtering::AddressAndPortDependent),
                 port_preserved: Some(false),
                 hairpin: Some(false),

@@ -51,6 +51,10 @@ pub const LAST_WAIT: Duration = Duration::from_millis(500);
 pub const FILTER_GRACE: Duration = Duration::from_millis(300);
 /// Hairpin: attempts every 100 ms, given up 500 ms after the first.
 const HAIRPIN_ATTEMPTS: usize = 4;
+/// Between the first requests to a relay's alternate addresses from the
+/// main socket: a 40 ms window in which other flows' mappings on a
+/// sequential NAT show as skipped ports.
+const ALTERNATE_SPACING: Duration = Duration::from_millis(20);
 const HAIRPIN_GAP: Duration = Duration::from_millis(100);
 
 /// PADDING bytes in every request, so that a relay answering no larger than
@@ -450,6 +454,7 @@ impl Prober {
                 SocketAddr::new(primary.ip(), other.port()),
             ];
             extra.dedup();
+            let mut k = 0;
             for to in extra {
                 if to != primary
                     && !self
@@ -457,11 +462,16 @@ impl Prober {
                         .iter()
                         .any(|q| q.socket == Socket::Main && q.to == to)
                 {
+                    // Spaced, so other flows' mappings in between show
+                    // (`classify::port_allocation`'s `others_per_min`).
+                    let at = now + ALTERNATE_SPACING * k;
+                    k += 1;
                     self.probes
-                        .push(Probe::new(Kind::Alternate, Socket::Main, to, now));
+                        .push(Probe::new(Kind::Alternate, Socket::Main, to, at));
                 }
             }
-            // Send them now, in this order, before anything else is made.
+            // The first now, before anything else is made (the filtering
+            // tests wait until the main socket's probes are answered).
             self.handle_timeout_sends(now);
         }
         let main_busy = self
@@ -555,17 +565,29 @@ impl Prober {
     }
 
     fn main_samples(&self) -> Vec<MappingSample> {
-        self.probes
-            .iter()
-            .filter(|p| p.socket == Socket::Main && !p.attempts.is_empty())
+        let main = || {
+            self.probes
+                .iter()
+                .filter(|p| p.socket == Socket::Main && !p.attempts.is_empty())
+        };
+        let first = main().filter_map(|p| p.attempts.first().map(|a| a.1)).min();
+        let mut samples: Vec<MappingSample> = main()
             .map(|p| MappingSample {
                 server: p.to,
                 mapped: match p.state {
                     State::Answered { mapped, .. } => Some(mapped),
                     _ => None,
                 },
+                at_ms: match (p.attempts.first(), first) {
+                    (Some(a), Some(f)) => a.1.saturating_duration_since(f).as_millis() as u64,
+                    _ => 0,
+                },
             })
-            .collect()
+            .collect();
+        // In the order the mappings were made (stable: one instant keeps
+        // the order of sending).
+        samples.sort_by_key(|s| s.at_ms);
+        samples
     }
 
     /// What was found so far (final once [`Prober::is_done`]).
@@ -859,7 +881,10 @@ mod tests {
                 "apdm-seq",
                 AddressAndPortDependent,
                 Some(Mapping::AddressAndPortDependent),
-                Some(PortAllocation::Sequential { delta: 1 }),
+                Some(PortAllocation::Sequential {
+                    delta: 1,
+                    others_per_min: None,
+                }),
                 false,
             ),
             (
