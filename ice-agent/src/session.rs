@@ -57,11 +57,21 @@ const SEEN_HORIZON: Duration = Duration::from_secs(600);
 
 /// RTT margin below which two paths of the same kind count as equal.
 const RTT_MARGIN: f64 = 0.10;
-/// Ports predicted past the peer's server-reflexive port (port prediction):
-/// the new mappings its NAT may make between its relay allocation and its
-/// first check to us (its netcheck, checks to our other candidates, other
-/// hosts behind it).
+/// Ports predicted past the peer's newest known mapping (port prediction):
+/// the new mappings its NAT may make between that one and its first check
+/// to us (its netcheck, checks to our other candidates, other hosts behind
+/// it).
 pub(crate) const PREDICT_WINDOW: u16 = 24;
+/// A newer mapping of the peer's NAT counts only this far past its
+/// server-reflexive port (in the direction of its step).
+const FRESH_BASE_MAX: i64 = 4096;
+
+/// How many of the peer NAT's steps `base + k × delta` lies past its
+/// server-reflexive port `srflx`.
+fn along_steps(base: SocketAddr, srflx: SocketAddr, delta: i32, k: i32) -> i64 {
+    let port = i64::from(base.port()) + i64::from(delta) * i64::from(k);
+    (port - i64::from(srflx.port())) * i64::from(delta.signum())
+}
 
 /// Whether the data path should move from a working path to another one
 /// `is` nominated: always to a better kind, never to a worse one, and
@@ -421,7 +431,10 @@ pub struct PeerSession {
     superseded: Vec<SocketAddr>,
     /// Remote candidates this session predicted (port prediction against
     /// the peer's sequential symmetric NAT), with the step each is at.
-    predicted: Vec<(SocketAddr, u16)>,
+    predicted: Vec<(SocketAddr, i32)>,
+    /// The window started past the peer's server-reflexive port (`false`:
+    /// past a newer mapping of its NAT that reached us).
+    predicted_from_srflx: bool,
     /// What `is` nominated last, (source, destination).
     nominated: Option<PairKey>,
     seen: HashMap<PairKey, PairSeen>,
@@ -490,6 +503,7 @@ impl PeerSession {
             remote: Vec::new(),
             superseded: Vec::new(),
             predicted: Vec::new(),
+            predicted_from_srflx: true,
             nominated: None,
             seen: HashMap::new(),
             checks: HashMap::new(),
@@ -830,22 +844,60 @@ impl PeerSession {
         else {
             return;
         };
-        let base = srflx.addr();
-        for k in 1..=PREDICT_WINDOW {
+        // The newest mapping of the peer's NAT we have seen: its server-
+        // reflexive port is as old as its relay allocation (hours, in a
+        // long-running mesh, during which other flows moved the counter);
+        // its checks to our relayed address came from mappings made just
+        // now, and they are authenticated.
+        let along =
+            |p: u16| (i64::from(p) - i64::from(srflx.addr().port())) * i64::from(delta.signum());
+        let base = self
+            .seen
+            .iter()
+            .filter(|(_, s)| s.authenticated)
+            .map(|((_, r), _)| *r)
+            .filter(|r| r.ip() == srflx.addr().ip())
+            .filter(|r| (0..=FRESH_BASE_MAX).contains(&along(r.port())))
+            .max_by_key(|r| along(r.port()))
+            .unwrap_or(srflx.addr());
+        self.predicted_from_srflx = base == srflx.addr();
+        // Past the server-reflexive port: the next ones. Around a newer
+        // mapping: its checks to our server-reflexive address (the one to
+        // meet) usually left before its checks to our relayed address, so
+        // half the window lies before it (never back past the srflx port).
+        let half = i32::from(PREDICT_WINDOW / 2);
+        let steps: Vec<i32> = if self.predicted_from_srflx {
+            (1..=i32::from(PREDICT_WINDOW)).collect()
+        } else {
+            (-half..=half)
+                .filter(|&k| k != 0)
+                .filter(|&k| along_steps(base, srflx.addr(), delta, k) > 0)
+                .take(usize::from(PREDICT_WINDOW))
+                .collect()
+        };
+        for k in steps {
             let port = i64::from(base.port()) + i64::from(delta) * i64::from(k);
-            let Ok(port) = u16::try_from(port) else { break };
+            let Ok(port) = u16::try_from(port) else {
+                continue;
+            };
             if port < 1024 {
-                break;
+                continue;
             }
             let addr = SocketAddr::new(base.ip(), port);
             if self.remote.iter().any(|c| c.addr() == addr) {
                 continue;
             }
             // Below the peer's own srflx (checked after it), above any
-            // relayed candidate (so a pair that works is nominated).
-            let prio = (100u32 << 24) | (u32::from(0xfff0 - k) << 8) | 255;
+            // relayed candidate (so a pair that works is nominated); the
+            // nearest steps first.
+            let rank = k.unsigned_abs().min(0xff) * 2 + u32::from(k < 0);
+            let prio = (100u32 << 24) | ((0xfff0 - rank) << 8) | 255;
             let c = Candidate::from_parts(
-                format!("pred{k}"),
+                if k < 0 {
+                    format!("predm{}", -k)
+                } else {
+                    format!("pred{k}")
+                },
                 1,
                 is::Protocol::Udp,
                 prio,
@@ -859,7 +911,7 @@ impl PeerSession {
             self.remote.push(c.clone());
             self.ice.add_remote_candidate(c);
         }
-        tracing::info!(peer_srflx = %base, delta, window = PREDICT_WINDOW, "predicting the peer's NAT ports");
+        tracing::info!(peer_srflx = %srflx.addr(), %base, delta, window = PREDICT_WINDOW, "predicting the peer's NAT ports");
         if self.nominated.is_some() || self.path.kind == PathKind::Relay {
             // `is` nominates once: re-form the pairs so the new ones can win.
             self.retry_direct_now(now);
@@ -1566,9 +1618,17 @@ impl PeerSession {
                         Some(PortAllocation::Sequential { delta, .. }) => delta,
                         _ => 0,
                     };
+                    let from = if self.predicted_from_srflx {
+                        "the peer's server-reflexive port"
+                    } else {
+                        "the newest port of the peer's NAT seen"
+                    };
+                    let n = k.unsigned_abs();
+                    let steps = if n == 1 { "step" } else { "steps" };
+                    let side = if *k > 0 { "past" } else { "before" };
                     format!(
                         "direct {l} ↔ {r} via port prediction, delta {delta:+} \
-                         ({k} steps past the peer's server-reflexive port)"
+                         ({n} {steps} {side} {from})"
                     )
                 }
                 None => format!("direct {l} ↔ {r}"),

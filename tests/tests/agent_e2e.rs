@@ -398,6 +398,58 @@ fn sequential_symmetric_to_port_restricted_goes_direct_by_port_prediction() {
     );
 }
 
+/// Port prediction in a mesh that has run a while: after the sequential
+/// side's relay allocation, another device behind its NAT opens 100 flows,
+/// so its server-reflexive port is 100 mappings old when the peer comes.
+/// The peer predicts around the newest mapping it has seen (the sequential
+/// side's checks to its relayed address) instead, and goes direct.
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn port_prediction_follows_a_sequential_nat_that_other_flows_moved_on() {
+    let bins = setup();
+    let mut m = MeshLab::new(&bins);
+    let (a, b) = m.pair(NatPreset::SymmetricSequential, NatPreset::PortRestricted);
+    m.start_agent(a);
+    let t0 = std::time::Instant::now();
+    while !m.status(a).is_some_and(|s| s["nat"].is_object()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a's NAT never measured\n{}",
+            m.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let relay = m.relays[0].addr.ip();
+    m.lab.add_device("noise", "ra").unwrap();
+    let script = format!(
+        "import socket\nfor i in range(100):\n    \
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    \
+         s.sendto(b'x', ('{relay}', 9))\n    s.close()\n"
+    );
+    let (ok, out) = m
+        .lab
+        .exec("noise", &[s("python3"), s("-c"), script])
+        .unwrap();
+    assert!(ok, "{out}");
+    m.start_agent(b);
+    let (row, took) = m
+        .wait_path(b, a, "direct", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("not direct: {e}\n{}", m.logs()));
+    println!("direct after {took:?}: {row:#}");
+    let reason = row["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("via port prediction")
+            && reason.contains("the newest port of the peer's NAT seen"),
+        "{reason}\n{}",
+        m.logs()
+    );
+    assert!(
+        m.ping(a, b, 3),
+        "no ping over the predicted path\n{}",
+        m.logs()
+    );
+}
+
 #[test]
 #[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
 fn direct_cut_falls_back_to_relay_within_3s_and_comes_back() {
