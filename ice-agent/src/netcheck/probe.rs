@@ -51,11 +51,11 @@ pub const LAST_WAIT: Duration = Duration::from_millis(500);
 pub const FILTER_GRACE: Duration = Duration::from_millis(300);
 /// Hairpin: attempts every 100 ms, given up 500 ms after the first.
 const HAIRPIN_ATTEMPTS: usize = 4;
+const HAIRPIN_GAP: Duration = Duration::from_millis(100);
 /// Between the first requests to a relay's alternate addresses from the
 /// main socket: a 40 ms window in which other flows' mappings on a
 /// sequential NAT show as skipped ports.
 const ALTERNATE_SPACING: Duration = Duration::from_millis(20);
-const HAIRPIN_GAP: Duration = Duration::from_millis(100);
 
 /// PADDING bytes in every request, so that a relay answering no larger than
 /// the request (`--strict-amplification`) still fits RESPONSE-ORIGIN and
