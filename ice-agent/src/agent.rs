@@ -2272,7 +2272,6 @@ impl Agent {
                 continue;
             }
             let Some(ev) = t.poll_event() else { break };
-            let bound = t.username().to_owned();
             if self.relays[i].renewing
                 && matches!(
                     ev,
@@ -2327,7 +2326,7 @@ impl Agent {
                             }
                         }
                     }
-                    self.relays[i].bound_until = self.username_expiry(&bound);
+                    self.relays[i].bound_until = self.allocation_expiry(i);
                     self.health.set_usable(now, server, true);
                     self.push_relay_view(now);
                     if let Some((old, new)) = moved {
@@ -2337,7 +2336,7 @@ impl Agent {
                 }
                 ClientEvent::Refreshed { .. } => {
                     // (A relay that took new credentials in place.)
-                    self.relays[i].bound_until = self.username_expiry(&bound);
+                    self.relays[i].bound_until = self.allocation_expiry(i);
                 }
                 ClientEvent::ChannelBound { peer, channel } => {
                     self.channel_ready(server, peer, channel);

@@ -566,13 +566,13 @@ impl Sim {
     }
 }
 
-/// Node 0 behind the model's symmetric NAT (a new port per destination,
-/// +7 each time), node 1 behind a port-restricted one.
-fn symmetric_to_port_restricted() -> Sim {
+/// Node 0 behind a NAT of kind `a`, node 1 behind one of kind `b`, each on
+/// its own LAN.
+fn two_nats(a: NatKind, b: NatKind) -> Sim {
     Sim::new(
         &[
-            ("10.0.1.0/24", NatKind::Symmetric, "198.51.100.1"),
-            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
+            ("10.0.1.0/24", a, "198.51.100.1"),
+            ("10.0.2.0/24", b, "198.51.100.2"),
         ],
         [
             NodeSpec {
@@ -587,23 +587,14 @@ fn symmetric_to_port_restricted() -> Sim {
     )
 }
 
+/// Node 0 behind the model's symmetric NAT (a new port per destination,
+/// +7 each time), node 1 behind a port-restricted one.
+fn symmetric_to_port_restricted() -> Sim {
+    two_nats(NatKind::Symmetric, NatKind::PortRestricted)
+}
+
 fn port_restricted_pair() -> Sim {
-    Sim::new(
-        &[
-            ("10.0.1.0/24", NatKind::PortRestricted, "198.51.100.1"),
-            ("10.0.2.0/24", NatKind::PortRestricted, "198.51.100.2"),
-        ],
-        [
-            NodeSpec {
-                lan: 0,
-                host: "10.0.1.10:51820",
-            },
-            NodeSpec {
-                lan: 1,
-                host: "10.0.2.20:51820",
-            },
-        ],
-    )
+    two_nats(NatKind::PortRestricted, NatKind::PortRestricted)
 }
 
 #[test]

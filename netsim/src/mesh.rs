@@ -220,6 +220,19 @@ fn relay_toml(addr: SocketAddr, pin: &str) -> String {
     )
 }
 
+/// Waits (at most 15 s) until `addr` answers a STUN Binding from `host`.
+fn wait_stun(lab: &Lab, host: &str, addr: SocketAddr, what: &str) {
+    let sock = lab.udp_socket(host, 0).expect("socket");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while StunClient
+        .binding(&sock, addr, Change::default(), Duration::from_millis(200))
+        .expect("io")
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "{what} did not start");
+    }
+}
+
 /// A `[[relays]]` entry for coturn at `addr` with TURN REST credentials.
 fn coturn_toml(addr: SocketAddr, secret: &str, lifetime_secs: u64) -> String {
     format!(
@@ -627,20 +640,8 @@ impl MeshLab {
                 &self.dir,
             )
             .expect("spawn relay");
-        let sock = self.lab.udp_socket(&host, 0).expect("socket");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while StunClient
-            .binding(&sock, addr, Change::default(), Duration::from_millis(200))
-            .expect("io")
-            .is_none()
-        {
-            assert!(Instant::now() < deadline, "{process} did not start");
-        }
-        for n in &self.nodes {
-            let mut text = std::fs::read_to_string(&n.config).expect("read config");
-            text.push_str(&relay_toml(addr, ""));
-            std::fs::write(&n.config, text).expect("write config");
-        }
+        wait_stun(&self.lab, &host, addr, &process);
+        self.edit_configs(|text| text + &relay_toml(addr, ""));
         self.relays.push(LabRelay {
             host,
             process,
@@ -657,14 +658,12 @@ impl MeshLab {
     pub fn use_coturn(&mut self, secret: &str, lifetime_secs: u64) {
         let addr = self.spawn_coturn(secret);
         let entry = coturn_toml(addr, secret, lifetime_secs);
-        for n in &self.nodes {
-            let text = std::fs::read_to_string(&n.config).expect("read config");
+        self.edit_configs(|text| {
             let (Some(from), Some(to)) = (text.find("[[relays]]"), text.find("[agent]")) else {
-                panic!("no relays in {}", n.config.display());
+                panic!("no [[relays]] before [agent] in a lab config");
             };
-            let text = format!("{}{entry}{}", &text[..from], &text[to..]);
-            std::fs::write(&n.config, text).expect("write config");
-        }
+            format!("{}{entry}{}", &text[..from], &text[to..])
+        });
         self.relays = vec![LabRelay {
             host: "pubc".into(),
             process: "coturn".into(),
@@ -677,15 +676,7 @@ impl MeshLab {
     /// [`MeshLab::relays`].
     pub fn add_coturn(&mut self, secret: &str, lifetime_secs: u64) -> usize {
         let addr = self.spawn_coturn(secret);
-        let entry = coturn_toml(addr, secret, lifetime_secs);
-        for n in &self.nodes {
-            let text = std::fs::read_to_string(&n.config).expect("read config");
-            let Some(at) = text.find("[agent]") else {
-                panic!("no [agent] in {}", n.config.display());
-            };
-            let text = format!("{}{entry}{}", &text[..at], &text[at..]);
-            std::fs::write(&n.config, text).expect("write config");
-        }
+        self.edit_configs(|text| text + &coturn_toml(addr, secret, lifetime_secs));
         self.relays.push(LabRelay {
             host: "pubc".into(),
             process: "coturn".into(),
@@ -736,16 +727,16 @@ impl MeshLab {
         self.lab
             .spawn("coturn", host, &argv, &[], &self.dir)
             .expect("spawn coturn");
-        let sock = self.lab.udp_socket(host, 0).expect("socket");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while StunClient
-            .binding(&sock, addr, Change::default(), Duration::from_millis(200))
-            .expect("io")
-            .is_none()
-        {
-            assert!(Instant::now() < deadline, "coturn did not start");
-        }
+        wait_stun(&self.lab, host, addr, "coturn");
         addr
+    }
+
+    /// Rewrites every node's agent config with `f`.
+    fn edit_configs(&self, f: impl Fn(String) -> String) {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.config).expect("read config");
+            std::fs::write(&n.config, f(text)).expect("write config");
+        }
     }
 
     /// Kills relay `k` with SIGKILL (no goodbye: its allocations vanish

@@ -26,8 +26,10 @@ const REALLOCATE_AFTER: Duration = Duration::from_millis(1500);
 const RENEW_UNKNOWN: Duration = Duration::from_secs(600);
 
 impl Agent {
-    /// When the username `name` expires, if it is a TURN REST one.
-    pub(super) fn username_expiry(&self, name: &str) -> Option<Instant> {
+    /// When the username relay `i`'s allocation uses expires, if it is a
+    /// TURN REST one.
+    pub(super) fn allocation_expiry(&self, i: usize) -> Option<Instant> {
+        let name = self.relays[i].turn.as_ref()?.username();
         let unix = relay::auth::rest_expiry(name)?;
         let secs = unix.saturating_sub(self.opts.unix_time);
         self.started.checked_add(Duration::from_secs(secs))
