@@ -28,6 +28,7 @@ use relay::stun::{self, attr, method, Class, MessageBuilder};
 use signaling::seal::PeerMessage;
 
 use crate::cert::Membership;
+use crate::punch::{Msg, Ports};
 use crate::session::{
     is_controlling, PathReport, PeerSession, RelayView, SessionConfig, SessionEvent, Transmit, Via,
 };
@@ -329,6 +330,16 @@ pub enum Output {
         /// The relay.
         server: SocketAddr,
     },
+    /// Coordinated punch: send a STUN Binding from a fresh UDP socket to
+    /// `server` and report the mapped address it got with
+    /// [`Agent::handle_mapping`] (`None` when nothing answered in about
+    /// a second). A sequential NAT gives that socket its next port.
+    MeasureMapping {
+        /// The peer whose session asked.
+        peer: PeerKey,
+        /// The relay to ask (one we reach over UDP).
+        server: SocketAddr,
+    },
 }
 
 /// What a relay stream did ([`Agent::handle_relay_stream`]).
@@ -559,6 +570,10 @@ pub struct SessionTotals {
     pub blackhole_peer: u64,
     /// Sessions that predicted the peer's NAT ports.
     pub predictions: u64,
+    /// Coordinated punch attempts (both NATs sequential symmetric).
+    pub punch_attempts: u64,
+    /// Openers those attempts sent.
+    pub punch_openers: u64,
 }
 
 impl SessionTotals {
@@ -568,6 +583,8 @@ impl SessionTotals {
         self.blackhole_mtu += st.blackhole.mtu_verdicts;
         self.blackhole_peer += st.blackhole.peer_leaves;
         self.predictions += u64::from(st.predicted > 0);
+        self.punch_attempts += st.punch_attempts;
+        self.punch_openers += st.punch_openers;
     }
 }
 
@@ -1196,6 +1213,17 @@ impl Agent {
                 validate::session_fields(*session, None)
                     .and_then(|_| validate::candidate_line(candidate))
             }
+            PeerMessage::PunchOffer {
+                session,
+                port,
+                delta,
+            }
+            | PeerMessage::PunchAnswer {
+                session,
+                port,
+                delta,
+            } => validate::punch_ports(*session, *port, *delta),
+            PeerMessage::PunchGo { session } => validate::session_fields(*session, None),
             _ => Ok(()),
         };
         if let Err(r) = checked {
@@ -1326,6 +1354,17 @@ impl Agent {
             }
             // About the node, not the session: any session id will do.
             PeerMessage::Facts { nat, .. } => self.handle_facts(now, from, &nat),
+            PeerMessage::PunchOffer {
+                session,
+                port,
+                delta,
+            } => self.handle_punch(now, from, session, Msg::Offer(Ports { port, delta })),
+            PeerMessage::PunchAnswer {
+                session,
+                port,
+                delta,
+            } => self.handle_punch(now, from, session, Msg::Answer(Ports { port, delta })),
+            PeerMessage::PunchGo { session } => self.handle_punch(now, from, session, Msg::Go),
             PeerMessage::Unknown => {
                 tracing::debug!(peer = %from, "ignored a message type this agent does not know (a newer agent?)");
             }
@@ -2605,6 +2644,8 @@ impl Agent {
                 Some(SessionEvent::MappingChanged { local, old, new }) => {
                     self.mapping_changed(now, *key, local, old, new);
                 }
+                Some(SessionEvent::MeasureMapping) => self.measure_mapping(now, *key),
+                Some(SessionEvent::Punch(m)) => self.send_punch(*key, m),
                 None => return,
             }
         }

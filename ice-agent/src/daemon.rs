@@ -212,6 +212,9 @@ pub async fn run(
     let mut nat_probe =
         crate::netcheck::driver::spawn_background(cfg.clone(), NAT_PROBE_DELAY, nat_tx.clone());
 
+    // Coordinated punches ask for our NAT's counter (a fresh socket each).
+    let (mm_tx, mut mm_rx) = mpsc::channel::<(PeerKey, Option<SocketAddr>)>(16);
+
     let mut rx = crate::udp::RecvBatch::new(16, 65536);
     // Embedded mode: decrypted packets and replies are built here.
     let mut scratch = vec![0u8; 65536 + 64];
@@ -254,6 +257,14 @@ pub async fn run(
     // signaling, a timer, or a status query.
     loop {
         while let Some(o) = agent.poll_output() {
+            if let Output::MeasureMapping { peer, server } = o {
+                let tx = mm_tx.clone();
+                tokio::spawn(async move {
+                    let mapped = crate::netcheck::driver::measure_mapping(server).await;
+                    let _ = tx.send((peer, mapped)).await;
+                });
+                continue;
+            }
             apply(o, &sock, dual, &sig, &owner, &mut plane, &mut streams);
         }
         let deadline = agent
@@ -344,6 +355,7 @@ pub async fn run(
                 };
                 agent.set_port_mapping(Instant::now(), mapped, crate::portmap::driver::describe(&u));
             }
+            Some((peer, mapped)) = mm_rx.recv() => agent.handle_mapping(Instant::now(), peer, mapped),
             Some(facts) = nat_rx.recv() => {
                 if !facts.udp {
                     nat_probe = crate::netcheck::driver::spawn_background(cfg.clone(), NAT_RECHECK, nat_tx.clone());
@@ -456,6 +468,8 @@ fn apply(
             plane.peer_removed(&peer);
             owner.send(Command::Restore { peer });
         }
+        // The main loop spawns these (shutting down: not needed).
+        Output::MeasureMapping { .. } => {}
     }
 }
 

@@ -46,6 +46,7 @@ pub mod netcheck;
 pub mod netwatch;
 mod path;
 pub mod portmap;
+pub mod punch;
 mod session;
 pub mod status;
 pub mod turn_stream;

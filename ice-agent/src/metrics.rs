@@ -182,6 +182,20 @@ fn render_metrics(snap: &Snapshot) -> String {
         "Peer sessions that predicted a sequential symmetric NAT's ports.",
     );
     let _ = writeln!(o, "wgice_port_predictions_total {}", t.predictions);
+    head(
+        &mut o,
+        "wgice_punch_attempts_total",
+        "counter",
+        "Coordinated punch attempts with peers whose NAT is sequential symmetric like ours.",
+    );
+    let _ = writeln!(o, "wgice_punch_attempts_total {}", t.punch_attempts);
+    head(
+        &mut o,
+        "wgice_punch_openers_total",
+        "counter",
+        "Openers those attempts sent (at most 24 per attempt, to the peer's own address).",
+    );
+    let _ = writeln!(o, "wgice_punch_openers_total {}", t.punch_openers);
     // One labelled sample per relay (skipping relays without a value).
     let per_relay = |o: &mut String,
                      name: &str,

@@ -52,6 +52,8 @@ pub fn is_controlling(local_public_key: &[u8; 32], remote_public_key: &[u8; 32])
     local_public_key > remote_public_key
 }
 
+mod punching;
+
 /// How long a pair that stopped answering is remembered.
 const SEEN_HORIZON: Duration = Duration::from_secs(600);
 
@@ -250,6 +252,12 @@ pub enum SessionEvent {
         /// Where it sees us now.
         new: SocketAddr,
     },
+    /// Coordinated punch (both NATs sequential symmetric): measure our
+    /// NAT's counter now (a Binding from a fresh socket to a relay) and
+    /// report it with [`PeerSession::handle_mapping`].
+    MeasureMapping,
+    /// Coordinated punch: send this to the peer through signaling.
+    Punch(crate::punch::Msg),
 }
 
 /// Counters for metrics and tests.
@@ -273,6 +281,12 @@ pub struct SessionStats {
     pub blackhole: BlackholeStats,
     /// Remote candidates predicted (port prediction; 0: not used).
     pub predicted: u64,
+    /// Coordinated punch attempts (as offerer or answerer).
+    pub punch_attempts: u64,
+    /// Openers sent by coordinated punches.
+    pub punch_openers: u64,
+    /// The peer's openers that reached us.
+    pub openers_received: u64,
 }
 
 /// Configuration of a [`PeerSession`].
@@ -435,6 +449,14 @@ pub struct PeerSession {
     /// The window started past the peer's server-reflexive port (`false`:
     /// past a newer mapping of its NAT that reached us).
     predicted_from_srflx: bool,
+    /// Coordinated punch with a peer whose NAT is sequential symmetric
+    /// like ours (`session/punching.rs`).
+    punch: crate::punch::Punch,
+    /// Remote candidates our openers aimed at: (address, opener index,
+    /// stride, round).
+    punched: Vec<(SocketAddr, u16, u16, u32)>,
+    /// Punch rounds that added candidates.
+    punch_rounds: u32,
     /// What `is` nominated last, (source, destination).
     nominated: Option<PairKey>,
     seen: HashMap<PairKey, PairSeen>,
@@ -504,6 +526,9 @@ impl PeerSession {
             superseded: Vec::new(),
             predicted: Vec::new(),
             predicted_from_srflx: true,
+            punch: crate::punch::Punch::new(),
+            punched: Vec::new(),
+            punch_rounds: 0,
             nominated: None,
             seen: HashMap::new(),
             checks: HashMap::new(),
@@ -694,6 +719,9 @@ impl PeerSession {
                 tracing::debug!(%source, "blackhole probe refused: {e}");
                 return false;
             }
+        }
+        if crate::punch::is_opener(datagram) {
+            return self.handle_opener(source);
         }
         let Ok(message) = StunMessage::parse(datagram) else {
             self.stats.stun_rejected += 1;
@@ -984,6 +1012,7 @@ impl PeerSession {
         };
         consider(self.next_retry_at);
         consider(self.blackhole.poll_timeout(last_now));
+        consider(self.punch_timeout());
         // Wake when the current direct path would count as silent.
         if self.path.kind.is_direct() {
             if let (Some(l), Some(r)) = (self.path.local, self.path.remote) {
@@ -1026,8 +1055,11 @@ impl PeerSession {
 
     /// Counters.
     pub fn stats(&self) -> SessionStats {
+        let (punch_attempts, punch_openers) = self.punch.counts();
         SessionStats {
             predicted: self.predicted.len() as u64,
+            punch_attempts,
+            punch_openers,
             ..self.stats
         }
     }
@@ -1041,6 +1073,7 @@ impl PeerSession {
         self.drain_ice(now);
         self.evaluate(now);
         self.drive_blackhole(now);
+        self.drive_punch(now);
     }
 
     /// Runs blackhole detection on the direct pair carrying data, acts on
@@ -1612,6 +1645,7 @@ impl PeerSession {
                 Some(net) => format!("direct (LAN {net})"),
                 None => "direct (LAN)".into(),
             },
+            PathKind::Direct if self.punched.iter().any(|p| p.0 == r) => self.punched_reason(l, r),
             PathKind::Direct => match self.predicted.iter().find(|(a, _)| *a == r) {
                 Some((_, k)) => {
                     let delta = match self.remote_nat.as_ref().and_then(|f| f.port_allocation) {
@@ -1715,6 +1749,9 @@ impl PeerSession {
             || self.path.remote != Some(key.1);
         self.path.rtt = rtt;
         self.path.reason = reason;
+        if changed && kind.is_direct() && self.punched.iter().any(|p| p.0 == key.1) {
+            self.punch.succeeded();
+        }
         if changed {
             tracing::info!(path = %kind, local = %key.0, remote = %key.1, reason = %self.path.reason, "data path changed");
             self.path.kind = kind;

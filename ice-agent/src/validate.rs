@@ -104,6 +104,25 @@ pub fn session_fields(session: u64, wg_port: Option<u16>) -> Result<(), Refusal>
     Ok(())
 }
 
+/// Checks a `PunchOffer` / `PunchAnswer`: a port a NAT can give (1024 and
+/// up) and a step a sequential NAT can have (non-zero, within
+/// ±[`crate::netcheck::MAX_DELTA`]).
+pub fn punch_ports(session: u64, port: u16, delta: i32) -> Result<(), Refusal> {
+    session_fields(session, None)?;
+    if port < 1024 {
+        return Err(Refusal::BadField(format!(
+            "punch port {port} (needs 1024..=65535)"
+        )));
+    }
+    let max = crate::netcheck::MAX_DELTA;
+    if delta == 0 || delta.unsigned_abs() > max.unsigned_abs() {
+        return Err(Refusal::BadField(format!(
+            "punch port step {delta} (needs 1..={max} either way)"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the size of a candidate line before it is parsed.
 pub fn candidate_line(line: &str) -> Result<(), Refusal> {
     if line.len() > MAX_CANDIDATE_LINE {

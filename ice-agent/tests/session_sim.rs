@@ -142,6 +142,10 @@ enum Action {
     AddLocal(Candidate),
     AddRemote(Candidate),
     Creds(IceCreds),
+    /// The daemon's fresh-socket Binding to the relay (coordinated punch).
+    Measure,
+    /// A punch message through signaling.
+    Punch(ice_agent::punch::Msg),
 }
 
 struct Sim {
@@ -169,6 +173,10 @@ struct Sim {
     full_size_data: bool,
     /// Every datagram a node sent from its socket: (node, destination).
     sent: Vec<(usize, SocketAddr)>,
+    /// Last local port of a measurement socket.
+    fresh_port: u16,
+    /// Openers a node sent: (node, destination).
+    openers: Vec<(usize, SocketAddr)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,6 +244,8 @@ impl Sim {
             blackhole_drops: 0,
             full_size_data: false,
             sent: Vec::new(),
+            fresh_port: 60_000,
+            openers: Vec::new(),
         };
         sim.gather();
         sim
@@ -319,6 +329,9 @@ impl Sim {
                     "sent from a socket we don't own"
                 );
                 self.sent.push((from, t.destination));
+                if ice_agent::punch::is_opener(&t.contents) {
+                    self.openers.push((from, t.destination));
+                }
                 let dropped = match self.blackhole {
                     _ if self.is_relayed(t.destination) => false,
                     Some(SimBlackhole::WireguardData) => t.contents.first() == Some(&4),
@@ -395,6 +408,14 @@ impl Sim {
                     }
                     SessionEvent::MappingChanged { old, new, .. } => {
                         self.nodes[i].mapping_changes.push((now, old, new))
+                    }
+                    SessionEvent::MeasureMapping => {
+                        self.actions
+                            .push((now + 2 * ACCESS_HOP, i, Action::Measure))
+                    }
+                    SessionEvent::Punch(m) => {
+                        self.actions
+                            .push((now + SIGNALING, 1 - i, Action::Punch(m)))
                     }
                     _ => {}
                 }
@@ -480,6 +501,23 @@ impl Sim {
                         }
                     }
                     Action::Creds(c) => self.nodes[i].session.set_remote_credentials(now, c),
+                    Action::Measure => {
+                        // A fresh socket: a new internal port, so a new
+                        // mapping even on the way to the same relay.
+                        self.fresh_port += 1;
+                        let fresh = SocketAddr::new(self.nodes[i].host.ip(), self.fresh_port);
+                        let relay_stun = self.relay_stun;
+                        let mapped = match self.lans[self.nodes[i].lan].nat.as_mut() {
+                            Some(nat) => nat.outbound(fresh, relay_stun),
+                            None => fresh,
+                        };
+                        self.nodes[i].session.handle_mapping(now, Some(mapped));
+                    }
+                    Action::Punch(m) => {
+                        if let Err(e) = self.nodes[i].session.handle_punch(now, m) {
+                            panic!("node {i} refused {m:?}: {e}");
+                        }
+                    }
                 }
             }
 
@@ -1243,4 +1281,96 @@ fn port_prediction_goes_direct_against_a_sequential_symmetric_nat_within_its_bud
     assert!(others.is_empty(), "{others:?}");
     // Without the facts (or with a random symmetric NAT) nobody predicts:
     // see `symmetric_to_port_restricted_stays_relayed_with_a_reason_and_bounded_retries`.
+}
+
+/// Both nodes behind the model's symmetric NAT (+7 per new mapping): with
+/// both netchecks saying "sequential", they measure their counters, swap
+/// them through signaling and send their openers together; the pair their
+/// openers opened carries data both ways. The budget: one attempt each,
+/// at most `OPENERS` ports of the peer's own address, nothing to any other
+/// address but the relay's.
+#[test]
+fn two_sequential_symmetric_nats_punch_together_within_the_budget() {
+    use ice_agent::netcheck::{Filtering, Mapping, NatFacts, PortAllocation};
+    use ice_agent::punch::OPENERS;
+    let mut sim = two_nats(NatKind::Symmetric, NatKind::Symmetric);
+    let sequential = NatFacts {
+        udp: true,
+        mapping: Some(Mapping::AddressAndPortDependent),
+        port_allocation: Some(PortAllocation::Sequential {
+            delta: 7,
+            others_per_min: None,
+        }),
+        filtering: Some(Filtering::AddressAndPortDependent),
+        ..NatFacts::default()
+    };
+    sim.run_until(sim.at(6_000));
+    for i in 0..2 {
+        assert_eq!(sim.kind(i), PathKind::Relay, "node {i}");
+    }
+    let now = sim.now;
+    for i in 0..2 {
+        sim.nodes[i]
+            .session
+            .set_nat_facts(now, Some(sequential.clone()), Some(sequential.clone()));
+    }
+    let before = sim.sent.len();
+    let direct = sim.at(6_000);
+    sim.run_until(sim.at(12_000));
+    for i in 0..2 {
+        let p = sim.nodes[i].session.path();
+        println!("node {i}: {} — {}", p.kind, p.reason);
+        assert_eq!(p.kind, PathKind::Direct, "node {i}: {}", p.reason);
+        assert!(
+            p.reason
+                .contains("via port prediction on both sides, delta +7 / +7"),
+            "{}",
+            p.reason
+        );
+        assert!(
+            sim.first_data(i, false, sim.at(11_000)).is_some(),
+            "node {i}"
+        );
+        let at = sim.first_path(i, PathKind::Direct, direct).unwrap();
+        println!("node {i} direct {} ms after the facts", sim.ms(at) - 6_000);
+        assert!(sim.ms(at) - 6_000 < 1_000);
+        let st = sim.nodes[i].session.stats();
+        assert_eq!(st.punch_attempts, 1, "node {i}");
+        assert_eq!(st.punch_openers, u64::from(OPENERS), "node {i}");
+    }
+    let relay_ip: IpAddr = "203.0.113.1".parse().unwrap();
+    for i in 0..2 {
+        let peer_ip: IpAddr = ["198.51.100.1", "198.51.100.2"][1 - i].parse().unwrap();
+        let ports: HashSet<u16> = sim.sent[before..]
+            .iter()
+            .filter(|(n, d)| *n == i && d.ip() == peer_ip)
+            .map(|(_, d)| d.port())
+            .collect();
+        // Openers: one burst, at most OPENERS, all to distinct ports of
+        // the peer's own address; ICE then checks those and the peer's
+        // signalled and peer-reflexive ports, nothing else.
+        let openers: Vec<SocketAddr> = sim
+            .openers
+            .iter()
+            .filter(|(n, _)| *n == i)
+            .map(|(_, d)| *d)
+            .collect();
+        let distinct: HashSet<&SocketAddr> = openers.iter().collect();
+        println!(
+            "node {i}: {} openers, {} ports of its peer in all",
+            openers.len(),
+            ports.len()
+        );
+        assert!(openers.len() <= usize::from(OPENERS), "{openers:?}");
+        assert_eq!(distinct.len(), openers.len());
+        assert!(openers.iter().all(|d| d.ip() == peer_ip), "{openers:?}");
+        assert!(ports.len() <= usize::from(OPENERS) + 3, "{ports:?}");
+        let host = sim.nodes[1 - i].host;
+        let others: Vec<&SocketAddr> = sim.sent[before..]
+            .iter()
+            .filter(|(n, d)| *n == i && d.ip() != peer_ip && d.ip() != relay_ip && *d != host)
+            .map(|(_, d)| d)
+            .collect();
+        assert!(others.is_empty(), "{others:?}");
+    }
 }

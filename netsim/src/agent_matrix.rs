@@ -14,8 +14,10 @@
 //! relays (over TCP/TLS); a UPnP gateway's mapping opens its side like a
 //! full cone; otherwise the punching theory of [`crate::matrix`] with port
 //! prediction (the agents predict a sequential symmetric NAT's ports when
-//! the other side's mapping is endpoint-independent). A row passes when the
-//! overlay answered and the final path is the one theory allows.
+//! the other side's mapping is endpoint-independent, and punch together,
+//! timed through signaling, when both sides are sequential symmetric). A
+//! row passes when the overlay answered and the final path is the one
+//! theory allows.
 
 use std::fmt;
 use std::str::FromStr;
@@ -195,6 +197,11 @@ pub fn expected(c: &Case) -> &'static str {
         Side::UpnpSymmetric => NatPreset::FullCone,
         Side::Nat(p) => p,
     };
+    // The agents also punch together when both NATs number their
+    // mappings sequentially (coordinated through signaling).
+    if open(c.a) == NatPreset::SymmetricSequential && open(c.b) == NatPreset::SymmetricSequential {
+        return "direct";
+    }
     match expected_path_predicting(open(c.a), open(c.b), false) {
         PathKind::Direct | PathKind::Lan => "direct",
         PathKind::Relay | PathKind::None => "relay",
@@ -493,9 +500,10 @@ mod tests {
             "direct"
         );
         assert_eq!(expected(&get("symmetric-sequential:cgnat")), "direct");
+        // Both sequential: the coordinated punch.
         assert_eq!(
             expected(&get("symmetric-sequential:symmetric-sequential")),
-            "relay"
+            "direct"
         );
         assert_eq!(expected(&get("symmetric-sequential:symmetric")), "relay");
         assert_eq!(expected(&get("upnp-symmetric:symmetric")), "direct");

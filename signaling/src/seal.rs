@@ -107,6 +107,38 @@ pub enum PeerMessage {
         /// The facts (JSON).
         nat: String,
     },
+    /// Coordinated hole punch between two NATs that number their mappings
+    /// sequentially (both symmetric): "my NAT's next mapping will be
+    /// `port`, the ones after it `port + k × delta`". The sender measured
+    /// it just now; the receiver measures its own and answers with
+    /// [`PeerMessage::PunchAnswer`]. Added after `Facts`: older agents
+    /// ignore it ([`PeerMessage::Unknown`]).
+    PunchOffer {
+        /// The sender's ICE session id.
+        session: u64,
+        /// The public port the sender's next new mapping will get.
+        port: u16,
+        /// The sender's NAT's step between mappings.
+        delta: i32,
+    },
+    /// The answer to [`PeerMessage::PunchOffer`]: the answerer's own next
+    /// port and step. It sends its openers when
+    /// [`PeerMessage::PunchGo`] arrives.
+    PunchAnswer {
+        /// The sender's ICE session id.
+        session: u64,
+        /// The public port the sender's next new mapping will get.
+        port: u16,
+        /// The sender's NAT's step between mappings.
+        delta: i32,
+    },
+    /// Sent by the offerer half a signaling round trip before it sends its
+    /// own openers: the receiver sends its openers on arrival, so both
+    /// bursts leave at about the same instant (DCUtR's timing).
+    PunchGo {
+        /// The sender's ICE session id.
+        session: u64,
+    },
     /// A message type this build does not know (sent by a newer agent).
     /// The receiver ignores it: new message types are how the protocol
     /// grows, so an older agent keeps working with a newer one. New fields
@@ -519,6 +551,17 @@ mod tests {
                 session: 1,
                 nat: r#"{"udp":true}"#.into(),
             },
+            PeerMessage::PunchOffer {
+                session: 1,
+                port: 30007,
+                delta: 1,
+            },
+            PeerMessage::PunchAnswer {
+                session: 1,
+                port: 30120,
+                delta: -2,
+            },
+            PeerMessage::PunchGo { session: 1 },
         ];
         for m in msgs {
             let env = seal(&a, &b.public_key(), 50, &m).unwrap();

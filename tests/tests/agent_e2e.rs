@@ -398,6 +398,55 @@ fn sequential_symmetric_to_port_restricted_goes_direct_by_port_prediction() {
     );
 }
 
+/// Two sequential symmetric NATs (real nftables, a new port per
+/// destination, +1 each): neither side's mapping can be predicted from the
+/// other's checks alone, so the agents swap their NATs' next ports through
+/// signaling and send their openers together. Both end direct, the reason
+/// names the technique, pings cross the punched pair, and the budget holds
+/// (at most 24 openers per attempt each).
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn two_sequential_symmetric_nats_go_direct_by_punching_together() {
+    let bins = setup();
+    let mut m = MeshLab::new(&bins);
+    let (a, b) = m.pair(
+        NatPreset::SymmetricSequential,
+        NatPreset::SymmetricSequential,
+    );
+    m.start_and_wait(&[a, b], "relay");
+    let (row, took) = m
+        .wait_path(a, b, "direct", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("not direct: {e}\n{}", m.logs()));
+    println!("direct after {took:?}: {row:#}");
+    let reason = row["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("via port prediction on both sides, delta +1 / +1"),
+        "{reason}\n{}",
+        m.logs()
+    );
+    m.wait_path(b, a, "direct", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("b not direct: {e}"));
+    assert!(
+        m.ping(a, b, 3),
+        "no ping over the punched pair\n{}",
+        m.logs()
+    );
+    for n in [a, b] {
+        let metrics = m.metrics(n);
+        let value = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+        };
+        let attempts = value("wgice_punch_attempts_total ");
+        let openers = value("wgice_punch_openers_total ");
+        println!("node {n}: {attempts} attempts, {openers} openers");
+        assert!(attempts >= 1, "{metrics}");
+        assert!(openers <= 24 * attempts, "{metrics}");
+    }
+}
+
 /// Port prediction in a mesh that has run a while: after the sequential
 /// side's relay allocation, another device behind its NAT opens 100 flows,
 /// so its server-reflexive port is 100 mappings old when the peer comes.

@@ -5,12 +5,14 @@
 //! session), shown in status and used in the sessions' reasons. Part of
 //! [`Agent`]; see `docs/ice-agent.md` ("NAT facts").
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use signaling::seal::PeerMessage;
 
 use super::{Agent, Output, PeerKey};
 use crate::netcheck::NatFacts;
+use crate::punch::Msg;
 use crate::validate::Refusal;
 
 impl Agent {
@@ -80,5 +82,73 @@ impl Agent {
         if let Some(s) = p.session.as_mut() {
             s.ice.set_nat_facts(now, local, remote);
         }
+    }
+
+    /// A session's coordinated punch asks for its NAT's counter: a fresh
+    /// socket's Binding to a relay we reach over UDP whose answer gave us
+    /// an IPv4 server-reflexive address.
+    pub(super) fn measure_mapping(&mut self, now: Instant, key: PeerKey) {
+        let server = self
+            .relays
+            .iter()
+            .find(|r| !r.stream && r.mapped.is_some_and(|m| m.is_ipv4()))
+            .map(|r| r.spec.server);
+        match server {
+            Some(server) => self
+                .out
+                .push_back(Output::MeasureMapping { peer: key, server }),
+            None => self.handle_mapping(now, key, None),
+        }
+    }
+
+    /// What [`Output::MeasureMapping`] found for `key`'s session.
+    pub fn handle_mapping(&mut self, now: Instant, key: PeerKey, mapped: Option<SocketAddr>) {
+        if let Some(s) = self.peers.get_mut(&key).and_then(|p| p.session.as_mut()) {
+            s.ice.handle_mapping(now, mapped);
+            self.drain_session(now, &key);
+        }
+    }
+
+    /// Sends a session's punch message in its current session.
+    pub(super) fn send_punch(&mut self, key: PeerKey, m: Msg) {
+        let Some(session) = self
+            .peers
+            .get(&key)
+            .and_then(|p| p.session.as_ref())
+            .map(|s| s.local_id)
+        else {
+            return;
+        };
+        let message = match m {
+            Msg::Offer(p) => PeerMessage::PunchOffer {
+                session,
+                port: p.port,
+                delta: p.delta,
+            },
+            Msg::Answer(p) => PeerMessage::PunchAnswer {
+                session,
+                port: p.port,
+                delta: p.delta,
+            },
+            Msg::Go => PeerMessage::PunchGo { session },
+        };
+        self.out.push_back(Output::Signal { to: key, message });
+    }
+
+    /// A peer's punch message (fields validated): only for the session it
+    /// names; an offer too soon after the last, or from the side that
+    /// should answer, is refused.
+    pub(super) fn handle_punch(&mut self, now: Instant, from: PeerKey, session: u64, m: Msg) {
+        let Some(s) = self.peers.get_mut(&from).and_then(|p| p.session.as_mut()) else {
+            return;
+        };
+        if s.remote_id != Some(session) {
+            self.drops.signal_rejected += 1;
+            return;
+        }
+        if let Err(e) = s.ice.handle_punch(now, m) {
+            self.refuse(now, &from, Refusal::BadField(e.to_string()));
+        }
+        self.drain_session(now, &from);
     }
 }

@@ -328,6 +328,49 @@ pub async fn run(cfg: &AgentConfig, opts: &Options) -> Report {
 }
 
 /// `scheme:host:port` without credentials.
+/// Attempts of [`measure_mapping`] leave at 0, 200 and 500 ms; it gives up
+/// at 1 s.
+const MEASURE_GAPS_MS: [u64; 3] = [200, 300, 500];
+
+/// A Binding from a fresh UDP socket to `server`: the public address the
+/// NAT gave that socket (on a sequential symmetric NAT, its next port;
+/// the coordinated punch adds one step for the agent socket's next
+/// mapping). An answer counts only from `server`, with our transaction id,
+/// read by the relay crate's bounded STUN parser. `None`: no answer.
+pub(crate) async fn measure_mapping(server: SocketAddr) -> Option<SocketAddr> {
+    let bind = if server.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let sock = UdpSocket::bind(bind).await.ok()?;
+    let tid: stun::TransactionId = rand::random();
+    let mut req = Vec::with_capacity(28);
+    MessageBuilder::new(&mut req, method::BINDING, Class::Request, tid).fingerprint();
+    let mut buf = vec![0u8; 1500];
+    for gap in MEASURE_GAPS_MS {
+        if let Err(e) = sock.send_to(&req, server).await {
+            tracing::debug!(%server, "measuring our mapping: {e}");
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis(gap);
+        while let Ok(Ok((n, from))) = tokio::time::timeout_at(until, sock.recv_from(&mut buf)).await
+        {
+            if from != server {
+                continue;
+            }
+            let Ok(m) = Message::parse(&buf[..n]) else {
+                continue;
+            };
+            if m.transaction_id() == tid && m.class() == Class::Success {
+                if let Some(Ok(a)) = m.xor_address(attr::XOR_MAPPED_ADDRESS) {
+                    return Some(a);
+                }
+            }
+        }
+    }
+    None
+}
+
 fn relay_url(r: &Relay) -> String {
     let (scheme, query) = match r.transport {
         RelayTransport::StunOnly => ("stun", ""),

@@ -117,8 +117,10 @@ impl World {
                     Output::AllowedIps { peer, allowed_ips } => {
                         self.seen[i].allowed.push((peer, allowed_ips))
                     }
-                    // No relay in this world.
-                    Output::RelayConnect { .. } | Output::RelayClose { .. } => {}
+                    // No relay in this world (so nobody measures a NAT).
+                    Output::RelayConnect { .. }
+                    | Output::RelayClose { .. }
+                    | Output::MeasureMapping { .. } => {}
                 }
             }
         }
