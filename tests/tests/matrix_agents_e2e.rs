@@ -20,6 +20,8 @@ fn representative_pairs_connect_on_the_path_theory_allows() {
         "symmetric:port-restricted",
         // sequential symmetric against cgnat: direct by port prediction
         "symmetric-sequential:cgnat",
+        // two sequential symmetric NATs: direct by the coordinated punch
+        "symmetric-sequential:symmetric-sequential",
         // UDP blocked: relayed over TCP/TLS
         "udp-blocked:full-cone",
         // the gateway's mapping makes the symmetric side direct
