@@ -266,6 +266,9 @@ pub struct PeerRoute {
     pub endpoint: Endpoint,
     /// Proxy forwarding.
     pub route: Route,
+    /// Which of the agent's sockets a direct route sends from (0: the
+    /// main one; others: a socket birthday probing won).
+    pub via: usize,
 }
 
 /// What the driver must do.
@@ -339,6 +342,43 @@ pub enum Output {
         peer: PeerKey,
         /// The relay to ask (one we reach over UDP).
         server: SocketAddr,
+    },
+    /// Birthday probing: open `count` fresh UDP sockets for `peer`, send
+    /// an opener ([`crate::punch::opener`]) from each to `target` now and
+    /// every 10 s, and report how many opened with
+    /// [`Agent::birthday_opened`]. The first socket that receives a
+    /// datagram from `target` is reported with [`Agent::birthday_hit`]
+    /// (register it with the data plane first).
+    BirthdayOpen {
+        /// The peer.
+        peer: PeerKey,
+        /// The peer's server-reflexive address.
+        target: SocketAddr,
+        /// How many sockets.
+        count: u16,
+    },
+    /// Close `peer`'s birthday sockets that were not hit.
+    BirthdayClose {
+        /// The peer.
+        peer: PeerKey,
+    },
+    /// The socket birthday probing won for `peer` is no longer needed
+    /// (the session ended): close it and free its data-plane slot.
+    BirthdayRelease {
+        /// The peer.
+        peer: PeerKey,
+        /// The socket's index.
+        socket: usize,
+    },
+    /// Send a datagram from one of the agent's other sockets (a socket
+    /// birthday probing won; index as given to [`Agent::birthday_hit`]).
+    SendFrom {
+        /// The socket.
+        socket: usize,
+        /// Destination.
+        to: SocketAddr,
+        /// Bytes.
+        data: Vec<u8>,
     },
 }
 
@@ -554,6 +594,11 @@ pub struct Agent {
     last_silence_probe: Option<Instant>,
     /// Our NAT facts (the daemon's netcheck) and when they were measured.
     nat: Option<(crate::netcheck::NatFacts, Instant)>,
+    /// Sockets birthday probing won: host address → (driver's index,
+    /// peer). Their transmits go out as [`Output::SendFrom`].
+    sockets: HashMap<SocketAddr, usize>,
+    /// The same, by peer (released when its session ends).
+    socket_owner: HashMap<PeerKey, Vec<(SocketAddr, usize)>>,
 }
 
 /// Session counters summed over all sessions (see
@@ -574,6 +619,10 @@ pub struct SessionTotals {
     pub punch_attempts: u64,
     /// Openers those attempts sent.
     pub punch_openers: u64,
+    /// Birthday probing attempts (either side).
+    pub birthday_attempts: u64,
+    /// Birthday probes sent.
+    pub birthday_probes: u64,
 }
 
 impl SessionTotals {
@@ -585,6 +634,8 @@ impl SessionTotals {
         self.predictions += u64::from(st.predicted > 0);
         self.punch_attempts += st.punch_attempts;
         self.punch_openers += st.punch_openers;
+        self.birthday_attempts += st.birthday_attempts;
+        self.birthday_probes += st.birthday_probes;
     }
 }
 
@@ -649,6 +700,8 @@ impl Agent {
             restarts: 0,
             last_silence_probe: None,
             nat: None,
+            sockets: HashMap::new(),
+            socket_owner: HashMap::new(),
             health: relays::Relays::default(),
             relay_view: RelayView::default(),
             opts,
@@ -1224,6 +1277,12 @@ impl Agent {
                 delta,
             } => validate::punch_ports(*session, *port, *delta),
             PeerMessage::PunchGo { session } => validate::session_fields(*session, None),
+            PeerMessage::BirthdayReady { session, sockets } => {
+                validate::birthday_fields(*session, *sockets, 0)
+            }
+            PeerMessage::BirthdayDone {
+                session, probes, ..
+            } => validate::birthday_fields(*session, 1, *probes),
             _ => Ok(()),
         };
         if let Err(r) = checked {
@@ -1365,6 +1424,19 @@ impl Agent {
                 delta,
             } => self.handle_punch(now, from, session, Msg::Answer(Ports { port, delta })),
             PeerMessage::PunchGo { session } => self.handle_punch(now, from, session, Msg::Go),
+            PeerMessage::BirthdayReady { session, sockets } => {
+                self.handle_birthday(now, from, session, crate::birthday::Msg::Ready { sockets })
+            }
+            PeerMessage::BirthdayDone {
+                session,
+                probes,
+                won,
+            } => self.handle_birthday(
+                now,
+                from,
+                session,
+                crate::birthday::Msg::Done { probes, won },
+            ),
             PeerMessage::Unknown => {
                 tracing::debug!(peer = %from, "ignored a message type this agent does not know (a newer agent?)");
             }
@@ -1766,6 +1838,7 @@ impl Agent {
             PeerRoute {
                 endpoint: Endpoint::Proxy,
                 route: Route::Hold,
+                via: 0,
             },
         );
     }
@@ -1920,6 +1993,7 @@ impl Agent {
     }
 
     fn drop_session(&mut self, now: Instant, key: PeerKey) {
+        self.release_sockets(key);
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
@@ -1952,6 +2026,7 @@ impl Agent {
                 PeerRoute {
                     endpoint: Endpoint::Proxy,
                     route: Route::Hold,
+                    via: 0,
                 },
             );
         }
@@ -2599,6 +2674,7 @@ impl Agent {
             if let Some(PeerRoute {
                 endpoint,
                 route: Route::Indication { server: s, peer: p },
+                ..
             }) = r
             {
                 if s == server && p == peer {
@@ -2607,6 +2683,7 @@ impl Agent {
                         PeerRoute {
                             endpoint,
                             route: Route::Channel { server, channel },
+                            via: 0,
                         },
                     );
                 }
@@ -2646,6 +2723,17 @@ impl Agent {
                 }
                 Some(SessionEvent::MeasureMapping) => self.measure_mapping(now, *key),
                 Some(SessionEvent::Punch(m)) => self.send_punch(*key, m),
+                Some(SessionEvent::OpenSockets { target, count }) => {
+                    self.out.push_back(Output::BirthdayOpen {
+                        peer: *key,
+                        target,
+                        count,
+                    })
+                }
+                Some(SessionEvent::CloseSockets) => {
+                    self.out.push_back(Output::BirthdayClose { peer: *key })
+                }
+                Some(SessionEvent::Birthday(m)) => self.send_birthday(*key, m),
                 None => return,
             }
         }
@@ -2659,6 +2747,7 @@ impl Agent {
             (PathKind::Connecting, _, _) | (_, None, _) => PeerRoute {
                 endpoint: Endpoint::Proxy,
                 route: Route::Hold,
+                via: 0,
             },
             (kind, Some(remote), Via::Socket) => {
                 let endpoint = match (kind, p.remote_wg_port) {
@@ -2670,6 +2759,10 @@ impl Agent {
                 PeerRoute {
                     endpoint,
                     route: Route::Direct(remote),
+                    via: ps
+                        .local
+                        .and_then(|l| self.sockets.get(&l).copied())
+                        .unwrap_or(0),
                 }
             }
             (_, Some(remote), Via::Turn { relayed }) => {
@@ -2704,6 +2797,7 @@ impl Agent {
                 PeerRoute {
                     endpoint: Endpoint::Proxy,
                     route,
+                    via: 0,
                 }
             }
         };
@@ -2722,10 +2816,17 @@ impl Agent {
 
     fn transmit(&mut self, now: Instant, key: PeerKey, t: Transmit) {
         match t.via {
-            Via::Socket => self.out.push_back(Output::Send {
-                to: t.destination,
-                data: t.contents,
-            }),
+            Via::Socket => match self.sockets.get(&t.source) {
+                Some(&socket) => self.out.push_back(Output::SendFrom {
+                    socket,
+                    to: t.destination,
+                    data: t.contents,
+                }),
+                None => self.out.push_back(Output::Send {
+                    to: t.destination,
+                    data: t.contents,
+                }),
+            },
             Via::Turn { relayed } => {
                 let Some(i) = self
                     .relays

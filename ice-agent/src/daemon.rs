@@ -214,6 +214,8 @@ pub async fn run(
 
     // Coordinated punches ask for our NAT's counter (a fresh socket each).
     let (mm_tx, mut mm_rx) = mpsc::channel::<(PeerKey, Option<SocketAddr>)>(16);
+    // Birthday probing: our sockets, their hits, the winners' datagrams.
+    let (mut birthdays, mut hit_rx, mut extra_rx) = crate::sockets::Birthdays::new(dual);
 
     let mut rx = crate::udp::RecvBatch::new(16, 65536);
     // Embedded mode: decrypted packets and replies are built here.
@@ -257,15 +259,29 @@ pub async fn run(
     // signaling, a timer, or a status query.
     loop {
         while let Some(o) = agent.poll_output() {
-            if let Output::MeasureMapping { peer, server } = o {
-                let tx = mm_tx.clone();
-                tokio::spawn(async move {
-                    let mapped = crate::netcheck::driver::measure_mapping(server).await;
-                    let _ = tx.send((peer, mapped)).await;
-                });
-                continue;
+            match o {
+                Output::MeasureMapping { peer, server } => {
+                    let tx = mm_tx.clone();
+                    tokio::spawn(async move {
+                        let mapped = crate::netcheck::driver::measure_mapping(server).await;
+                        let _ = tx.send((peer, mapped)).await;
+                    });
+                }
+                Output::BirthdayOpen {
+                    peer,
+                    target,
+                    count,
+                } => {
+                    let n = birthdays.open(peer, target, count);
+                    agent.birthday_opened(Instant::now(), peer, n);
+                }
+                Output::BirthdayClose { peer } => birthdays.close(peer),
+                Output::BirthdayRelease { socket, .. } => {
+                    birthdays.release(&mut plane, &sock, socket)
+                }
+                Output::SendFrom { socket, to, data } => plane.send_from(socket, to, &data),
+                o => apply(o, &sock, dual, &sig, &owner, &mut plane, &mut streams),
             }
-            apply(o, &sock, dual, &sig, &owner, &mut plane, &mut streams);
         }
         let deadline = agent
             .poll_timeout()
@@ -356,6 +372,22 @@ pub async fn run(
                 agent.set_port_mapping(Instant::now(), mapped, crate::portmap::driver::describe(&u));
             }
             Some((peer, mapped)) = mm_rx.recv() => agent.handle_mapping(Instant::now(), peer, mapped),
+            Some((peer, port, s)) = hit_rx.recv() => match birthdays.adopt(&mut plane, s, port) {
+                Ok(slot) => {
+                    if !agent.birthday_hit(Instant::now(), peer, port, slot) {
+                        birthdays.release(&mut plane, &sock, slot);
+                    }
+                }
+                Err(e) => tracing::warn!(peer = %peer, "birthday socket not usable: {e}"),
+            },
+            Some((slot, port, from, data)) = extra_rx.recv() => {
+                // A birthday socket's datagram: through the agent (STUN, or
+                // WireGuard of a peer it knows at that address).
+                if let Some((peer, pkt)) = agent.handle_datagram_at(Instant::now(), from, port, &data) {
+                    plane.deliver(&peer, from, Some(slot), pkt, &mut scratch);
+                    plane.flush();
+                }
+            }
             Some(facts) = nat_rx.recv() => {
                 if !facts.udp {
                     nat_probe = crate::netcheck::driver::spawn_background(cfg.clone(), NAT_RECHECK, nat_tx.clone());
@@ -370,6 +402,7 @@ pub async fn run(
     // once instead of holding the wg thread's channel open.
     drop(ctl_rx);
     nat_probe.abort();
+    birthdays.close_all();
     tracing::info!(
         "shutting down: telling peers, releasing allocations, restoring WireGuard peers"
     );
@@ -456,8 +489,7 @@ fn apply(
             });
         }
         Output::Route { peer, route } => {
-            // Every path is on the main socket today (index 0).
-            if let Some(endpoint) = plane.route(&peer, route, 0) {
+            if let Some(endpoint) = plane.route(&peer, route, route.via) {
                 owner.send(Command::Endpoint { peer, endpoint });
             }
         }
@@ -468,8 +500,12 @@ fn apply(
             plane.peer_removed(&peer);
             owner.send(Command::Restore { peer });
         }
-        // The main loop spawns these (shutting down: not needed).
-        Output::MeasureMapping { .. } => {}
+        // The main loop carries these out (shutting down: not needed).
+        Output::MeasureMapping { .. }
+        | Output::BirthdayOpen { .. }
+        | Output::BirthdayClose { .. }
+        | Output::BirthdayRelease { .. }
+        | Output::SendFrom { .. } => {}
     }
 }
 

@@ -39,6 +39,7 @@ pub mod dataplane;
 /// Telling STUN, ChannelData and WireGuard apart (the relay crate's
 /// classifier, shared by relay, agent and netsim).
 pub use relay::demux;
+pub mod birthday;
 pub mod blackhole;
 pub mod gather;
 mod metrics;
@@ -48,6 +49,7 @@ mod path;
 pub mod portmap;
 pub mod punch;
 mod session;
+mod sockets;
 pub mod status;
 pub mod turn_stream;
 pub mod udp;

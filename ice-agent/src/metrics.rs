@@ -196,6 +196,20 @@ fn render_metrics(snap: &Snapshot) -> String {
         "Openers those attempts sent (at most 24 per attempt, to the peer's own address).",
     );
     let _ = writeln!(o, "wgice_punch_openers_total {}", t.punch_openers);
+    head(
+        &mut o,
+        "wgice_birthday_attempts_total",
+        "counter",
+        "Birthday probing attempts (a random symmetric NAT against an endpoint-independent one), either side.",
+    );
+    let _ = writeln!(o, "wgice_birthday_attempts_total {}", t.birthday_attempts);
+    head(
+        &mut o,
+        "wgice_birthday_probes_total",
+        "counter",
+        "Birthday probes sent (at most 4000 per attempt at 400 a second, to the peer's own address).",
+    );
+    let _ = writeln!(o, "wgice_birthday_probes_total {}", t.birthday_probes);
     // One labelled sample per relay (skipping relays without a value).
     let per_relay = |o: &mut String,
                      name: &str,

@@ -52,6 +52,7 @@ pub fn is_controlling(local_public_key: &[u8; 32], remote_public_key: &[u8; 32])
     local_public_key > remote_public_key
 }
 
+mod probing;
 mod punching;
 
 /// How long a pair that stopped answering is remembered.
@@ -258,6 +259,22 @@ pub enum SessionEvent {
     MeasureMapping,
     /// Coordinated punch: send this to the peer through signaling.
     Punch(crate::punch::Msg),
+    /// Birthday probing (our NAT random symmetric): open `count` fresh
+    /// sockets, send an opener from each to `target` (the peer's
+    /// server-reflexive address) and keep their mappings alive; report
+    /// with [`PeerSession::handle_sockets_opened`], and a socket that
+    /// receives from `target` with [`PeerSession::handle_birthday_hit`].
+    OpenSockets {
+        /// Where the sockets send.
+        target: SocketAddr,
+        /// How many.
+        count: u16,
+    },
+    /// Birthday probing: close the sockets of [`SessionEvent::OpenSockets`]
+    /// (except one already reported as hit, which carries the path).
+    CloseSockets,
+    /// Birthday probing: send this to the peer through signaling.
+    Birthday(crate::birthday::Msg),
 }
 
 /// Counters for metrics and tests.
@@ -287,6 +304,10 @@ pub struct SessionStats {
     pub punch_openers: u64,
     /// The peer's openers that reached us.
     pub openers_received: u64,
+    /// Birthday probing attempts (either side).
+    pub birthday_attempts: u64,
+    /// Birthday probes sent.
+    pub birthday_probes: u64,
 }
 
 /// Configuration of a [`PeerSession`].
@@ -457,6 +478,15 @@ pub struct PeerSession {
     punched: Vec<(SocketAddr, u16, u16, u32)>,
     /// Punch rounds that added candidates.
     punch_rounds: u32,
+    /// Birthday probing with a peer whose NAT is random symmetric, or
+    /// against ours (`session/probing.rs`).
+    birthday: crate::birthday::Birthday,
+    /// Our socket a birthday probe hit (a host candidate of this session).
+    birthday_socket: Option<SocketAddr>,
+    /// The direct pair birthday probing gave, and the probes it took.
+    birthday_won: Option<(PairKey, Option<u32>)>,
+    /// Sockets birthday probing won in this session.
+    birthday_wins: u32,
     /// What `is` nominated last, (source, destination).
     nominated: Option<PairKey>,
     seen: HashMap<PairKey, PairSeen>,
@@ -529,6 +559,10 @@ impl PeerSession {
             punch: crate::punch::Punch::new(),
             punched: Vec::new(),
             punch_rounds: 0,
+            birthday: crate::birthday::Birthday::new(),
+            birthday_socket: None,
+            birthday_won: None,
+            birthday_wins: 0,
             nominated: None,
             seen: HashMap::new(),
             checks: HashMap::new(),
@@ -1013,6 +1047,7 @@ impl PeerSession {
         consider(self.next_retry_at);
         consider(self.blackhole.poll_timeout(last_now));
         consider(self.punch_timeout());
+        consider(self.birthday_timeout());
         // Wake when the current direct path would count as silent.
         if self.path.kind.is_direct() {
             if let (Some(l), Some(r)) = (self.path.local, self.path.remote) {
@@ -1056,10 +1091,13 @@ impl PeerSession {
     /// Counters.
     pub fn stats(&self) -> SessionStats {
         let (punch_attempts, punch_openers) = self.punch.counts();
+        let (birthday_attempts, birthday_probes) = self.birthday.counts();
         SessionStats {
             predicted: self.predicted.len() as u64,
             punch_attempts,
             punch_openers,
+            birthday_attempts,
+            birthday_probes,
             ..self.stats
         }
     }
@@ -1074,6 +1112,7 @@ impl PeerSession {
         self.evaluate(now);
         self.drive_blackhole(now);
         self.drive_punch(now);
+        self.drive_birthday(now);
     }
 
     /// Runs blackhole detection on the direct pair carrying data, acts on
@@ -1646,6 +1685,7 @@ impl PeerSession {
                 None => "direct (LAN)".into(),
             },
             PathKind::Direct if self.punched.iter().any(|p| p.0 == r) => self.punched_reason(l, r),
+            PathKind::Direct if self.birthday_pair(l, r) => self.birthday_reason(l, r),
             PathKind::Direct => match self.predicted.iter().find(|(a, _)| *a == r) {
                 Some((_, k)) => {
                     let delta = match self.remote_nat.as_ref().and_then(|f| f.port_allocation) {

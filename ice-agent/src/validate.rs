@@ -123,6 +123,27 @@ pub fn punch_ports(session: u64, port: u16, delta: i32) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Checks a `BirthdayReady` / `BirthdayDone`: sockets within
+/// 1..=[`crate::birthday::SOCKETS`], probes within
+/// 0..=[`crate::birthday::MAX_PROBES`] (what an agent of this build
+/// sends; the numbers are only shown).
+pub fn birthday_fields(session: u64, sockets: u16, probes: u32) -> Result<(), Refusal> {
+    session_fields(session, None)?;
+    if sockets == 0 || sockets > crate::birthday::SOCKETS {
+        return Err(Refusal::BadField(format!(
+            "birthday sockets {sockets} (needs 1..={})",
+            crate::birthday::SOCKETS
+        )));
+    }
+    if probes > crate::birthday::MAX_PROBES {
+        return Err(Refusal::BadField(format!(
+            "birthday probes {probes} (at most {})",
+            crate::birthday::MAX_PROBES
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the size of a candidate line before it is parsed.
 pub fn candidate_line(line: &str) -> Result<(), Refusal> {
     if line.len() > MAX_CANDIDATE_LINE {

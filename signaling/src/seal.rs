@@ -139,6 +139,27 @@ pub enum PeerMessage {
         /// The sender's ICE session id.
         session: u64,
     },
+    /// Birthday probing (the sender's NAT maps each destination to a random
+    /// port, the receiver's is endpoint-independent): the sender holds
+    /// `sockets` fresh mappings towards the receiver's server-reflexive
+    /// address; the receiver probes random ports of the sender's public
+    /// address. Added after `PunchGo`; older agents ignore it.
+    BirthdayReady {
+        /// The sender's ICE session id.
+        session: u64,
+        /// Sockets opened.
+        sockets: u16,
+    },
+    /// The prober's probing is over: `probes` sent, `won` whether the path
+    /// went direct (the other side closes its sockets).
+    BirthdayDone {
+        /// The sender's ICE session id.
+        session: u64,
+        /// Probes sent in this attempt.
+        probes: u32,
+        /// Whether a pair went direct.
+        won: bool,
+    },
     /// A message type this build does not know (sent by a newer agent).
     /// The receiver ignores it: new message types are how the protocol
     /// grows, so an older agent keeps working with a newer one. New fields
@@ -562,6 +583,15 @@ mod tests {
                 delta: -2,
             },
             PeerMessage::PunchGo { session: 1 },
+            PeerMessage::BirthdayReady {
+                session: 1,
+                sockets: 256,
+            },
+            PeerMessage::BirthdayDone {
+                session: 1,
+                probes: 412,
+                won: true,
+            },
         ];
         for m in msgs {
             let env = seal(&a, &b.public_key(), 50, &m).unwrap();

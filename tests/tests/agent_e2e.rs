@@ -447,6 +447,61 @@ fn two_sequential_symmetric_nats_go_direct_by_punching_together() {
     }
 }
 
+/// A random symmetric NAT (a random port per destination) against a
+/// port-restricted cone: nothing predicts the random side's port, so it
+/// opens 256 sockets towards the other side's mapping and the other side
+/// probes random ports of its address until one meets. Both end direct
+/// (the random side on the socket that was hit), the reason names the
+/// technique, pings cross, and the budget holds (at most 4000 probes per
+/// attempt, at 400 a second).
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn random_symmetric_to_port_restricted_goes_direct_by_birthday_probing() {
+    let bins = setup();
+    let mut m = MeshLab::new(&bins);
+    let (a, b) = m.pair(NatPreset::Symmetric, NatPreset::PortRestricted);
+    m.start_and_wait(&[a, b], "relay");
+    let (row, took) = m
+        .wait_path(b, a, "direct", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("not direct: {e}\n{}", m.logs()));
+    println!("b direct after {took:?}: {row:#}");
+    let reason = row["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("via birthday probing after"),
+        "{reason}\n{}",
+        m.logs()
+    );
+    let (row, _) = m
+        .wait_path(a, b, "direct", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("a not direct: {e}\n{}", m.logs()));
+    println!("a: {row:#}");
+    assert!(
+        row["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("via birthday probing"),
+        "{row:#}"
+    );
+    assert!(
+        m.ping(a, b, 3),
+        "no ping over the probed pair\n{}",
+        m.logs()
+    );
+    let value = |n: usize, name: &str| -> u64 {
+        let metrics = m.metrics(n);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let attempts = value(b, "wgice_birthday_attempts_total ");
+    let probes = value(b, "wgice_birthday_probes_total ");
+    println!("prober: {attempts} attempts, {probes} probes");
+    assert!(attempts >= 1 && probes >= 1);
+    assert!(probes <= 4000 * attempts);
+    assert!(value(a, "wgice_birthday_probes_total ") == 0);
+}
+
 /// Port prediction in a mesh that has run a while: after the sequential
 /// side's relay allocation, another device behind its NAT opens 100 flows,
 /// so its server-reflexive port is 100 mappings old when the peer comes.

@@ -16,7 +16,7 @@ fn representative_pairs_connect_on_the_path_theory_allows() {
         "none:symmetric",
         // both endpoint-independent, filtering: direct by punching
         "port-restricted:cgnat",
-        // symmetric against port-restricted: relayed
+        // random symmetric against port-restricted: direct by birthday probing
         "symmetric:port-restricted",
         // sequential symmetric against cgnat: direct by port prediction
         "symmetric-sequential:cgnat",

@@ -151,4 +151,117 @@ impl Agent {
         }
         self.drain_session(now, &from);
     }
+
+    /// Sends a session's birthday message in its current session.
+    pub(super) fn send_birthday(&mut self, key: PeerKey, m: crate::birthday::Msg) {
+        let Some(session) = self
+            .peers
+            .get(&key)
+            .and_then(|p| p.session.as_ref())
+            .map(|s| s.local_id)
+        else {
+            return;
+        };
+        let message = match m {
+            crate::birthday::Msg::Ready { sockets } => {
+                PeerMessage::BirthdayReady { session, sockets }
+            }
+            crate::birthday::Msg::Done { probes, won } => PeerMessage::BirthdayDone {
+                session,
+                probes,
+                won,
+            },
+        };
+        self.out.push_back(Output::Signal { to: key, message });
+    }
+
+    /// A peer's birthday message (fields validated), for the session it
+    /// names.
+    pub(super) fn handle_birthday(
+        &mut self,
+        now: Instant,
+        from: PeerKey,
+        session: u64,
+        m: crate::birthday::Msg,
+    ) {
+        let Some(s) = self.peers.get_mut(&from).and_then(|p| p.session.as_mut()) else {
+            return;
+        };
+        if s.remote_id != Some(session) {
+            self.drops.signal_rejected += 1;
+            return;
+        }
+        s.ice.handle_birthday(now, m);
+        self.drain_session(now, &from);
+    }
+
+    /// The driver opened `n` birthday sockets for `key`'s session.
+    pub fn birthday_opened(&mut self, now: Instant, key: PeerKey, n: u16) {
+        if let Some(s) = self.peers.get_mut(&key).and_then(|p| p.session.as_mut()) {
+            s.ice.handle_sockets_opened(now, n);
+            self.drain_session(now, &key);
+        }
+    }
+
+    /// A birthday socket of `key` (local `port`, registered by the driver
+    /// as `socket`) received from the peer: it carries the session's new
+    /// host candidate. Returns `false` when nobody takes it (the driver
+    /// then closes it and frees `socket`).
+    pub fn birthday_hit(&mut self, now: Instant, key: PeerKey, port: u16, socket: usize) -> bool {
+        let Some(ip) = self
+            .opts
+            .host
+            .iter()
+            .map(|n| n.addr())
+            .find(|a| a.is_ipv4())
+        else {
+            return false;
+        };
+        let local = SocketAddr::new(ip, port);
+        let Some(s) = self.peers.get_mut(&key).and_then(|p| p.session.as_mut()) else {
+            return false;
+        };
+        if !s.ice.handle_birthday_hit(now, local) {
+            return false;
+        }
+        self.sockets.insert(local, socket);
+        self.socket_owner
+            .entry(key)
+            .or_default()
+            .push((local, socket));
+        self.drain_session(now, &key);
+        true
+    }
+
+    /// A datagram that arrived on one of the agent's other sockets (a
+    /// birthday socket) at `local`: as [`Agent::handle_datagram`], but
+    /// never from a relay.
+    pub fn handle_datagram_at<'a>(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        local_port: u16,
+        data: &'a [u8],
+    ) -> Option<(PeerKey, &'a [u8])> {
+        let local = self
+            .sockets
+            .keys()
+            .find(|a| a.port() == local_port)
+            .copied()?;
+        self.handle_peer_datagram(now, source, local, data)
+    }
+
+    /// `key`'s session ends: its birthday sockets go (unhit ones and
+    /// winners).
+    pub(super) fn release_sockets(&mut self, key: PeerKey) {
+        let had_session = self.peers.get(&key).is_some_and(|p| p.session.is_some());
+        if had_session {
+            self.out.push_back(Output::BirthdayClose { peer: key });
+        }
+        for (local, socket) in self.socket_owner.remove(&key).unwrap_or_default() {
+            self.sockets.remove(&local);
+            self.out
+                .push_back(Output::BirthdayRelease { peer: key, socket });
+        }
+    }
 }

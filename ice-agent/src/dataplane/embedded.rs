@@ -336,6 +336,21 @@ impl Device {
         }
     }
 
+    /// Puts `sock` in slot `via` (a freed slot gets the main socket back).
+    pub fn set_socket(&self, via: usize, sock: UdpSocket) {
+        if let Ok(mut v) = self.socks.write() {
+            if let Some(s) = v.get_mut(via).filter(|_| via > 0) {
+                *s = Arc::new(sock);
+            }
+        }
+    }
+
+    /// Sends `data` to `to` from socket `via` (the agent's own checks on
+    /// a birthday socket).
+    pub fn send_from(&self, via: usize, to: SocketAddr, data: &[u8]) {
+        self.send(data, to, via);
+    }
+
     fn sock(&self, via: usize) -> Option<Arc<UdpSocket>> {
         let v = self.socks.read().ok()?;
         v.get(via).or_else(|| v.first()).cloned()

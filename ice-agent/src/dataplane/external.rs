@@ -107,6 +107,22 @@ impl Proxies {
         self.socks.len() - 1
     }
 
+    /// Puts `sock` in slot `via` (a freed slot gets the main socket back).
+    pub fn set_socket(&mut self, via: usize, sock: Arc<UdpSocket>) {
+        if let Some(s) = self.socks.get_mut(via).filter(|_| via > 0) {
+            *s = sock;
+        }
+    }
+
+    /// Sends `data` to `to` from socket `via` (not through a proxy: the
+    /// agent's own checks on a birthday socket).
+    pub fn send_from(&self, via: usize, to: SocketAddr, data: &[u8]) {
+        let sock = self.socks.get(via).unwrap_or(&self.socks[0]);
+        if let Err(e) = sock.try_send_to(data, crate::udp::outward(to, self.dual)) {
+            tracing::debug!(%to, via, "send: {e}");
+        }
+    }
+
     /// Opens the peer's proxy; returns the endpoint WireGuard should use.
     pub fn add(&mut self, peer: PeerKey) -> Option<SocketAddr> {
         // Connected to the WireGuard port: the kernel drops datagrams from

@@ -139,6 +139,56 @@ impl DataPlane {
         }
     }
 
+    /// Registers another of the agent's sockets (a socket birthday probing
+    /// won); returns the index routes name it by. `slot`: reuse that
+    /// freed index instead of growing.
+    pub fn add_socket(
+        &mut self,
+        sock: &Arc<tokio::net::UdpSocket>,
+        slot: Option<usize>,
+    ) -> std::io::Result<usize> {
+        match self {
+            DataPlane::External(p) => Ok(match slot {
+                Some(i) => {
+                    p.set_socket(i, sock.clone());
+                    i
+                }
+                None => p.add_socket(sock.clone()),
+            }),
+            DataPlane::Embedded(e) => {
+                let std = dup(sock)?;
+                Ok(match slot {
+                    Some(i) => {
+                        e.dev.set_socket(i, std);
+                        i
+                    }
+                    None => e.dev.add_socket(std),
+                })
+            }
+        }
+    }
+
+    /// Slot `via` is free again: it names the main socket `main` until
+    /// reused.
+    pub fn free_socket(&mut self, via: usize, main: &Arc<tokio::net::UdpSocket>) {
+        match self {
+            DataPlane::External(p) => p.set_socket(via, main.clone()),
+            DataPlane::Embedded(e) => {
+                if let Ok(std) = dup(main) {
+                    e.dev.set_socket(via, std);
+                }
+            }
+        }
+    }
+
+    /// Sends one of the agent's datagrams from socket `via`.
+    pub fn send_from(&self, via: usize, to: SocketAddr, data: &[u8]) {
+        match self {
+            DataPlane::External(p) => p.send_from(via, to, data),
+            DataPlane::Embedded(e) => e.dev.send_from(via, to, data),
+        }
+    }
+
     /// The agent stopped managing the peer.
     pub fn peer_removed(&mut self, peer: &PeerKey) {
         match self {
@@ -198,4 +248,12 @@ impl DataPlane {
             DataPlane::Embedded(e) => e.close(),
         }
     }
+}
+
+/// A std handle on the same socket (the embedded device sends with std).
+fn dup(sock: &tokio::net::UdpSocket) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsFd;
+    Ok(std::net::UdpSocket::from(
+        sock.as_fd().try_clone_to_owned()?,
+    ))
 }

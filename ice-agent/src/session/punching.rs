@@ -201,7 +201,8 @@ impl PeerSession {
     /// only shows our NAT let it in. Taken (not a stray) while we punch
     /// and it comes from the peer's address.
     pub(super) fn handle_opener(&mut self, source: SocketAddr) -> bool {
-        let ours = self.punch.busy() && self.remote.iter().any(|c| c.addr().ip() == source.ip());
+        let ours = (self.punch.busy() || self.birthday.busy())
+            && self.remote.iter().any(|c| c.addr().ip() == source.ip());
         if ours {
             self.stats.openers_received += 1;
         }

@@ -120,7 +120,11 @@ impl World {
                     // No relay in this world (so nobody measures a NAT).
                     Output::RelayConnect { .. }
                     | Output::RelayClose { .. }
-                    | Output::MeasureMapping { .. } => {}
+                    | Output::MeasureMapping { .. }
+                    | Output::BirthdayOpen { .. }
+                    | Output::BirthdayClose { .. }
+                    | Output::BirthdayRelease { .. }
+                    | Output::SendFrom { .. } => {}
                 }
             }
         }
