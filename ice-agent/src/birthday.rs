@@ -182,7 +182,9 @@ impl Birthday {
     pub fn handle(&mut self, now: Instant, msg: Msg, able: bool) {
         match msg {
             Msg::Ready { .. } => {
-                if able && matches!(self.state, State::Idle) {
+                // The backoff binds the prober too: a peer that asks again
+                // right after a failed attempt waits like we would.
+                if able && matches!(self.state, State::Idle) && self.due(now) {
                     self.attempts += 1;
                     self.state = State::Probing { sent: 0, next: now };
                 }
@@ -383,7 +385,12 @@ mod tests {
         // Spent, then no direct: Done(won: false) and the backoff.
         assert!(!p.busy());
         assert_eq!(p.counts(), (1, u64::from(MAX_PROBES)));
-        assert!(p.next_attempt().is_some());
+        let next = p.next_attempt().expect("backoff");
+        // Asked again at once: nothing until the backoff is over.
+        p.handle(now, Msg::Ready { sockets: SOCKETS }, true);
+        assert!(!p.busy());
+        p.handle(next, Msg::Ready { sockets: SOCKETS }, true);
+        assert!(p.probing());
     }
 
     #[test]

@@ -460,6 +460,27 @@ fn random_symmetric_to_port_restricted_goes_direct_by_birthday_probing() {
     let bins = setup();
     let mut m = MeshLab::new(&bins);
     let (a, b) = m.pair(NatPreset::Symmetric, NatPreset::PortRestricted);
+    birthday_drill(&m, a, b);
+}
+
+/// The same with both agents in embedded mode: the socket that was hit
+/// carries boringtun's datagrams too.
+#[test]
+#[ignore = "needs root and network namespaces: run by bash scripts/test (cargo test -- --include-ignored)"]
+fn birthday_probing_carries_the_embedded_data_plane() {
+    let bins = setup();
+    let mut m = MeshLab::new(&bins);
+    m.add_router("ra", NatPreset::Symmetric);
+    m.add_router("rb", NatPreset::PortRestricted);
+    let a = m.add_embedded_node("a", "ra");
+    let b = m.add_embedded_node("b", "rb");
+    birthday_drill(&m, a, b);
+}
+
+/// `a` behind a random symmetric NAT, `b` behind an endpoint-independent
+/// port-filtering one: both end direct by birthday probing, pings cross,
+/// the prober kept its budget.
+fn birthday_drill(m: &MeshLab, a: usize, b: usize) {
     m.start_and_wait(&[a, b], "relay");
     let (row, took) = m
         .wait_path(b, a, "direct", Duration::from_secs(20))
