@@ -131,6 +131,28 @@ enum Msg {
         session: u8,
         nat: Facts,
     },
+    PunchOffer {
+        session: u8,
+        port: u16,
+        delta: i32,
+    },
+    PunchAnswer {
+        session: u8,
+        port: u16,
+        delta: i32,
+    },
+    PunchGo {
+        session: u8,
+    },
+    BirthdayReady {
+        session: u8,
+        sockets: u16,
+    },
+    BirthdayDone {
+        session: u8,
+        probes: u32,
+        won: bool,
+    },
     Unknown,
 }
 
@@ -342,6 +364,40 @@ fuzz_target!(|steps: Vec<Step>| {
                         session: base + u64::from(session),
                         nat: nat.get(),
                     },
+                    Msg::PunchOffer {
+                        session,
+                        port,
+                        delta,
+                    } => PeerMessage::PunchOffer {
+                        session: base + u64::from(session),
+                        port,
+                        delta,
+                    },
+                    Msg::PunchAnswer {
+                        session,
+                        port,
+                        delta,
+                    } => PeerMessage::PunchAnswer {
+                        session: base + u64::from(session),
+                        port,
+                        delta,
+                    },
+                    Msg::PunchGo { session } => PeerMessage::PunchGo {
+                        session: base + u64::from(session),
+                    },
+                    Msg::BirthdayReady { session, sockets } => PeerMessage::BirthdayReady {
+                        session: base + u64::from(session),
+                        sockets,
+                    },
+                    Msg::BirthdayDone {
+                        session,
+                        probes,
+                        won,
+                    } => PeerMessage::BirthdayDone {
+                        session: base + u64::from(session),
+                        probes,
+                        won,
+                    },
                     Msg::Unknown => PeerMessage::Unknown,
                 };
                 agent.handle_message(now, from, msg);
@@ -467,6 +523,17 @@ fuzz_target!(|steps: Vec<Step>| {
                     }
                     _ => {}
                 },
+                // The driver's answers, as the daemon would give them: a
+                // measured mapping near the agent's own, sockets opened and
+                // one of them hit.
+                Output::MeasureMapping { peer, .. } => {
+                    let mapped: SocketAddr = "203.0.113.9:40000".parse().expect("addr");
+                    agent.handle_mapping(now, peer, Some(mapped));
+                }
+                Output::BirthdayOpen { peer, count, .. } => {
+                    agent.birthday_opened(now, peer, count);
+                    let _ = agent.birthday_hit(now, peer, 40_001, 1);
+                }
                 _ => {}
             }
         }

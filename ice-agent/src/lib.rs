@@ -26,6 +26,9 @@
 //! - [`netcheck`]: `ice-agent netcheck` (UDP, NAT mapping and filtering,
 //!   hairpin, port mapping on the gateway, relay latency and TCP/TLS
 //!   reachability); [`netcheck::NatFacts`] is the part peers can use.
+//! - [`punch`]: the coordinated punch between two sequential symmetric
+//!   NATs; [`birthday`]: birthday probing against a random symmetric NAT
+//!   (both sans-IO; `sockets` holds the daemon's birthday sockets).
 //!
 //! See `docs/ice-agent.md` for the design.
 #![warn(missing_docs)]

@@ -1661,11 +1661,19 @@ impl PeerSession {
             local.filter(|f| f.symmetric()),
             remote.filter(|f| f.symmetric()),
         ) {
-            (Some(l), Some(r)) => Some(format!(
-                "both NATs map each destination to a new port (ours {}; the peer's {})",
-                ports(l),
-                ports(r)
-            )),
+            (Some(l), Some(r)) => {
+                let random = |f: &NatFacts| f.port_allocation == Some(PortAllocation::Random);
+                let why = if random(l) || random(r) {
+                    ": no technique meets a random port from a symmetric NAT"
+                } else {
+                    ""
+                };
+                Some(format!(
+                    "both NATs map each destination to a new port (ours {}; the peer's {}){why}",
+                    ports(l),
+                    ports(r)
+                ))
+            }
             (Some(l), None) => Some(format!(
                 "local NAT maps each destination to a new port ({})",
                 ports(l)

@@ -8,7 +8,7 @@
 //! Measures, on netsim links without added delay:
 //! - time from both agents started to the first ping answered through the
 //!   overlay (which needs a completed WireGuard handshake), relayed
-//!   (symmetric ↔ port-restricted) and direct (port-restricted ↔
+//!   (two random symmetric NATs) and direct (port-restricted ↔
 //!   port-restricted), plus the time until the status says `direct`;
 //! - failover: direct path cut at the NAT → status `relay`, and the gap in
 //!   ping answers (20 ms interval);
@@ -257,12 +257,7 @@ fn main() {
     let mut direct_first = Vec::new();
     let mut direct_path = Vec::new();
     for r in 0..rounds {
-        let c = connect_time(
-            &bins,
-            NatPreset::Symmetric,
-            NatPreset::PortRestricted,
-            "relay",
-        );
+        let c = connect_time(&bins, NatPreset::Symmetric, NatPreset::Symmetric, "relay");
         println!(
             "round {r}: relayed  first ping answer {:.3} s",
             c.first_reply

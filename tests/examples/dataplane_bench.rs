@@ -423,18 +423,8 @@ fn main() {
 
     let mut first = Vec::new();
     for (embedded, pa, pb, want) in [
-        (
-            false,
-            NatPreset::Symmetric,
-            NatPreset::PortRestricted,
-            "relay",
-        ),
-        (
-            true,
-            NatPreset::Symmetric,
-            NatPreset::PortRestricted,
-            "relay",
-        ),
+        (false, NatPreset::Symmetric, NatPreset::Symmetric, "relay"),
+        (true, NatPreset::Symmetric, NatPreset::Symmetric, "relay"),
         (
             false,
             NatPreset::PortRestricted,

@@ -81,7 +81,9 @@ pub fn run(bins: &Bins, drill: Drill) -> Outcome {
     let mut m = MeshLab::new(bins);
     let p = drill.preset();
     m.add_router("ra", p);
-    m.add_router("rb", NatPreset::PortRestricted);
+    // The relayed drills: two random symmetric NATs (no technique meets
+    // them); the direct ones: two port-restricted cones.
+    m.add_router("rb", p);
     m.add_router("rc", p);
     let a = m.add_node("a", "ra");
     let b = m.add_node("b", "rb");
