@@ -834,8 +834,20 @@ impl Agent {
     /// detection on its direct pair. The daemon calls it every 100 ms.
     /// `large`: datagrams above `blackhole::LARGE_DATAGRAM` bytes among
     /// them, when the data plane counts them.
+    ///
+    /// Not while WireGuard goes straight to the peer's WireGuard port (the
+    /// LAN shortcut): the peer's agent never sees that data, so its counts
+    /// would read as a blackhole.
     pub fn note_data_tx(&mut self, now: Instant, peer: &PeerKey, total: u64, large: Option<u64>) {
-        if let Some(s) = self.peers.get_mut(peer).and_then(|p| p.session.as_mut()) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if p.route
+            .is_some_and(|r| matches!(r.endpoint, Endpoint::Direct(_)))
+        {
+            return;
+        }
+        if let Some(s) = p.session.as_mut() {
             s.ice.note_data_tx(now, total, large);
         }
     }

@@ -28,11 +28,15 @@ fn netsim_demo_passes_every_check() {
     for want in [
         "alice ↔ dave: lan",
         "alice ↔ bob: direct",
-        "alice ↔ carol: relay",
+        "alice ↔ carol: direct",
+        "via birthday probing after",
         "fell back to the relay",
         "direct again",
     ] {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
     assert!(!text.contains('✗'), "a check failed:\n{text}");
+    // The LAN shortcut (WireGuard straight to the peer's WireGuard port)
+    // is not mistaken for a blackhole: dave stays on the LAN path.
+    assert!(!text.contains("drops data"), "{text}");
 }
