@@ -836,15 +836,17 @@ impl Agent {
     /// them, when the data plane counts them.
     ///
     /// Not while WireGuard goes straight to the peer's WireGuard port (the
-    /// LAN shortcut): the peer's agent never sees that data, so its counts
-    /// would read as a blackhole.
+    /// LAN shortcut to a peer beside `wireguard-go`): the peer's agent
+    /// never sees that data, so its counts would read as a blackhole.
     pub fn note_data_tx(&mut self, now: Instant, peer: &PeerKey, total: u64, large: Option<u64>) {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
-        if p.route
-            .is_some_and(|r| matches!(r.endpoint, Endpoint::Direct(_)))
-        {
+        // (An embedded peer's WireGuard port is its agent's: that data is
+        // seen and counted.)
+        if p.route.is_some_and(
+            |r| matches!(r.endpoint, Endpoint::Direct(a) if r.route != Route::Direct(a)),
+        ) {
             return;
         }
         if let Some(s) = p.session.as_mut() {

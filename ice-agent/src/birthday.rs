@@ -44,6 +44,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// How long after the probes stop the prober waits for direct before it
 /// counts the attempt as failed.
 pub const SETTLE: Duration = Duration::from_secs(3);
+/// When the daemon had no sockets to spare (other peers' attempts hold
+/// them), the next try comes this soon (not a failure: no backoff).
+pub const NO_ROOM_RETRY: Duration = Duration::from_secs(2);
 /// Lowest port probed (a NAT does not map below).
 pub const LOW_PORT: u16 = 1024;
 
@@ -153,11 +156,13 @@ impl Birthday {
         self.next_attempt.is_none_or(|t| now >= t)
     }
 
-    /// Sockets side: the driver opened `n` sockets (0: it could not).
+    /// Sockets side: the driver opened `n` sockets (0: none to spare now;
+    /// tried again after [`NO_ROOM_RETRY`], without backoff).
     pub fn opened(&mut self, now: Instant, n: u16) {
         if let State::Opening { .. } = self.state {
             if n == 0 {
-                self.fail(now);
+                self.state = State::Idle;
+                self.next_attempt = Some(now + NO_ROOM_RETRY);
             } else {
                 self.state = State::Open { since: now };
                 self.out.push(Out::Send(Msg::Ready { sockets: n }));
@@ -433,6 +438,25 @@ mod tests {
         s.succeeded();
         assert!(!s.busy());
         assert_eq!(s.won_after(), Some(300));
+    }
+
+    #[test]
+    fn no_sockets_to_spare_is_retried_soon_without_backoff() {
+        let t0 = Instant::now();
+        let mut s = Birthday::new();
+        s.start(t0);
+        drain(&mut s);
+        s.opened(t0, 0);
+        assert!(!s.busy());
+        assert_eq!(s.next_attempt(), Some(t0 + NO_ROOM_RETRY));
+        s.start(t0 + NO_ROOM_RETRY);
+        assert_eq!(drain(&mut s), vec![Out::Open(SOCKETS)]);
+        // A real failure afterwards starts the backoff at its first step.
+        s.opened(t0, 100);
+        drain(&mut s);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        s.handle_timeout(t0 + HOLD, &mut rng);
+        assert_eq!(s.next_attempt(), Some(t0 + HOLD + FIRST_BACKOFF));
     }
 
     #[test]
