@@ -594,8 +594,8 @@ pub struct Agent {
     last_silence_probe: Option<Instant>,
     /// Our NAT facts (the daemon's netcheck) and when they were measured.
     nat: Option<(crate::netcheck::NatFacts, Instant)>,
-    /// Sockets birthday probing won: host address → (driver's index,
-    /// peer). Their transmits go out as [`Output::SendFrom`].
+    /// Sockets birthday probing won: host address → the driver's index.
+    /// Their transmits go out as [`Output::SendFrom`].
     sockets: HashMap<SocketAddr, usize>,
     /// The same, by peer (released when its session ends).
     socket_owner: HashMap<PeerKey, Vec<(SocketAddr, usize)>>,

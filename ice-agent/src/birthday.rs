@@ -95,8 +95,10 @@ enum State {
     Open {
         since: Instant,
     },
-    /// Sockets side: a socket was hit; the session checks it.
-    Won,
+    /// Sockets side: a socket was hit at `since`; the session checks it.
+    Won {
+        since: Instant,
+    },
     /// Prober: probing; `sent` so far, next batch at `next`.
     Probing {
         sent: u32,
@@ -172,9 +174,9 @@ impl Birthday {
 
     /// Sockets side: an opener from the peer's address reached one of
     /// the sockets. Returns whether it counts (an attempt was open).
-    pub fn hit(&mut self) -> bool {
+    pub fn hit(&mut self, now: Instant) -> bool {
         if let State::Open { .. } = self.state {
-            self.state = State::Won;
+            self.state = State::Won { since: now };
             self.out.push(Out::Close);
             return true;
         }
@@ -207,7 +209,7 @@ impl Birthday {
                             self.fail(now);
                         }
                     }
-                    State::Won if !won => {
+                    State::Won { .. } if !won => {
                         // The hit did not turn into a path.
                         self.out.push(Out::Close);
                         self.fail(now);
@@ -230,7 +232,7 @@ impl Birthday {
         }
         if matches!(
             self.state,
-            State::Won | State::Probing { .. } | State::Spent { .. }
+            State::Won { .. } | State::Probing { .. } | State::Spent { .. }
         ) {
             self.state = State::Idle;
             self.failures = 0;
@@ -264,6 +266,8 @@ impl Birthday {
                 self.out.push(Out::Close);
                 self.fail(now);
             }
+            // A hit that never became a path (and no word from the prober).
+            State::Won { since } if now >= since + HOLD => self.fail(now),
             State::Probing { mut sent, mut next } if now >= next => {
                 // A late wake-up sends one batch, never a catch-up burst.
                 let per_tick = PROBE_RATE / (1000 / PROBE_TICK.as_millis() as u32);
@@ -298,7 +302,8 @@ impl Birthday {
             State::Opening { since } | State::Open { since } => Some(since + HOLD),
             State::Probing { next, .. } => Some(next),
             State::Spent { at, .. } => Some(at + SETTLE),
-            State::Idle | State::Won => None,
+            State::Won { since } => Some(since + HOLD),
+            State::Idle => None,
         }
     }
 
@@ -424,8 +429,8 @@ mod tests {
         s.opened(t0, 200);
         drain(&mut s);
         // A hit closes the others; the prober's Done(won) ends it.
-        assert!(s.hit());
-        assert!(!s.hit());
+        assert!(s.hit(t0));
+        assert!(!s.hit(t0));
         assert_eq!(drain(&mut s), vec![Out::Close]);
         s.handle(
             t0,
@@ -438,6 +443,21 @@ mod tests {
         s.succeeded();
         assert!(!s.busy());
         assert_eq!(s.won_after(), Some(300));
+    }
+
+    #[test]
+    fn a_hit_that_never_becomes_a_path_ends_the_attempt() {
+        let t0 = Instant::now();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut s = Birthday::new();
+        s.start(t0);
+        s.opened(t0, 256);
+        assert!(s.hit(t0));
+        drain(&mut s);
+        assert_eq!(s.poll_timeout(), Some(t0 + HOLD));
+        s.handle_timeout(t0 + HOLD, &mut rng);
+        assert!(!s.busy());
+        assert_eq!(s.next_attempt(), Some(t0 + HOLD + FIRST_BACKOFF));
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl PeerSession {
     /// it was taken (an attempt was open); the driver closes the socket
     /// otherwise.
     pub fn handle_birthday_hit(&mut self, now: Instant, local: SocketAddr) -> bool {
-        if !self.birthday.hit() {
+        if !self.birthday.hit(now) {
             return false;
         }
         let Ok(c) = Candidate::host(local, "udp") else {
