@@ -940,7 +940,7 @@ impl Agent {
             .or_else(|| self.opts.host.first().map(|n| n.addr()))
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let dst = SocketAddr::new(local_ip, self.opts.port);
-        self.handle_peer_datagram(now, source, dst, data)
+        self.handle_peer_datagram(now, source, dst, data, None)
     }
 
     fn handle_from_relay<'a>(
@@ -995,7 +995,7 @@ impl Agent {
         let up = turn.handle_input(now, data);
         match (up, relayed) {
             (Some((peer, payload)), Some(relayed)) => {
-                self.handle_peer_datagram(now, peer, relayed, payload)
+                self.handle_peer_datagram(now, peer, relayed, payload, None)
             }
             (Some(_), None) => {
                 self.drops.relay_unmatched += 1;
@@ -1008,18 +1008,22 @@ impl Agent {
         }
     }
 
+    /// `only`: the datagram arrived on a socket that belongs to this peer
+    /// (one birthday probing won for it): no other peer's session may take
+    /// it.
     fn handle_peer_datagram<'a>(
         &mut self,
         now: Instant,
         source: SocketAddr,
         dst: SocketAddr,
         data: &'a [u8],
+        only: Option<PeerKey>,
     ) -> Option<(PeerKey, &'a [u8])> {
         match demux::classify(data) {
             Kind::Stun => {
                 // Try the owner of the address first, then everyone (a
                 // peer-reflexive address is unknown until a check passes).
-                let first = self.owner.get(&source).copied();
+                let first = only.or_else(|| self.owner.get(&source).copied());
                 let take = |p: &mut Peer| {
                     p.session
                         .as_mut()
@@ -1029,7 +1033,7 @@ impl Agent {
                 let taker = owner_took.or_else(|| {
                     self.peers
                         .iter_mut()
-                        .filter(|(k, _)| Some(**k) != first)
+                        .filter(|(k, _)| only.is_none() && Some(**k) != first)
                         .find_map(|(k, p)| take(p).then_some(*k))
                 });
                 // Only a success response to a check we sent proves the
@@ -1046,7 +1050,12 @@ impl Agent {
                 None
             }
             Kind::WireGuard(_) => {
-                let Some(k) = self.owner.get(&source).copied() else {
+                let Some(k) = self
+                    .owner
+                    .get(&source)
+                    .copied()
+                    .filter(|k| only.is_none_or(|o| o == *k))
+                else {
                     self.drops.wg_unknown_source += 1;
                     return None;
                 };

@@ -23,6 +23,7 @@
 //! the session (the caller's condition); a failed attempt waits
 //! [`FIRST_BACKOFF`], doubling up to [`MAX_BACKOFF`].
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -117,7 +118,7 @@ pub struct Birthday {
     state: State,
     failures: u32,
     next_attempt: Option<Instant>,
-    out: Vec<Out>,
+    out: VecDeque<Out>,
     attempts: u64,
     probes: u64,
     /// Probes of the last attempt that went direct (for the reason).
@@ -137,7 +138,7 @@ impl Birthday {
             state: State::Idle,
             failures: 0,
             next_attempt: None,
-            out: Vec::new(),
+            out: VecDeque::new(),
             attempts: 0,
             probes: 0,
             won_after: None,
@@ -149,7 +150,7 @@ impl Birthday {
         if self.state == State::Idle && self.due(now) {
             self.attempts += 1;
             self.state = State::Opening { since: now };
-            self.out.push(Out::Open(SOCKETS));
+            self.out.push_back(Out::Open(SOCKETS));
         }
     }
 
@@ -167,7 +168,7 @@ impl Birthday {
                 self.next_attempt = Some(now + NO_ROOM_RETRY);
             } else {
                 self.state = State::Open { since: now };
-                self.out.push(Out::Send(Msg::Ready { sockets: n }));
+                self.out.push_back(Out::Send(Msg::Ready { sockets: n }));
             }
         }
     }
@@ -177,7 +178,7 @@ impl Birthday {
     pub fn hit(&mut self, now: Instant) -> bool {
         if let State::Open { .. } = self.state {
             self.state = State::Won { since: now };
-            self.out.push(Out::Close);
+            self.out.push_back(Out::Close);
             return true;
         }
         false
@@ -202,7 +203,7 @@ impl Birthday {
                 }
                 match self.state {
                     State::Open { .. } | State::Opening { .. } => {
-                        self.out.push(Out::Close);
+                        self.out.push_back(Out::Close);
                         if won {
                             self.state = State::Idle;
                         } else {
@@ -211,7 +212,7 @@ impl Birthday {
                     }
                     State::Won { .. } if !won => {
                         // The hit did not turn into a path.
-                        self.out.push(Out::Close);
+                        self.out.push_back(Out::Close);
                         self.fail(now);
                     }
                     _ => {}
@@ -225,7 +226,7 @@ impl Birthday {
     pub fn succeeded(&mut self) {
         if let State::Probing { sent, .. } | State::Spent { sent, .. } = self.state {
             self.won_after = Some(sent);
-            self.out.push(Out::Send(Msg::Done {
+            self.out.push_back(Out::Send(Msg::Done {
                 probes: sent,
                 won: true,
             }));
@@ -245,11 +246,11 @@ impl Birthday {
     pub fn abandon(&mut self, now: Instant) {
         match self.state {
             State::Opening { .. } | State::Open { .. } => {
-                self.out.push(Out::Close);
+                self.out.push_back(Out::Close);
                 self.fail(now);
             }
             State::Probing { sent, .. } | State::Spent { sent, .. } => {
-                self.out.push(Out::Send(Msg::Done {
+                self.out.push_back(Out::Send(Msg::Done {
                     probes: sent,
                     won: false,
                 }));
@@ -263,7 +264,7 @@ impl Birthday {
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl Rng) {
         match self.state {
             State::Opening { since } | State::Open { since } if now >= since + HOLD => {
-                self.out.push(Out::Close);
+                self.out.push_back(Out::Close);
                 self.fail(now);
             }
             // A hit that never became a path (and no word from the prober).
@@ -278,7 +279,7 @@ impl Birthday {
                 sent += n;
                 self.probes += u64::from(n);
                 next = now + PROBE_TICK;
-                self.out.push(Out::Probe(ports));
+                self.out.push_back(Out::Probe(ports));
                 self.state = if sent >= MAX_PROBES {
                     State::Spent { at: now, sent }
                 } else {
@@ -286,7 +287,7 @@ impl Birthday {
                 };
             }
             State::Spent { at, sent } if now >= at + SETTLE => {
-                self.out.push(Out::Send(Msg::Done {
+                self.out.push_back(Out::Send(Msg::Done {
                     probes: sent,
                     won: false,
                 }));
@@ -314,11 +315,7 @@ impl Birthday {
 
     /// The next thing to do.
     pub fn poll_out(&mut self) -> Option<Out> {
-        if self.out.is_empty() {
-            None
-        } else {
-            Some(self.out.remove(0))
-        }
+        self.out.pop_front()
     }
 
     /// Whether an attempt runs.
@@ -351,8 +348,7 @@ impl Birthday {
 
     fn fail(&mut self, now: Instant) {
         self.failures = self.failures.saturating_add(1);
-        let shift = (self.failures - 1).min(16);
-        let wait = FIRST_BACKOFF.saturating_mul(1u32 << shift).min(MAX_BACKOFF);
+        let wait = crate::punch::backoff(FIRST_BACKOFF, MAX_BACKOFF, self.failures);
         self.next_attempt = Some(now + wait);
         self.state = State::Idle;
     }

@@ -323,11 +323,16 @@ impl Punch {
 
     fn fail(&mut self, now: Instant) {
         self.failures = self.failures.saturating_add(1);
-        let shift = (self.failures - 1).min(16);
-        let wait = FIRST_BACKOFF.saturating_mul(1u32 << shift).min(MAX_BACKOFF);
-        self.next_attempt = Some(now + wait);
+        self.next_attempt = Some(now + backoff(FIRST_BACKOFF, MAX_BACKOFF, self.failures));
         self.state = State::Idle;
     }
+}
+
+/// The wait after the `failures`-th failure in a row (1 and up): `first`,
+/// doubled per failure, at most `max`.
+pub(crate) fn backoff(first: Duration, max: Duration, failures: u32) -> Duration {
+    let shift = failures.saturating_sub(1).min(16);
+    first.saturating_mul(1u32 << shift).min(max)
 }
 
 /// The peer's ports our openers aim at: `port + k × stride × delta` for

@@ -473,9 +473,8 @@ pub struct PeerSession {
     /// Coordinated punch with a peer whose NAT is sequential symmetric
     /// like ours (`session/punching.rs`).
     punch: crate::punch::Punch,
-    /// Remote candidates our openers aimed at: (address, opener index,
-    /// stride, round).
-    punched: Vec<(SocketAddr, u16, u16, u32)>,
+    /// Remote candidates our openers aimed at: (address, opener index).
+    punched: Vec<(SocketAddr, u16)>,
     /// Punch rounds that added candidates.
     punch_rounds: u32,
     /// Birthday probing with a peer whose NAT is random symmetric, or

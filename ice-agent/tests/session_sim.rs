@@ -1201,20 +1201,11 @@ fn healthy_direct_path_with_loss_gets_no_blackhole_verdict() {
 
 #[test]
 fn port_prediction_goes_direct_against_a_sequential_symmetric_nat_within_its_budget() {
-    use ice_agent::netcheck::{Filtering, Mapping, NatFacts, PortAllocation};
+    use ice_agent::netcheck::{Filtering, Mapping, NatFacts};
     // The model's symmetric NAT gives each new destination the port 7 past
     // the previous one: sequential, delta +7.
     let mut sim = symmetric_to_port_restricted();
-    let sequential = NatFacts {
-        udp: true,
-        mapping: Some(Mapping::AddressAndPortDependent),
-        port_allocation: Some(PortAllocation::Sequential {
-            delta: 7,
-            others_per_min: None,
-        }),
-        filtering: Some(Filtering::AddressAndPortDependent),
-        ..NatFacts::default()
-    };
+    let sequential = sequential_plus_7();
     let eim = NatFacts {
         udp: true,
         mapping: Some(Mapping::EndpointIndependent),
@@ -1291,19 +1282,9 @@ fn port_prediction_goes_direct_against_a_sequential_symmetric_nat_within_its_bud
 /// address but the relay's.
 #[test]
 fn two_sequential_symmetric_nats_punch_together_within_the_budget() {
-    use ice_agent::netcheck::{Filtering, Mapping, NatFacts, PortAllocation};
     use ice_agent::punch::OPENERS;
     let mut sim = two_nats(NatKind::Symmetric, NatKind::Symmetric);
-    let sequential = NatFacts {
-        udp: true,
-        mapping: Some(Mapping::AddressAndPortDependent),
-        port_allocation: Some(PortAllocation::Sequential {
-            delta: 7,
-            others_per_min: None,
-        }),
-        filtering: Some(Filtering::AddressAndPortDependent),
-        ..NatFacts::default()
-    };
+    let sequential = sequential_plus_7();
     sim.run_until(sim.at(6_000));
     for i in 0..2 {
         assert_eq!(sim.kind(i), PathKind::Relay, "node {i}");
@@ -1372,5 +1353,21 @@ fn two_sequential_symmetric_nats_punch_together_within_the_budget() {
             .map(|(_, d)| d)
             .collect();
         assert!(others.is_empty(), "{others:?}");
+    }
+}
+
+/// The netcheck of the model's symmetric NAT: a new port per destination,
+/// 7 past the previous one, filtered by address and port.
+fn sequential_plus_7() -> ice_agent::netcheck::NatFacts {
+    use ice_agent::netcheck::{Filtering, Mapping, NatFacts, PortAllocation};
+    NatFacts {
+        udp: true,
+        mapping: Some(Mapping::AddressAndPortDependent),
+        port_allocation: Some(PortAllocation::Sequential {
+            delta: 7,
+            others_per_min: None,
+        }),
+        filtering: Some(Filtering::AddressAndPortDependent),
+        ..NatFacts::default()
     }
 }

@@ -37,6 +37,11 @@ fn netsim_demo_passes_every_check() {
     }
     assert!(!text.contains('✗'), "a check failed:\n{text}");
     // The LAN shortcut (WireGuard straight to the peer's WireGuard port)
-    // is not mistaken for a blackhole: dave stays on the LAN path.
-    assert!(!text.contains("drops data"), "{text}");
+    // is not mistaken for a blackhole: dave (10.77.0.4) stays on the LAN
+    // path in alice's status.
+    let dave = text
+        .lines()
+        .find(|l| l.contains("└ 10.77.0.4/32"))
+        .unwrap_or_else(|| panic!("no row for dave in:\n{text}"));
+    assert!(dave.contains("direct (LAN"), "{dave}\n{text}");
 }

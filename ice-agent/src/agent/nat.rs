@@ -13,6 +13,7 @@ use signaling::seal::PeerMessage;
 use super::{Agent, Output, PeerKey};
 use crate::netcheck::NatFacts;
 use crate::punch::Msg;
+use crate::session::PeerSession;
 use crate::validate::Refusal;
 
 impl Agent {
@@ -40,6 +41,13 @@ impl Agent {
     /// answer, or when they change).
     pub(super) fn send_facts(&mut self, key: PeerKey) {
         let Some((facts, _)) = &self.nat else { return };
+        let nat = facts.to_wire();
+        self.signal_session(key, |session| PeerMessage::Facts { session, nat });
+    }
+
+    /// Sends `key` the message `make` builds for our current session id
+    /// with it (nothing without a session).
+    fn signal_session(&mut self, key: PeerKey, make: impl FnOnce(u64) -> PeerMessage) {
         let Some(session) = self
             .peers
             .get(&key)
@@ -48,11 +56,24 @@ impl Agent {
         else {
             return;
         };
-        let message = PeerMessage::Facts {
-            session,
-            nat: facts.to_wire(),
-        };
-        self.out.push_back(Output::Signal { to: key, message });
+        self.out.push_back(Output::Signal {
+            to: key,
+            message: make(session),
+        });
+    }
+
+    /// `from`'s current session, if `session` (its id) names it; a message
+    /// for another session counts as a signaling refusal.
+    fn named_session(&mut self, from: &PeerKey, session: u64) -> Option<&mut PeerSession> {
+        let s = self.peers.get(from).and_then(|p| p.session.as_ref())?;
+        if s.remote_id != Some(session) {
+            self.drops.signal_rejected += 1;
+            return None;
+        }
+        self.peers
+            .get_mut(from)
+            .and_then(|p| p.session.as_mut())
+            .map(|s| &mut s.ice)
     }
 
     /// A peer's `Facts` message (the peer is managed).
@@ -111,15 +132,7 @@ impl Agent {
 
     /// Sends a session's punch message in its current session.
     pub(super) fn send_punch(&mut self, key: PeerKey, m: Msg) {
-        let Some(session) = self
-            .peers
-            .get(&key)
-            .and_then(|p| p.session.as_ref())
-            .map(|s| s.local_id)
-        else {
-            return;
-        };
-        let message = match m {
+        self.signal_session(key, |session| match m {
             Msg::Offer(p) => PeerMessage::PunchOffer {
                 session,
                 port: p.port,
@@ -131,22 +144,17 @@ impl Agent {
                 delta: p.delta,
             },
             Msg::Go => PeerMessage::PunchGo { session },
-        };
-        self.out.push_back(Output::Signal { to: key, message });
+        });
     }
 
     /// A peer's punch message (fields validated): only for the session it
     /// names; an offer too soon after the last, or from the side that
     /// should answer, is refused.
     pub(super) fn handle_punch(&mut self, now: Instant, from: PeerKey, session: u64, m: Msg) {
-        let Some(s) = self.peers.get_mut(&from).and_then(|p| p.session.as_mut()) else {
+        let Some(s) = self.named_session(&from, session) else {
             return;
         };
-        if s.remote_id != Some(session) {
-            self.drops.signal_rejected += 1;
-            return;
-        }
-        if let Err(e) = s.ice.handle_punch(now, m) {
+        if let Err(e) = s.handle_punch(now, m) {
             self.refuse(now, &from, Refusal::BadField(e.to_string()));
         }
         self.drain_session(now, &from);
@@ -154,15 +162,7 @@ impl Agent {
 
     /// Sends a session's birthday message in its current session.
     pub(super) fn send_birthday(&mut self, key: PeerKey, m: crate::birthday::Msg) {
-        let Some(session) = self
-            .peers
-            .get(&key)
-            .and_then(|p| p.session.as_ref())
-            .map(|s| s.local_id)
-        else {
-            return;
-        };
-        let message = match m {
+        self.signal_session(key, |session| match m {
             crate::birthday::Msg::Ready { sockets } => {
                 PeerMessage::BirthdayReady { session, sockets }
             }
@@ -171,8 +171,7 @@ impl Agent {
                 probes,
                 won,
             },
-        };
-        self.out.push_back(Output::Signal { to: key, message });
+        });
     }
 
     /// A peer's birthday message (fields validated), for the session it
@@ -184,14 +183,10 @@ impl Agent {
         session: u64,
         m: crate::birthday::Msg,
     ) {
-        let Some(s) = self.peers.get_mut(&from).and_then(|p| p.session.as_mut()) else {
+        let Some(s) = self.named_session(&from, session) else {
             return;
         };
-        if s.remote_id != Some(session) {
-            self.drops.signal_rejected += 1;
-            return;
-        }
-        s.ice.handle_birthday(now, m);
+        s.handle_birthday(now, m);
         self.drain_session(now, &from);
     }
 
@@ -235,7 +230,9 @@ impl Agent {
 
     /// A datagram that arrived on one of the agent's other sockets (a
     /// birthday socket) at `local`: as [`Agent::handle_datagram`], but
-    /// never from a relay.
+    /// never from a relay, and only for the peer the socket was won for
+    /// (another peer behind the same public address could otherwise meet
+    /// it and take a socket whose NAT mapping is not its own).
     pub fn handle_datagram_at<'a>(
         &mut self,
         now: Instant,
@@ -243,12 +240,12 @@ impl Agent {
         local_port: u16,
         data: &'a [u8],
     ) -> Option<(PeerKey, &'a [u8])> {
-        let local = self
-            .sockets
-            .keys()
-            .find(|a| a.port() == local_port)
-            .copied()?;
-        self.handle_peer_datagram(now, source, local, data)
+        let (peer, local) = self.socket_owner.iter().find_map(|(k, v)| {
+            v.iter()
+                .find(|(a, _)| a.port() == local_port)
+                .map(|(a, _)| (*k, *a))
+        })?;
+        self.handle_peer_datagram(now, source, local, data, Some(peer))
     }
 
     /// `key`'s session ends: its birthday sockets go (unhit ones and

@@ -1,16 +1,14 @@
 //! The session's side of birthday probing ([`crate::birthday`]): which
 //! side we are, the probes, the socket that was hit, the reason.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use is::{Candidate, CandidateKind};
-use rand::Rng;
 
-use super::{PathKind, PeerSession, SessionEvent, Transmit, Via};
+use super::{PathKind, PeerSession, SessionEvent};
 use crate::birthday::{Msg, Out, SOCKETS};
 use crate::netcheck::{Filtering, Mapping, NatFacts, PortAllocation};
-use crate::punch;
 
 /// Sockets one session may win (each stays open, carrying the path, until
 /// the session ends); after that the session stops probing.
@@ -109,11 +107,6 @@ impl PeerSession {
         true
     }
 
-    /// Our socket that birthday probing found, if it is still ours.
-    pub fn birthday_socket(&self) -> Option<SocketAddr> {
-        self.birthday_socket
-    }
-
     /// Starts an attempt (we open the sockets, so we start) while the path
     /// is relayed, ends one when the path went direct, acts on the
     /// outputs.
@@ -159,7 +152,7 @@ impl PeerSession {
                 Out::Send(m) => self.events.push_back(SessionEvent::Birthday(m)),
                 Out::Probe(ports) => {
                     if let Some((_, srflx)) = role {
-                        self.probe(srflx.ip(), &ports);
+                        self.send_openers(srflx.ip(), &ports);
                     }
                 }
             }
@@ -168,38 +161,11 @@ impl PeerSession {
 
     /// When birthday probing needs [`PeerSession::handle_timeout`].
     pub(super) fn birthday_timeout(&self) -> Option<Instant> {
-        let step = self.birthday.poll_timeout();
         let next = self
             .birthday
             .next_attempt()
             .filter(|_| self.path.kind == PathKind::Relay);
-        match (step, next) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// Openers from our host socket to `ports` of the peer's address.
-    fn probe(&mut self, ip: IpAddr, ports: &[u16]) {
-        let Some(source) = self
-            .local
-            .iter()
-            .find(|c| c.kind() == CandidateKind::Host && c.addr().is_ipv4())
-            .map(|c| c.addr())
-        else {
-            return;
-        };
-        let mut buf = Vec::with_capacity(punch::OPENER_LEN);
-        for port in ports {
-            let tid: [u8; 12] = self.backoff.rng.random();
-            punch::opener(&mut buf, tid);
-            self.transmits.push_back(Transmit {
-                source,
-                destination: SocketAddr::new(ip, *port),
-                via: Via::Socket,
-                contents: buf.clone(),
-            });
-        }
+        self.birthday.poll_timeout().into_iter().chain(next).min()
     }
 
     /// Whether the pair is the one birthday probing gave.

@@ -115,15 +115,11 @@ impl PeerSession {
 
     /// When the punch needs [`PeerSession::handle_timeout`].
     pub(super) fn punch_timeout(&self) -> Option<Instant> {
-        let step = self.punch.poll_timeout();
         let next = self
             .punch
             .next_attempt()
             .filter(|_| self.config.controlling && self.path.kind == PathKind::Relay);
-        match (step, next) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.punch.poll_timeout().into_iter().chain(next).min()
     }
 
     /// Sends the openers (back to back, from our host socket, only to the
@@ -133,25 +129,8 @@ impl PeerSession {
         let Some((_, _, ip)) = self.punch_setup() else {
             return;
         };
-        let Some(source) = self
-            .local
-            .iter()
-            .find(|c| c.kind() == CandidateKind::Host && c.addr().is_ipv4())
-            .map(|c| c.addr())
-        else {
-            return;
-        };
-        let mut buf = Vec::with_capacity(punch::OPENER_LEN);
-        for port in ports.iter().take(usize::from(OPENERS)) {
-            let tid: [u8; 12] = self.backoff.rng.random();
-            punch::opener(&mut buf, tid);
-            self.transmits.push_back(Transmit {
-                source,
-                destination: SocketAddr::new(ip, *port),
-                via: Via::Socket,
-                contents: buf.clone(),
-            });
-        }
+        let ports = &ports[..ports.len().min(usize::from(OPENERS))];
+        self.send_openers(ip, ports);
         // The previous round's ports are spent (their mappings never met).
         for (addr, ..) in std::mem::take(&mut self.punched) {
             if let Some(i) = self.remote.iter().position(|c| c.addr() == addr) {
@@ -161,7 +140,7 @@ impl PeerSession {
         }
         self.punch_rounds += 1;
         let round = self.punch_rounds;
-        for (k, port) in ports.iter().take(usize::from(OPENERS)).enumerate() {
+        for (k, port) in ports.iter().enumerate() {
             let addr = SocketAddr::new(ip, *port);
             if self.remote.iter().any(|c| c.addr() == addr) {
                 continue;
@@ -181,7 +160,7 @@ impl PeerSession {
                 None,
                 None,
             );
-            self.punched.push((addr, k16, stride, round));
+            self.punched.push((addr, k16));
             self.remote.push(c.clone());
             self.ice.add_remote_candidate(c);
         }
@@ -195,6 +174,30 @@ impl PeerSession {
             "punching together with the peer (both NATs sequential symmetric)"
         );
         self.retry_direct_now(now);
+    }
+
+    /// Openers from our host socket to `ports` of the peer's address `ip`
+    /// (the punch's burst, birthday probing's probes).
+    pub(super) fn send_openers(&mut self, ip: IpAddr, ports: &[u16]) {
+        let Some(source) = self
+            .local
+            .iter()
+            .find(|c| c.kind() == CandidateKind::Host && c.addr().is_ipv4())
+            .map(|c| c.addr())
+        else {
+            return;
+        };
+        let mut buf = Vec::with_capacity(punch::OPENER_LEN);
+        for port in ports {
+            let tid: [u8; 12] = self.backoff.rng.random();
+            punch::opener(&mut buf, tid);
+            self.transmits.push_back(Transmit {
+                source,
+                destination: SocketAddr::new(ip, *port),
+                via: Via::Socket,
+                contents: buf.clone(),
+            });
+        }
     }
 
     /// An opener from the peer's burst reached us: nothing to answer, it
@@ -211,7 +214,7 @@ impl PeerSession {
 
     /// "direct … via port prediction on both sides …".
     pub(super) fn punched_reason(&self, l: SocketAddr, r: SocketAddr) -> String {
-        let Some(&(_, k, _, _)) = self.punched.iter().find(|p| p.0 == r) else {
+        let Some(&(_, k)) = self.punched.iter().find(|p| p.0 == r) else {
             return format!("direct {l} ↔ {r}");
         };
         let ours = sequential(self.local_nat.as_ref()).unwrap_or_default();
